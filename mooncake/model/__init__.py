@@ -1,0 +1,1 @@
+"""The contract as code: pure torch functions that define every result bit for bit."""
