@@ -1,0 +1,45 @@
+"""Exception types every layer raises; users catch these (or their builtin bases)."""
+
+from __future__ import annotations
+
+
+class MooncakeError(RuntimeError):
+    """Base class of mooncake's runtime errors (a RuntimeError, as upstream raises)."""
+
+
+class ArgumentError(MooncakeError, ValueError):
+    """A bad argument, raised before any communication; the group stays usable.
+
+    It is both a ``ValueError`` (the Python convention) and a ``RuntimeError`` (what upstream
+    Mooncake raises), so existing ``except`` clauses of either kind keep working.
+    """
+
+
+class OpTimeoutError(MooncakeError, TimeoutError):
+    """An operation did not complete before its deadline."""
+
+    def __init__(self, message: str, pending_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.pending_ranks = tuple(pending_ranks)
+
+
+class PeerFailureError(MooncakeError):
+    """One or more peers failed (process died, connection lost) during an operation.
+
+    ``failed_ranks`` holds group ranks, ascending.
+    """
+
+    def __init__(self, message: str, failed_ranks: tuple[int, ...]):
+        super().__init__(message)
+        self.failed_ranks = tuple(sorted(failed_ranks))
+
+
+class WireError(MooncakeError):
+    """A message that does not match what this rank expects (size, op, dtype, epoch...).
+
+    Usually the ranks called different collectives, or the same one with different shapes.
+    """
+
+
+class NotApplicableError(MooncakeError, NotImplementedError):
+    """An upstream API that has no meaning in this implementation; the message says why."""

@@ -1,0 +1,87 @@
+"""``import mooncake.pg`` registers the torch.distributed backends ``mooncake-cpu`` (CPU tensors) and
+``mooncake`` (CUDA tensors) and exposes the membership API.
+
+Every function taking ``backend`` accepts the group object torch returns (``dist.group.WORLD`` or
+a ``dist.new_group`` result), which for mooncake *is* the backend.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..control.errors import (ArgumentError, MooncakeError, NotApplicableError, OpTimeoutError,
+                              PeerFailureError, WireError)
+from .backend import MooncakeProcessGroup, create_cpu, create_cuda
+from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip
+from .work import MooncakeWork
+
+__all__ = [
+    "MooncakeBackendOptions", "MooncakeProcessGroup", "MooncakeWork",
+    "ArgumentError", "MooncakeError", "NotApplicableError", "OpTimeoutError", "PeerFailureError",
+    "WireError",
+    "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
+    "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
+]
+
+dist.Backend.register_backend("mooncake-cpu", create_cpu, extended_api=True, devices=["cpu"])
+dist.Backend.register_backend("mooncake", create_cuda, extended_api=True, devices=["cuda"])
+
+
+def _backend(backend) -> MooncakeProcessGroup:
+    group = dist.group.WORLD if backend is None else backend
+    if not isinstance(group, MooncakeProcessGroup):
+        raise ArgumentError(f"expected a mooncake process group (dist.group.WORLD or a dist.new_group "
+                            f"result created with a mooncake backend), got {type(group).__name__}")
+    return group
+
+
+def get_active_ranks(backend) -> torch.Tensor:
+    """The group's mask: int32 [capacity] on the backend's device, 1 = active.
+
+    When ``active_ranks`` was passed in the options, this is that very tensor, kept up to date.
+    """
+    return _backend(backend).active_ranks_tensor()
+
+
+def get_capacity(backend) -> int:
+    """Number of rank slots (``max_world_size``, else the world size)."""
+    return _backend(backend).capacity
+
+
+def get_num_synced_ranks(backend) -> int:
+    """Number of ranks in this rank's current view (collective among the active ranks:
+    the MIN over them of their view size, so every caller returns the same number)."""
+    group = _backend(backend)
+    count = torch.tensor([len(group.view.active)], dtype=torch.int64)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MIN
+    group.allreduce([count], opts).wait()
+    return int(count.item())
+
+
+def set_timeout(backend, timeout: timedelta) -> None:
+    """Deadline of every later operation of this group (default: the group's creation timeout)."""
+    _backend(backend).set_timeout(timeout)
+
+
+def set_transfer_engine(engine) -> None:
+    """Upstream hands an external Mooncake TransferEngine to the backend; this implementation
+    moves data over UCX (ref) or shared memory / CUDA IPC (fast) and has no transfer engine."""
+    raise NotApplicableError("set_transfer_engine: mooncake's PG does not use Mooncake's TransferEngine "
+                             "(data moves over UCX, shared memory or CUDA IPC); there is nothing to set. "
+                             "Use set_host_ip / set_device_filter to choose interfaces.")
+
+
+def get_preferred_hca(backend, location: str) -> str:
+    """Upstream answers the RDMA device TransferEngine would use for ``location``; UCX chooses its
+    own devices here, so the answer is the active device filter, if any."""
+    _backend(backend)
+    filters = get_device_filter()
+    if not filters:
+        raise NotApplicableError(f"get_preferred_hca({location!r}): no RDMA device is chosen by "
+                                 "mooncake; UCX selects transports itself. Set one with "
+                                 "set_device_filter([...]) or MOONCAKE_PGTEST_DEVICE_FILTERS.")
+    return filters[0]

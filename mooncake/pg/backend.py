@@ -1,0 +1,601 @@
+"""The torch.distributed face: a ``dist.ProcessGroup`` subclass that validates every call before
+any communication, stages tensors, numbers operations and hands them to a data plane.
+
+Layering: this module owns argument checking, CPU staging of CUDA / non-contiguous tensors and
+Work objects; ``mooncake.control`` owns views and sequence numbers; the data plane (``mooncake.ref``
+today) moves bytes and does the math defined in ``mooncake.model``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..control.errors import ArgumentError, MooncakeError
+from ..control.view import View, initial_view
+from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
+from ..model.reduce import DTYPE_CODES, ReduceOp, check_reducible
+from ..ref import collectives as ref
+from ..ref import p2p as ref_p2p
+from ..ref import ucx
+from . import options as _options
+from .work import ComposedWork, MooncakeWork
+
+_HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
+_backend_index = 0
+_backend_index_lock = threading.Lock()
+
+
+def _next_backend_index() -> int:
+    global _backend_index
+    with _backend_index_lock:
+        _backend_index += 1
+        return _backend_index - 1
+
+
+def _reduce_op(opts) -> ReduceOp:
+    name = opts.reduceOp.op.name if hasattr(opts.reduceOp, "op") else str(opts.reduceOp)
+    try:
+        return ReduceOp[name]
+    except KeyError:
+        raise ArgumentError(f"reduce op {name} is not supported (supported: "
+                            f"{', '.join(o.name for o in ReduceOp)})") from None
+
+
+def _one(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.Tensor:
+    if len(tensors) != 1:
+        raise ArgumentError(f"Expecting one tensor only but got multiple. ({what}: {len(tensors)} tensors)")
+    return tensors[0]
+
+
+class MooncakeProcessGroup(dist.ProcessGroup):
+    """A mooncake group.  Created by torch through ``init_process_group`` / ``new_group``."""
+
+    def __init__(self, backend_name: str, device_type: str, store, rank: int, world_size: int,
+                 timeout: timedelta, group_id: str, global_ranks: Sequence[int],
+                 options: "_options.MooncakeBackendOptions | None"):
+        capacity = _options.check_for_backend(options, device_type, world_size)
+        mask = None if options is None else [int(v) for v in options.active_ranks.tolist()]
+        is_extension = bool(options is not None and options.is_extension)
+        view = initial_view(mask, world_size, capacity, rank, is_extension)
+        if not is_extension and rank not in view.active:
+            raise ArgumentError(f"active_ranks[{rank}] is 0 on rank {rank}, which is not an extension "
+                                "rank: a founding rank must mark itself active (or pass "
+                                "is_extension=True to join later)")
+        super().__init__(rank, view.visible_size if not is_extension else world_size)
+        self._backend_name = backend_name
+        self._device_type = device_type
+        self._store = store
+        self._rank = rank
+        self._world_size = world_size
+        self._capacity = capacity
+        self._is_extension = is_extension
+        self._view = view
+        self._timeout_s = timeout.total_seconds()
+        self._global_ranks = list(global_ranks) or list(range(world_size))
+        self._index = _next_backend_index()
+        self._group_key = zlib.crc32(f"{group_id}/{self._index}".encode()) & 0xFFFF
+        self._group_name: str | None = None
+        self._seq = 0
+        self._p2p_send_seq: dict[tuple[int, int], int] = {}
+        self._p2p_recv_seq: dict[tuple[int, int], int] = {}
+        self._mask_tensor = options.active_ranks if options is not None else None
+        self._addresses: dict[int, bytes] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self._engine = ucx.engine(_net_devices())
+        self._rendezvous()
+        self._sync_mask_tensor()
+
+    # -- identity ------------------------------------------------------------------------------
+    def size(self) -> int:
+        return self._world_size if self._is_extension else self._view.visible_size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return self._backend_name
+
+    def name(self) -> str:
+        return self._backend_name
+
+    @property
+    def group_name(self) -> str | None:
+        return self._group_name
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def view(self) -> View:
+        return self._view
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self._timeout_s)
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """Deadline of every later operation of this group (also ``mooncake.pg.set_timeout``)."""
+        if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+            raise ArgumentError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+        self._timeout_s = timeout.total_seconds()
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _key(self, what: str, rank: int) -> str:
+        return f"mooncake/{self._index}/{what}/{rank}"
+
+    def _rendezvous(self) -> None:
+        """Publish this rank's address and settings; check the founders' agree with ours."""
+        hello = _HELLO.pack(VERSION, self._capacity, self._world_size, int(self._is_extension))
+        mask = bytes(self._view.mask()) if not self._is_extension else bytes(self._capacity)
+        self._store.set(self._key("hello", self._rank), hello + mask + self._engine.address)
+        self._addresses[self._rank] = self._engine.address
+        if self._is_extension:
+            return
+        others = [r for r in self._view.active if r != self._rank]
+        keys = [self._key("hello", r) for r in others]
+        try:
+            self._store.wait(keys, timedelta(seconds=self._timeout_s))
+        except Exception as exc:  # torch raises DistStoreError / DistNetworkError
+            raise MooncakeError(f"rank {self._rank}: not every rank of {list(self._view.active)} "
+                                f"reached init within {self._timeout_s:.0f} s ({exc})") from None
+        for r in others:
+            self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)))
+
+    def _check_hello(self, rank: int, record: bytes) -> bytes:
+        version, capacity, world_size, is_extension = _HELLO.unpack_from(record)
+        mask = list(record[_HELLO.size:_HELLO.size + capacity])
+        if version != VERSION:
+            raise MooncakeError(f"rank {rank} runs wire version {version}, this rank {VERSION}")
+        if capacity != self._capacity:
+            raise ArgumentError(f"max_world_size differs across ranks: rank {rank} has capacity "
+                                f"{capacity}, this rank {self._capacity}")
+        if world_size != self._world_size:
+            raise ArgumentError(f"world_size differs across ranks: rank {rank} passed {world_size}, "
+                                f"this rank {self._world_size}")
+        if not is_extension and mask != self._view.mask():
+            raise ArgumentError(f"active_ranks differs across ranks: rank {rank} starts with active "
+                                f"mask {mask}, this rank {self._view.mask()}")
+        return bytes(record[_HELLO.size + capacity:])
+
+    def _peers(self, ranks: Sequence[int]) -> dict[int, ucx.Peer]:
+        return {r: self._engine.peer(self._addresses[r]) for r in ranks}
+
+    def _sync_mask_tensor(self) -> None:
+        if self._mask_tensor is not None:
+            mask = torch.tensor(self._view.mask(), dtype=torch.int32)
+            self._mask_tensor.copy_(mask.to(self._mask_tensor.device))
+
+    def active_ranks_tensor(self) -> torch.Tensor:
+        """The group's mask as int32 [capacity] on the backend's device (the user's tensor if given)."""
+        if self._mask_tensor is not None:
+            return self._mask_tensor
+        device = "cuda" if self._device_type == "cuda" else "cpu"
+        return torch.tensor(self._view.mask(), dtype=torch.int32, device=device)
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MooncakeError("this mooncake process group was shut down")
+
+    def _check_tensor(self, t: torch.Tensor, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_sparse:
+            raise ArgumentError(f"Sparse op not supported. ({what} is sparse)")
+        if t.dtype not in DTYPE_CODES:
+            raise ArgumentError(f"{what} has dtype {t.dtype}, which mooncake does not carry "
+                                f"(supported: {', '.join(str(d) for d in DTYPE_CODES)})")
+        want = "cuda" if self._device_type == "cuda" else "cpu"
+        if t.device.type != want:
+            raise ArgumentError(f"{what} is on {t.device}, but backend {self._backend_name} takes "
+                                f"{want} tensors")
+
+    def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str) -> None:
+        self._check_tensor(t, what)
+        if t.dtype != ref_t.dtype or t.numel() != ref_t.numel():
+            raise ArgumentError(f"{what} must match the input: expected {ref_t.numel()} elements of "
+                                f"{ref_t.dtype}, got {t.numel()} of {t.dtype}")
+
+    def _check_slots(self, k: int, what: str) -> None:
+        if not self.size() <= k <= self._capacity:
+            raise ArgumentError(f"{what} holds {k} slots; expected between the group size "
+                                f"{self.size()} and its capacity {self._capacity}")
+
+    def _check_root(self, root: int, what: str) -> None:
+        if not 0 <= root < self._capacity:
+            raise ArgumentError(f"{what} {root} is out of range [0, {self._capacity})")
+        if not self._view.is_active(root):
+            raise ArgumentError(f"{what} {root} is not active (active ranks: {list(self._view.active)})")
+
+    def _check_reduce(self, op: ReduceOp, t: torch.Tensor) -> None:
+        reason = check_reducible(op, t.dtype)
+        if reason:
+            raise ArgumentError(f"Unsupported reduce op/dtype: {reason}")
+
+    # -- issuing -------------------------------------------------------------------------------
+    def _context(self, name: str) -> ref.OpContext:
+        ctx = ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view,
+                            self._seq, name)
+        self._seq += 1
+        return ctx
+
+    def _timeout_of(self, opts) -> float:
+        timeout = getattr(opts, "timeout", None)
+        if timeout is not None and timeout.total_seconds() > 0:
+            return timeout.total_seconds()
+        return self._timeout_s
+
+    def _issue(self, name: str, opts, build, outputs: list[torch.Tensor],
+               staged: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> MooncakeWork:
+        """Post ``build(ctx)`` and wrap it; ``staged`` pairs (user tensor, staging copy) are
+        written back to the user's tensors when the operation completes."""
+        self._check_open()
+        with self._lock:
+            op = build(self._context(name))
+
+        def write_back() -> None:
+            for user, stage in staged:
+                user.copy_(stage)
+
+        return MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
+                            write_back if staged else None)
+
+    @staticmethod
+    def _stage(t: torch.Tensor, staged: list, is_output: bool) -> torch.Tensor:
+        """A contiguous CPU tensor to work on; outputs are copied back on completion."""
+        if t.device.type == "cpu" and t.is_contiguous():
+            return t
+        stage = t.detach().to("cpu", copy=True).contiguous()
+        if is_output:
+            staged.append((t, stage))
+        return stage
+
+    # -- collectives ---------------------------------------------------------------------------
+    def allreduce(self, tensors, opts=None):
+        opts = opts or dist.AllreduceOptions()
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        op = _reduce_op(opts)
+        self._check_reduce(op, t)
+        staged: list = []
+        x = self._stage(t, staged, True)
+        return self._issue("all_reduce", opts, lambda ctx: ref.all_reduce(ctx, x, op), [t], staged)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        opts = opts or dist.AllreduceCoalescedOptions()
+        return self._coalesced([self.allreduce([t], opts) for t in self._checked_list(tensors)], tensors)
+
+    def broadcast(self, tensors, opts=None):
+        opts = opts or dist.BroadcastOptions()
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        root = opts.rootRank
+        self._check_root(root, "broadcast src")
+        staged: list = []
+        x = self._stage(t, staged, True)
+        return self._issue("broadcast", opts, lambda ctx: ref.broadcast(ctx, x, root), [t], staged)
+
+    def reduce(self, tensors, opts=None):
+        opts = opts or dist.ReduceOptions()
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        op = _reduce_op(opts)
+        self._check_reduce(op, t)
+        root = opts.rootRank
+        self._check_root(root, "reduce dst")
+        staged: list = []
+        x = self._stage(t, staged, True)
+        return self._issue("reduce", opts, lambda ctx: ref.reduce(ctx, x, op, root), [t], staged)
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.AllgatherOptions()
+        t = _one(input_tensors, "input_tensors")
+        outs = _one(output_tensors, "output_tensors")
+        self._check_tensor(t, "input tensor")
+        self._check_slots(len(outs), "the all_gather output list")
+        for i, o in enumerate(outs):
+            self._check_like(o, t, f"output_tensor_list[{i}]")
+        staged: list = []
+        x = self._stage(t, staged, False)
+        ys = [self._stage(o, staged, True) for o in outs]
+        return self._issue("all_gather", opts, lambda ctx: ref.all_gather(ctx, ys, x), outs, staged)
+
+    def allgather_coalesced(self, output_lists, input_list, opts=None):
+        opts = opts or dist.AllgatherOptions()
+        if len(output_lists) != len(input_list):
+            raise ArgumentError(f"all_gather_coalesced: {len(output_lists)} output lists for "
+                                f"{len(input_list)} inputs")
+        works = [self.allgather([outs], [t], opts) for outs, t in zip(output_lists, input_list)]
+        return self._coalesced(works, [o for outs in output_lists for o in outs])
+
+    def all_gather_single(self, output, input, opts=None):
+        opts = opts or dist.AllgatherOptions()
+        self._check_tensor(input, "input_tensor")
+        self._check_tensor(output, "output_tensor")
+        k = self._slots_of(output.numel(), input.numel(), "all_gather_into_tensor output")
+        if output.dtype != input.dtype:
+            raise ArgumentError(f"all_gather_into_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
+        staged: list = []
+        x = self._stage(input, staged, False)
+        y = self._stage(output, staged, True)
+        slots = list(y.reshape(k, -1).unbind(0))
+        xs = x.reshape(-1)
+        return self._issue("all_gather_into_tensor", opts,
+                           lambda ctx: ref.all_gather(ctx, slots, xs), [output], staged)
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        opts = opts or dist.AllgatherOptions()
+        works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return self._coalesced(works, list(outputs))
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def gather(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.GatherOptions()
+        t = _one(input_tensors, "input_tensors")
+        self._check_tensor(t, "input tensor")
+        root = opts.rootRank
+        self._check_root(root, "gather dst")
+        staged: list = []
+        x = self._stage(t, staged, False)
+        if self._rank == root:
+            outs = _one(output_tensors, "output_tensors")
+            self._check_slots(len(outs), "gather_list")
+            for i, o in enumerate(outs):
+                self._check_like(o, t, f"gather_list[{i}]")
+            ys = [self._stage(o, staged, True) for o in outs]
+        else:
+            if output_tensors and any(len(o) for o in output_tensors):
+                raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
+            outs, ys = [], None
+        return self._issue("gather", opts, lambda ctx: ref.gather(ctx, ys, x, root), outs, staged)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.ScatterOptions()
+        t = _one(output_tensors, "output_tensors")
+        self._check_tensor(t, "output tensor")
+        root = opts.rootRank
+        self._check_root(root, "scatter src")
+        staged: list = []
+        y = self._stage(t, staged, True)
+        if self._rank == root:
+            ins = _one(input_tensors, "input_tensors")
+            self._check_slots(len(ins), "scatter_list")
+            for i, s in enumerate(ins):
+                self._check_like(s, t, f"scatter_list[{i}]")
+            xs = [self._stage(s, staged, False) for s in ins]
+        else:
+            if input_tensors and any(len(i) for i in input_tensors):
+                raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
+            xs = None
+        return self._issue("scatter", opts, lambda ctx: ref.scatter(ctx, y, xs, root), [t], staged)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        t = _one(output_tensors, "output_tensors")
+        ins = _one(input_tensors, "input_tensors")
+        self._check_tensor(t, "output tensor")
+        op = _reduce_op(opts)
+        self._check_reduce(op, t)
+        self._check_slots(len(ins), "the reduce_scatter input list")
+        for i, s in enumerate(ins):
+            self._check_like(s, t, f"input_list[{i}]")
+        staged: list = []
+        y = self._stage(t, staged, True)
+        xs = [self._stage(s, staged, False) for s in ins]
+        return self._issue("reduce_scatter", opts, lambda ctx: ref.reduce_scatter(ctx, y, xs, op),
+                           [t], staged)
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        self._check_tensor(input, "input_tensor")
+        self._check_tensor(output, "output_tensor")
+        op = _reduce_op(opts)
+        self._check_reduce(op, input)
+        k = self._slots_of(input.numel(), output.numel(), "reduce_scatter_tensor input")
+        if output.dtype != input.dtype:
+            raise ArgumentError(f"reduce_scatter_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
+        staged: list = []
+        y = self._stage(output, staged, True)
+        xs = list(self._stage(input, staged, False).reshape(k, -1).unbind(0))
+        ys = y.reshape(-1)
+        return self._issue("reduce_scatter_tensor", opts,
+                           lambda ctx: ref.reduce_scatter(ctx, ys, xs, op), [output], staged)
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return self._coalesced(works, list(outputs))
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        opts = opts or dist.AllToAllOptions()
+        self._check_slots(len(input_tensors), "the all_to_all input list")
+        if len(output_tensors) != len(input_tensors):
+            raise ArgumentError(f"all_to_all: output list has {len(output_tensors)} tensors, input "
+                                f"list {len(input_tensors)}; both need one per rank")
+        dtype = input_tensors[0].dtype if input_tensors else None
+        for i, (o, s) in enumerate(zip(output_tensors, input_tensors)):
+            self._check_tensor(s, f"input_tensor_list[{i}]")
+            self._check_tensor(o, f"output_tensor_list[{i}]")
+            if s.dtype != dtype or o.dtype != dtype:
+                raise ArgumentError(f"all_to_all: every tensor must have dtype {dtype}; "
+                                    f"entry {i} has {s.dtype} / {o.dtype}")
+        me = self._rank
+        if output_tensors[me].numel() != input_tensors[me].numel():
+            raise ArgumentError(f"all_to_all: output_tensor_list[{me}] has {output_tensors[me].numel()} "
+                                f"elements but this rank sends itself {input_tensors[me].numel()}")
+        staged: list = []
+        xs = [self._stage(s, staged, False) for s in input_tensors]
+        ys = [self._stage(o, staged, True) for o in output_tensors]
+        return self._issue("all_to_all", opts, lambda ctx: ref.all_to_all(ctx, ys, xs),
+                           list(output_tensors), staged)
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        opts = opts or dist.AllToAllOptions()
+        self._check_tensor(input, "input")
+        self._check_tensor(output, "output")
+        if output.dtype != input.dtype:
+            raise ArgumentError(f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}")
+        k = len(input_split_sizes) or len(output_split_sizes) or self.size()
+        in_splits = self._splits(input, input_split_sizes, k, "input_split_sizes")
+        out_splits = self._splits(output, output_split_sizes, k, "output_split_sizes")
+        if in_splits[self._rank] != out_splits[self._rank]:
+            raise ArgumentError(f"all_to_all_single: this rank sends itself {in_splits[self._rank]} rows "
+                                f"but expects {out_splits[self._rank]}")
+        staged: list = []
+        x = self._stage(input, staged, False)
+        y = self._stage(output, staged, True)
+        xs = list(x.split(in_splits)) if x.dim() else [x]
+        ys = list(y.split(out_splits)) if y.dim() else [y]
+        return self._issue("all_to_all_single", opts, lambda ctx: ref.all_to_all(ctx, ys, xs),
+                           [output], staged)
+
+    def barrier(self, opts=None):
+        opts = opts or dist.BarrierOptions()
+        return self._issue("barrier", opts, lambda ctx: ref.barrier(ctx), [])
+
+    # -- point to point ------------------------------------------------------------------------
+    def _check_peer(self, peer: int, tag: int, what: str) -> None:
+        if not 0 <= peer < self._capacity:
+            raise ArgumentError(f"P2P {what}: rank {peer} out of range [0, {self._capacity})")
+        if peer == self._rank:
+            raise ArgumentError(f"P2P {what}: rank {peer} is this rank; send/recv need a peer")
+        if not self._view.is_active(peer):
+            raise ArgumentError(f"P2P {what}: rank {peer} is not active (active ranks: {list(self._view.active)})")
+        if not 0 <= tag <= MAX_P2P_TAG:
+            raise ArgumentError(f"P2P {what}: tag {tag} out of range [0, {MAX_P2P_TAG}]")
+
+    def _p2p_seq(self, table: dict, peer: int, tag: int) -> int:
+        seq = table.get((peer, tag), 0)
+        table[(peer, tag)] = seq + 1
+        return seq
+
+    def send(self, tensors, dstRank, tag=0):  # noqa: N803 - torch's names
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        self._check_peer(dstRank, tag, "send")
+        self._check_open()
+        staged: list = []
+        x = self._stage(t, staged, False).clone()
+        with self._lock:
+            seq = self._p2p_seq(self._p2p_send_seq, dstRank, tag)
+            op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
+        return MooncakeWork(self._engine, op, self._timeout_s, [t])
+
+    def recv(self, tensors, srcRank, tag=0):  # noqa: N803
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        self._check_peer(srcRank, tag, "recv")
+        self._check_open()
+        staged: list = []
+        y = self._stage(t, staged, True)
+        with self._lock:
+            seq = self._p2p_seq(self._p2p_recv_seq, srcRank, tag)
+            op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
+        return MooncakeWork(self._engine, op, self._timeout_s, [t],
+                            (lambda: t.copy_(y)) if staged else None, source_rank=srcRank)
+
+    def recv_anysource(self, tensors, tag=0):
+        t = _one(tensors)
+        self._check_tensor(t, "tensor")
+        if not 0 <= tag <= MAX_P2P_TAG:
+            raise ArgumentError(f"P2P recv: tag {tag} out of range [0, {MAX_P2P_TAG}]")
+        self._check_open()
+        staged: list = []
+        y = self._stage(t, staged, True)
+        sources = [r for r in self._view.active if r != self._rank]
+        if not sources:
+            raise ArgumentError("P2P recv from any source: this rank has no active peer")
+        with self._lock:
+            op = ref_p2p.recv_any(self._p2p_context(), y, sources, tag,
+                                  lambda src: self._p2p_seq(self._p2p_recv_seq, src, tag),
+                                  lambda src: self._p2p_recv_seq.get((src, tag), 0))
+        return MooncakeWork(self._engine, op, self._timeout_s, [t],
+                            (lambda: t.copy_(y)) if staged else None, source_rank=op.source_rank)
+
+    def _p2p_context(self) -> ref.OpContext:
+        return ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view, 0, "p2p")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _slots_of(self, big: int, small: int, what: str) -> int:
+        if small == 0 or big % small:
+            raise ArgumentError(f"{what} must hold a whole number of slots: {big} elements is not a "
+                                f"multiple of {small}")
+        k = big // small
+        self._check_slots(k, what)
+        return k
+
+    def _splits(self, t: torch.Tensor, splits: Sequence[int], k: int, what: str) -> list[int]:
+        rows = t.shape[0] if t.dim() else 1
+        if not splits:
+            if rows % k:
+                raise ArgumentError(f"all_to_all_single: {rows} rows of dim 0 do not split evenly "
+                                    f"over {k} ranks; pass {what}")
+            return [rows // k] * k
+        self._check_slots(len(splits), what)
+        if len(splits) != k:
+            raise ArgumentError(f"{what} has {len(splits)} entries, expected {k}")
+        if any(s < 0 for s in splits) or sum(splits) != rows:
+            raise ArgumentError(f"{what} {list(splits)} must be non-negative and add up to dim 0 "
+                                f"of the tensor ({rows})")
+        return list(splits)
+
+    def _checked_list(self, tensors) -> list[torch.Tensor]:
+        if not tensors:
+            raise ArgumentError("coalesced operation needs at least one tensor")
+        return list(tensors)
+
+    @staticmethod
+    def _coalesced(works: list[MooncakeWork], outputs) -> ComposedWork:
+        return ComposedWork(works, list(outputs))
+
+    # -- teardown ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._closed = True
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (f"MooncakeProcessGroup({self._backend_name}, rank={self._rank}, size={self.size()}, "
+                f"capacity={self._capacity}, active={list(self._view.active)})")
+
+
+def _net_devices() -> str | None:
+    devices = [ucx.interface_of(_options.host_ip())] + _options.get_device_filter()
+    return ",".join(dict.fromkeys(devices))
+
+
+def create_cpu(dist_opts, pg_options):
+    return _create("mooncake-cpu", "cpu", dist_opts, pg_options)
+
+
+def create_cuda(dist_opts, pg_options):
+    return _create("mooncake", "cuda", dist_opts, pg_options)
+
+
+def _create(name: str, device: str, dist_opts, pg_options):
+    if dist_opts.group_size > MAX_RANKS:
+        raise ArgumentError(f"The number of ranks exceeds the limit: {dist_opts.group_size} > {MAX_RANKS}")
+    return MooncakeProcessGroup(name, device, dist_opts.store, dist_opts.group_rank,
+                                dist_opts.group_size, dist_opts.timeout, dist_opts.group_id,
+                                dist_opts.global_ranks_in_group, pg_options)
+

@@ -1,0 +1,126 @@
+"""``MooncakeBackendOptions`` and the process-wide settings that must precede the first group."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import torch
+
+from ..control.errors import ArgumentError
+from ..control.wire import MAX_RANKS
+
+#: Process-wide settings, applied when the UCX engine starts (the first mooncake group).
+_settings: dict[str, object] = {"host_ip": "127.0.0.1", "device_filters": []}
+
+
+class MooncakeBackendOptions:
+    """Options handed to ``dist.init_process_group(..., pg_options=...)`` / ``dist.new_group``.
+
+    Arguments:
+        active_ranks: ``torch.int32`` tensor; on CPU for ``mooncake-cpu``, on CUDA for ``mooncake``;
+            length ``max_world_size`` when that is set.  Its initial values choose the initial
+            active set (docs/semantics.md, "Views"); afterwards the backend keeps it up to date
+            as a mirror of the group's mask.
+        is_extension: start as a joining rank, local-only until ``join_group`` returns.
+        max_world_size: capacity (reserved rank slots), ``>= world_size``, at most 256.
+    """
+
+    def __init__(self, active_ranks: torch.Tensor, is_extension: bool = False,
+                 max_world_size: int | None = None):
+        if not isinstance(active_ranks, torch.Tensor):
+            raise ArgumentError(f"active_ranks must be a torch.Tensor of dtype torch.int32, "
+                                f"got {type(active_ranks).__name__}")
+        if active_ranks.dtype != torch.int32:
+            raise ArgumentError(f"activeRanks must be int. Got {active_ranks.dtype}: pass "
+                                "active_ranks as a torch.int32 tensor")
+        if active_ranks.dim() != 1:
+            raise ArgumentError(f"active_ranks must be 1-D, got shape {tuple(active_ranks.shape)}")
+        if not isinstance(is_extension, bool):
+            raise ArgumentError(f"is_extension must be a bool, got {type(is_extension).__name__}")
+        if max_world_size is not None:
+            if isinstance(max_world_size, bool) or not isinstance(max_world_size, int):
+                raise ArgumentError(f"max_world_size must be an int, got {type(max_world_size).__name__}")
+            if max_world_size <= 0:
+                max_world_size = None  # upstream: <= 0 means unset
+            elif max_world_size > MAX_RANKS:
+                raise ArgumentError(f"max_world_size out of range: {max_world_size} > {MAX_RANKS}")
+        values = active_ranks.detach().to("cpu")
+        if bool(((values != 0) & (values != 1)).any()):
+            raise ArgumentError(f"active_ranks entries must be 0 or 1, got {values.tolist()}")
+        self.active_ranks = active_ranks
+        self.is_extension = is_extension
+        self.max_world_size = max_world_size
+
+    def __repr__(self) -> str:
+        return (f"MooncakeBackendOptions(active_ranks={self.active_ranks.tolist()}, "
+                f"is_extension={self.is_extension}, max_world_size={self.max_world_size})")
+
+
+def check_for_backend(options: MooncakeBackendOptions | None, backend_device: str,
+                      world_size: int) -> int:
+    """Validate options against the backend and group; returns the capacity."""
+    if options is None:
+        return world_size
+    if not isinstance(options, MooncakeBackendOptions):
+        raise ArgumentError(f"pg_options must be a MooncakeBackendOptions, got {type(options).__name__}")
+    tensor = options.active_ranks
+    if backend_device == "cpu" and tensor.device.type != "cpu":
+        raise ArgumentError(f"activeRanks must be on CPU. Got {tensor.device} for backend mooncake-cpu")
+    if backend_device == "cuda" and tensor.device.type != "cuda":
+        raise ArgumentError(f"activeRanks must be on GPU. Got {tensor.device} for backend mooncake")
+    capacity = options.max_world_size or world_size
+    if capacity < world_size:
+        raise ArgumentError(f"max_world_size must be >= process group size: {capacity} < {world_size}")
+    if world_size > MAX_RANKS:
+        raise ArgumentError(f"The number of ranks exceeds the limit: {world_size} > {MAX_RANKS}")
+    if tensor.numel() != capacity:
+        if options.max_world_size is not None:
+            raise ArgumentError("activeRanks must be sized to max_world_size when max_world_size is set"
+                                f" (got {tensor.numel()} entries, max_world_size={capacity})")
+        raise ArgumentError(f"active_ranks must have one entry per rank: got {tensor.numel()}, "
+                            f"world size {world_size}")
+    return capacity
+
+
+def set_host_ip(ip: str) -> None:
+    """Address this process's UCX traffic uses (default 127.0.0.1: single host).
+
+    Must be called before the first mooncake process group is created.
+    """
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ArgumentError(f"set_host_ip expects an IP address string, got {ip!r}") from None
+    _require_engine_not_started("set_host_ip")
+    _settings["host_ip"] = ip
+
+
+def set_device_filter(filters: list[str]) -> None:
+    """Restrict which network devices (e.g. ``["mlx5_1", "eth0"]``) UCX may use.
+
+    Recorded and applied to UCX_NET_DEVICES together with the host interface.  Must be called
+    before the first mooncake process group is created.  ``MOONCAKE_PGTEST_DEVICE_FILTERS``
+    (comma-separated) sets the same list for tests and benchmarks.
+    """
+    if isinstance(filters, str) or not all(isinstance(f, str) and f for f in filters):
+        raise ArgumentError(f"set_device_filter expects a list of device names, got {filters!r}")
+    _require_engine_not_started("set_device_filter")
+    _settings["device_filters"] = list(filters)
+
+
+def get_device_filter() -> list[str]:
+    env = os.environ.get("MOONCAKE_PGTEST_DEVICE_FILTERS")
+    if env and not _settings["device_filters"]:
+        return [f for f in env.split(",") if f]
+    return list(_settings["device_filters"])  # type: ignore[arg-type]
+
+
+def host_ip() -> str:
+    return str(_settings["host_ip"])
+
+
+def _require_engine_not_started(what: str) -> None:
+    from ..ref import ucx
+    if ucx.engine_started():
+        raise ArgumentError(f"{what} must be called before the first mooncake process group is created")

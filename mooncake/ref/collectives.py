@@ -1,0 +1,184 @@
+"""The reference collectives: each is one exchange of whole tensors, then local math.
+
+Every function gets contiguous CPU tensors that the backend has already validated and returns an
+``Op``.  Sends carry copies (taken at post time), so callers may reuse inputs right away.  The
+math is the model's: ``fold`` over active ranks in ascending order, zero-filled inactive slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..control.view import View
+from ..control.wire import Header, Kind, OpCode
+from ..model.reduce import DTYPE_CODES, ReduceOp, fold
+from .exchange import Exchange, payload_tensor
+from .ucx import Engine, Peer
+
+
+@dataclasses.dataclass
+class OpContext:
+    """Where and when an operation runs: the group's identity, this rank, the view, its number."""
+
+    engine: Engine
+    peers: Callable[[Sequence[int]], dict[int, Peer]]
+    group_key: int
+    rank: int
+    view: View
+    seq: int
+    name: str
+
+
+class Op:
+    """A posted operation: poll ``done()``, then ``finish()`` writes the outputs (or raises)."""
+
+    def __init__(self, ctx: OpContext, exchange: Exchange, finish: Callable[[dict[int, np.ndarray]], None]):
+        self.ctx, self.exchange, self._finish = ctx, exchange, finish
+
+    def done(self) -> bool:
+        return self.exchange.done()
+
+    def finish(self) -> None:
+        self._finish(self.exchange.result())
+
+
+def _header(ctx: OpContext, op: OpCode, src: int, dst: int, t: torch.Tensor | None,
+            reduce_op: int = 0) -> Header:
+    num_bytes = 0 if t is None else t.numel() * t.element_size()
+    dtype_code = 0 if t is None else DTYPE_CODES[t.dtype]
+    return Header(Kind.COLLECTIVE, op, ctx.group_key, src, dst, ctx.view.epoch, ctx.seq, num_bytes,
+                  dtype_code, int(reduce_op))
+
+
+def _post(ctx: OpContext, op: OpCode, sends: dict[int, torch.Tensor | None],
+          recvs: dict[int, torch.Tensor | None], finish, reduce_op: int = 0) -> Op:
+    """Post ``sends`` (peer -> payload) and ``recvs`` (peer -> a tensor shaped like the payload)."""
+    empty = torch.empty(0, dtype=torch.uint8)
+    send_msgs = {p: (_header(ctx, op, ctx.rank, p, t, reduce_op), empty if t is None else t)
+                 for p, t in sends.items()}
+    recv_msgs = {p: _header(ctx, op, p, ctx.rank, t, reduce_op) for p, t in recvs.items()}
+    peers = ctx.peers(sorted(set(sends) | set(recvs)))
+    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs), finish)
+
+
+def _others(ctx: OpContext) -> list[int]:
+    return [r for r in ctx.view.active if r != ctx.rank]
+
+
+def _received(bufs: dict[int, np.ndarray], rank: int, like: torch.Tensor) -> torch.Tensor:
+    return payload_tensor(bufs[rank], like.dtype, tuple(like.shape))
+
+
+def all_reduce(ctx: OpContext, tensor: torch.Tensor, op: ReduceOp) -> Op:
+    mine = tensor.clone()
+    others = _others(ctx)
+
+    def finish(bufs):
+        inputs = [mine if r == ctx.rank else _received(bufs, r, mine) for r in ctx.view.active]
+        tensor.copy_(fold(op, inputs))
+
+    return _post(ctx, OpCode.ALL_REDUCE, {p: mine for p in others}, {p: mine for p in others},
+                 finish, op)
+
+
+def broadcast(ctx: OpContext, tensor: torch.Tensor, root: int) -> Op:
+    if ctx.rank == root:
+        return _post(ctx, OpCode.BROADCAST, {p: tensor for p in _others(ctx)}, {}, lambda bufs: None)
+    return _post(ctx, OpCode.BROADCAST, {}, {root: tensor},
+                 lambda bufs: tensor.copy_(_received(bufs, root, tensor)))
+
+
+def reduce(ctx: OpContext, tensor: torch.Tensor, op: ReduceOp, root: int) -> Op:
+    if ctx.rank != root:
+        return _post(ctx, OpCode.REDUCE, {root: tensor}, {}, lambda bufs: None, op)
+    mine = tensor.clone()
+
+    def finish(bufs):
+        inputs = [mine if r == root else _received(bufs, r, mine) for r in ctx.view.active]
+        tensor.copy_(fold(op, inputs))
+
+    return _post(ctx, OpCode.REDUCE, {}, {p: mine for p in _others(ctx)}, finish, op)
+
+
+def all_gather(ctx: OpContext, outputs: list[torch.Tensor], tensor: torch.Tensor) -> Op:
+    """``outputs`` holds k slots (size() <= k <= capacity); slot r gets rank r's tensor."""
+    mine = tensor.clone()
+    others = _others(ctx)
+
+    def finish(bufs):
+        for r, out in enumerate(outputs):
+            if r == ctx.rank:
+                out.copy_(mine)
+            elif r in bufs:
+                out.copy_(_received(bufs, r, mine))
+            else:
+                out.zero_()
+
+    return _post(ctx, OpCode.ALL_GATHER, {p: mine for p in others}, {p: mine for p in others}, finish)
+
+
+def gather(ctx: OpContext, outputs: list[torch.Tensor] | None, tensor: torch.Tensor, root: int) -> Op:
+    if ctx.rank != root:
+        return _post(ctx, OpCode.GATHER, {root: tensor}, {}, lambda bufs: None)
+    mine = tensor.clone()
+
+    def finish(bufs):
+        for r, out in enumerate(outputs):
+            if r == root:
+                out.copy_(mine)
+            elif r in bufs:
+                out.copy_(_received(bufs, r, mine))
+            else:
+                out.zero_()
+
+    return _post(ctx, OpCode.GATHER, {}, {p: mine for p in _others(ctx)}, finish)
+
+
+def scatter(ctx: OpContext, tensor: torch.Tensor, inputs: list[torch.Tensor] | None, root: int) -> Op:
+    if ctx.rank != root:
+        return _post(ctx, OpCode.SCATTER, {}, {root: tensor},
+                     lambda bufs: tensor.copy_(_received(bufs, root, tensor)))
+    mine = inputs[root].clone()
+    return _post(ctx, OpCode.SCATTER, {p: inputs[p] for p in _others(ctx)}, {},
+                 lambda bufs: tensor.copy_(mine))
+
+
+def reduce_scatter(ctx: OpContext, output: torch.Tensor, inputs: list[torch.Tensor], op: ReduceOp) -> Op:
+    """``inputs`` holds k slices; active rank r receives the fold of every active rank's slice r."""
+    mine = inputs[ctx.rank].clone()
+    others = _others(ctx)
+
+    def finish(bufs):
+        folded = [mine if r == ctx.rank else _received(bufs, r, mine) for r in ctx.view.active]
+        output.copy_(fold(op, folded))
+
+    return _post(ctx, OpCode.REDUCE_SCATTER, {p: inputs[p] for p in others},
+                 {p: mine for p in others}, finish, op)
+
+
+def all_to_all(ctx: OpContext, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> Op:
+    """Slot r of ``outputs`` gets slot ``self`` of rank r's ``inputs``; inactive slots are zero."""
+    mine = inputs[ctx.rank].clone()
+    others = _others(ctx)
+
+    def finish(bufs):
+        for r, out in enumerate(outputs):
+            if r == ctx.rank:
+                out.copy_(mine)
+            elif r in bufs:
+                out.copy_(_received(bufs, r, out))
+            else:
+                out.zero_()
+
+    return _post(ctx, OpCode.ALL_TO_ALL, {p: inputs[p] for p in others},
+                 {p: outputs[p] for p in others}, finish)
+
+
+def barrier(ctx: OpContext) -> Op:
+    others = _others(ctx)
+    return _post(ctx, OpCode.BARRIER, {p: None for p in others}, {p: None for p in others},
+                 lambda bufs: None)

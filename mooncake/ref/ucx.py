@@ -1,0 +1,235 @@
+"""One UCX worker per process, driven by our own progress loop (no ucxx progress thread, no asyncio).
+
+Endpoints are created with error handling on, so a dead peer is reported (UCX then uses TCP only,
+see DESIGN §8): pending endpoint-bound receives fail with ``UCXCanceledError`` and in-flight sends
+with ``UCXConnectionResetError`` within tens of milliseconds, and the endpoint's close callback
+marks the peer dead.  Receives are always posted on the endpoint, never on the worker, so a dead
+peer's receive can never steal a replacement's message.
+
+Threads: callers post and progress under one lock; a single named background thread progresses
+only while requests are in flight and nobody else is waiting, and sleeps on the worker's event fd
+(``arm`` + ``select``) otherwise, so an idle rank uses no CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, unused here
+import ucxx._lib.libucxx as ucx_api  # import before mpi4py: both ship libucp, ucxx's must load first
+from ucxx._lib.arr import Array
+
+from ..control.errors import MooncakeError
+
+_SPIN_S = 50e-6  # busy-progress this long before sleeping on the event fd
+
+
+class Request:
+    """One posted send or receive; ``buffer`` stays referenced until the request completes."""
+
+    __slots__ = ("handle", "buffer", "peer_key")
+
+    def __init__(self, handle, buffer: np.ndarray, peer_key: bytes):
+        self.handle, self.buffer, self.peer_key = handle, buffer, peer_key
+
+    @property
+    def completed(self) -> bool:
+        return self.handle.completed
+
+    def error(self) -> BaseException | None:
+        """The UCX error of a completed request, or None when it succeeded."""
+        try:
+            self.handle.check_error()
+        except Exception as exc:  # ucxx raises typed UCXError subclasses
+            return exc
+        return None
+
+
+class Peer:
+    """An endpoint to one remote worker; ``alive`` turns False once UCX reports the peer gone."""
+
+    def __init__(self, engine: "Engine", address: bytes):
+        self.address = address
+        self.alive = True
+        self._engine = engine
+        remote = ucx_api.UCXAddress.create_from_buffer(address)
+        self.endpoint = ucx_api.UCXEndpoint.create_from_worker_address(
+            engine.worker, remote, endpoint_error_handling=True)
+        self.endpoint.set_close_callback(self._on_close)
+
+    def _on_close(self, *args) -> None:
+        self.alive = False
+        self._engine.peer_closed(self)
+
+
+def _ucx_config(net_devices: str | None) -> dict[str, str]:
+    config = {"TCP_TX_SEG_SIZE": "1M", "TCP_RX_SEG_SIZE": "1M"}
+    if net_devices and "UCX_NET_DEVICES" not in os.environ:
+        config["NET_DEVICES"] = net_devices
+    return config
+
+
+class Engine:
+    """The process-wide UCX context, worker, endpoint cache and progress machinery."""
+
+    def __init__(self, net_devices: str | None):
+        self.net_devices = net_devices
+        self.context = ucx_api.UCXContext(config_dict=_ucx_config(net_devices),
+                                          feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+        self.worker = ucx_api.UCXWorker(self.context)
+        self.worker.init_blocking_progress_mode()
+        self.address: bytes = bytes(self.worker.address)
+        self.lock = threading.RLock()
+        self._peers: dict[bytes, Peer] = {}
+        self._close_listeners: list[Callable[[bytes], None]] = []
+        self._in_flight = 0
+        self._waiters = 0
+        self._pollers: list[Callable[[], None]] = []
+        self._abandoned: list[Request] = []
+        self._wake = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._background, name="mooncake-ucx-progress",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def peer(self, address: bytes) -> Peer:
+        with self.lock:
+            peer = self._peers.get(address)
+            if peer is None or not peer.alive:
+                peer = self._peers[address] = Peer(self, address)
+            return peer
+
+    def add_close_listener(self, listener: Callable[[bytes], None]) -> None:
+        with self.lock:
+            self._close_listeners.append(listener)
+
+    def remove_close_listener(self, listener: Callable[[bytes], None]) -> None:
+        with self.lock:
+            if listener in self._close_listeners:
+                self._close_listeners.remove(listener)
+
+    def peer_closed(self, peer: Peer) -> None:
+        for listener in list(self._close_listeners):
+            listener(peer.address)
+
+    # -- posting -------------------------------------------------------------------------------
+    def send(self, peer: Peer, tag: int, buffer: np.ndarray) -> Request:
+        with self.lock:
+            handle = peer.endpoint.tag_send(Array(buffer), ucx_api.UCXXTag(tag))
+        return Request(handle, buffer, peer.address)
+
+    def recv(self, peer: Peer, tag: int, buffer: np.ndarray) -> Request:
+        with self.lock:
+            handle = peer.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(tag))
+        return Request(handle, buffer, peer.address)
+
+    def probe(self, tag: int) -> bool:
+        with self.lock:
+            self.worker.progress()
+            return self.worker.tag_probe(ucx_api.UCXXTag(tag)).matched
+
+    def keep_alive(self, requests: list[Request]) -> None:
+        """Hold requests whose operation gave up (deadline) until UCX is done with their buffers."""
+        with self.lock:
+            self._abandoned = [r for r in self._abandoned if not r.completed] + list(requests)
+
+    # -- progress ------------------------------------------------------------------------------
+    def add_poller(self, poll: Callable[[], None]) -> None:
+        """Register work the background thread should drive (called with no lock held)."""
+        with self._wake:
+            self._pollers.append(poll)
+            self._wake.notify()
+
+    def remove_poller(self, poll: Callable[[], None]) -> None:
+        with self._wake:
+            if poll in self._pollers:
+                self._pollers.remove(poll)
+
+    def progress(self) -> None:
+        with self.lock:
+            self.worker.progress()
+
+    def wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Progress until ``done()`` or the monotonic ``deadline``; returns ``done()``."""
+        with self._wake:
+            self._waiters += 1
+        try:
+            spin_until = time.monotonic() + _SPIN_S
+            while True:
+                self.progress()
+                if done():
+                    return True
+                now = time.monotonic()
+                if now >= deadline:
+                    return done()
+                if now >= spin_until:
+                    self._sleep_on_events(min(deadline - now, 0.005))
+        finally:
+            with self._wake:
+                self._waiters -= 1
+
+    def _sleep_on_events(self, timeout_s: float) -> None:
+        with self.lock:
+            armed = self.worker.arm()
+        if armed:
+            select.select([self.worker.epoll_file_descriptor], [], [], max(timeout_s, 0.0))
+
+    def _background(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pollers or self._waiters:
+                    self._wake.wait(timeout=0.05 if self._pollers else None)
+                pollers = list(self._pollers)
+            self.progress()
+            for poll in pollers:
+                poll()
+            self._sleep_on_events(0.002)
+
+
+_ENGINE: Engine | None = None
+_ENGINE_LOCK = threading.Lock()
+
+
+def engine(net_devices: str | None = None) -> Engine:
+    """The process-wide engine, created on first use with the given network devices."""
+    global _ENGINE
+    with _ENGINE_LOCK:
+        if _ENGINE is None:
+            _ENGINE = Engine(net_devices)
+        elif net_devices and _ENGINE.net_devices != net_devices:
+            raise MooncakeError(
+                f"UCX is already running on devices {_ENGINE.net_devices!r}; set_host_ip / "
+                "set_device_filter must be called before the first mooncake process group is created")
+        return _ENGINE
+
+
+def engine_started() -> bool:
+    return _ENGINE is not None
+
+
+def interface_of(ip: str) -> str:
+    """The name of the local network interface that owns ``ip`` (for UCX_NET_DEVICES)."""
+    if ip in ("127.0.0.1", "localhost", "::1"):
+        return "lo"
+    import fcntl
+    import struct as _struct
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, _struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    raise MooncakeError(f"no local network interface has the address {ip!r} (see `ip addr`)")
+
+
+def failed_peers(requests: Iterable[Request]) -> set[bytes]:
+    return {r.peer_key for r in requests if r.completed and r.error() is not None}
