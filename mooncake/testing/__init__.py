@@ -1,0 +1,1 @@
+"""Test support for mooncake: the persistent multi-process cluster (cluster.py)."""
