@@ -24,6 +24,7 @@ __all__ = [
     "WireError",
     "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
+    "get_implementation",
 ]
 
 dist.Backend.register_backend("mooncake-cpu", create_cpu, extended_api=True, devices=["cpu"])
@@ -60,6 +61,12 @@ def get_num_synced_ranks(backend) -> int:
     opts.reduceOp = dist.ReduceOp.MIN
     group.allreduce([count], opts).wait()
     return int(count.item())
+
+
+def get_implementation(backend) -> tuple[str, str]:
+    """``(implementation, reason)``: which data plane serves this group ("ref" or "fast") and why."""
+    group = _backend(backend)
+    return group.implementation, group.implementation_reason
 
 
 def set_timeout(backend, timeout: timedelta) -> None:

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from .. import impl
 from ..control.errors import ArgumentError, MooncakeError
 from ..control.view import View, initial_view
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
@@ -61,6 +62,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                  timeout: timedelta, group_id: str, global_ranks: Sequence[int],
                  options: "_options.MooncakeBackendOptions | None"):
         capacity = _options.check_for_backend(options, device_type, world_size)
+        implementation = impl.select(device_type)
         mask = None if options is None else [int(v) for v in options.active_ranks.tolist()]
         is_extension = bool(options is not None and options.is_extension)
         view = initial_view(mask, world_size, capacity, rank, is_extension)
@@ -69,6 +71,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                                 "rank: a founding rank must mark itself active (or pass "
                                 "is_extension=True to join later)")
         super().__init__(rank, view.visible_size if not is_extension else world_size)
+        self.implementation, self.implementation_reason = implementation
         self._backend_name = backend_name
         self._device_type = device_type
         self._store = store

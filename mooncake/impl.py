@@ -1,0 +1,44 @@
+"""Which implementation serves a call: ``MOONCAKE_IMPL`` = ``ref``, ``fast`` or ``auto`` (default).
+
+``auto`` picks fast where it is available for the tensors' device, else ref, and says why once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from .control.errors import ArgumentError
+
+_log = logging.getLogger("mooncake")
+CHOICES = ("ref", "fast", "auto")
+
+
+def requested() -> str:
+    value = os.environ.get("MOONCAKE_IMPL", "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ArgumentError(f"MOONCAKE_IMPL={value!r} is not one of {', '.join(CHOICES)}")
+    return value
+
+
+def fast_unavailable_reason(device: str) -> str | None:
+    """Why the fast path cannot serve ``device`` tensors in this process, or None if it can."""
+    return f"the fast data plane for {device} tensors is not part of this release yet"
+
+
+@functools.lru_cache(maxsize=None)
+def select(device: str) -> tuple[str, str]:
+    """``(implementation, reason)`` for ``device`` ("cpu" or "cuda"); logged once per device."""
+    wanted = requested()
+    reason = fast_unavailable_reason(device)
+    if wanted == "fast" and reason:
+        raise ArgumentError(f"MOONCAKE_IMPL=fast but {reason}; use MOONCAKE_IMPL=ref or auto")
+    if wanted == "ref":
+        choice = ("ref", "MOONCAKE_IMPL=ref")
+    elif reason:
+        choice = ("ref", f"auto: {reason}")
+    else:
+        choice = ("fast", f"{wanted}: fast path available for {device}")
+    _log.info("mooncake %s: using %s (%s)", device, *choice)
+    return choice
