@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import weakref
 import zlib
 from datetime import timedelta
 from typing import Sequence
@@ -92,6 +93,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._addresses: dict[int, bytes] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._in_flight: "weakref.WeakSet[MooncakeWork]" = weakref.WeakSet()
         self._engine = ucx.engine(_net_devices())
         self._rendezvous()
         self._sync_mask_tensor()
@@ -252,8 +254,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             for user, stage in staged:
                 user.copy_(stage)
 
-        return MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
-                            write_back if staged else None)
+        return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
+                                        write_back if staged else None))
+
+    def _track(self, work: MooncakeWork) -> MooncakeWork:
+        self._in_flight.add(work)
+        return work
 
     @staticmethod
     def _stage(t: torch.Tensor, staged: list, is_output: bool) -> torch.Tensor:
@@ -501,7 +507,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         with self._lock:
             seq = self._p2p_seq(self._p2p_send_seq, dstRank, tag)
             op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
-        return MooncakeWork(self._engine, op, self._timeout_s, [t])
+        return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t]))
 
     def recv(self, tensors, srcRank, tag=0):  # noqa: N803
         t = _one(tensors)
@@ -513,8 +519,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         with self._lock:
             seq = self._p2p_seq(self._p2p_recv_seq, srcRank, tag)
             op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
-        return MooncakeWork(self._engine, op, self._timeout_s, [t],
-                            (lambda: t.copy_(y)) if staged else None, source_rank=srcRank)
+        return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
+                                        (lambda: t.copy_(y)) if staged else None, source_rank=srcRank))
 
     def recv_anysource(self, tensors, tag=0):
         t = _one(tensors)
@@ -531,8 +537,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             op = ref_p2p.recv_any(self._p2p_context(), y, sources, tag,
                                   lambda src: self._p2p_seq(self._p2p_recv_seq, src, tag),
                                   lambda src: self._p2p_recv_seq.get((src, tag), 0))
-        return MooncakeWork(self._engine, op, self._timeout_s, [t],
-                            (lambda: t.copy_(y)) if staged else None, source_rank=op.source_rank)
+        return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
+                                        (lambda: t.copy_(y)) if staged else None,
+                                        source_rank=op.source_rank))
 
     def _p2p_context(self) -> ref.OpContext:
         return ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view, 0, "p2p")
@@ -572,9 +579,19 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     # -- teardown ------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        """Let in-flight operations finish (each within its own deadline), then close the group.
+
+        Unwaited sends are flushed so that a rank may exit right after ``destroy_process_group``.
+        """
+        for work in list(self._in_flight):
+            try:
+                work.wait()
+            except MooncakeError:
+                pass  # reported to whoever waits on it; shutdown itself goes on
         self._closed = True
 
     def abort(self) -> None:
+        """Close the group at once; operations still in flight fail at their deadline."""
         self._closed = True
 
     def __repr__(self) -> str:
