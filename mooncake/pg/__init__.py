@@ -14,13 +14,13 @@ import torch.distributed as dist
 
 from ..control.errors import (ArgumentError, MooncakeError, NotApplicableError, OpTimeoutError,
                               PeerFailureError, WireError)
-from .backend import MooncakeProcessGroup, create_cpu, create_cuda
+from .backend import MooncakeProcessGroup, RootInactiveError, create_cpu, create_cuda
 from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip
 from .work import MooncakeWork
 
 __all__ = [
     "MooncakeBackendOptions", "MooncakeProcessGroup", "MooncakeWork",
-    "ArgumentError", "MooncakeError", "NotApplicableError", "OpTimeoutError", "PeerFailureError",
+    "ArgumentError", "RootInactiveError", "MooncakeError", "NotApplicableError", "OpTimeoutError", "PeerFailureError",
     "WireError",
     "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",

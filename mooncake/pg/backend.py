@@ -22,12 +22,17 @@ from .. import impl
 from ..control.errors import ArgumentError, MooncakeError
 from ..control.view import View, initial_view
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
+from ..model import collectives as _model
 from ..model.reduce import DTYPE_CODES, ReduceOp, check_reducible
 from ..ref import collectives as ref
 from ..ref import p2p as ref_p2p
 from ..ref import ucx
 from . import options as _options
 from .work import ComposedWork, MooncakeWork
+
+class RootInactiveError(ArgumentError, _model.RootInactiveError):
+    """The root of broadcast / reduce / gather / scatter is not active; raised on every caller."""
+
 
 _HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
 _backend_index = 0
@@ -222,7 +227,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if not 0 <= root < self._capacity:
             raise ArgumentError(f"{what} {root} is out of range [0, {self._capacity})")
         if not self._view.is_active(root):
-            raise ArgumentError(f"{what} {root} is not active (active ranks: {list(self._view.active)})")
+            raise RootInactiveError(f"{what} {root} is not active (active ranks: {list(self._view.active)})")
 
     def _check_reduce(self, op: ReduceOp, t: torch.Tensor) -> None:
         reason = check_reducible(op, t.dtype)
