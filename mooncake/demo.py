@@ -1,6 +1,8 @@
 """A small multi-rank CPU job showing the ``mooncake-cpu`` backend at work.
 
-    python -m mooncake.demo [--ranks 4] [--timeout-s 60]
+    python -m mooncake.demo [--ranks 4] [--timeout-s 60] [--device cpu|cuda]
+
+``--device cuda`` runs the same job on backend ``mooncake`` with CUDA tensors (all ranks may share one GPU).
 
 Starts the ranks as local processes around a TCPStore hosted by this (launcher) process, runs
 every kind of collective on seeded inputs, checks each result bit for bit against the global-view
@@ -39,7 +41,7 @@ def _inputs(rank: int, dtype, numel: int):
     return torch.randint(-1000, 1000, (numel,), generator=g, dtype=dtype)
 
 
-def _run_case(kind: str, dtype_name: str, numel: int, rank: int, world: int):
+def _run_case(kind: str, dtype_name: str, numel: int, rank: int, world: int, device: str):
     """Run one case on this rank; returns (seconds, bitwise equal to the model)."""
     import torch
     import torch.distributed as dist
@@ -50,7 +52,7 @@ def _run_case(kind: str, dtype_name: str, numel: int, rank: int, world: int):
     dtype = getattr(torch, dtype_name)
     active = [1] * world
     everyone = [_inputs(r, dtype, max(numel, 1)) for r in range(world)]
-    x = everyone[rank].clone()
+    x = everyone[rank].to(device, copy=True)
     t0 = time.perf_counter()
     if kind.startswith("all_reduce"):
         op = {"all_reduce": (dist.ReduceOp.SUM, ReduceOp.SUM), "all_reduce_avg": (dist.ReduceOp.AVG, ReduceOp.AVG),
@@ -61,20 +63,20 @@ def _run_case(kind: str, dtype_name: str, numel: int, rank: int, world: int):
         dist.broadcast(x, src=1 % world)
         got, want = x, model.broadcast(everyone, 1 % world, active)[rank]
     elif kind == "all_gather":
-        got = torch.empty(world * numel, dtype=dtype)
+        got = torch.empty(world * numel, dtype=dtype, device=device)
         dist.all_gather_into_tensor(got, x)
         want = model.all_gather_into_tensor(everyone, active)[rank]
     elif kind == "reduce_scatter":
         full = [_inputs(r, dtype, numel * world) for r in range(world)]
-        got = torch.empty(numel, dtype=dtype)
-        dist.reduce_scatter_tensor(got, full[rank].clone())
+        got = torch.empty(numel, dtype=dtype, device=device)
+        dist.reduce_scatter_tensor(got, full[rank].to(device, copy=True))
         want = model.reduce_scatter_tensor(full, ReduceOp.SUM, active)[rank]
     elif kind == "all_to_all":
         splits = [[(s + d) % 3 + 1 for d in range(world)] for s in range(world)]  # splits[src][dst]
         full = [_inputs(r, dtype, sum(splits[r])) for r in range(world)]
         out_splits = [splits[s][rank] for s in range(world)]
-        got = torch.empty(sum(out_splits), dtype=dtype)
-        dist.all_to_all_single(got, full[rank].clone(), out_splits, splits[rank])
+        got = torch.empty(sum(out_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(got, full[rank].to(device, copy=True), out_splits, splits[rank])
         want = model.all_to_all_single(full, active, input_splits=splits,
                                        output_splits=[[splits[s][d] for s in range(world)]
                                                       for d in range(world)])[rank]
@@ -85,7 +87,7 @@ def _run_case(kind: str, dtype_name: str, numel: int, rank: int, world: int):
     return seconds, bitwise_equal(got, want)
 
 
-def _rank_main(rank: int, world: int, port: int, timeout_s: float, results) -> None:
+def _rank_main(rank: int, world: int, port: int, timeout_s: float, device: str, results) -> None:
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
@@ -97,8 +99,12 @@ def _rank_main(rank: int, world: int, port: int, timeout_s: float, results) -> N
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout_s))
         capacity = world + 2  # two reserved slots for replacements
-        opts = pg.MooncakeBackendOptions(torch.ones(capacity, dtype=torch.int32), False, capacity)
-        dist.init_process_group("mooncake-cpu", store=store, rank=rank, world_size=world,
+        backend = "mooncake" if device == "cuda" else "mooncake-cpu"
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        mask = torch.ones(capacity, dtype=torch.int32, device=device)
+        opts = pg.MooncakeBackendOptions(mask, False, capacity)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s), pg_options=opts)
         group = dist.group.WORLD
         report["sizes"] = (dist.get_world_size(), pg.get_capacity(group),
@@ -106,23 +112,24 @@ def _rank_main(rank: int, world: int, port: int, timeout_s: float, results) -> N
         report["impl"] = pg.get_implementation(group)
         report["cases"] = []
         for label, kind, dtype_name, numel in CASES:
-            _run_case(kind, dtype_name, numel, rank, world)  # warm-up (connections)
+            _run_case(kind, dtype_name, numel, rank, world, device)  # warm-up (connections)
             times, ok = [], True
             for _ in range(5):
-                seconds, same = _run_case(kind, dtype_name, numel, rank, world)
+                seconds, same = _run_case(kind, dtype_name, numel, rank, world, device)
                 times.append(seconds)
                 ok &= same
             report["cases"].append((label, dtype_name, numel, sorted(times)[2], ok))
-        work = dist.all_reduce(x := torch.ones(1 << 16), async_op=True)
+        work = dist.all_reduce(x := torch.ones(1 << 16, device=device), async_op=True)
         work.wait()
         report["async"] = (type(work).__name__, bool(work.is_completed()), float(x[0]))
         try:
-            dist.broadcast(torch.zeros(1), src=world + 1)  # a reserved, inactive slot
+            dist.broadcast(torch.zeros(1, device=device), src=world + 1)  # a reserved, inactive slot
         except pg.ArgumentError as exc:
             report["refused"] = str(exc)
-        after = torch.tensor([float(rank)])
+        after = torch.tensor([float(rank)], device=device)
         dist.all_reduce(after)
         report["after_error"] = float(after[0])
+        report["backend"] = backend
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported by the launcher
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--timeout-s", type=float, default=60.0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch.distributed as dist
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, args.ranks, port, args.timeout_s, results),
+    procs = [ctx.Process(target=_rank_main, args=(r, args.ranks, port, args.timeout_s, args.device, results),
                          daemon=True) for r in range(args.ranks)]
     for p in procs:
         p.start()
@@ -179,7 +187,7 @@ def _print_report(world: int, reports: dict) -> int:
         return 1
     r0 = reports[0]
     size, capacity, mask = r0["sizes"]
-    print(f"mooncake demo: {world} ranks on backend mooncake-cpu, implementation {r0['impl'][0]} "
+    print(f"mooncake demo: {world} ranks on backend {r0['backend']}, implementation {r0['impl'][0]} "
           f"({r0['impl'][1]})")
     print(f"  capacity {capacity} slots, dist.get_world_size() = {size}, active mask {mask}")
     print(f"\n  {'collective':<28}{'dtype':<10}{'bytes/rank':>12}{'median us':>12}  bitwise = model")
