@@ -323,6 +323,8 @@ class Buffer:
             raise ArgumentError(f"num_experts and num_max_dispatch_tokens_per_rank must be ints, got {E!r}, {T!r}")
         if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 and topk_idx.shape[0] != x.shape[0]:
             raise ArgumentError(f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens")
+        if not bool(torch.isfinite(x).all()):
+            raise ArgumentError("x must be finite (inf/NaN tokens have no defined FP8 scale or combine result)")
         if use_fp8 and x.shape[1] % 128:
             raise ArgumentError(f"FP8 dispatch needs hidden % 128 == 0, got hidden {x.shape[1]}")
         try:
