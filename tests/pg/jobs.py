@@ -515,6 +515,8 @@ def _bad_call(name: str, rank: int):
         return dist.reduce(f32, dst=9)
     if name == "inactive_root_reserved":
         return dist.broadcast(f32, src=group.capacity - 1)
+    if name == "inactive_root_middle":
+        return dist.broadcast(f32, src=1)
     if name == "inactive_root_reserved_gather":
         return dist.gather(f32, None, dst=group.capacity - 1)
     if name == "all_gather_slots":
@@ -524,7 +526,8 @@ def _bad_call(name: str, rank: int):
     if name == "all_gather_numel":
         return dist.all_gather([torch.zeros(5), torch.zeros(4)], f32)
     if name == "all_gather_dtype":
-        return group.allgather([[torch.zeros(4, dtype=torch.float64), torch.zeros(4)]], [f32]).wait()
+        opts = torch._C._distributed_c10d.AllgatherOptions()  # not re-exported by torch.distributed
+        return group.allgather([[torch.zeros(4, dtype=torch.float64), torch.zeros(4)]], [f32], opts).wait()
     if name == "agit_numel":
         return dist.all_gather_into_tensor(torch.zeros(7), f32)
     if name == "agit_dtype":
@@ -562,9 +565,12 @@ def _bad_call(name: str, rank: int):
     raise ValueError(name)
 
 
-def bad_input(name: str, ranks=None):
-    """Run the bad call on ``ranks`` (default all; others skip it), then the follow-up collective."""
+def bad_input(name: str, ranks=None, skip_ranks=()):
+    """Run the bad call on ``ranks`` (default all; others skip it), then the follow-up collective.
+    ``skip_ranks`` (extension ranks, local-only) do nothing."""
     rank = dist.get_rank()
+    if rank in tuple(skip_ranks):
+        return None
     outcome = "skipped"
     if ranks is None or rank in ranks:
         try:
@@ -573,6 +579,19 @@ def bad_input(name: str, ranks=None):
         except Exception as exc:  # noqa: BLE001
             outcome = _exc(exc)
     return {"outcome": outcome, "follow_up": _follow_up()}
+
+
+def allgather_default_opts():
+    """The backend's own methods called without ``opts`` (as upstream code calling the group
+    object directly does): they must default their options themselves."""
+    group = dist.group.WORLD
+    rank, n = dist.get_rank(), dist.get_world_size()
+    t = torch.tensor([rank, 2 * rank], dtype=torch.int32)
+    outs = [torch.zeros(2, dtype=torch.int32) for _ in range(n)]
+    group.allgather([outs], [t]).wait()
+    out = torch.zeros(2 * n, dtype=torch.int32)
+    group._allgather_base(out, t).wait()
+    return outs, out
 
 
 # ----------------------------------------------------------------------------- options errors
