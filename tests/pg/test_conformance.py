@@ -89,6 +89,8 @@ CONFIGS = [
     # inactive middle rank (an extension rank, local-only) plus one reserved slot
     Config("w3mid1cap4", 3, (1, 0, 1, 0), 4, (1,)),
     Config("w4mid2cap6", 4, (1, 1, 0, 1, 0, 0), 6, (2,)),
+    # an all-zero mask (upstream's test default) means every rank is active
+    Config("w2zeros", 2, (0, 0)),
     # inactive highest rank: dist.get_world_size() (3) < number of processes (4)
     Config("w4tail3", 4, (1, 1, 1, 0), None, (3,)),
 ]
