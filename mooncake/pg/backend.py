@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch._C import _distributed_c10d as c10d
 
 from .. import impl
 from ..control.errors import ArgumentError, MooncakeError
@@ -278,7 +279,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     # -- collectives ---------------------------------------------------------------------------
     def allreduce(self, tensors, opts=None):
-        opts = opts or dist.AllreduceOptions()
+        opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
         self._check_tensor(t, "tensor")
         op = _reduce_op(opts)
@@ -288,11 +289,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("all_reduce", opts, lambda ctx: ref.all_reduce(ctx, x, op), [t], staged)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        opts = opts or dist.AllreduceCoalescedOptions()
+        opts = opts or c10d.AllreduceCoalescedOptions()
         return self._coalesced([self.allreduce([t], opts) for t in self._checked_list(tensors)], tensors)
 
     def broadcast(self, tensors, opts=None):
-        opts = opts or dist.BroadcastOptions()
+        opts = opts or c10d.BroadcastOptions()
         t = _one(tensors)
         self._check_tensor(t, "tensor")
         root = opts.rootRank
@@ -302,7 +303,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("broadcast", opts, lambda ctx: ref.broadcast(ctx, x, root), [t], staged)
 
     def reduce(self, tensors, opts=None):
-        opts = opts or dist.ReduceOptions()
+        opts = opts or c10d.ReduceOptions()
         t = _one(tensors)
         self._check_tensor(t, "tensor")
         op = _reduce_op(opts)
@@ -314,7 +315,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("reduce", opts, lambda ctx: ref.reduce(ctx, x, op, root), [t], staged)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         t = _one(input_tensors, "input_tensors")
         outs = _one(output_tensors, "output_tensors")
         self._check_tensor(t, "input tensor")
@@ -327,7 +328,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("all_gather", opts, lambda ctx: ref.all_gather(ctx, ys, x), outs, staged)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         if len(output_lists) != len(input_list):
             raise ArgumentError(f"all_gather_coalesced: {len(output_lists)} output lists for "
                                 f"{len(input_list)} inputs")
@@ -335,7 +336,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._coalesced(works, [o for outs in output_lists for o in outs])
 
     def all_gather_single(self, output, input, opts=None):
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         self._check_tensor(input, "input_tensor")
         self._check_tensor(output, "output_tensor")
         k = self._slots_of(output.numel(), input.numel(), "all_gather_into_tensor output")
@@ -352,14 +353,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     _allgather_base = all_gather_single
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
-        opts = opts or dist.AllgatherOptions()
+        opts = opts or c10d.AllgatherOptions()
         works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
         return self._coalesced(works, list(outputs))
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
     def gather(self, output_tensors, input_tensors, opts=None):
-        opts = opts or dist.GatherOptions()
+        opts = opts or c10d.GatherOptions()
         t = _one(input_tensors, "input_tensors")
         self._check_tensor(t, "input tensor")
         root = opts.rootRank
@@ -379,7 +380,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("gather", opts, lambda ctx: ref.gather(ctx, ys, x, root), outs, staged)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts or dist.ScatterOptions()
+        opts = opts or c10d.ScatterOptions()
         t = _one(output_tensors, "output_tensors")
         self._check_tensor(t, "output tensor")
         root = opts.rootRank
@@ -399,7 +400,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._issue("scatter", opts, lambda ctx: ref.scatter(ctx, y, xs, root), [t], staged)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
-        opts = opts or dist.ReduceScatterOptions()
+        opts = opts or c10d.ReduceScatterOptions()
         t = _one(output_tensors, "output_tensors")
         ins = _one(input_tensors, "input_tensors")
         self._check_tensor(t, "output tensor")
@@ -415,7 +416,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                            [t], staged)
 
     def reduce_scatter_single(self, output, input, opts=None):
-        opts = opts or dist.ReduceScatterOptions()
+        opts = opts or c10d.ReduceScatterOptions()
         self._check_tensor(input, "input_tensor")
         self._check_tensor(output, "output_tensor")
         op = _reduce_op(opts)
@@ -433,14 +434,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
-        opts = opts or dist.ReduceScatterOptions()
+        opts = opts or c10d.ReduceScatterOptions()
         works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
         return self._coalesced(works, list(outputs))
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
-        opts = opts or dist.AllToAllOptions()
+        opts = opts or c10d.AllToAllOptions()
         self._check_slots(len(input_tensors), "the all_to_all input list")
         if len(output_tensors) != len(input_tensors):
             raise ArgumentError(f"all_to_all: output list has {len(output_tensors)} tensors, input "
@@ -463,7 +464,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                            list(output_tensors), staged)
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        opts = opts or dist.AllToAllOptions()
+        opts = opts or c10d.AllToAllOptions()
         self._check_tensor(input, "input")
         self._check_tensor(output, "output")
         if output.dtype != input.dtype:
@@ -483,7 +484,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                            [output], staged)
 
     def barrier(self, opts=None):
-        opts = opts or dist.BarrierOptions()
+        opts = opts or c10d.BarrierOptions()
         return self._issue("barrier", opts, lambda ctx: ref.barrier(ctx), [])
 
     # -- point to point ------------------------------------------------------------------------

@@ -490,19 +490,10 @@ class TestBadInputsCPU:
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestDirectCallsCPU:
     @pytest.mark.timeout(180)
-    @pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-        "backend bug: MooncakeProcessGroup.allgather / allgather_coalesced / all_gather_single "
-        "(= _allgather_base) / all_gather_single_coalesced default `opts or dist.AllgatherOptions()`, "
-        "but torch.distributed does not export AllgatherOptions (only torch._C._distributed_c10d "
-        "does): calling them without opts raises AttributeError"))
     def test_allgather_without_opts(self, cluster_factory, impl):
-        try:
-            results = mooncake_cluster(cluster_factory, CONFIG_BY_NAME["w2"], impl).run(
-                jobs.allgather_default_opts)
-        except ClusterError as exc:
-            if "has no attribute 'AllgatherOptions'" in str(exc):
-                raise AttributeError(str(exc)) from None
-            raise
+        """Methods called on the group object directly (no opts) use their defaults."""
+        results = mooncake_cluster(cluster_factory, CONFIG_BY_NAME["w2"], impl).run(
+            jobs.allgather_default_opts)
         want = [torch.tensor([r, 2 * r], dtype=torch.int32) for r in range(2)]
         for outs, out in results:
             assert_same(outs, want, "allgather")
