@@ -25,7 +25,6 @@ import torch
 
 from mooncake.model import collectives as M
 from mooncake.model.reduce import ReduceOp, check_reducible
-from mooncake.testing.cluster import ClusterError
 from mooncake.testing.compare import bitwise_equal
 from pg import jobs
 from pg.conftest import PYTHONPATH
