@@ -73,6 +73,18 @@ def _received(bufs: dict[int, np.ndarray], rank: int, like: torch.Tensor) -> tor
     return payload_tensor(bufs[rank], like.dtype, tuple(like.shape))
 
 
+def _fill_slots(outputs: list[torch.Tensor], me: int, mine: torch.Tensor,
+                bufs: dict[int, np.ndarray]) -> None:
+    """Slot ``me`` gets ``mine``, a slot with a received message gets it, every other slot zeros."""
+    for r, out in enumerate(outputs):
+        if r == me:
+            out.copy_(mine)
+        elif r in bufs:
+            out.copy_(_received(bufs, r, out))
+        else:
+            out.zero_()
+
+
 def all_reduce(ctx: OpContext, tensor: torch.Tensor, op: ReduceOp) -> Op:
     mine = tensor.clone()
     others = _others(ctx)
@@ -110,13 +122,7 @@ def all_gather(ctx: OpContext, outputs: list[torch.Tensor], tensor: torch.Tensor
     others = _others(ctx)
 
     def finish(bufs):
-        for r, out in enumerate(outputs):
-            if r == ctx.rank:
-                out.copy_(mine)
-            elif r in bufs:
-                out.copy_(_received(bufs, r, mine))
-            else:
-                out.zero_()
+        _fill_slots(outputs, ctx.rank, mine, bufs)
 
     return _post(ctx, OpCode.ALL_GATHER, {p: mine for p in others}, {p: mine for p in others}, finish)
 
@@ -127,13 +133,7 @@ def gather(ctx: OpContext, outputs: list[torch.Tensor] | None, tensor: torch.Ten
     mine = tensor.clone()
 
     def finish(bufs):
-        for r, out in enumerate(outputs):
-            if r == root:
-                out.copy_(mine)
-            elif r in bufs:
-                out.copy_(_received(bufs, r, mine))
-            else:
-                out.zero_()
+        _fill_slots(outputs, root, mine, bufs)
 
     return _post(ctx, OpCode.GATHER, {}, {p: mine for p in _others(ctx)}, finish)
 
@@ -166,13 +166,7 @@ def all_to_all(ctx: OpContext, outputs: list[torch.Tensor], inputs: list[torch.T
     others = _others(ctx)
 
     def finish(bufs):
-        for r, out in enumerate(outputs):
-            if r == ctx.rank:
-                out.copy_(mine)
-            elif r in bufs:
-                out.copy_(_received(bufs, r, out))
-            else:
-                out.zero_()
+        _fill_slots(outputs, ctx.rank, mine, bufs)
 
     return _post(ctx, OpCode.ALL_TO_ALL, {p: inputs[p] for p in others},
                  {p: outputs[p] for p in others}, finish)
