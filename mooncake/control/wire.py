@@ -5,8 +5,13 @@ and checked field by field against what the receiver expects before a single pay
 
 Tag layout (UCX matches on it; it must separate groups, sources, views and operations)::
 
-    63..62 kind (collective, p2p)   61..46 group key   45..38 source rank
-    37..30 epoch (mod 256)          29..0  sequence (collective) / user tag 14 bits + seq 16 bits (p2p)
+    63..62 kind (collective, p2p, done, nack)   61..46 group key   45..38 source rank
+    37..30 epoch (mod 256)   29..0  sequence (collective, done; 0 for nack) /
+                                    user tag 14 bits + seq 16 bits (p2p)
+
+``DONE`` ends every collective: a header-only message saying "I hold every payload of this op"
+(see control/plane.py).  ``NACK`` is one header-only message per view: "I could not commit an
+operation of this epoch; join the agreement" (see control/agreement.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ MAX_P2P_TAG = (1 << 14) - 1
 class Kind(enum.IntEnum):
     COLLECTIVE = 0
     P2P = 1
+    DONE = 2
+    NACK = 3
 
 
 class OpCode(enum.IntEnum):
@@ -43,6 +50,7 @@ class OpCode(enum.IntEnum):
     ALL_TO_ALL = 8
     BARRIER = 9
     SEND = 10
+    NACK = 11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +69,9 @@ class Header:
 
     def tag(self) -> int:
         """The 64-bit UCX tag this message travels under."""
-        if self.kind is Kind.COLLECTIVE:
-            return collective_tag(self.group_key, self.src, self.epoch, self.seq)
-        return p2p_tag(self.group_key, self.src, self.epoch, self.user_tag, self.seq)
+        if self.kind is Kind.P2P:
+            return p2p_tag(self.group_key, self.src, self.epoch, self.user_tag, self.seq)
+        return collective_tag(self.group_key, self.src, self.epoch, self.seq, self.kind)
 
     def pack_into(self, buf: memoryview) -> None:
         _LAYOUT.pack_into(buf, 0, MAGIC, VERSION, self.kind, self.op, self.group_key, self.src,
@@ -111,8 +119,9 @@ def _mismatch_message(field: str, got, want, header: Header) -> str:
     return f"header field {field} is {got}, expected {want}"
 
 
-def collective_tag(group_key: int, src: int, epoch: int, seq: int) -> int:
-    return (Kind.COLLECTIVE << 62) | ((group_key & 0xFFFF) << 46) | ((src & 0xFF) << 38) \
+def collective_tag(group_key: int, src: int, epoch: int, seq: int,
+                   kind: Kind = Kind.COLLECTIVE) -> int:
+    return (int(kind) << 62) | ((group_key & 0xFFFF) << 46) | ((src & 0xFF) << 38) \
         | ((epoch & 0xFF) << 30) | (seq & 0x3FFFFFFF)
 
 

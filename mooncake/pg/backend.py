@@ -8,6 +8,7 @@ today) moves bytes and does the math defined in ``mooncake.model``.
 
 from __future__ import annotations
 
+import importlib
 import struct
 import threading
 import weakref
@@ -21,6 +22,7 @@ from torch._C import _distributed_c10d as c10d
 
 from .. import impl
 from ..control.errors import ArgumentError, MooncakeError
+from ..control.plane import GroupInfo
 from ..control.view import View, initial_view
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
 from ..model import collectives as _model
@@ -102,6 +104,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._in_flight: "weakref.WeakSet[MooncakeWork]" = weakref.WeakSet()
         self._engine = ucx.engine(_net_devices())
         self._rendezvous()
+        self._plane = self._open_plane()
         self._sync_mask_tensor()
 
     # -- identity ------------------------------------------------------------------------------
@@ -179,6 +182,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"active_ranks differs across ranks: rank {rank} starts with active "
                                 f"mask {mask}, this rank {self._view.mask()}")
         return bytes(record[_HELLO.size + capacity:])
+
+    def _open_plane(self):
+        """The data plane serving this group's collectives (P2P always goes through ref)."""
+        info = GroupInfo(self._store, f"mooncake/{self._index}", self._rank, self._capacity,
+                         self._group_key, self._timeout_s, self._engine, self._addresses,
+                         self._device_type)
+        if self.implementation == "fast":  # mooncake.fast.cpu / .cuda, imported only when selected
+            return importlib.import_module(f"..fast.{self._device_type}", __package__).open_group(info)
+        return ref.open_group(info)
 
     def _peers(self, ranks: Sequence[int]) -> dict[int, ucx.Peer]:
         return {r: self._engine.peer(self._addresses[r]) for r in ranks}
@@ -261,7 +273,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 user.copy_(stage)
 
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
-                                        write_back if staged else None))
+                                        write_back if staged else None, name=name))
 
     def _track(self, work: MooncakeWork) -> MooncakeWork:
         self._in_flight.add(work)
@@ -286,7 +298,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_reduce(op, t)
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("all_reduce", opts, lambda ctx: ref.all_reduce(ctx, x, op), [t], staged)
+        return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged)
 
     def allreduce_coalesced(self, tensors, opts=None):
         opts = opts or c10d.AllreduceCoalescedOptions()
@@ -300,7 +312,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "broadcast src")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("broadcast", opts, lambda ctx: ref.broadcast(ctx, x, root), [t], staged)
+        return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged)
 
     def reduce(self, tensors, opts=None):
         opts = opts or c10d.ReduceOptions()
@@ -312,7 +324,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "reduce dst")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("reduce", opts, lambda ctx: ref.reduce(ctx, x, op, root), [t], staged)
+        return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.AllgatherOptions()
@@ -325,7 +337,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         staged: list = []
         x = self._stage(t, staged, False)
         ys = [self._stage(o, staged, True) for o in outs]
-        return self._issue("all_gather", opts, lambda ctx: ref.all_gather(ctx, ys, x), outs, staged)
+        return self._issue("all_gather", opts, lambda ctx: self._plane.all_gather(ctx, ys, x), outs, staged)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         opts = opts or c10d.AllgatherOptions()
@@ -348,7 +360,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         slots = list(y.reshape(k, -1).unbind(0))
         xs = x.reshape(-1)
         return self._issue("all_gather_into_tensor", opts,
-                           lambda ctx: ref.all_gather(ctx, slots, xs), [output], staged)
+                           lambda ctx: self._plane.all_gather(ctx, slots, xs), [output], staged)
 
     _allgather_base = all_gather_single
 
@@ -377,7 +389,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if output_tensors and any(len(o) for o in output_tensors):
                 raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
             outs, ys = [], None
-        return self._issue("gather", opts, lambda ctx: ref.gather(ctx, ys, x, root), outs, staged)
+        return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ScatterOptions()
@@ -397,7 +409,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if input_tensors and any(len(i) for i in input_tensors):
                 raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
             xs = None
-        return self._issue("scatter", opts, lambda ctx: ref.scatter(ctx, y, xs, root), [t], staged)
+        return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
@@ -412,7 +424,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         staged: list = []
         y = self._stage(t, staged, True)
         xs = [self._stage(s, staged, False) for s in ins]
-        return self._issue("reduce_scatter", opts, lambda ctx: ref.reduce_scatter(ctx, y, xs, op),
+        return self._issue("reduce_scatter", opts, lambda ctx: self._plane.reduce_scatter(ctx, y, xs, op),
                            [t], staged)
 
     def reduce_scatter_single(self, output, input, opts=None):
@@ -429,7 +441,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         xs = list(self._stage(input, staged, False).reshape(k, -1).unbind(0))
         ys = y.reshape(-1)
         return self._issue("reduce_scatter_tensor", opts,
-                           lambda ctx: ref.reduce_scatter(ctx, ys, xs, op), [output], staged)
+                           lambda ctx: self._plane.reduce_scatter(ctx, ys, xs, op), [output], staged)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -460,7 +472,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         staged: list = []
         xs = [self._stage(s, staged, False) for s in input_tensors]
         ys = [self._stage(o, staged, True) for o in output_tensors]
-        return self._issue("all_to_all", opts, lambda ctx: ref.all_to_all(ctx, ys, xs),
+        return self._issue("all_to_all", opts, lambda ctx: self._plane.all_to_all(ctx, ys, xs),
                            list(output_tensors), staged)
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
@@ -480,12 +492,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         y = self._stage(output, staged, True)
         xs = list(x.split(in_splits)) if x.dim() else [x]
         ys = list(y.split(out_splits)) if y.dim() else [y]
-        return self._issue("all_to_all_single", opts, lambda ctx: ref.all_to_all(ctx, ys, xs),
+        return self._issue("all_to_all_single", opts, lambda ctx: self._plane.all_to_all(ctx, ys, xs),
                            [output], staged)
 
     def barrier(self, opts=None):
         opts = opts or c10d.BarrierOptions()
-        return self._issue("barrier", opts, lambda ctx: ref.barrier(ctx), [])
+        return self._issue("barrier", opts, lambda ctx: self._plane.barrier(ctx), [])
 
     # -- point to point ------------------------------------------------------------------------
     def _check_peer(self, peer: int, tag: int, what: str) -> None:
@@ -513,7 +525,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         with self._lock:
             seq = self._p2p_seq(self._p2p_send_seq, dstRank, tag)
             op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
-        return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t]))
+        return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
+                                        name=f"send to rank {dstRank}"))
 
     def recv(self, tensors, srcRank, tag=0):  # noqa: N803
         t = _one(tensors)
@@ -526,7 +539,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             seq = self._p2p_seq(self._p2p_recv_seq, srcRank, tag)
             op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
-                                        (lambda: t.copy_(y)) if staged else None, source_rank=srcRank))
+                                        (lambda: t.copy_(y)) if staged else None, source_rank=srcRank,
+                                        name=f"recv from rank {srcRank}"))
 
     def recv_anysource(self, tensors, tag=0):
         t = _one(tensors)
@@ -545,7 +559,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                                   lambda src: self._p2p_recv_seq.get((src, tag), 0))
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
                                         (lambda: t.copy_(y)) if staged else None,
-                                        source_rank=op.source_rank))
+                                        source_rank=op.source_rank,
+                                        name=f"recv from any source (tag {tag})"))
 
     def _p2p_context(self) -> ref.OpContext:
         return ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view, 0, "p2p")
@@ -595,6 +610,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             except MooncakeError:
                 pass  # reported to whoever waits on it; shutdown itself goes on
         self._closed = True
+        self._plane.close()
 
     def abort(self) -> None:
         """Close the group at once; operations still in flight fail at their deadline."""

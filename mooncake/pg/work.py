@@ -26,9 +26,10 @@ class MooncakeWork(dist.Work):
 
     def __init__(self, engine, op, timeout_s: float, outputs: list[torch.Tensor],
                  after: Callable[[], None] | None = None,
-                 source_rank: int | Callable[[], int] = -1):
+                 source_rank: int | Callable[[], int] = -1, name: str = "operation"):
         super().__init__()
         self._engine = engine
+        self._name = name
         self._op = op
         self._after = after
         self._outputs = outputs
@@ -47,20 +48,29 @@ class MooncakeWork(dist.Work):
 
     # -- completion ------------------------------------------------------------------------------
     def _advance(self) -> bool:
-        """Finish the operation if its messages are in, or fail it past its deadline."""
+        """Finish the operation once committed, or fail it on a lost peer or past its deadline."""
         with self._lock:
             if self._state != _PENDING:
                 return True
-            if self._op.done():
+            op = self._op
+            op.progress()
+            if op.committed:
                 try:
-                    self._op.finish()
+                    op.finish()
                 except BaseException as exc:  # noqa: BLE001 - delivered to wait()
                     self._fail(exc)
                 else:
                     self._complete()
+            elif op.failed_peers():
+                failed = tuple(sorted(op.failed_peers()))
+                op.abandon()
+                self._fail(PeerFailureError(f"{self._name}: lost connection to rank(s) {list(failed)}",
+                                            failed))
             elif time.monotonic() >= self._deadline:
-                self._op.exchange.abandon()
-                self._fail(self._op.exchange.timeout_error(self._timeout_s))
+                op.abandon()
+                pending = op.pending_ranks()
+                self._fail(OpTimeoutError(f"{self._name} did not complete within {self._timeout_s:.3g} s; "
+                                          f"still waiting on rank(s) {list(pending)}", pending))
             return self._state != _PENDING
 
     def _complete(self) -> None:

@@ -34,35 +34,54 @@ class OpContext:
 
 
 class Op:
-    """A posted operation: poll ``done()``, then ``finish()`` writes the outputs (or raises)."""
+    """A posted operation (a ``PlaneOp``): its exchange plus the local math that ``finish`` runs."""
 
     def __init__(self, ctx: OpContext, exchange: Exchange, finish: Callable[[dict[int, np.ndarray]], None]):
         self.ctx, self.exchange, self._finish = ctx, exchange, finish
 
-    def done(self) -> bool:
-        return self.exchange.done()
+    @property
+    def data_complete(self) -> bool:
+        return self.exchange.data_complete
+
+    @property
+    def committed(self) -> bool:
+        return self.exchange.committed
+
+    def progress(self) -> None:
+        self.exchange.progress()
+
+    def failed_peers(self) -> frozenset[int]:
+        return self.exchange.failed_peers()
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        return self.exchange.pending_ranks()
+
+    def abandon(self) -> None:
+        self.exchange.abandon()
 
     def finish(self) -> None:
         self._finish(self.exchange.result())
 
 
 def _header(ctx: OpContext, op: OpCode, src: int, dst: int, t: torch.Tensor | None,
-            reduce_op: int = 0) -> Header:
+            reduce_op: int = 0, kind: Kind = Kind.COLLECTIVE) -> Header:
     num_bytes = 0 if t is None else t.numel() * t.element_size()
     dtype_code = 0 if t is None else DTYPE_CODES[t.dtype]
-    return Header(Kind.COLLECTIVE, op, ctx.group_key, src, dst, ctx.view.epoch, ctx.seq, num_bytes,
+    return Header(kind, op, ctx.group_key, src, dst, ctx.view.epoch, ctx.seq, num_bytes,
                   dtype_code, int(reduce_op))
 
 
 def _post(ctx: OpContext, op: OpCode, sends: dict[int, torch.Tensor | None],
           recvs: dict[int, torch.Tensor | None], finish, reduce_op: int = 0) -> Op:
-    """Post ``sends`` (peer -> payload) and ``recvs`` (peer -> a tensor shaped like the payload)."""
+    """Post ``sends`` (peer -> payload) and ``recvs`` (peer -> a tensor shaped like the payload);
+    the commit round runs with every other active rank."""
     empty = torch.empty(0, dtype=torch.uint8)
     send_msgs = {p: (_header(ctx, op, ctx.rank, p, t, reduce_op), empty if t is None else t)
                  for p, t in sends.items()}
     recv_msgs = {p: _header(ctx, op, p, ctx.rank, t, reduce_op) for p, t in recvs.items()}
-    peers = ctx.peers(sorted(set(sends) | set(recvs)))
-    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs), finish)
+    commit = {p: _header(ctx, op, p, ctx.rank, None, kind=Kind.DONE) for p in _others(ctx)}
+    peers = ctx.peers(sorted(set(sends) | set(recvs) | set(commit)))
+    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs, commit), finish)
 
 
 def _others(ctx: OpContext) -> list[int]:
@@ -176,3 +195,31 @@ def barrier(ctx: OpContext) -> Op:
     others = _others(ctx)
     return _post(ctx, OpCode.BARRIER, {p: None for p in others}, {p: None for p in others},
                  lambda bufs: None)
+
+
+class RefGroup:
+    """The ref plane's per-group state (a ``PlaneGroup``): nothing beyond the process-wide engine,
+    so every collective is the module function of the same name."""
+
+    all_reduce = staticmethod(all_reduce)
+    broadcast = staticmethod(broadcast)
+    reduce = staticmethod(reduce)
+    all_gather = staticmethod(all_gather)
+    gather = staticmethod(gather)
+    scatter = staticmethod(scatter)
+    reduce_scatter = staticmethod(reduce_scatter)
+    all_to_all = staticmethod(all_to_all)
+    barrier = staticmethod(barrier)
+
+    def __init__(self, info):
+        self.info = info
+
+    def add_ranks(self, addresses: dict[int, bytes]) -> None:
+        pass  # endpoints are made on first use from the backend's address book
+
+    def close(self) -> None:
+        pass
+
+
+def open_group(info) -> RefGroup:
+    return RefGroup(info)

@@ -8,12 +8,12 @@ header is validated against the expected one before its payload is handed out.
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import numpy as np
 import torch
 
-from ..control.errors import OpTimeoutError, PeerFailureError, WireError
+from ..control.errors import PeerFailureError, WireError
 from ..control.wire import HEADER_BYTES, Header
 from .ucx import Engine, Peer, Request
 
@@ -35,15 +35,28 @@ def payload_tensor(buffer: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...
 
 class Exchange:
     """Posts ``sends`` (peer rank -> header, payload tensor) and ``recvs`` (peer rank -> expected
-    header); ``done()`` polls, ``result()`` returns received buffers or raises."""
+    header) at once, then the commit round with ``commit_peers`` (peer rank -> the DONE header
+    this rank expects from it): once every payload is in, a DONE goes to each of them.
+
+    Implements ``PlaneOp`` (control/plane.py) except ``finish``, which the operation adds.
+    """
 
     def __init__(self, engine: Engine, peers: dict[int, Peer], op_name: str,
-                 sends: dict[int, tuple[Header, torch.Tensor]], recvs: dict[int, Header]):
+                 sends: dict[int, tuple[Header, torch.Tensor]], recvs: dict[int, Header],
+                 commit_peers: dict[int, Header] | None = None):
         self.op_name = op_name
         self._engine = engine
+        self._peers = peers
         self._expected = recvs
         self._send_reqs: dict[int, Request] = {}
         self._recv_reqs: dict[int, Request] = {}
+        self._done_in: dict[int, Request] = {}
+        self._done_out: dict[int, Request] = {}
+        self._commit_peers = commit_peers or {}
+        self.data_complete = False
+        self.committed = False
+        for rank, header in self._commit_peers.items():
+            self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(HEADER_BYTES, np.uint8))
         for rank, header in recvs.items():
             buffer = np.empty(HEADER_BYTES + header.num_bytes, np.uint8)
             self._recv_reqs[rank] = engine.recv(peers[rank], header.tag(), buffer)
@@ -52,16 +65,37 @@ class Exchange:
             header.pack_into(memoryview(buffer))
             buffer[HEADER_BYTES:] = tensor_bytes(payload)
             self._send_reqs[rank] = engine.send(peers[rank], header.tag(), buffer)
+        self.progress()
 
-    def requests(self):
-        return list(self._recv_reqs.values()) + list(self._send_reqs.values())
+    def requests(self) -> list[Request]:
+        return [*self._recv_reqs.values(), *self._send_reqs.values(), *self._done_in.values(),
+                *self._done_out.values()]
 
-    def done(self) -> bool:
-        return all(r.completed for r in self.requests())
+    def progress(self) -> None:
+        """Send the DONEs once every payload is in; mark the operation committed when it is."""
+        if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
+            self.data_complete = True
+            for rank, expected in self._commit_peers.items():
+                header = dataclasses.replace(expected, src=expected.dst, dst=rank)
+                buffer = np.empty(HEADER_BYTES, np.uint8)
+                header.pack_into(memoryview(buffer))
+                self._done_out[rank] = self._engine.send(self._peers[rank], header.tag(), buffer)
+        if self.data_complete and not self.committed:
+            self.committed = all(r.completed and r.error() is None for r in self._done_in.values()) \
+                and all(r.completed for r in self._send_reqs.values())
+
+    def failed_peers(self) -> frozenset[int]:
+        failed = set()
+        for table in (self._recv_reqs, self._send_reqs, self._done_in, self._done_out):
+            for rank, req in table.items():
+                if req.completed and req.error() is not None and not isinstance(req.error(), _Truncated):
+                    failed.add(rank)
+        return frozenset(failed)
 
     def pending_ranks(self) -> tuple[int, ...]:
-        ranks = {r for r, q in self._recv_reqs.items() if not q.completed}
-        ranks |= {r for r, q in self._send_reqs.items() if not q.completed}
+        ranks = set()
+        for table in (self._recv_reqs, self._send_reqs, self._done_in):
+            ranks |= {r for r, q in table.items() if not q.completed}
         return tuple(sorted(ranks))
 
     def abandon(self) -> None:
@@ -69,16 +103,12 @@ class Exchange:
         self._engine.keep_alive([r for r in self.requests() if not r.completed])
 
     def result(self) -> dict[int, np.ndarray]:
-        """Received buffers (header + payload) by peer rank; raises on any failed message."""
-        failed = {}
-        for rank, req in list(self._recv_reqs.items()) + list(self._send_reqs.items()):
-            err = req.error()
-            if err is not None and not isinstance(err, _Truncated):
-                failed[rank] = err
+        """Received buffers (header + payload) by peer rank, headers checked; raises on a lost
+        connection or a message that does not match."""
+        failed = self.failed_peers() & set(self._recv_reqs)
         if failed:
-            detail = "; ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(failed.items()))
-            raise PeerFailureError(f"{self.op_name}: lost connection to rank(s) "
-                                   f"{sorted(failed)} ({detail})", tuple(failed))
+            raise PeerFailureError(f"{self.op_name}: lost connection to rank(s) {sorted(failed)}",
+                                   tuple(failed))
         out = {}
         for rank, req in self._recv_reqs.items():
             expected = self._expected[rank]
@@ -88,12 +118,3 @@ class Exchange:
             Header.unpack(memoryview(req.buffer)).check_matches(expected)
             out[rank] = req.buffer
         return out
-
-    def timeout_error(self, timeout_s: float) -> OpTimeoutError:
-        pending = self.pending_ranks()
-        return OpTimeoutError(f"{self.op_name} did not complete within {timeout_s:.3g} s; still "
-                              f"waiting on rank(s) {list(pending)}", pending)
-
-
-def monotonic_deadline(timeout_s: float) -> float:
-    return time.monotonic() + timeout_s

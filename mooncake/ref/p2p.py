@@ -43,10 +43,6 @@ class RecvAny:
         self._op: Op | None = None
         self.src = -1
 
-    @property
-    def exchange(self):
-        return self._op.exchange if self._op else _Unmatched(self)
-
     def _match(self) -> None:
         for src in self._sources:
             header = _header(self.ctx, src, self.ctx.rank, self._tensor, self._tag, self._peek_seq(src))
@@ -55,31 +51,35 @@ class RecvAny:
                 self._op = recv(self.ctx, self._tensor, src, self._tag, self._take_seq(src))
                 return
 
-    def done(self) -> bool:
+    def progress(self) -> None:
         if self._op is None:
             self._match()
-        return self._op is not None and self._op.done()
+        if self._op is not None:
+            self._op.progress()
+
+    @property
+    def data_complete(self) -> bool:
+        return self._op is not None and self._op.data_complete
+
+    @property
+    def committed(self) -> bool:
+        return self._op is not None and self._op.committed
+
+    def failed_peers(self) -> frozenset[int]:
+        return self._op.failed_peers() if self._op else frozenset()
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        return self._op.pending_ranks() if self._op else tuple(self._sources)
+
+    def abandon(self) -> None:
+        if self._op is not None:
+            self._op.abandon()
 
     def finish(self) -> None:
         self._op.finish()
 
     def source_rank(self) -> int:
         return self.src
-
-
-class _Unmatched:
-    """The exchange view of a RecvAny that has not matched a source yet (for deadlines)."""
-
-    def __init__(self, op: RecvAny):
-        self._op = op
-
-    def abandon(self) -> None:
-        pass
-
-    def timeout_error(self, timeout_s: float):
-        from ..control.errors import OpTimeoutError
-        return OpTimeoutError(f"recv from any source (tag {self._op._tag}) got no message within "
-                              f"{timeout_s:.3g} s from rank(s) {self._op._sources}", ())
 
 
 def recv_any(ctx: OpContext, tensor: torch.Tensor, sources: list[int], tag: int, take_seq,
