@@ -1,0 +1,296 @@
+"""``python -m mooncake.doctor`` on CPU: the report's shape, verdicts, fixes, exit codes, and the Store probe.
+
+Most cases call ``mooncake.doctor.main`` in this process (fast); two run the module as a command, the way
+users and the console script ``mooncake-doctor`` (``mooncake.doctor:main``) do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from mooncake import doctor, impl
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU_CHECKS = ["python", "mooncake", "torch", "native", "pg", "impl.cpu", "ucx", "host", "device_filter", "rdma",
+              "cuda"]
+CHECK_KEYS = {"name", "verdict", "summary", "fix", "details"}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """A known environment: no implementation override, no device filter; impl's per-process cache cleared."""
+    for name in ("MOONCAKE_IMPL", "MOONCAKE_PGTEST_DEVICE_FILTERS"):
+        monkeypatch.delenv(name, raising=False)
+    impl.select.cache_clear()
+    yield
+    impl.select.cache_clear()
+
+
+def run_main(capsys, *args) -> tuple[int, dict]:
+    code = doctor.main(["--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def run_command(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MOONCAKE_IMPL"}
+    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO_ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+
+def test_json_schema_and_verdicts(capsys):
+    code, report = run_main(capsys)
+    assert report["schema"] == doctor.SCHEMA
+    assert set(report) == {"schema", "verdict", "counts", "seconds", "checks"}
+    names = [c["name"] for c in report["checks"]]
+    assert names == CPU_CHECKS, names  # no CUDA here: one cuda line, no ipc / peer / mps lines
+    for check in report["checks"]:
+        assert set(check) == CHECK_KEYS, check
+        assert check["verdict"] in doctor.VERDICTS
+        assert isinstance(check["summary"], str) and check["summary"]
+        assert isinstance(check["details"], dict)
+        if check["verdict"] != "ok":
+            assert check["fix"], f"{check['name']} is {check['verdict']} without a fix"
+    counts = {v: sum(c["verdict"] == v for c in report["checks"]) for v in doctor.VERDICTS}
+    assert report["counts"] == counts
+    worst = max((c["verdict"] for c in report["checks"]), key=doctor.VERDICTS.index)
+    assert report["verdict"] == worst
+    assert code == (1 if worst == "fail" else 0)
+
+
+def test_cpu_machine_facts(capsys):
+    import torch
+
+    code, report = run_main(capsys)
+    checks = by_name(report)
+    assert code == 0, [c for c in report["checks"] if c["verdict"] == "fail"]
+    assert checks["torch"]["details"]["version"] == torch.__version__
+    assert checks["torch"]["details"]["cuda"] == torch.version.cuda
+    assert checks["native"]["verdict"] == "ok" and "not built" in checks["native"]["summary"]
+    assert checks["impl.cpu"]["details"]["implementation"] == impl.select("cpu")[0]
+    assert checks["impl.cpu"]["details"]["reason"] == impl.select("cpu")[1]
+    ucx = checks["ucx"]
+    assert ucx["verdict"] == "ok"
+    assert ucx["details"]["ucx"].count(".") == 2 and ucx["details"]["transports"]["tcp"], ucx
+    assert "tcp/lo" in ucx["details"]["resources"]
+    assert checks["host"]["details"] == {"host_ip": "127.0.0.1", "interface": "lo"}
+    assert checks["device_filter"]["details"]["filters"] == []
+    if not torch.cuda.is_available():
+        assert checks["cuda"]["details"]["available"] is False
+
+
+def test_text_report_one_line_per_check(capsys):
+    code = doctor.main([])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mooncake doctor")
+    assert out[-1].startswith("verdict: ")
+    lines = [line for line in out[1:-1] if line.startswith("[")]
+    assert [line.split("]")[1].split()[0] for line in lines] == CPU_CHECKS
+    for line in lines:
+        assert line[:6] in ("[ ok ]", "[warn]", "[fail]"), line
+    assert code in (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ failing lines
+
+
+def test_bad_impl_fails_with_fix(capsys, monkeypatch):
+    monkeypatch.setenv("MOONCAKE_IMPL", "bogus")
+    code, report = run_main(capsys)
+    check = by_name(report)["impl"]
+    assert check["verdict"] == "fail" and "MOONCAKE_IMPL='bogus' is not one of ref, fast, auto" in check["summary"]
+    assert "ref, fast or auto" in check["fix"]
+    assert code == 1 and report["verdict"] == "fail"
+
+
+def test_impl_fast_unavailable_fails_ref_ok(capsys, monkeypatch):
+    monkeypatch.setenv("MOONCAKE_IMPL", "fast")
+    code, report = run_main(capsys)
+    check = by_name(report)["impl.cpu"]
+    if impl.fast_unavailable_reason("cpu") is None:
+        pytest.skip("this build has a CPU fast path")
+    assert check["verdict"] == "fail" and check["summary"].startswith("MOONCAKE_IMPL=fast but ")
+    assert code == 1
+    impl.select.cache_clear()
+    monkeypatch.setenv("MOONCAKE_IMPL", "ref")
+    code, report = run_main(capsys)
+    check = by_name(report)["impl.cpu"]
+    assert check["verdict"] == "ok" and check["details"]["reason"] == "MOONCAKE_IMPL=ref"
+
+
+def test_device_filter_unknown_device_fails(capsys, monkeypatch):
+    monkeypatch.setenv("MOONCAKE_PGTEST_DEVICE_FILTERS", "lo,mlx5_does_not_exist")
+    code, report = run_main(capsys)
+    check = by_name(report)["device_filter"]
+    assert check["verdict"] == "fail" and check["details"]["unknown"] == ["mlx5_does_not_exist"]
+    assert check["details"]["source"] == "MOONCAKE_PGTEST_DEVICE_FILTERS"
+    assert "same filter on every rank" in check["fix"]
+    assert code == 1
+
+
+def test_device_filter_known_device_ok():
+    os.environ["MOONCAKE_PGTEST_DEVICE_FILTERS"] = "lo"  # removed again by clean_env's monkeypatch
+    check = doctor.check_device_filter()
+    assert check.verdict == "ok" and check.details["filters"] == ["lo"]
+
+
+def test_native_extension_built_for_another_torch(monkeypatch):
+    """The seed guide's "Mooncake EP was not built against torch==..." case, with a fake extension."""
+    import mooncake
+
+    fake = Path(mooncake.__file__).parent / "ep" / "_native.cpython-311-x86_64-linux-gnu.so"
+    monkeypatch.setattr(doctor, "_native_extensions", lambda: [fake])
+    monkeypatch.setattr(doctor, "_probe", lambda code, timeout_s, env=None: ({"torch": "0.0.1", "cuda": None}, ""))
+    check = doctor.check_native(5.0)
+    assert check.verdict == "fail" and "mooncake.ep._native: built against torch==0.0.1" in check.summary
+    assert "rebuild" in check.fix
+    monkeypatch.setattr(doctor, "_probe", lambda code, timeout_s, env=None: (None, "exit code 1: ImportError: x"))
+    check = doctor.check_native(5.0)
+    assert check.verdict == "fail" and "does not load" in check.summary
+
+
+def test_native_extension_that_does_not_import_really_fails(monkeypatch):
+    import mooncake
+
+    fake = Path(mooncake.__file__).parent / "_no_such_ext.cpython-311-x86_64-linux-gnu.so"
+    monkeypatch.setattr(doctor, "_native_extensions", lambda: [fake])
+    check = doctor.check_native(20.0)
+    assert check.verdict == "fail" and "mooncake._no_such_ext: does not load" in check.summary
+    assert "ModuleNotFoundError" in check.summary
+
+
+@pytest.mark.parametrize("devices,verdict,needle", [
+    ([], "ok", "no RDMA devices"),
+    ([{"name": "mlx5_0", "ports": [{"port": "1", "state": "1: DOWN", "link_layer": "InfiniBand", "rate": None}]}],
+     "warn", "no port is ACTIVE"),
+])
+def test_rdma_verdicts(monkeypatch, devices, verdict, needle):
+    monkeypatch.setattr(doctor, "_rdma_devices", lambda: devices)
+    check = doctor.check_rdma({"resources": ["tcp/lo"]})
+    assert check.verdict == verdict and needle in check.summary
+    assert verdict == "ok" or check.fix
+
+
+def test_rdma_active_but_ucx_without_verbs_warns(monkeypatch):
+    devices = [{"name": "mlx5_0", "ports": [{"port": "1", "state": "4: ACTIVE", "link_layer": "InfiniBand",
+                                              "rate": "200 Gb/sec"}]}]
+    monkeypatch.setattr(doctor, "_rdma_devices", lambda: devices)
+    monkeypatch.setattr(doctor.os.path, "isdir", lambda path: True)
+    check = doctor.check_rdma({"resources": ["tcp/lo", "posix/memory"]})
+    assert check.verdict == "warn" and "UCX lists no RDMA transport" in check.summary
+    check = doctor.check_rdma({"resources": ["tcp/lo", "rc_mlx5/mlx5_0:1"]})
+    assert check.verdict == "ok" and "mlx5_0:1" in check.summary
+
+
+def test_classify_transports():
+    kinds = doctor._classify(["self/memory", "tcp/lo", "sysv/memory", "posix/memory", "cma/memory",
+                              "rc_mlx5/mlx5_0:1", "ud_verbs/mlx5_0:1", "dc_mlx5/mlx5_0:1", "cuda_ipc/cuda",
+                              "cuda_copy/cuda", "gdr_copy/mlx5_0"])
+    assert kinds["tcp"] == ["tcp/lo"]
+    assert kinds["shm"] == ["sysv/memory", "posix/memory", "cma/memory"]
+    assert kinds["rdma"] == ["rc_mlx5/mlx5_0:1", "ud_verbs/mlx5_0:1", "dc_mlx5/mlx5_0:1"]
+    assert kinds["cuda"] == ["cuda_ipc/cuda", "cuda_copy/cuda", "gdr_copy/mlx5_0"]
+
+
+def test_check_rejects_unknown_verdict():
+    with pytest.raises(ValueError):
+        doctor.Check("x", "maybe", "y")
+    assert doctor.overall([]) == "ok"
+    assert doctor.overall([doctor.Check("a", "ok", "."), doctor.Check("b", "warn", ".", fix="f")]) == "warn"
+
+
+def test_a_crashing_check_becomes_a_fail_line():
+    def boom():
+        raise RuntimeError("kaput")
+
+    [check] = doctor._safe("thing", boom)
+    assert check.verdict == "fail" and "RuntimeError: kaput" in check.summary and check.fix
+
+
+# ------------------------------------------------------------------------------------------ Store
+
+
+@pytest.mark.parametrize("address,host,port", [("127.0.0.1:29500", "127.0.0.1", 29500), ("node-3:1", "node-3", 1),
+                                               ("[::1]:29500", "::1", 29500)])
+def test_parse_store(address, host, port):
+    assert doctor.parse_store(address) == (host, port)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "host:", ":29500", "host:70000", "host:0", "a:b"])
+def test_parse_store_rejects(address):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        doctor.parse_store(address)
+
+
+def test_store_reachable(capsys):
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    code, report = run_main(capsys, "--store", f"127.0.0.1:{master.port}", "--store-timeout", "2")
+    check = by_name(report)["store"]
+    assert check["verdict"] == "ok", check
+    assert check["details"]["reachable"] and check["details"]["roundtrip_ok"]
+    assert code == 0
+    assert master.num_keys() <= 1  # the probe removed its key (a fresh TCPStore may hold one of its own)
+
+
+def test_store_unreachable_fails_in_bounded_time(capsys):
+    port = free_port()
+    t0 = time.monotonic()
+    code, report = run_main(capsys, "--store", f"127.0.0.1:{port}", "--store-timeout", "1")
+    elapsed = time.monotonic() - t0
+    check = by_name(report)["store"]
+    assert check["verdict"] == "fail" and f"127.0.0.1:{port} is not reachable within 1 s" in check["summary"]
+    assert "TCPStore" in check["fix"]
+    assert code == 1
+    assert elapsed < 30, elapsed  # 1 s connection timeout (torch retries it) + the other probes
+
+
+def test_store_bad_address(capsys):
+    code, report = run_main(capsys, "--store", "no-port-here")
+    check = by_name(report)["store"]
+    assert check["verdict"] == "fail" and "--store expects HOST:PORT" in check["summary"]
+    assert code == 1
+
+
+# ------------------------------------------------------------------------------------------ as a command
+
+
+def test_module_command_json_and_exit_code():
+    proc = run_command("-m", "mooncake.doctor", "--json")
+    report = json.loads(proc.stdout)
+    assert report["schema"] == doctor.SCHEMA
+    assert proc.returncode == (1 if report["verdict"] == "fail" else 0), proc.stderr
+    assert [c["name"] for c in report["checks"]][:3] == ["python", "mooncake", "torch"]
+
+
+def test_console_script_entry_point_fails_on_fail():
+    """pyproject's ``mooncake-doctor = "mooncake.doctor:main"``: main() returns the exit status."""
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'mooncake-doctor = "mooncake.doctor:main"' in pyproject
+    proc = run_command("-c", "import sys; from mooncake.doctor import main; sys.exit(main())",
+                       env={"MOONCAKE_IMPL": "bogus"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[fail] impl" in proc.stdout and "fix: set MOONCAKE_IMPL" in proc.stdout
