@@ -1,0 +1,256 @@
+"""EP dispatch / combine benchmark of the CUDA fast path: R ranks on one GPU (run it under CUDA MPS).
+
+    python benchmarks/epbench.py --ranks 8 --out benchmarks/results/cuda
+
+Configuration (DeepEP low-latency, anchors.md §1.1): 128 tokens per rank, hidden 7168, top-8, 256 experts,
+FP8 dispatch, BF16 combine.  Routing shapes: ``uniform`` (K distinct experts uniformly at random),
+``incast`` (every token's experts are rank 0's: a k-hot incast into one receiver), ``zipf`` (expert
+popularity ~ 1/rank^1.2 over a random permutation, K distinct per token).
+
+Per op and routing: latency p50 / p99 (CUDA events around each call, every rank and iteration pooled),
+DeepEP-accounted bandwidth per rank (dispatch: ``hidden + hidden/128*4 + 16`` bytes per selected
+(token, expert); combine: ``2*hidden``; masked entries not counted) = bytes / that rank's p50, averaged
+over ranks; and the HBM floor: all R ranks share one GPU's memory, so moving every rank's bytes once
+takes at least ``sum_r bytes_r / copy_bw``, with ``copy_bw`` the device-to-device copy bandwidth
+(bytes copied per second, ``Tensor.copy_`` of 1 GiB) measured in the same run.
+
+Each iteration: a gloo barrier, a ~200 us GPU head start (``torch.cuda._sleep``) so the host enqueues
+the whole iteration ahead of the GPU, then dispatch and combine back to back.  Writes
+``epbench-<card>-R<R>.json`` and ``.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIG = dict(T=128, H=7168, K=8, E=256, fp8=True)
+ROUTINGS = ("uniform", "incast", "zipf")
+
+
+def _pct(values, q):
+    s = sorted(values)
+    if not s:
+        return math.nan
+    return s[min(len(s) - 1, max(0, int(math.ceil(q / 100 * len(s))) - 1))]
+
+
+def make_routing(kind: str, rank: int, R: int, N: int, E: int, K: int):
+    import torch
+
+    g = torch.Generator().manual_seed(7919 * (ROUTINGS.index(kind) + 1) + rank)
+    if kind == "uniform":
+        topk = torch.rand(N, E, generator=g).argsort(dim=1)[:, :K]
+    elif kind == "incast":
+        L = E // R
+        topk = torch.rand(N, L, generator=g).argsort(dim=1)[:, :K]  # experts 0..L-1 live on rank 0
+    elif kind == "zipf":
+        perm = torch.randperm(E, generator=torch.Generator().manual_seed(4242))
+        p = torch.empty(E)
+        p[perm] = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(1.2).float()
+        topk = torch.multinomial(p.expand(N, E), K, replacement=False, generator=g)
+    else:
+        raise ValueError(kind)
+    return topk.to(torch.int64).contiguous()
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / sorted(times)[len(times) // 2]
+
+
+def worker(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from mooncake.fast.cuda.ep import FastEPBuffer
+    from mooncake.model import ep as model
+
+    torch.set_num_threads(1)
+    torch.cuda.set_device(0)
+    rank, R = args.rank, args.world
+    T, H, K, E = CONFIG["T"], CONFIG["H"], CONFIG["K"], CONFIG["E"]
+    L = E // R
+    dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=R,
+                            timeout=timedelta(seconds=120))
+    result = dict(rank=rank)
+    if rank == 0:
+        result["copy_bw"] = copy_bandwidth()
+    dist.barrier()
+    buf = FastEPBuffer(dist.group.WORLD, model.get_ep_buffer_size_hint(T, H, R, E))
+    g = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).cuda()
+    expert_out = torch.randn(L, R * T, H, generator=g).to(torch.bfloat16).cuda()
+    active = torch.ones(R, dtype=torch.int32, device="cuda")
+    timeout_us = 10_000_000
+    sleep_cycles = 400_000  # ~200 us at ~2 GHz
+    for kind in ROUTINGS:
+        topk = make_routing(kind, rank, R, T, E, K).cuda()
+        weights = torch.rand(T, K, generator=g).cuda()
+        selected = int((topk >= 0).sum())
+        d_times, c_times, host_d = [], [], []
+        for it in range(args.warmup + args.iters):
+            dist.barrier()
+            torch.cuda._sleep(sleep_cycles)
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            h0 = time.perf_counter()
+            recv, count, handle, _, _ = buf.dispatch(x, topk, active, T, E, timeout_us, use_fp8=True, check=False)
+            h1 = time.perf_counter()
+            e1.record()
+            buf.combine(expert_out, topk, weights, active, timeout_us, handle)
+            e2.record()
+            e2.synchronize()
+            if it >= args.warmup:
+                d_times.append(e0.elapsed_time(e1) * 1e-3)
+                c_times.append(e1.elapsed_time(e2) * 1e-3)
+                host_d.append(h1 - h0)
+        if int(active.sum()) != R:
+            raise RuntimeError(f"rank {rank}: a peer timed out during the benchmark: {active.tolist()}")
+        # sanity: this rank received as many rows as the routing of all ranks sends it
+        result[kind] = dict(selected=selected, dispatch_s=d_times, combine_s=c_times, host_dispatch_s=host_d,
+                            recv_rows=int(count.sum()))
+    torch.cuda.synchronize()
+    with open(os.path.join(args.outdir_tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    buf.destroy()
+    dist.destroy_process_group()
+    return 0
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def launch(args) -> int:
+    import torch
+
+    R = args.ranks
+    tmp = os.path.join(args.out, f".epbench-R{R}-tmp")
+    os.makedirs(tmp, exist_ok=True)
+    store = os.path.join(tmp, "store")
+    if os.path.exists(store):
+        os.remove(store)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for r in range(R):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--rank", str(r), "--world", str(R),
+               "--store", store, "--outdir-tmp", tmp, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    deadline = time.monotonic() + args.timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(None)
+    if any(c != 0 for c in codes):
+        print(f"epbench R={R}: worker exit codes {codes}", file=sys.stderr)
+        return 1
+    ranks = []
+    for r in range(R):
+        with open(os.path.join(tmp, f"rank{r}.json")) as f:
+            ranks.append(json.load(f))
+    card = torch.cuda.get_device_name(0)
+    copy_bw = ranks[0]["copy_bw"]
+    H = CONFIG["H"]
+    d_msg, c_msg = H + H // 128 * 4 + 16, 2 * H
+    report = dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, ranks=R, config=CONFIG,
+                  mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), iters=args.iters,
+                  copy_bw_GBps=copy_bw / 1e9, routings={})
+    for kind in ROUTINGS:
+        rows = {}
+        for op, msg in (("dispatch", d_msg), ("combine", c_msg)):
+            samples = [t for rk in ranks for t in rk[kind][f"{op}_s"]]
+            per_rank_bw = [rk[kind]["selected"] * msg / _pct(rk[kind][f"{op}_s"], 50) for rk in ranks]
+            total_bytes = sum(rk[kind]["selected"] * msg for rk in ranks)
+            p50 = _pct(samples, 50)
+            floor = total_bytes / copy_bw
+            rows[op] = dict(p50_us=p50 * 1e6, p99_us=_pct(samples, 99) * 1e6,
+                            bytes_per_rank=[rk[kind]["selected"] * msg for rk in ranks],
+                            deepep_GBps_per_rank=sum(per_rank_bw) / len(per_rank_bw) / 1e9,
+                            hbm_floor_us=floor * 1e6, x_floor=p50 / floor)
+        host = [t for rk in ranks for t in rk[kind]["host_dispatch_s"]]
+        rows["host_dispatch_call_p50_us"] = _pct(host, 50) * 1e6
+        both = rows["dispatch"]["p50_us"] + rows["combine"]["p50_us"]
+        rows["dispatch_plus_combine_x_floor"] = both / (rows["dispatch"]["hbm_floor_us"]
+                                                       + rows["combine"]["hbm_floor_us"])
+        rows["recv_rows_per_rank"] = [rk[kind]["recv_rows"] for rk in ranks]
+        report["routings"][kind] = rows
+    slug = f"epbench-{card_slug(card)}-R{R}"
+    with open(os.path.join(args.out, slug + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# epbench: {card}, R = {R} ranks on one GPU{' (MPS)' if report['mps'] else ''}",
+             "",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}; T=128, H=7168, K=8, E=256, FP8 dispatch, BF16 "
+             f"combine; {args.iters} iterations; device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s.",
+             "",
+             "| routing | op | p50 us | p99 us | DeepEP GB/s per rank | bytes/rank (mean) | HBM floor us | x floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for kind in ROUTINGS:
+        for op in ("dispatch", "combine"):
+            r = report["routings"][kind][op]
+            mean_bytes = sum(r["bytes_per_rank"]) / R
+            lines.append(f"| {kind} | {op} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['deepep_GBps_per_rank']:.1f} "
+                         f"| {mean_bytes / 1e6:.2f} MB | {r['hbm_floor_us']:.1f} | {r['x_floor']:.2f} |")
+    lines.append("")
+    for kind in ROUTINGS:
+        r = report["routings"][kind]
+        lines.append(f"* {kind}: dispatch + combine = {r['dispatch_plus_combine_x_floor']:.2f}x the HBM floor; "
+                     f"host time of one dispatch() call p50 {r['host_dispatch_call_p50_us']:.0f} us")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, slug + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cuda"))
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--outdir-tmp", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    os.makedirs(args.out, exist_ok=True)
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,565 @@
+// mooncake CUDA fast path: EP dispatch / combine over CUDA IPC, bit-for-bit the contract of
+// docs/ep-semantics.md (model: mooncake/model/ep.py, mooncake/model/fp8.py).
+//
+// Plain C ABI (extern "C", raw pointers as int64, cudaStream_t passed as an int64) so the library
+// is loaded with ctypes and never couples to torch's C++ ABI.  Build: mooncake/fast/cuda/build.py.
+//
+// Protocol (per rank, one IPC buffer that the peers map; offsets computed identically on every rank):
+//   dsig[R]   int64  dispatch signal from source s: the sequence number of the last call s finished sending
+//   csig[R]   int64  combine signal from owner o (same encoding)
+//   dcount    int32  [2 halves][R sources][L]   rows source s sent to local expert l in this call
+//   ddata            [2 halves][L][R sources][T slots] x msg_stride   dispatch staging messages
+//   cdata     bf16   [2 halves][E][T][H]        combine rows, slot (global expert, token)
+// Sequence numbers live in a small local workspace (ws[0] = dispatch calls completed, ws[1] = combine
+// calls completed), so a CUDA graph replay advances them too.  Call n uses half n & 1.  Signals are
+// monotonic (>= n means delivered), so nothing is ever cleaned.
+//
+// Determinism: a sender places token t for expert e at slot = #{t' < t routed to e} (a count, no
+// atomics), the receiver waits for every source (or its deadline), takes the exclusive prefix of the
+// per-source counts in ascending source order and compacts the staging slots into the outputs.
+// Atomics are only used to find the last finishing block of a kernel (completion, not placement).
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MC_API extern "C" __attribute__((visibility("default")))
+#define MC_ABI_VERSION 1
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+// Workspace slots (int64, local to the rank).
+constexpr int WS_DSEQ = 0, WS_CSEQ = 1, WS_DFIN = 2, WS_CFIN = 3, WS_DHALF = 4, WS_CHALF = 5;
+
+}  // namespace
+
+// Everything a kernel needs; mirrored by mooncake/fast/cuda/lib.py (all int64, order matters).
+struct McEpArgs {
+  int64_t stream;
+  int64_t rank, num_ranks, num_local_experts, num_experts, max_tokens, hidden, num_topk, num_tokens;
+  int64_t use_fp8;
+  int64_t timeout_ns;  // -1: no deadline
+  int64_t peers;       // device int64[R]: base address of every rank's IPC buffer, mapped in this process
+  int64_t local_base;  // this rank's IPC buffer
+  int64_t ws;          // device int64[16] local control workspace
+  int64_t tab;         // device int32[2*E] local table: begin[L*R], count[L*R]
+  int64_t active;      // device int32[R] active_ranks (caller's, written in place)
+  int64_t off_dsig, off_csig, off_dcount, off_ddata, off_cdata;
+  int64_t msg_stride;  // bytes per dispatch staging slot (multiple of 16)
+  int64_t half_dcount, half_ddata, half_cdata;  // bytes per half
+  int64_t x;           // dispatch: [N, H] bf16; combine: [L, R*T, H] bf16 expert outputs
+  int64_t topk;        // [N, K] int64
+  int64_t weights;     // [N, K] float32 (combine)
+  int64_t out;         // combine: [N, H] bf16
+  int64_t recv_x, recv_scales, recv_count, src_info, layout_range;  // dispatch outputs
+  int64_t grid_hint;   // blocks per kernel hint (SM count)
+};
+
+namespace {
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
+  asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_volatile_int(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+
+// Wait until *sig >= seq or the deadline passes; false on expiry.
+__device__ bool wait_signal(const int64_t* sig, int64_t seq, int64_t timeout_ns) {
+  const uint64_t start = global_timer_ns();
+  while (true) {
+    if (ld_acquire_sys(sig) >= seq) return true;
+    if (timeout_ns >= 0 && (int64_t)(global_timer_ns() - start) > timeout_ns) {
+      // one last look: a signal that landed exactly at the deadline still counts
+      return ld_acquire_sys(sig) >= seq;
+    }
+    __nanosleep(32);
+  }
+}
+
+__device__ __forceinline__ uint8_t* peer_ptr(const McEpArgs& a, int r) {
+  return reinterpret_cast<uint8_t*>(reinterpret_cast<const int64_t*>(a.peers)[r]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dispatch, send phase: quantize / copy each token once into shared memory, then write it into the
+// staging slot of every destination expert.  The last block to finish writes the per-expert counts
+// and raises the per-source signal on every receiver.
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int s_is_last;
+  const int rank = (int)a.rank, R = (int)a.num_ranks, L = (int)a.num_local_experts, E = (int)a.num_experts;
+  const int T = (int)a.max_tokens, H = (int)a.hidden, K = (int)a.num_topk, N = (int)a.num_tokens;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int32_t* active = reinterpret_cast<int32_t*>(a.active);
+  if (active[rank] == 0) return;  // a masked source sends nothing and raises no signal
+  int64_t* ws = reinterpret_cast<int64_t*>(a.ws);
+  const int64_t cur = ws[WS_DSEQ] + 1;
+  const int half = (int)(cur & 1);
+  const int64_t* topk = reinterpret_cast<const int64_t*>(a.topk);
+  const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(a.x);
+  const int S = H / 128;
+  const int msg_bytes = kFp8 ? 16 + H + 4 * S : 16 + 2 * H;
+  const int n16 = (msg_bytes + 15) / 16;
+  uint8_t* msg = smem;                                                    // msg_stride bytes
+  int* slots = reinterpret_cast<int*>(smem + a.msg_stride);               // K ints
+  int* counts = slots + ((K + 3) & ~3);                                   // E ints (last block)
+
+  for (int t = blockIdx.x; t < N; t += gridDim.x) {
+    if (tid == 0) {
+      int4 hdr = make_int4(t, 0, 0, 0);
+      *reinterpret_cast<int4*>(msg) = hdr;
+    }
+    const __nv_bfloat16* xr = x + (int64_t)t * H;
+    if (kFp8) {
+      uint8_t* q = msg + 16;
+      float* scale_inv_out = reinterpret_cast<float*>(msg + 16 + H);
+      for (int b = warp; b < S; b += kWarps) {
+        // lane handles channels b*128 + 4*lane .. +3
+        const uint2 raw = *reinterpret_cast<const uint2*>(xr + b * 128 + 4 * lane);
+        const __nv_bfloat162 p0 = *reinterpret_cast<const __nv_bfloat162*>(&raw.x);
+        const __nv_bfloat162 p1 = *reinterpret_cast<const __nv_bfloat162*>(&raw.y);
+        float v[4] = {__low2float(p0), __high2float(p0), __low2float(p1), __high2float(p1)};
+        float amax = __int_as_float(0x38D1B717);  // fl32(1e-4)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
+        const float scale = __fdiv_rn(448.0f, amax);
+        const float scale_inv = __fmul_rn(amax, __int_as_float(0x3B124925));  // fl32(1/448)
+        uint32_t packed = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __nv_fp8_storage_t c = __nv_cvt_float_to_fp8(__fmul_rn(v[i], scale), __NV_SATFINITE, __NV_E4M3);
+          packed |= (uint32_t)c << (8 * i);
+        }
+        *reinterpret_cast<uint32_t*>(q + b * 128 + 4 * lane) = packed;
+        if (lane == 0) scale_inv_out[b] = scale_inv;
+      }
+    } else {
+      const int4* src = reinterpret_cast<const int4*>(xr);
+      int4* dst = reinterpret_cast<int4*>(msg + 16);
+      for (int i = tid; i < H / 8; i += kThreads) dst[i] = src[i];
+    }
+    // slot of (t, k) = number of earlier tokens routed to the same expert (no repeats within a row)
+    for (int k = warp; k < K; k += kWarps) {
+      const int64_t e = topk[(int64_t)t * K + k];
+      int c = 0;
+      if (e >= 0) {
+        const int64_t end = (int64_t)t * K;
+        for (int64_t j = lane; j < end; j += 32) c += (topk[j] == e) ? 1 : 0;
+      }
+      c = __reduce_add_sync(kFull, c);
+      if (lane == 0) slots[k] = c;
+    }
+    __syncthreads();
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = topk[(int64_t)t * K + k];
+      if (e < 0) continue;
+      const int dst_rank = (int)(e / L), l = (int)(e % L);
+      int4* dst = reinterpret_cast<int4*>(peer_ptr(a, dst_rank) + a.off_ddata + half * a.half_ddata +
+                                          (((int64_t)l * R + rank) * T + slots[k]) * a.msg_stride);
+      const int4* src = reinterpret_cast<const int4*>(msg);
+      for (int i = tid; i < n16; i += kThreads) dst[i] = src[i];
+    }
+    __syncthreads();
+  }
+
+  // completion: every thread fences its writes; the last block publishes counts, then the signals
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(ws + WS_DFIN), 1u);
+    s_is_last = (prev == gridDim.x - 1);
+  }
+  __syncthreads();
+  if (!s_is_last) return;
+  __threadfence_system();
+  for (int e = tid; e < E; e += kThreads) counts[e] = 0;
+  __syncthreads();
+  for (int64_t j = tid; j < (int64_t)N * K; j += kThreads) {
+    const int64_t e = topk[j];
+    if (e >= 0) atomicAdd(&counts[e], 1);  // counting only; order cannot matter
+  }
+  __syncthreads();
+  for (int e = tid; e < E; e += kThreads) {
+    const int q = e / L, l = e % L;
+    int* dc = reinterpret_cast<int*>(peer_ptr(a, q) + a.off_dcount + half * a.half_dcount) + rank * L + l;
+    *reinterpret_cast<volatile int*>(dc) = counts[e];
+  }
+  __syncthreads();
+  __threadfence_system();
+  __syncthreads();
+  for (int q = tid; q < R; q += kThreads) {
+    st_release_sys(reinterpret_cast<int64_t*>(peer_ptr(a, q) + a.off_dsig) + rank, cur);
+  }
+  if (tid == 0) *reinterpret_cast<unsigned*>(ws + WS_DFIN) = 0u;
+}
+
+// dispatch, receive phase 1 (one block): wait for every active source (deadline -> active[s] = 0),
+// then lay out the blocks: exclusive prefix over sources in ascending order, per local expert.
+__global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
+  extern __shared__ int contrib[];  // R ints
+  const int R = (int)a.num_ranks, L = (int)a.num_local_experts, tid = threadIdx.x;
+  int64_t* ws = reinterpret_cast<int64_t*>(a.ws);
+  const int64_t cur = ws[WS_DSEQ] + 1;
+  const int half = (int)(cur & 1);
+  int32_t* active = reinterpret_cast<int32_t*>(a.active);
+  const int64_t* dsig = reinterpret_cast<const int64_t*>(reinterpret_cast<uint8_t*>(a.local_base) + a.off_dsig);
+  for (int s = tid; s < R; s += blockDim.x) {
+    int c = 0;
+    if (active[s] != 0) {
+      if (wait_signal(dsig + s, cur, a.timeout_ns)) {
+        c = 1;
+      } else {
+        active[s] = 0;
+      }
+    }
+    contrib[s] = c;
+  }
+  __syncthreads();
+  __threadfence_system();
+  const int* dcount = reinterpret_cast<const int*>(reinterpret_cast<uint8_t*>(a.local_base) + a.off_dcount +
+                                                   half * a.half_dcount);
+  int* tab_begin = reinterpret_cast<int*>(a.tab);
+  int* tab_count = tab_begin + L * R;
+  int64_t* layout = reinterpret_cast<int64_t*>(a.layout_range);
+  int* recv_count = reinterpret_cast<int*>(a.recv_count);
+  for (int l = tid; l < L; l += blockDim.x) {
+    int begin = 0;
+    for (int s = 0; s < R; ++s) {
+      const int c = contrib[s] ? ld_volatile_int(dcount + s * L + l) : 0;
+      layout[(int64_t)l * R + s] = ((int64_t)begin << 32) | (int64_t)(uint32_t)c;
+      tab_begin[l * R + s] = begin;
+      tab_count[l * R + s] = c;
+      begin += c;
+    }
+    recv_count[l] = begin;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    ws[WS_DHALF] = half;
+    ws[WS_DSEQ] = cur;
+  }
+}
+
+// dispatch, receive phase 2: compact the staging slots of block (l, s) into rows begin.. of expert l.
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) dispatch_copy_kernel(McEpArgs a) {
+  const int R = (int)a.num_ranks, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
+  const int ls = blockIdx.x, l = ls / R, s = ls % R;
+  const int* tab_begin = reinterpret_cast<const int*>(a.tab);
+  const int c = tab_begin[L * R + ls];
+  if (c == 0) return;
+  const int begin = tab_begin[ls];
+  const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_DHALF];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t RT = (int64_t)R * T;
+  const int S = H / 128;
+  const uint8_t* blk = reinterpret_cast<const uint8_t*>(a.local_base) + a.off_ddata + half * a.half_ddata +
+                       ((int64_t)l * R + s) * T * a.msg_stride;
+  int* src_info = reinterpret_cast<int*>(a.src_info);
+  for (int j = blockIdx.y * kWarps + warp; j < c; j += gridDim.y * kWarps) {
+    const uint8_t* m = blk + (int64_t)j * a.msg_stride;
+    const int64_t row = (int64_t)l * RT + begin + j;
+    if (lane == 0) src_info[row] = __ldcg(reinterpret_cast<const int*>(m));
+    const int4* src = reinterpret_cast<const int4*>(m + 16);
+    if (kFp8) {
+      int4* dst = reinterpret_cast<int4*>(reinterpret_cast<uint8_t*>(a.recv_x) + row * H);
+      for (int i = lane; i < H / 16; i += 32) dst[i] = __ldcg(src + i);
+      const float* sc = reinterpret_cast<const float*>(m + 16 + H);
+      float* scales = reinterpret_cast<float*>(a.recv_scales);  // storage [L][S][R*T]
+      for (int b = lane; b < S; b += 32) scales[((int64_t)l * S + b) * RT + begin + j] = __ldcg(sc + b);
+    } else {
+      int4* dst = reinterpret_cast<int4*>(reinterpret_cast<__nv_bfloat16*>(a.recv_x) + row * H);
+      for (int i = lane; i < H / 8; i += 32) dst[i] = __ldcg(src + i);
+    }
+  }
+}
+
+// combine, send phase (expert owner): row i of local expert l goes back to the source whose block
+// covers i, at slot (global expert, token) of that rank's combine region.
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
+  __shared__ int s_is_last;
+  const int rank = (int)a.rank, R = (int)a.num_ranks, L = (int)a.num_local_experts, T = (int)a.max_tokens;
+  const int H = (int)a.hidden;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int32_t* active = reinterpret_cast<int32_t*>(a.active);
+  if (active[rank] == 0) return;  // a masked owner sends nothing; nobody waits for it
+  int64_t* ws = reinterpret_cast<int64_t*>(a.ws);
+  const int64_t cur = ws[WS_CSEQ] + 1;
+  const int half = (int)(cur & 1);
+  const int64_t RT = (int64_t)R * T;
+  const int64_t* layout = reinterpret_cast<const int64_t*>(a.layout_range);
+  const int* src_info = reinterpret_cast<const int*>(a.src_info);
+  const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(a.x);
+  const int l = blockIdx.x;
+  const int64_t last = layout[(int64_t)l * R + R - 1];
+  const int total = (int)(last >> 32) + (int)(last & 0xffffffff);
+  for (int i = blockIdx.y * kWarps + warp; i < total; i += gridDim.y * kWarps) {
+    int d = -1;
+    for (int s = 0; s < R; ++s) {
+      const int64_t p = layout[(int64_t)l * R + s];
+      const int b = (int)(p >> 32), c = (int)(p & 0xffffffff);
+      if (i >= b && i < b + c) d = s;
+    }
+    if (d < 0 || active[d] == 0) continue;
+    const int t = src_info[(int64_t)l * RT + i];
+    int4* dst = reinterpret_cast<int4*>(peer_ptr(a, d) + a.off_cdata + half * a.half_cdata +
+                                        (((int64_t)rank * L + l) * T + t) * (2 * (int64_t)H));
+    const int4* src = reinterpret_cast<const int4*>(x + ((int64_t)l * RT + i) * H);
+    for (int j = lane; j < H / 8; j += 32) dst[j] = src[j];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(ws + WS_CFIN), 1u);
+    s_is_last = (prev == gridDim.x * gridDim.y - 1);
+  }
+  __syncthreads();
+  if (!s_is_last) return;
+  __threadfence_system();
+  for (int d = tid; d < R; d += kThreads) {
+    if (active[d] != 0) st_release_sys(reinterpret_cast<int64_t*>(peer_ptr(a, d) + a.off_csig) + rank, cur);
+  }
+  if (tid == 0) *reinterpret_cast<unsigned*>(ws + WS_CFIN) = 0u;
+}
+
+// combine, receive phase 1 (one block, token owner): wait for every active owner.
+__global__ void __launch_bounds__(kThreads) combine_wait_kernel(McEpArgs a) {
+  const int rank = (int)a.rank, R = (int)a.num_ranks, tid = threadIdx.x;
+  int64_t* ws = reinterpret_cast<int64_t*>(a.ws);
+  const int64_t cur = ws[WS_CSEQ] + 1;
+  const int half = (int)(cur & 1);
+  int32_t* active = reinterpret_cast<int32_t*>(a.active);
+  const int64_t* csig = reinterpret_cast<const int64_t*>(reinterpret_cast<uint8_t*>(a.local_base) + a.off_csig);
+  if (active[rank] != 0) {  // a masked rank's tokens were not dispatched: nothing comes back
+    for (int o = tid; o < R; o += blockDim.x) {
+      if (active[o] != 0 && !wait_signal(csig + o, cur, a.timeout_ns)) active[o] = 0;
+    }
+  }
+  __syncthreads();
+  __threadfence_system();
+  if (tid == 0) {
+    ws[WS_CHALF] = half;
+    ws[WS_CSEQ] = cur;
+  }
+}
+
+// combine, receive phase 2: acc = +0; for k in top-k order: acc = fl32(acc + fl32(y * w)); bf16 once.
+__global__ void combine_reduce_kernel(McEpArgs a) {
+  const int rank = (int)a.rank, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
+  const int K = (int)a.num_topk, N = (int)a.num_tokens, E = (int)a.num_experts;
+  const int32_t* active = reinterpret_cast<const int32_t*>(a.active);
+  const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_CHALF];
+  const bool me_active = active[rank] != 0;
+  const int64_t* topk = reinterpret_cast<const int64_t*>(a.topk);
+  const float* weights = reinterpret_cast<const float*>(a.weights);
+  const int4* region = reinterpret_cast<const int4*>(reinterpret_cast<const uint8_t*>(a.local_base) + a.off_cdata +
+                                                     half * a.half_cdata);
+  int4* out = reinterpret_cast<int4*>(a.out);
+  const int H8 = H / 8;
+  (void)E;
+  for (int t = blockIdx.x; t < N; t += gridDim.x) {
+    for (int c = threadIdx.x; c < H8; c += blockDim.x) {
+      float acc[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const int64_t e = topk[(int64_t)t * K + k];
+        if (e < 0 || !me_active || active[e / L] == 0) continue;
+        const float w = weights[(int64_t)t * K + k];
+        const int4 v = __ldcg(region + ((int64_t)e * T + t) * H8 + c);
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __bfloat1622float2(p[j]);
+          acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(f.x, w));
+          acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(f.y, w));
+        }
+      }
+      int4 r;
+      __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) q[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+      out[(int64_t)t * H8 + c] = r;
+    }
+  }
+}
+
+// Small self-test kernel: FP8-quantize rows exactly as dispatch does (used by the unit tests).
+__global__ void __launch_bounds__(kThreads) quantize_kernel(const __nv_bfloat16* x, uint8_t* q, float* scale_inv,
+                                                            int N, int H) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, S = H / 128;
+  for (int t = blockIdx.x; t < N; t += gridDim.x) {
+    for (int b = warp; b < S; b += kWarps) {
+      const __nv_bfloat16* xr = x + (int64_t)t * H + b * 128 + 4 * lane;
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(xr[i]);
+      float amax = __int_as_float(0x38D1B717);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
+      const float scale = __fdiv_rn(448.0f, amax);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        q[(int64_t)t * H + b * 128 + 4 * lane + i] =
+            __nv_cvt_float_to_fp8(__fmul_rn(v[i], scale), __NV_SATFINITE, __NV_E4M3);
+      if (lane == 0) scale_inv[(int64_t)t * S + b] = __fmul_rn(amax, __int_as_float(0x3B124925));
+    }
+  }
+}
+
+inline cudaStream_t stream_of(const McEpArgs* a) { return reinterpret_cast<cudaStream_t>(a->stream); }
+
+inline int blocks_for(int64_t work, int64_t hint) {
+  int64_t b = work < 1 ? 1 : work;
+  const int64_t cap = (hint > 0 ? hint : 132) * 4;
+  return (int)(b < cap ? b : cap);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// C ABI
+
+MC_API int mc_abi_version(void) { return MC_ABI_VERSION; }
+MC_API int mc_cudart_version(void) { return CUDART_VERSION; }
+MC_API int mc_ep_args_size(void) { return (int)sizeof(McEpArgs); }
+MC_API const char* mc_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+
+MC_API int mc_driver_version(int* version) { return (int)cudaDriverGetVersion(version); }
+MC_API int mc_device_count(int* count) { return (int)cudaGetDeviceCount(count); }
+MC_API int mc_set_device(int device) { return (int)cudaSetDevice(device); }
+MC_API int mc_get_device(int* device) { return (int)cudaGetDevice(device); }
+MC_API int mc_sm_count(int device, int* count) {
+  return (int)cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+MC_API int mc_malloc_zeroed(int64_t bytes, int64_t* ptr) {
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, (size_t)bytes);
+  if (err != cudaSuccess) return (int)err;
+  err = cudaMemset(p, 0, (size_t)bytes);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) {
+    cudaFree(p);
+    return (int)err;
+  }
+  *ptr = reinterpret_cast<int64_t>(p);
+  return 0;
+}
+
+MC_API int mc_free(int64_t ptr) { return (int)cudaFree(reinterpret_cast<void*>(ptr)); }
+
+MC_API int mc_ipc_handle_size(void) { return (int)sizeof(cudaIpcMemHandle_t); }
+
+MC_API int mc_ipc_get_handle(int64_t ptr, void* out) {
+  cudaIpcMemHandle_t h;
+  const cudaError_t err = cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(ptr));
+  if (err != cudaSuccess) return (int)err;
+  memcpy(out, &h, sizeof(h));
+  return 0;
+}
+
+MC_API int mc_ipc_open(const void* handle, int64_t* ptr) {
+  cudaIpcMemHandle_t h;
+  memcpy(&h, handle, sizeof(h));
+  void* p = nullptr;
+  const cudaError_t err = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) return (int)err;
+  *ptr = reinterpret_cast<int64_t>(p);
+  return 0;
+}
+
+MC_API int mc_ipc_close(int64_t ptr) { return (int)cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)); }
+
+// phase bit 1: send; bit 2: receive (wait + compaction)
+MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
+  if (a->hidden % 8 != 0 || (a->use_fp8 && a->hidden % 128 != 0)) return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = stream_of(a);
+  if (phase & 1) {
+    const int64_t K4 = (a->num_topk + 3) & ~int64_t(3);
+    const size_t smem = (size_t)(a->msg_stride + 4 * K4 + 4 * a->num_experts);
+    const int grid = blocks_for(a->num_tokens, a->grid_hint);
+    if (a->use_fp8) {
+      if (smem > 48 * 1024)
+        cudaFuncSetAttribute(dispatch_send_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      dispatch_send_kernel<true><<<grid, kThreads, smem, st>>>(*a);
+    } else {
+      if (smem > 48 * 1024)
+        cudaFuncSetAttribute(dispatch_send_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      dispatch_send_kernel<false><<<grid, kThreads, smem, st>>>(*a);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return (int)err;
+  }
+  if (phase & 2) {
+    dispatch_wait_kernel<<<1, kThreads, sizeof(int) * a->num_ranks, st>>>(*a);
+    const int64_t LR = a->num_local_experts * a->num_ranks;
+    const int64_t target = (a->grid_hint > 0 ? a->grid_hint : 132) * 2;
+    int64_t y = (target + LR - 1) / LR;
+    y = y < 1 ? 1 : (y > 32 ? 32 : y);
+    const dim3 grid((unsigned)LR, (unsigned)y);
+    if (a->use_fp8)
+      dispatch_copy_kernel<true><<<grid, kThreads, 0, st>>>(*a);
+    else
+      dispatch_copy_kernel<false><<<grid, kThreads, 0, st>>>(*a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return (int)err;
+  }
+  return 0;
+}
+
+MC_API int mc_ep_combine(const McEpArgs* a, int phase) {
+  if (a->hidden % 8 != 0) return (int)cudaErrorInvalidValue;
+  const cudaStream_t st = stream_of(a);
+  if (phase & 1) {
+    const int64_t L = a->num_local_experts;
+    const int64_t target = (a->grid_hint > 0 ? a->grid_hint : 132) * 2;
+    int64_t y = (target + L - 1) / L;
+    y = y < 1 ? 1 : (y > 64 ? 64 : y);
+    combine_send_kernel<<<dim3((unsigned)L, (unsigned)y), kThreads, 0, st>>>(*a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return (int)err;
+  }
+  if (phase & 2) {
+    combine_wait_kernel<<<1, kThreads, 0, st>>>(*a);
+    int threads = (int)((a->hidden / 8 + 31) / 32 * 32);
+    threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
+    combine_reduce_kernel<<<blocks_for(a->num_tokens, a->grid_hint), threads, 0, st>>>(*a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return (int)err;
+  }
+  return 0;
+}
+
+MC_API int mc_quantize_fp8(int64_t x, int64_t q, int64_t scale_inv, int64_t num_tokens, int64_t hidden,
+                           int64_t stream) {
+  if (hidden % 128 != 0) return (int)cudaErrorInvalidValue;
+  if (num_tokens == 0) return 0;
+  quantize_kernel<<<blocks_for(num_tokens, 132), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<uint8_t*>(q), reinterpret_cast<float*>(scale_inv),
+      (int)num_tokens, (int)hidden);
+  return (int)cudaGetLastError();
+}

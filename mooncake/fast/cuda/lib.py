@@ -1,0 +1,112 @@
+"""Load ``libmooncake_ep_cuda.so`` with ctypes: ``load() -> (lib, None)`` or ``(None, reason)``.
+
+The reason names what is missing: a CPU-only torch, no visible GPU, no nvcc and no cached build, a
+library built for a newer CUDA than the driver supports, or one built from other sources / ABI.
+Nothing here is imported by ``import mooncake``; importing this module needs only ctypes and torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+#: McEpArgs in csrc/mooncake_ep_cuda.cu, in order; every field is an int64.
+EP_ARG_FIELDS = (
+    "stream",
+    "rank", "num_ranks", "num_local_experts", "num_experts", "max_tokens", "hidden", "num_topk", "num_tokens",
+    "use_fp8", "timeout_ns", "peers", "local_base", "ws", "tab", "active",
+    "off_dsig", "off_csig", "off_dcount", "off_ddata", "off_cdata",
+    "msg_stride", "half_dcount", "half_ddata", "half_cdata",
+    "x", "topk", "weights", "out",
+    "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
+    "grid_hint",
+)
+ABI_VERSION = 1
+
+
+class McEpArgs(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in EP_ARG_FIELDS]
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    pi32, pi64 = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64)
+    sig = {
+        "mc_abi_version": ([], i32), "mc_cudart_version": ([], i32), "mc_ep_args_size": ([], i32),
+        "mc_error_string": ([i32], ctypes.c_char_p), "mc_driver_version": ([pi32], i32),
+        "mc_device_count": ([pi32], i32), "mc_set_device": ([i32], i32), "mc_get_device": ([pi32], i32),
+        "mc_sm_count": ([i32, pi32], i32), "mc_malloc_zeroed": ([i64, pi64], i32), "mc_free": ([i64], i32),
+        "mc_ipc_handle_size": ([], i32), "mc_ipc_get_handle": ([i64, p], i32), "mc_ipc_open": ([p, pi64], i32),
+        "mc_ipc_close": ([i64], i32),
+        "mc_ep_dispatch": ([ctypes.POINTER(McEpArgs), i32], i32),
+        "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),
+        "mc_quantize_fp8": ([i64, i64, i64, i64, i64, i64], i32),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call of the library failed."""
+
+
+def check(lib, rc: int, what: str) -> None:
+    if rc != 0:
+        msg = lib.mc_error_string(rc)
+        raise CudaError(f"{what}: CUDA error {rc} ({msg.decode() if msg else '?'})")
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """``(lib, None)`` when the CUDA fast path can run in this process, else ``(None, reason)``."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None, "torch is not installed"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build (no CUDA runtime)"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
+    path = os.environ.get("MOONCAKE_CUDA_LIB")
+    if not path:
+        from . import build
+
+        try:
+            path = str(build.build())
+        except build.BuildError as exc:
+            return None, f"cannot build the CUDA library: {exc}"
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        return None, f"cannot load {path}: {exc}"
+    try:
+        _declare(lib)
+    except AttributeError as exc:
+        return None, f"{path} is not a mooncake CUDA library of this version ({exc}); rebuild it"
+    if lib.mc_abi_version() != ABI_VERSION or lib.mc_ep_args_size() != ctypes.sizeof(McEpArgs):
+        return None, (f"{path} has ABI {lib.mc_abi_version()} / args {lib.mc_ep_args_size()} B, this mooncake "
+                      f"expects ABI {ABI_VERSION} / {ctypes.sizeof(McEpArgs)} B: built from other sources; rebuild")
+    driver = ctypes.c_int(0)
+    rc = lib.mc_driver_version(ctypes.byref(driver))
+    built = lib.mc_cudart_version()
+    if rc != 0 or driver.value == 0:
+        return None, f"no usable CUDA driver (cudaDriverGetVersion returned {rc})"
+    if driver.value < built:
+        return None, (f"{os.path.basename(path)} was built against CUDA {_version(built)} but the driver supports "
+                      f"only CUDA {_version(driver.value)} (torch is built against CUDA {torch.version.cuda}); "
+                      "rebuild with a matching nvcc (MOONCAKE_CUDA_CACHE, CUDA_HOME)")
+    count = ctypes.c_int(0)
+    if lib.mc_device_count(ctypes.byref(count)) != 0 or count.value == 0:
+        return None, "the CUDA library sees no device"
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA fast path cannot run here, or None."""
+    return load()[1]

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# CUDA fast path on the GPU machine (one GPU, several ranks under CUDA MPS), in one batch:
+#   1. build csrc/ (nvcc, sm_90 + PTX) into the cache and load it
+#   2. single-process tests (FP8 quantizer vs model, loader)
+#   3. EP grid for R = 1, 2, 4, 8 ranks on the one GPU: every output bitwise vs mooncake.model.ep
+#   4. benchmark (benchmarks/epbench.py, DeepEP LL config) for R = 8 (and 2, 4 with --bench-all)
+#   5. failure case: one rank exits before dispatch; survivors finish within timeout_us, active_ranks[dead] = 0
+# Logs go to $OUT (or ./gpu-out).  Notes of what each run showed: docs/gpu-runs.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}; mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
+ranks=${RANKS:-1,2,4,8}
+bench_ranks=${BENCH_RANKS:-8}
+rc=0
+step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failures
+  local name=$1 t=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$out/summary.txt"
+  timeout "$t" "$@" > "$out/$name.txt" 2>&1
+  local code=$?
+  tail -n 40 "$out/$name.txt"
+  echo "=== $name: rc=$code in $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+  [ $code -eq 0 ] || rc=1
+  return $code
+}
+
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  nvcc --version | tail -2; } > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+step build 300 python3 -m mooncake.fast.cuda.build || { echo "build failed"; exit 1; }
+step load 60 python3 -c 'from mooncake.fast.cuda import load; lib, why = load(); print(lib, why); assert lib, why'
+
+mps_pipe=$(mktemp -d) mps_log=$(mktemp -d)
+export CUDA_MPS_PIPE_DIRECTORY=$mps_pipe CUDA_MPS_LOG_DIRECTORY=$mps_log
+if nvidia-cuda-mps-control -d; then
+  echo "MPS started ($mps_pipe)" | tee -a "$out/summary.txt"
+  trap 'echo quit | nvidia-cuda-mps-control; cp -r "$mps_log" "$out/mps-log" 2>/dev/null' EXIT
+else
+  echo "MPS did not start: ranks are time-sliced (slow, still correct)" | tee -a "$out/summary.txt"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+
+step unit 180 python3 -m pytest -q -p no:cacheprovider tests/fast_cuda -k "quantize or loader" -rfEs
+step grid 360 python3 tests/fast_cuda/fcuda_grid.py --ranks "$ranks" --out "$out/grid" --timeout 90
+if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && grep -qs "cudaIpcOpenMemHandle" "$out"/grid/*.log; then
+  echo "CUDA IPC failed under MPS: rerunning R=2 without MPS" | tee -a "$out/summary.txt"
+  ( unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    step grid-nomps 200 python3 tests/fast_cuda/fcuda_grid.py --ranks 2 --out "$out/grid-nomps" --timeout 150 )
+fi
+for r in ${bench_ranks//,/ }; do
+  step "bench-R$r" 180 python3 benchmarks/epbench.py --ranks "$r" --out "$out/bench" --timeout 150
+done
+step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
+grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
+echo "gpu_fast_check rc=$rc" | tee -a "$out/summary.txt"
+exit $rc
