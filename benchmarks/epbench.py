@@ -58,7 +58,7 @@ def make_routing(kind: str, rank: int, R: int, N: int, E: int, K: int):
         perm = torch.randperm(E, generator=torch.Generator().manual_seed(4242))
         p = torch.empty(E)
         p[perm] = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(1.2).float()
-        topk = torch.multinomial(p.expand(N, E), K, replacement=False, generator=g)
+        topk = torch.multinomial(p.repeat(N, 1), K, replacement=False, generator=g)
     else:
         raise ValueError(kind)
     return topk.to(torch.int64).contiguous()
