@@ -422,30 +422,46 @@ def check_host() -> Check:
                  details={"host_ip": ip, "interface": iface})
 
 
-_IPC_PROBE = r"""
-import json, torch, torch.multiprocessing as mp
+def _ipc_child(q_in, q_out) -> None:
+    """Child side of the CUDA IPC probe: read the parent's tensor, report its sum, write into it."""
+    import torch
 
-def child(q_in, q_out):
     t = q_in.get()
     q_out.put(float(t.sum().item()))
     t.add_(1)
-    torch.cuda.synchronize()
+    if t.is_cuda:
+        torch.cuda.synchronize()
     q_out.put("done")
 
-if __name__ == "__main__":
-    ctx = mp.get_context("spawn")
-    q_in, q_out = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=child, args=(q_in, q_out), daemon=True)
-    p.start()
-    x = torch.arange(1024, dtype=torch.float32, device="cuda")
-    q_in.put(x)
-    seen = q_out.get(timeout=60)
-    q_out.get(timeout=60)
+
+_IPC_PROBE = r"""
+import json, sys, torch, torch.multiprocessing as mp
+from mooncake.doctor import _ipc_child
+device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+ctx = mp.get_context("spawn")
+q_in, q_out = ctx.Queue(), ctx.Queue()
+p = ctx.Process(target=_ipc_child, args=(q_in, q_out), daemon=True)
+p.start()
+x = torch.arange(1024, dtype=torch.float32, device=device)
+if device == "cpu":
+    x.share_memory_()
+q_in.put(x)
+seen = q_out.get(timeout=120)
+q_out.get(timeout=120)
+if x.is_cuda:
     torch.cuda.synchronize()
-    p.join(10)
-    print(json.dumps({"child_saw": seen, "expected": float(torch.arange(1024).sum()),
-                      "parent_sees_write": bool(torch.equal(x.cpu(), torch.arange(1024, dtype=torch.float32) + 1))}))
+p.join(10)
+print(json.dumps({"child_saw": seen, "expected": float(torch.arange(1024).sum()),
+                  "parent_sees_write": bool(torch.equal(x.cpu(), torch.arange(1024, dtype=torch.float32) + 1))}))
 """
+
+
+def probe_ipc(device: str, timeout_s: float) -> tuple[bool, dict | None, str]:
+    """Share a ``device`` tensor with a spawned child process (CUDA IPC for "cuda"); ``(ok, result, why)``."""
+    code = _IPC_PROBE.replace('sys.argv[1] if len(sys.argv) > 1 else "cuda"', repr(device))
+    result, why = _probe(code, timeout_s)
+    ok = result is not None and result["child_saw"] == result["expected"] and result["parent_sees_write"]
+    return ok, result, why
 
 
 def _mps_status() -> dict[str, Any]:
@@ -492,8 +508,8 @@ def check_cuda(timeout_s: float) -> list[Check]:
     else:
         checks.append(Check("cuda.peer_access", "ok", "one GPU: peer access not needed (ranks sharing it use CUDA "
                             "IPC)", details={"matrix": {}}))
-    result, why = _probe(_IPC_PROBE, timeout_s + _CHILD_IMPORT_ALLOWANCE_S)
-    if result is None or result["child_saw"] != result["expected"] or not result["parent_sees_write"]:
+    ok, result, why = probe_ipc("cuda", timeout_s + _CHILD_IMPORT_ALLOWANCE_S)
+    if not ok:
         checks.append(Check("cuda.ipc", "fail", f"CUDA IPC between two processes failed ({why or result})",
                             fix="in containers use --ipc=host (or a large enough /dev/shm) and the same GPU "
                                 "visibility for all ranks; check that no exclusive-process compute mode is set "

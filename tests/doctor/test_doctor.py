@@ -127,29 +127,25 @@ def test_bad_impl_fails_with_fix(capsys, monkeypatch):
     assert code == 1 and report["verdict"] == "fail"
 
 
-def test_impl_fast_unavailable_fails_ref_ok(capsys, monkeypatch):
-    monkeypatch.setenv("MOONCAKE_IMPL", "fast")
-    code, report = run_main(capsys)
-    check = by_name(report)["impl.cpu"]
+def test_impl_fast_unavailable_fails_ref_ok(monkeypatch):
     if impl.fast_unavailable_reason("cpu") is None:
         pytest.skip("this build has a CPU fast path")
-    assert check["verdict"] == "fail" and check["summary"].startswith("MOONCAKE_IMPL=fast but ")
-    assert code == 1
+    monkeypatch.setenv("MOONCAKE_IMPL", "fast")
+    check = {c.name: c for c in doctor.check_impl()}["impl.cpu"]
+    assert check.verdict == "fail" and check.summary.startswith("MOONCAKE_IMPL=fast but ")
+    assert "MOONCAKE_IMPL" in check.fix
     impl.select.cache_clear()
     monkeypatch.setenv("MOONCAKE_IMPL", "ref")
-    code, report = run_main(capsys)
-    check = by_name(report)["impl.cpu"]
-    assert check["verdict"] == "ok" and check["details"]["reason"] == "MOONCAKE_IMPL=ref"
+    check = {c.name: c for c in doctor.check_impl()}["impl.cpu"]
+    assert check.verdict == "ok" and check.details["reason"] == "MOONCAKE_IMPL=ref"
 
 
-def test_device_filter_unknown_device_fails(capsys, monkeypatch):
+def test_device_filter_unknown_device_fails(monkeypatch):
     monkeypatch.setenv("MOONCAKE_PGTEST_DEVICE_FILTERS", "lo,mlx5_does_not_exist")
-    code, report = run_main(capsys)
-    check = by_name(report)["device_filter"]
-    assert check["verdict"] == "fail" and check["details"]["unknown"] == ["mlx5_does_not_exist"]
-    assert check["details"]["source"] == "MOONCAKE_PGTEST_DEVICE_FILTERS"
-    assert "same filter on every rank" in check["fix"]
-    assert code == 1
+    check = doctor.check_device_filter()
+    assert check.verdict == "fail" and check.details["unknown"] == ["mlx5_does_not_exist"]
+    assert check.details["source"] == "MOONCAKE_PGTEST_DEVICE_FILTERS"
+    assert "same filter on every rank" in check.fix
 
 
 def test_device_filter_known_device_ok():
@@ -256,23 +252,19 @@ def test_store_reachable(capsys):
     assert master.num_keys() <= 1  # the probe removed its key (a fresh TCPStore may hold one of its own)
 
 
-def test_store_unreachable_fails_in_bounded_time(capsys):
+def test_store_unreachable_fails_in_bounded_time():
     port = free_port()
     t0 = time.monotonic()
-    code, report = run_main(capsys, "--store", f"127.0.0.1:{port}", "--store-timeout", "1")
+    check = doctor.check_store(f"127.0.0.1:{port}", 1.0)
     elapsed = time.monotonic() - t0
-    check = by_name(report)["store"]
-    assert check["verdict"] == "fail" and f"127.0.0.1:{port} is not reachable within 1 s" in check["summary"]
-    assert "TCPStore" in check["fix"]
-    assert code == 1
-    assert elapsed < 30, elapsed  # 1 s connection timeout (torch retries it) + the other probes
+    assert check.verdict == "fail" and f"127.0.0.1:{port} is not reachable within 1 s" in check.summary
+    assert "TCPStore" in check.fix and check.details["reachable"] is False
+    assert elapsed < 20, elapsed  # 1 s connection timeout (torch retries it once) + a child's `import torch`
 
 
-def test_store_bad_address(capsys):
-    code, report = run_main(capsys, "--store", "no-port-here")
-    check = by_name(report)["store"]
-    assert check["verdict"] == "fail" and "--store expects HOST:PORT" in check["summary"]
-    assert code == 1
+def test_store_bad_address():
+    check = doctor.check_store("no-port-here", 1.0)
+    assert check.verdict == "fail" and "--store expects HOST:PORT" in check.summary and check.fix
 
 
 # ------------------------------------------------------------------------------------------ as a command
@@ -294,3 +286,60 @@ def test_console_script_entry_point_fails_on_fail():
                        env={"MOONCAKE_IMPL": "bogus"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "[fail] impl" in proc.stdout and "fix: set MOONCAKE_IMPL" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ CUDA lines (faked on CPU)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend torch sees ``n`` GPUs; returns a setter for the peer-access answer."""
+    import torch
+
+    state = {"peer": True, "n": 2}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state["n"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: state["peer"])
+    monkeypatch.setattr(doctor, "probe_ipc", lambda device, timeout_s: (True, {"child_saw": 1.0}, ""))
+    monkeypatch.setattr(doctor, "_mps_status", lambda: {"daemon_processes": [], "pipe_directory": "/tmp/x",
+                                                        "control_pipe": False})
+    return state
+
+
+def test_cuda_lines_two_gpus(fake_cuda):
+    checks = {c.name: c for c in doctor.check_cuda(5.0)}
+    assert list(checks) == ["cuda", "cuda.peer_access", "cuda.ipc", "cuda.mps"]
+    assert checks["cuda"].verdict == "ok" and "2 GPU(s)" in checks["cuda"].summary
+    assert checks["cuda.peer_access"].verdict == "ok"
+    assert checks["cuda.ipc"].verdict == "ok"
+    assert checks["cuda.mps"].verdict == "ok"  # not needed with one rank per GPU
+    fake_cuda["peer"] = False
+    checks = {c.name: c for c in doctor.check_cuda(5.0)}
+    assert checks["cuda.peer_access"].verdict == "warn" and "0->1" in checks["cuda.peer_access"].summary
+
+
+def test_cuda_lines_one_gpu_without_mps_warns(fake_cuda, monkeypatch):
+    fake_cuda["n"] = 1
+    monkeypatch.setattr(doctor, "probe_ipc", lambda device, timeout_s: (False, None, "no answer within 5 s"))
+    checks = {c.name: c for c in doctor.check_cuda(5.0)}
+    assert checks["cuda.peer_access"].verdict == "ok"
+    assert checks["cuda.ipc"].verdict == "fail" and "--ipc=host" in checks["cuda.ipc"].fix
+    assert checks["cuda.mps"].verdict == "warn" and "nvidia-cuda-mps-control -d" in checks["cuda.mps"].fix
+
+
+def test_cuda_build_without_gpu_warns(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    [check] = doctor.check_cuda(5.0)
+    assert check.verdict == "warn" and "sees no GPU" in check.summary and "nvidia-smi" in check.fix
+
+
+def test_ipc_probe_plumbing_on_cpu():
+    """The CUDA IPC probe's two-process exchange, run with a shared-memory CPU tensor."""
+    ok, result, why = doctor.probe_ipc("cpu", 60.0)
+    assert ok, (result, why)
