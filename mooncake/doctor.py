@@ -183,7 +183,7 @@ def check_native(timeout_s: float) -> Check:
                                "torch": torch.__version__, "cuda": torch.version.cuda}
     if not extensions:
         note = f" (csrc/ has sources: {', '.join(sources)})" if sources else ""
-        return Check("native", "ok", "not built: this install has no native extension" + note +
+        return Check("native", "ok", "not built: no compiled extension module in the package" + note +
                      "; the ref implementation needs none", details=details)
     problems, loaded = [], []
     for path in extensions:
@@ -210,6 +210,53 @@ def check_native(timeout_s: float) -> Check:
                          "remove it to use the ref implementation",
                      details=details)
     return Check("native", "ok", "built and loads: " + ", ".join(loaded), details=details)
+
+
+_FAST_CPU_PROBE = r"""
+import json
+from mooncake.fast import cpu
+native = getattr(cpu, "native_reason", None)
+plane = getattr(cpu, "unavailable_reason", None)
+print(json.dumps({"has_native": native is not None, "native_reason": native() if native else None,
+                  "plane_reason": plane() if plane else None}))
+"""
+
+
+def check_native_fast_cpu(timeout_s: float) -> list[Check]:
+    """The compiled helpers of the shared-memory CPU plane (built on first use), if this install has that plane.
+
+    Runs in a child process: the first call compiles ``csrc/cpu`` with the system C compiler, as the first
+    mooncake group would.
+    """
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("mooncake.fast.cpu") is None:
+            return []
+    except (ImportError, ValueError):
+        return []
+    result, why = _probe(_FAST_CPU_PROBE, timeout_s + _CHILD_IMPORT_ALLOWANCE_S)
+    if result is None:
+        return [Check("native.cpu", "warn", f"could not ask the shared-memory CPU plane about its compiled helpers "
+                      f"({why})", fix="run `python -c 'import mooncake.fast.cpu'` to see the error",
+                      details={"error": why})]
+    if not result["has_native"]:
+        return []
+    details = dict(result)
+    if result["plane_reason"]:
+        return [Check("native.cpu", "ok", f"shared-memory CPU plane unavailable here: {result['plane_reason']}",
+                      details=details)]
+    reason = result["native_reason"]
+    if reason is None:
+        return [Check("native.cpu", "ok", "compiled helpers of the shared-memory CPU plane (csrc/cpu) built and "
+                      "loaded", details=details)]
+    if "=0" in reason:
+        return [Check("native.cpu", "ok", f"compiled helpers switched off ({reason}): torch fallbacks, same "
+                      "results, slower", details=details)]
+    return [Check("native.cpu", "warn", f"compiled helpers not in use, torch fallbacks instead (same results, "
+                  f"slower): {reason}",
+                  fix="install a C compiler (`cc`, or set CC) and make the cache directory writable "
+                      "(MOONCAKE_CACHE_DIR, default ~/.cache/mooncake)", details=details)]
 
 
 def check_pg_import() -> Check:
@@ -605,6 +652,7 @@ def run_checks(store: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
     checks += _safe("mooncake", check_mooncake)
     checks += _safe("torch", check_torch)
     checks += _safe("native", lambda: check_native(timeout_s))
+    checks += _safe("native.cpu", lambda: check_native_fast_cpu(timeout_s))
     checks += _safe("pg", check_pg_import)
     checks += _safe("impl", check_impl)
     ucx_holder: list[dict | None] = [None]

@@ -21,8 +21,17 @@ import torch.distributed as dist
 from mooncake import doctor, impl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU_CHECKS = ["python", "mooncake", "torch", "native", "pg", "impl.cpu", "ucx", "host", "device_filter", "rdma",
-              "cuda"]
+def _has_fast_cpu_plane() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("mooncake.fast.cpu") is not None
+    except ImportError:
+        return False
+
+
+CPU_CHECKS = ["python", "mooncake", "torch", "native"] + (["native.cpu"] if _has_fast_cpu_plane() else []) + \
+    ["pg", "impl.cpu", "ucx", "host", "device_filter", "rdma", "cuda"]
 CHECK_KEYS = {"name", "verdict", "summary", "fix", "details"}
 
 
@@ -90,7 +99,10 @@ def test_cpu_machine_facts(capsys):
     assert code == 0, [c for c in report["checks"] if c["verdict"] == "fail"]
     assert checks["torch"]["details"]["version"] == torch.__version__
     assert checks["torch"]["details"]["cuda"] == torch.version.cuda
-    assert checks["native"]["verdict"] == "ok" and "not built" in checks["native"]["summary"]
+    if doctor._native_extensions():
+        assert checks["native"]["details"]["extensions"]
+    else:
+        assert checks["native"]["verdict"] == "ok" and "not built" in checks["native"]["summary"]
     assert checks["impl.cpu"]["details"]["implementation"] == impl.select("cpu")[0]
     assert checks["impl.cpu"]["details"]["reason"] == impl.select("cpu")[1]
     ucx = checks["ucx"]
@@ -167,6 +179,21 @@ def test_native_extension_built_for_another_torch(monkeypatch):
     monkeypatch.setattr(doctor, "_probe", lambda code, timeout_s, env=None: (None, "exit code 1: ImportError: x"))
     check = doctor.check_native(5.0)
     assert check.verdict == "fail" and "does not load" in check.summary
+
+
+@pytest.mark.parametrize("answer,verdict,needle", [
+    ({"has_native": True, "native_reason": None, "plane_reason": None}, "ok", "built and loaded"),
+    ({"has_native": True, "native_reason": "could not build csrc/cpu/mooncake_shm.c (FileNotFoundError: cc)",
+      "plane_reason": None}, "warn", "torch fallbacks instead"),
+    ({"has_native": True, "native_reason": "MOONCAKE_FAST_CPU_NATIVE=0", "plane_reason": None}, "ok", "switched off"),
+])
+def test_fast_cpu_native_helpers(monkeypatch, answer, verdict, needle):
+    if not _has_fast_cpu_plane():
+        pytest.skip("this install has no shared-memory CPU plane")
+    monkeypatch.setattr(doctor, "_probe", lambda code, timeout_s, env=None: (answer, ""))
+    [check] = doctor.check_native_fast_cpu(5.0)
+    assert check.name == "native.cpu" and check.verdict == verdict and needle in check.summary
+    assert verdict == "ok" or "C compiler" in check.fix
 
 
 def test_native_extension_that_does_not_import_really_fails(monkeypatch):
