@@ -14,8 +14,11 @@ over ranks; and the HBM floor: all R ranks share one GPU's memory, so moving eve
 takes at least ``sum_r bytes_r / copy_bw``, with ``copy_bw`` the device-to-device copy bandwidth
 (bytes copied per second, ``Tensor.copy_`` of 1 GiB) measured in the same run.
 
-Each iteration: a gloo barrier, a ~200 us GPU head start (``torch.cuda._sleep``) so the host enqueues
-the whole iteration ahead of the GPU, then dispatch and combine back to back.  Writes
+Each iteration: a gloo barrier, a ~1 ms GPU head start (``torch.cuda._sleep``) so the host enqueues the
+whole iteration ahead of the GPU, a device-side barrier (a zero-token dispatch: every rank waits for every
+other rank's signal, so the timed calls start together), then dispatch and combine back to back.  Two
+modes: ``eager`` (the Python API call by call; its host time per call is reported too) and ``graph``
+(the same calls captured once in CUDA graphs and replayed: the kernels' own latency).  Writes
 ``epbench-<card>-R<R>.json`` and ``.md`` into ``--out``.
 """
 
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +40,7 @@ sys.path.insert(0, ROOT)
 
 CONFIG = dict(T=128, H=7168, K=8, E=256, fp8=True)
 ROUTINGS = ("uniform", "incast", "zipf")
+MODES = ("eager", "graph")
 
 
 def _pct(values, q):
@@ -108,15 +113,23 @@ def worker(args) -> int:
     expert_out = torch.randn(L, R * T, H, generator=g).to(torch.bfloat16).cuda()
     active = torch.ones(R, dtype=torch.int32, device="cuda")
     timeout_us = 10_000_000
-    sleep_cycles = 400_000  # ~200 us at ~2 GHz
+    head_start = 2_000_000  # GPU cycles (~1 ms): the host enqueues a whole iteration before the GPU gets there
+    empty_x, empty_topk = x[:0], torch.empty(0, K, dtype=torch.int64, device="cuda")
+
+    def device_barrier():  # a dispatch of zero tokens: every rank waits for every other rank's signal
+        buf.dispatch(empty_x, empty_topk, active, T, E, timeout_us, use_fp8=False, check=False)
+
     for kind in ROUTINGS:
         topk = make_routing(kind, rank, R, T, E, K).cuda()
         weights = torch.rand(T, K, generator=g).cuda()
         selected = int((topk >= 0).sum())
-        d_times, c_times, host_d = [], [], []
+        res = dict(selected=selected)
+        # eager: the Python API call by call
+        d_times, c_times, t_times, host_d, host_c = [], [], [], [], []
         for it in range(args.warmup + args.iters):
             dist.barrier()
-            torch.cuda._sleep(sleep_cycles)
+            torch.cuda._sleep(head_start)
+            device_barrier()
             e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
             e0.record()
             h0 = time.perf_counter()
@@ -124,17 +137,47 @@ def worker(args) -> int:
             h1 = time.perf_counter()
             e1.record()
             buf.combine(expert_out, topk, weights, active, timeout_us, handle)
+            h2 = time.perf_counter()
             e2.record()
             e2.synchronize()
             if it >= args.warmup:
                 d_times.append(e0.elapsed_time(e1) * 1e-3)
                 c_times.append(e1.elapsed_time(e2) * 1e-3)
+                t_times.append(e0.elapsed_time(e2) * 1e-3)
                 host_d.append(h1 - h0)
+                host_c.append(h2 - h1)
+        res["eager"] = dict(dispatch_s=d_times, combine_s=c_times, total_s=t_times, host_dispatch_s=host_d,
+                            host_combine_s=host_c, recv_rows=int(count.sum()))
+        # graph: the same calls captured once, replayed (no host overhead)
+        torch.cuda.synchronize()
+        g_bar, g_d, g_c = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_bar):
+            device_barrier()
+        with torch.cuda.graph(g_d):
+            recv, count, handle, _, _ = buf.dispatch(x, topk, active, T, E, timeout_us, use_fp8=True, check=False)
+        with torch.cuda.graph(g_c):
+            buf.combine(expert_out, topk, weights, active, timeout_us, handle)
+        d_times, c_times, t_times = [], [], []
+        for it in range(args.warmup + args.iters):
+            dist.barrier()
+            torch.cuda._sleep(head_start)
+            g_bar.replay()
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            g_d.replay()
+            e1.record()
+            g_c.replay()
+            e2.record()
+            e2.synchronize()
+            if it >= args.warmup:
+                d_times.append(e0.elapsed_time(e1) * 1e-3)
+                c_times.append(e1.elapsed_time(e2) * 1e-3)
+                t_times.append(e0.elapsed_time(e2) * 1e-3)
+        res["graph"] = dict(dispatch_s=d_times, combine_s=c_times, total_s=t_times, recv_rows=int(count.sum()))
+        del g_bar, g_d, g_c
         if int(active.sum()) != R:
             raise RuntimeError(f"rank {rank}: a peer timed out during the benchmark: {active.tolist()}")
-        # sanity: this rank received as many rows as the routing of all ranks sends it
-        result[kind] = dict(selected=selected, dispatch_s=d_times, combine_s=c_times, host_dispatch_s=host_d,
-                            recv_rows=int(count.sum()))
+        result[kind] = res
     torch.cuda.synchronize()
     with open(os.path.join(args.outdir_tmp, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -179,6 +222,7 @@ def launch(args) -> int:
     for r in range(R):
         with open(os.path.join(tmp, f"rank{r}.json")) as f:
             ranks.append(json.load(f))
+    shutil.rmtree(tmp, ignore_errors=True)
     card = torch.cuda.get_device_name(0)
     copy_bw = ranks[0]["copy_bw"]
     H = CONFIG["H"]
@@ -188,22 +232,29 @@ def launch(args) -> int:
                   copy_bw_GBps=copy_bw / 1e9, routings={})
     for kind in ROUTINGS:
         rows = {}
-        for op, msg in (("dispatch", d_msg), ("combine", c_msg)):
-            samples = [t for rk in ranks for t in rk[kind][f"{op}_s"]]
-            per_rank_bw = [rk[kind]["selected"] * msg / _pct(rk[kind][f"{op}_s"], 50) for rk in ranks]
-            total_bytes = sum(rk[kind]["selected"] * msg for rk in ranks)
-            p50 = _pct(samples, 50)
-            floor = total_bytes / copy_bw
-            rows[op] = dict(p50_us=p50 * 1e6, p99_us=_pct(samples, 99) * 1e6,
-                            bytes_per_rank=[rk[kind]["selected"] * msg for rk in ranks],
-                            deepep_GBps_per_rank=sum(per_rank_bw) / len(per_rank_bw) / 1e9,
-                            hbm_floor_us=floor * 1e6, x_floor=p50 / floor)
-        host = [t for rk in ranks for t in rk[kind]["host_dispatch_s"]]
-        rows["host_dispatch_call_p50_us"] = _pct(host, 50) * 1e6
-        both = rows["dispatch"]["p50_us"] + rows["combine"]["p50_us"]
-        rows["dispatch_plus_combine_x_floor"] = both / (rows["dispatch"]["hbm_floor_us"]
-                                                       + rows["combine"]["hbm_floor_us"])
-        rows["recv_rows_per_rank"] = [rk[kind]["recv_rows"] for rk in ranks]
+        for mode in MODES:
+            m = {}
+            for op, msg in (("dispatch", d_msg), ("combine", c_msg)):
+                samples = [t for rk in ranks for t in rk[kind][mode][f"{op}_s"]]
+                per_rank_bw = [rk[kind]["selected"] * msg / _pct(rk[kind][mode][f"{op}_s"], 50) for rk in ranks]
+                total_bytes = sum(rk[kind]["selected"] * msg for rk in ranks)
+                p50 = _pct(samples, 50)
+                floor = total_bytes / copy_bw
+                m[op] = dict(p50_us=p50 * 1e6, p99_us=_pct(samples, 99) * 1e6,
+                             bytes_per_rank=[rk[kind]["selected"] * msg for rk in ranks],
+                             deepep_GBps_per_rank=sum(per_rank_bw) / len(per_rank_bw) / 1e9,
+                             hbm_floor_us=floor * 1e6, x_floor=p50 / floor)
+            total = [t for rk in ranks for t in rk[kind][mode]["total_s"]]
+            floor_both = m["dispatch"]["hbm_floor_us"] + m["combine"]["hbm_floor_us"]
+            m["dispatch_plus_combine"] = dict(p50_us=_pct(total, 50) * 1e6, p99_us=_pct(total, 99) * 1e6,
+                                              hbm_floor_us=floor_both, x_floor=_pct(total, 50) * 1e6 / floor_both)
+            m["recv_rows_per_rank"] = [rk[kind][mode]["recv_rows"] for rk in ranks]
+            if mode == "eager":
+                m["host_dispatch_call_p50_us"] = _pct([t for rk in ranks for t in rk[kind][mode]["host_dispatch_s"]],
+                                                      50) * 1e6
+                m["host_combine_call_p50_us"] = _pct([t for rk in ranks for t in rk[kind][mode]["host_combine_s"]],
+                                                     50) * 1e6
+            rows[mode] = m
         report["routings"][kind] = rows
     slug = f"epbench-{card_slug(card)}-R{R}"
     with open(os.path.join(args.out, slug + ".json"), "w") as f:
@@ -213,19 +264,22 @@ def launch(args) -> int:
              f"torch {torch.__version__}, CUDA {torch.version.cuda}; T=128, H=7168, K=8, E=256, FP8 dispatch, BF16 "
              f"combine; {args.iters} iterations; device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s.",
              "",
-             "| routing | op | p50 us | p99 us | DeepEP GB/s per rank | bytes/rank (mean) | HBM floor us | x floor |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| routing | mode | op | p50 us | p99 us | DeepEP GB/s per rank | bytes/rank (mean) | HBM floor us | x floor |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for kind in ROUTINGS:
-        for op in ("dispatch", "combine"):
-            r = report["routings"][kind][op]
-            mean_bytes = sum(r["bytes_per_rank"]) / R
-            lines.append(f"| {kind} | {op} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['deepep_GBps_per_rank']:.1f} "
-                         f"| {mean_bytes / 1e6:.2f} MB | {r['hbm_floor_us']:.1f} | {r['x_floor']:.2f} |")
+        for mode in MODES:
+            for op in ("dispatch", "combine", "dispatch_plus_combine"):
+                r = report["routings"][kind][mode][op]
+                bw = f"{r['deepep_GBps_per_rank']:.1f}" if "deepep_GBps_per_rank" in r else ""
+                mb = f"{sum(r['bytes_per_rank']) / R / 1e6:.2f} MB" if "bytes_per_rank" in r else ""
+                lines.append(f"| {kind} | {mode} | {op.replace('_', ' ')} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {bw} "
+                             f"| {mb} | {r['hbm_floor_us']:.1f} | {r['x_floor']:.2f} |")
     lines.append("")
     for kind in ROUTINGS:
-        r = report["routings"][kind]
-        lines.append(f"* {kind}: dispatch + combine = {r['dispatch_plus_combine_x_floor']:.2f}x the HBM floor; "
-                     f"host time of one dispatch() call p50 {r['host_dispatch_call_p50_us']:.0f} us")
+        r = report["routings"][kind]["eager"]
+        lines.append(f"* {kind}: host time of one call (eager, p50): dispatch {r['host_dispatch_call_p50_us']:.0f} us, "
+                     f"combine {r['host_combine_call_p50_us']:.0f} us; rows received per rank "
+                     f"{r['recv_rows_per_rank']}")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, slug + ".md"), "w") as f:
         f.write(text)

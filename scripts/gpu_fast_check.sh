@@ -12,7 +12,7 @@ out=${OUT:-gpu-out}; mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
 ranks=${RANKS:-1,2,4,8}
-bench_ranks=${BENCH_RANKS:-8}
+bench_ranks=${BENCH_RANKS:-2,4,8}
 rc=0
 step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failures
   local name=$1 t=$2; shift 2
@@ -56,5 +56,10 @@ for r in ${bench_ranks//,/ }; do
 done
 step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
 grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
+# keep what comes back small: results at the top, per-rank logs in one archive, no saved tensors
+cp "$out"/bench/*.json "$out"/bench/*.md "$out"/ 2>/dev/null
+find "$out" -name '*.pt' -delete; find "$out" -name 'store-*' -delete
+tar czf "$out/rank-logs.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench mps-log 2>/dev/null) 2>/dev/null \
+  && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench
 echo "gpu_fast_check rc=$rc" | tee -a "$out/summary.txt"
 exit $rc

@@ -348,8 +348,9 @@ class FastEPBuffer:
                             received=False)
         keep = [x_d, topk_d, mask]  # referenced until the receive kernels are enqueued
 
-        def receive() -> None:
-            self._launch(self._lib.mc_ep_dispatch, args, 2, "dispatch (receive)")
+        def receive(launch: bool = True) -> None:
+            if launch:
+                self._launch(self._lib.mc_ep_dispatch, args, 2, "dispatch (receive)")
             if writeback is not None:
                 writeback.copy_(mask)
             if cumulative_local_expert_recv_stats is not None:
@@ -357,10 +358,13 @@ class FastEPBuffer:
             handle.received = True
             keep.clear()
 
-        self._launch(self._lib.mc_ep_dispatch, args, 1, "dispatch (send)")
-        hook = _once(receive) if return_recv_hook else _noop
-        if not return_recv_hook:
-            receive()
+        if return_recv_hook:
+            self._launch(self._lib.mc_ep_dispatch, args, 1, "dispatch (send)")
+            hook = _once(receive)
+        else:
+            self._launch(self._lib.mc_ep_dispatch, args, 3, "dispatch")
+            receive(launch=False)
+            hook = _noop
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         event = self._event((recv_x, x_d, topk_d)) if async_finish else None
         return recv, recv_count, handle, event, hook
@@ -421,18 +425,22 @@ class FastEPBuffer:
                           layout_range=layout_range.data_ptr())
         keep = [x_d, topk_d, w_d, mask]
 
-        def receive() -> None:
-            self._launch(self._lib.mc_ep_combine, args, 2, "combine (receive)")
+        def receive(launch: bool = True) -> None:
+            if launch:
+                self._launch(self._lib.mc_ep_combine, args, 2, "combine (receive)")
             if writeback is not None:
                 writeback.copy_(mask)
             if out is not None and not direct:
                 out.copy_(result)
             keep.clear()
 
-        self._launch(self._lib.mc_ep_combine, args, 1, "combine (send)")
-        hook = _once(receive) if return_recv_hook else _noop
-        if not return_recv_hook:
-            receive()
+        if return_recv_hook:
+            self._launch(self._lib.mc_ep_combine, args, 1, "combine (send)")
+            hook = _once(receive)
+        else:
+            self._launch(self._lib.mc_ep_combine, args, 3, "combine")
+            receive(launch=False)
+            hook = _noop
         final = out if out is not None else result
         event = self._event((final, x_d)) if async_finish else None
         return final, event, hook
