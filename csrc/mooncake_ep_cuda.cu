@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <cub/block/block_scan.cuh>
 #include <stdint.h>
 #include <string.h>
 
@@ -48,7 +49,7 @@ struct McEpArgs {
   int64_t peers;       // device int64[R]: base address of every rank's IPC buffer, mapped in this process
   int64_t local_base;  // this rank's IPC buffer
   int64_t ws;          // device int64[16] local control workspace
-  int64_t tab;         // device int32[2*E] local table: begin[L*R], count[L*R]
+  int64_t tab;         // device int32[3*E+2] local table: begin[L*R] | count[L*R] | rowbase[L] | total
   int64_t active;      // device int32[R] active_ranks (caller's, written in place)
   int64_t off_dsig, off_csig, off_dcount, off_ddata, off_cdata;
   int64_t msg_stride;  // bytes per dispatch staging slot (multiple of 16)
@@ -98,9 +99,64 @@ __device__ __forceinline__ uint8_t* peer_ptr(const McEpArgs& a, int r) {
   return reinterpret_cast<uint8_t*>(reinterpret_cast<const int64_t*>(a.peers)[r]);
 }
 
+// Copy n int4 from src to dst with one warp, kUnroll loads in flight per lane (latency, not bandwidth,
+// bounds a plain load->store loop).  kCg: read through L2 only (data written by other processes' kernels).
+template <int kUnroll, bool kCg>
+__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src, int n, int lane) {
+  int i = lane;
+  for (; i + (kUnroll - 1) * 32 < n; i += kUnroll * 32) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = kCg ? __ldcg(src + i + u * 32) : src[i + u * 32];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dst[i + u * 32] = v[u];
+  }
+  for (; i < n; i += 32) dst[i] = kCg ? __ldcg(src + i) : src[i];
+}
+
+// Block-wide exclusive prefix over vals[0..n) into out[0..n) (shared memory), returns the total.
+// All threads of the block must call it.
+__device__ int block_exclusive_scan(const int* vals_global_or_shared, int* out, int n, bool from_layout,
+                                    const int64_t* layout, int R) {
+  typedef cub::BlockScan<int, kThreads> Scan;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < n; base += kThreads) {
+    const int l = base + threadIdx.x;
+    int v = 0;
+    if (l < n) {
+      if (from_layout) {
+        const int64_t p = layout[(int64_t)l * R + R - 1];
+        v = (int)(p >> 32) + (int)(p & 0xffffffff);
+      } else {
+        v = vals_global_or_shared[l];
+      }
+    }
+    int excl, agg;
+    Scan(tmp).ExclusiveSum(v, excl, agg);
+    if (l < n) out[l] = carry + excl;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += agg;
+    __syncthreads();
+  }
+  return carry;
+}
+
+// Largest l in [0, n) with base[l] <= f (base ascending, base[0] = 0).
+__device__ __forceinline__ int find_segment(const int* base, int n, int f) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (base[mid] <= f) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 // ---------------------------------------------------------------------------------------------
-// dispatch, send phase: quantize / copy each token once into shared memory, then write it into the
-// staging slot of every destination expert.  The last block to finish writes the per-expert counts
+// dispatch, send phase: stage each token once in shared memory (quantized for FP8), then write it into
+// the staging slot of every destination expert.  The last block to finish writes the per-expert counts
 // and raises the per-source signal on every receiver.
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
@@ -119,22 +175,47 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
   const int S = H / 128;
   const int msg_bytes = kFp8 ? 16 + H + 4 * S : 16 + 2 * H;
   const int n16 = (msg_bytes + 15) / 16;
-  uint8_t* msg = smem;                                                    // msg_stride bytes
-  int* slots = reinterpret_cast<int*>(smem + a.msg_stride);               // K ints
-  int* counts = slots + ((K + 3) & ~3);                                   // E ints (last block)
+  uint8_t* msg = smem;                                                       // msg_stride bytes
+  uint8_t* xrow = smem + a.msg_stride;                                       // 2H bytes (FP8 only)
+  int* slots = reinterpret_cast<int*>(xrow + (kFp8 ? 2 * H : 0));             // K ints
+  int* counts = slots + ((K + 3) & ~3);                                      // E ints (last block)
 
   for (int t = blockIdx.x; t < N; t += gridDim.x) {
-    if (tid == 0) {
-      int4 hdr = make_int4(t, 0, 0, 0);
-      *reinterpret_cast<int4*>(msg) = hdr;
+    if (tid == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
+    {  // the token row into shared memory, 4 loads in flight per thread
+      const int4* src = reinterpret_cast<const int4*>(x + (int64_t)t * H);
+      int4* dst = reinterpret_cast<int4*>(kFp8 ? xrow : msg + 16);
+      const int n = H / 8;
+      int i = tid;
+      for (; i + 3 * kThreads < n; i += 4 * kThreads) {
+        int4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = src[i + u * kThreads];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) dst[i + u * kThreads] = v[u];
+      }
+      for (; i < n; i += kThreads) dst[i] = src[i];
     }
-    const __nv_bfloat16* xr = x + (int64_t)t * H;
+    // slot of (t, k) = number of earlier tokens routed to the same expert (no repeats within a row)
+    for (int k = warp; k < K; k += kWarps) {
+      const int64_t e = topk[(int64_t)t * K + k];
+      int c = 0;
+      if (e >= 0) {
+        const int64_t end = (int64_t)t * K;
+#pragma unroll 8
+        for (int64_t j = lane; j < end; j += 32) c += (topk[j] == e) ? 1 : 0;
+      }
+      c = __reduce_add_sync(kFull, c);
+      if (lane == 0) slots[k] = c;
+    }
+    __syncthreads();
     if (kFp8) {
+      const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(xrow);
       uint8_t* q = msg + 16;
       float* scale_inv_out = reinterpret_cast<float*>(msg + 16 + H);
       for (int b = warp; b < S; b += kWarps) {
         // lane handles channels b*128 + 4*lane .. +3
-        const uint2 raw = *reinterpret_cast<const uint2*>(xr + b * 128 + 4 * lane);
+        const uint2 raw = *reinterpret_cast<const uint2*>(xs + b * 128 + 4 * lane);
         const __nv_bfloat162 p0 = *reinterpret_cast<const __nv_bfloat162*>(&raw.x);
         const __nv_bfloat162 p1 = *reinterpret_cast<const __nv_bfloat162*>(&raw.y);
         float v[4] = {__low2float(p0), __high2float(p0), __low2float(p1), __high2float(p1)};
@@ -154,23 +235,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
         *reinterpret_cast<uint32_t*>(q + b * 128 + 4 * lane) = packed;
         if (lane == 0) scale_inv_out[b] = scale_inv;
       }
-    } else {
-      const int4* src = reinterpret_cast<const int4*>(xr);
-      int4* dst = reinterpret_cast<int4*>(msg + 16);
-      for (int i = tid; i < H / 8; i += kThreads) dst[i] = src[i];
+      __syncthreads();
     }
-    // slot of (t, k) = number of earlier tokens routed to the same expert (no repeats within a row)
-    for (int k = warp; k < K; k += kWarps) {
-      const int64_t e = topk[(int64_t)t * K + k];
-      int c = 0;
-      if (e >= 0) {
-        const int64_t end = (int64_t)t * K;
-        for (int64_t j = lane; j < end; j += 32) c += (topk[j] == e) ? 1 : 0;
-      }
-      c = __reduce_add_sync(kFull, c);
-      if (lane == 0) slots[k] = c;
-    }
-    __syncthreads();
     for (int k = 0; k < K; ++k) {
       const int64_t e = topk[(int64_t)t * K + k];
       if (e < 0) continue;
@@ -205,7 +271,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
     int* dc = reinterpret_cast<int*>(peer_ptr(a, q) + a.off_dcount + half * a.half_dcount) + rank * L + l;
     *reinterpret_cast<volatile int*>(dc) = counts[e];
   }
-  __syncthreads();
   __threadfence_system();
   __syncthreads();
   for (int q = tid; q < R; q += kThreads) {
@@ -215,7 +280,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
 }
 
 // dispatch, receive phase 1 (one block): wait for every active source (deadline -> active[s] = 0),
-// then lay out the blocks: exclusive prefix over sources in ascending order, per local expert.
+// then lay out the blocks: exclusive prefix over sources in ascending order, per local expert, and the
+// prefix of the experts' row counts (rowbase) for the compaction kernel.
+// tab (int32): begin[L*R] | count[L*R] | rowbase[L] | total
 __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
   extern __shared__ int contrib[];  // R ints
   const int R = (int)a.num_ranks, L = (int)a.num_local_experts, tid = threadIdx.x;
@@ -241,6 +308,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
                                                    half * a.half_dcount);
   int* tab_begin = reinterpret_cast<int*>(a.tab);
   int* tab_count = tab_begin + L * R;
+  int* rowbase = tab_count + L * R;
   int64_t* layout = reinterpret_cast<int64_t*>(a.layout_range);
   int* recv_count = reinterpret_cast<int*>(a.recv_count);
   for (int l = tid; l < L; l += blockDim.x) {
@@ -255,49 +323,60 @@ __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
     recv_count[l] = begin;
   }
   __syncthreads();
+  const int total = block_exclusive_scan(recv_count, rowbase, L, false, nullptr, R);
   if (tid == 0) {
+    rowbase[L] = total;
     ws[WS_DHALF] = half;
     ws[WS_DSEQ] = cur;
   }
 }
 
-// dispatch, receive phase 2: compact the staging slots of block (l, s) into rows begin.. of expert l.
+// dispatch, receive phase 2: compaction.  Every received row (flat over experts) is handled by one warp:
+// row i of expert l lies in source s's block (begin_s <= i < begin_s + count_s), staging slot i - begin_s.
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) dispatch_copy_kernel(McEpArgs a) {
+  extern __shared__ int rowbase[];  // L + 1 ints
   const int R = (int)a.num_ranks, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
-  const int ls = blockIdx.x, l = ls / R, s = ls % R;
   const int* tab_begin = reinterpret_cast<const int*>(a.tab);
-  const int c = tab_begin[L * R + ls];
-  if (c == 0) return;
-  const int begin = tab_begin[ls];
+  const int* tab_count = tab_begin + L * R;
+  for (int l = threadIdx.x; l <= L; l += blockDim.x) rowbase[l] = tab_count[L * R + l];
+  __syncthreads();
+  const int total = rowbase[L];
   const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_DHALF];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t RT = (int64_t)R * T;
   const int S = H / 128;
-  const uint8_t* blk = reinterpret_cast<const uint8_t*>(a.local_base) + a.off_ddata + half * a.half_ddata +
-                       ((int64_t)l * R + s) * T * a.msg_stride;
+  const uint8_t* region = reinterpret_cast<const uint8_t*>(a.local_base) + a.off_ddata + half * a.half_ddata;
   int* src_info = reinterpret_cast<int*>(a.src_info);
-  for (int j = blockIdx.y * kWarps + warp; j < c; j += gridDim.y * kWarps) {
-    const uint8_t* m = blk + (int64_t)j * a.msg_stride;
-    const int64_t row = (int64_t)l * RT + begin + j;
+  for (int f = blockIdx.x * kWarps + warp; f < total; f += gridDim.x * kWarps) {
+    const int l = find_segment(rowbase, L, f);
+    const int i = f - rowbase[l];
+    int s = 0;
+    for (int r = 0; r < R; ++r) {
+      const int b = tab_begin[l * R + r];
+      if (i >= b && i < b + tab_count[l * R + r]) s = r;
+    }
+    const int j = i - tab_begin[l * R + s];
+    const uint8_t* m = region + (((int64_t)l * R + s) * T + j) * a.msg_stride;
+    const int64_t row = (int64_t)l * RT + i;
     if (lane == 0) src_info[row] = __ldcg(reinterpret_cast<const int*>(m));
     const int4* src = reinterpret_cast<const int4*>(m + 16);
     if (kFp8) {
-      int4* dst = reinterpret_cast<int4*>(reinterpret_cast<uint8_t*>(a.recv_x) + row * H);
-      for (int i = lane; i < H / 16; i += 32) dst[i] = __ldcg(src + i);
+      warp_copy<8, true>(reinterpret_cast<int4*>(reinterpret_cast<uint8_t*>(a.recv_x) + row * H), src, H / 16, lane);
       const float* sc = reinterpret_cast<const float*>(m + 16 + H);
       float* scales = reinterpret_cast<float*>(a.recv_scales);  // storage [L][S][R*T]
-      for (int b = lane; b < S; b += 32) scales[((int64_t)l * S + b) * RT + begin + j] = __ldcg(sc + b);
+      for (int b = lane; b < S; b += 32) scales[((int64_t)l * S + b) * RT + i] = __ldcg(sc + b);
     } else {
-      int4* dst = reinterpret_cast<int4*>(reinterpret_cast<__nv_bfloat16*>(a.recv_x) + row * H);
-      for (int i = lane; i < H / 8; i += 32) dst[i] = __ldcg(src + i);
+      warp_copy<8, true>(reinterpret_cast<int4*>(reinterpret_cast<__nv_bfloat16*>(a.recv_x) + row * H), src, H / 8,
+                         lane);
     }
   }
 }
 
-// combine, send phase (expert owner): row i of local expert l goes back to the source whose block
-// covers i, at slot (global expert, token) of that rank's combine region.
+// combine, send phase (expert owner): every valid row (flat over local experts) goes back to the source
+// whose block covers it, at slot (global expert, token) of that rank's combine region.
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
+  extern __shared__ int rowbase[];  // L ints
   __shared__ int s_is_last;
   const int rank = (int)a.rank, R = (int)a.num_ranks, L = (int)a.num_local_experts, T = (int)a.max_tokens;
   const int H = (int)a.hidden;
@@ -311,10 +390,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
   const int64_t* layout = reinterpret_cast<const int64_t*>(a.layout_range);
   const int* src_info = reinterpret_cast<const int*>(a.src_info);
   const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(a.x);
-  const int l = blockIdx.x;
-  const int64_t last = layout[(int64_t)l * R + R - 1];
-  const int total = (int)(last >> 32) + (int)(last & 0xffffffff);
-  for (int i = blockIdx.y * kWarps + warp; i < total; i += gridDim.y * kWarps) {
+  const int total = block_exclusive_scan(nullptr, rowbase, L, true, layout, R);
+  for (int f = blockIdx.x * kWarps + warp; f < total; f += gridDim.x * kWarps) {
+    const int l = find_segment(rowbase, L, f);
+    const int i = f - rowbase[l];
     int d = -1;
     for (int s = 0; s < R; ++s) {
       const int64_t p = layout[(int64_t)l * R + s];
@@ -325,14 +404,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
     const int t = src_info[(int64_t)l * RT + i];
     int4* dst = reinterpret_cast<int4*>(peer_ptr(a, d) + a.off_cdata + half * a.half_cdata +
                                         (((int64_t)rank * L + l) * T + t) * (2 * (int64_t)H));
-    const int4* src = reinterpret_cast<const int4*>(x + ((int64_t)l * RT + i) * H);
-    for (int j = lane; j < H / 8; j += 32) dst[j] = src[j];
+    warp_copy<8, false>(dst, reinterpret_cast<const int4*>(x + ((int64_t)l * RT + i) * H), H / 8, lane);
   }
   __threadfence_system();
   __syncthreads();
   if (tid == 0) {
     const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(ws + WS_CFIN), 1u);
-    s_is_last = (prev == gridDim.x * gridDim.y - 1);
+    s_is_last = (prev == gridDim.x - 1);
   }
   __syncthreads();
   if (!s_is_last) return;
@@ -365,9 +443,11 @@ __global__ void __launch_bounds__(kThreads) combine_wait_kernel(McEpArgs a) {
 }
 
 // combine, receive phase 2: acc = +0; for k in top-k order: acc = fl32(acc + fl32(y * w)); bf16 once.
+// The K rows of a token are loaded 8 at a time before accumulating (order of the adds unchanged).
 __global__ void combine_reduce_kernel(McEpArgs a) {
+  extern __shared__ __align__(16) uint8_t smem[];
   const int rank = (int)a.rank, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
-  const int K = (int)a.num_topk, N = (int)a.num_tokens, E = (int)a.num_experts;
+  const int K = (int)a.num_topk, N = (int)a.num_tokens;
   const int32_t* active = reinterpret_cast<const int32_t*>(a.active);
   const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_CHALF];
   const bool me_active = active[rank] != 0;
@@ -376,24 +456,42 @@ __global__ void combine_reduce_kernel(McEpArgs a) {
   const int4* region = reinterpret_cast<const int4*>(reinterpret_cast<const uint8_t*>(a.local_base) + a.off_cdata +
                                                      half * a.half_cdata);
   int4* out = reinterpret_cast<int4*>(a.out);
+  float* s_w = reinterpret_cast<float*>(smem);          // K weights
+  int* s_e = reinterpret_cast<int*>(s_w + K);           // K experts, -1 = skipped
   const int H8 = H / 8;
-  (void)E;
   for (int t = blockIdx.x; t < N; t += gridDim.x) {
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t e = topk[(int64_t)t * K + k];
+      const bool take = e >= 0 && me_active && active[e / L] != 0;
+      s_e[k] = take ? (int)e : -1;
+      s_w[k] = weights[(int64_t)t * K + k];
+    }
+    __syncthreads();
     for (int c = threadIdx.x; c < H8; c += blockDim.x) {
       float acc[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = topk[(int64_t)t * K + k];
-        if (e < 0 || !me_active || active[e / L] == 0) continue;
-        const float w = weights[(int64_t)t * K + k];
-        const int4 v = __ldcg(region + ((int64_t)e * T + t) * H8 + c);
-        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        int4 v[8];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = __bfloat1622float2(p[j]);
-          acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(f.x, w));
-          acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(f.y, w));
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          const int e = k < K ? s_e[k] : -1;
+          if (e >= 0) v[u] = __ldcg(region + ((int64_t)e * T + t) * H8 + c);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int k = k0 + u;
+          const int e = k < K ? s_e[k] : -1;
+          if (e < 0) continue;
+          const float w = s_w[k];
+          const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 f = __bfloat1622float2(p[j]);
+            acc[2 * j] = __fadd_rn(acc[2 * j], __fmul_rn(f.x, w));
+            acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], __fmul_rn(f.y, w));
+          }
         }
       }
       int4 r;
@@ -402,6 +500,7 @@ __global__ void combine_reduce_kernel(McEpArgs a) {
       for (int j = 0; j < 4; ++j) q[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
       out[(int64_t)t * H8 + c] = r;
     }
+    __syncthreads();
   }
 }
 
@@ -495,20 +594,27 @@ MC_API int mc_ipc_open(const void* handle, int64_t* ptr) {
 MC_API int mc_ipc_close(int64_t ptr) { return (int)cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)); }
 
 // phase bit 1: send; bit 2: receive (wait + compaction)
+static int set_smem(const void* fn, size_t smem) {
+  if (smem <= 48 * 1024) return 0;
+  return (int)cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+
+// phase bit 1: send; bit 2: receive (wait + compaction)
 MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
   if (a->hidden % 8 != 0 || (a->use_fp8 && a->hidden % 128 != 0)) return (int)cudaErrorInvalidValue;
   const cudaStream_t st = stream_of(a);
+  const int64_t hint = a->grid_hint > 0 ? a->grid_hint : 132;
   if (phase & 1) {
     const int64_t K4 = (a->num_topk + 3) & ~int64_t(3);
-    const size_t smem = (size_t)(a->msg_stride + 4 * K4 + 4 * a->num_experts);
-    const int grid = blocks_for(a->num_tokens, a->grid_hint);
+    const size_t smem =
+        (size_t)(a->msg_stride + (a->use_fp8 ? 2 * a->hidden : 0) + 4 * K4 + 4 * a->num_experts);
+    const int grid = blocks_for(a->num_tokens, hint);
+    int rc;
     if (a->use_fp8) {
-      if (smem > 48 * 1024)
-        cudaFuncSetAttribute(dispatch_send_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if ((rc = set_smem((const void*)dispatch_send_kernel<true>, smem))) return rc;
       dispatch_send_kernel<true><<<grid, kThreads, smem, st>>>(*a);
     } else {
-      if (smem > 48 * 1024)
-        cudaFuncSetAttribute(dispatch_send_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if ((rc = set_smem((const void*)dispatch_send_kernel<false>, smem))) return rc;
       dispatch_send_kernel<false><<<grid, kThreads, smem, st>>>(*a);
     }
     const cudaError_t err = cudaGetLastError();
@@ -516,15 +622,15 @@ MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
   }
   if (phase & 2) {
     dispatch_wait_kernel<<<1, kThreads, sizeof(int) * a->num_ranks, st>>>(*a);
-    const int64_t LR = a->num_local_experts * a->num_ranks;
-    const int64_t target = (a->grid_hint > 0 ? a->grid_hint : 132) * 2;
-    int64_t y = (target + LR - 1) / LR;
-    y = y < 1 ? 1 : (y > 32 ? 32 : y);
-    const dim3 grid((unsigned)LR, (unsigned)y);
-    if (a->use_fp8)
-      dispatch_copy_kernel<true><<<grid, kThreads, 0, st>>>(*a);
-    else
-      dispatch_copy_kernel<false><<<grid, kThreads, 0, st>>>(*a);
+    const size_t smem = sizeof(int) * (a->num_local_experts + 1);
+    int rc;
+    if (a->use_fp8) {
+      if ((rc = set_smem((const void*)dispatch_copy_kernel<true>, smem))) return rc;
+      dispatch_copy_kernel<true><<<(unsigned)(2 * hint), kThreads, smem, st>>>(*a);
+    } else {
+      if ((rc = set_smem((const void*)dispatch_copy_kernel<false>, smem))) return rc;
+      dispatch_copy_kernel<false><<<(unsigned)(2 * hint), kThreads, smem, st>>>(*a);
+    }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return (int)err;
   }
@@ -534,12 +640,12 @@ MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
 MC_API int mc_ep_combine(const McEpArgs* a, int phase) {
   if (a->hidden % 8 != 0) return (int)cudaErrorInvalidValue;
   const cudaStream_t st = stream_of(a);
+  const int64_t hint = a->grid_hint > 0 ? a->grid_hint : 132;
   if (phase & 1) {
-    const int64_t L = a->num_local_experts;
-    const int64_t target = (a->grid_hint > 0 ? a->grid_hint : 132) * 2;
-    int64_t y = (target + L - 1) / L;
-    y = y < 1 ? 1 : (y > 64 ? 64 : y);
-    combine_send_kernel<<<dim3((unsigned)L, (unsigned)y), kThreads, 0, st>>>(*a);
+    const size_t smem = sizeof(int) * (a->num_local_experts + 1);
+    int rc;
+    if ((rc = set_smem((const void*)combine_send_kernel, smem))) return rc;
+    combine_send_kernel<<<(unsigned)(2 * hint), kThreads, smem, st>>>(*a);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return (int)err;
   }
@@ -547,7 +653,8 @@ MC_API int mc_ep_combine(const McEpArgs* a, int phase) {
     combine_wait_kernel<<<1, kThreads, 0, st>>>(*a);
     int threads = (int)((a->hidden / 8 + 31) / 32 * 32);
     threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
-    combine_reduce_kernel<<<blocks_for(a->num_tokens, a->grid_hint), threads, 0, st>>>(*a);
+    const size_t smem = 8 * (size_t)a->num_topk;
+    combine_reduce_kernel<<<blocks_for(a->num_tokens, hint), threads, smem, st>>>(*a);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return (int)err;
   }

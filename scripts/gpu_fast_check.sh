@@ -56,10 +56,16 @@ for r in ${bench_ranks//,/ }; do
 done
 step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
 grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
-# keep what comes back small: results at the top, per-rank logs in one archive, no saved tensors
-cp "$out"/bench/*.json "$out"/bench/*.md "$out"/ 2>/dev/null
+# what comes back is at most 8 files: summary, setup, grid, bench, fail logs and one archive
+if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
+  echo quit | nvidia-cuda-mps-control; trap - EXIT; sleep 1; cp -r "$mps_log" "$out/mps-log" 2>/dev/null
+fi
 find "$out" -name '*.pt' -delete; find "$out" -name 'store-*' -delete
-tar czf "$out/rank-logs.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench mps-log 2>/dev/null) 2>/dev/null \
-  && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench
+cat "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt > "$out/setup.txt" 2>/dev/null
+cat "$out"/bench-R*.txt > "$out/bench.txt" 2>/dev/null
+[ -f "$out/grid-nomps.txt" ] && cat "$out/grid-nomps.txt" >> "$out/grid.txt"
+rm -f "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt "$out"/bench-R*.txt "$out/grid-nomps.txt"
+tar czf "$out/details.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench mps-log 2>/dev/null) 2>/dev/null \
+  && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench "$out"/mps-log
 echo "gpu_fast_check rc=$rc" | tee -a "$out/summary.txt"
 exit $rc

@@ -228,7 +228,7 @@ class FastEPBuffer:
             return f"hidden ({hidden}) must be a multiple of 8 for the CUDA kernels"
         if use_fp8 and hidden % 128:
             return f"FP8 dispatch needs hidden % 128 == 0, got {hidden}"
-        if 16 + 2 * hidden + 4 * 64 + 4 * 4096 > 200 * 1024:
+        if 16 + 4 * hidden + 4 * 64 + 4 * 4096 > 200 * 1024:
             return f"hidden ({hidden}) is too large for the CUDA kernels' shared-memory staging"
         return None
 
@@ -244,7 +244,8 @@ class FastEPBuffer:
     def _table(self, E: int) -> torch.Tensor:
         tab = self._tabs.get(E)
         if tab is None:
-            tab = self._tabs[E] = torch.zeros(2 * E, dtype=torch.int32, device=self.device)
+            # begin[L*R] | count[L*R] | rowbase[L] | total  (written by the dispatch wait kernel)
+            tab = self._tabs[E] = torch.zeros(3 * E + 2, dtype=torch.int32, device=self.device)
         return tab
 
     def _dev(self, t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
