@@ -291,11 +291,10 @@ class Buffer:
 
     # -- checks --------------------------------------------------------------------------------
     def _check_mask(self, active_ranks: torch.Tensor) -> None:
-        if not isinstance(active_ranks, torch.Tensor) or active_ranks.dtype != torch.int32 \
-                or tuple(active_ranks.shape) != (self.num_ranks,):
-            raise ArgumentError(f"active_ranks must be an int32 tensor of shape [{self.num_ranks}] "
-                                f"(1 = alive), got {getattr(active_ranks, 'dtype', type(active_ranks))} "
-                                f"{tuple(getattr(active_ranks, 'shape', ()))}")
+        try:  # the model's definition of a mask: int32 [R], entries 0 or 1
+            model._check_mask(active_ranks, self.num_ranks, "active_ranks")
+        except ValueError as exc:
+            raise ArgumentError(str(exc)) from None
 
     def _check_budget(self, T: int, H: int, E: int) -> None:
         needed = self.get_ep_buffer_size_hint(T, H, self.num_ranks, E)
