@@ -1,31 +1,49 @@
 """The EP reference ``Buffer``: DeepEP-low-latency-style dispatch / combine over any process group.
 
-Data moves as point-to-point messages of the group's backend (``mooncake-cpu``, ``mooncake``, gloo,
-nccl); all math and placement come from ``mooncake.model.ep`` (docs/ep-semantics.md), so results are
-bit-for-bit the global-view model's.  Per call and source pair the messages are: the per-expert row
-counts, then (if any rows) the token indices and the bf16 rows; combine sends the expert outputs
-back in the order they were received.  A source that has not delivered by ``timeout_us`` gets
-``active_ranks[src] = 0`` and contributes nothing; a source already at 0 is not waited for.
+Data moves as point-to-point messages of the group's backend (``mooncake-cpu``, ``mooncake``, gloo);
+all math and placement come from ``mooncake.model.ep`` (docs/ep-semantics.md), so results are bit
+for bit the global-view model's, and so are the peer lists.  Dispatch: an active rank sends to every
+other rank (a masked but alive rank still receives), and every rank waits for every other active
+rank.  Combine: only active ranks send to and wait for each other; a masked rank's output is zeros.
 
-Preconditions every rank must honour (as upstream): the same sequence of dispatch / combine calls,
-the same ``num_experts`` and ``num_max_dispatch_tokens_per_rank``, and the same ``active_ranks`` at
-the start of each call.
+Messages: every call takes the next call id of its process group on this rank (a rejected call
+too), so all ranks must make the same sequence of EP calls on a group, over all its Buffers.  A call
+sends at most one message to a peer: a header ``int64 [call id, kind, payload bytes]`` (tag 16380),
+then the payload (tag 16381), ``int64 [call id, kind]`` followed by, for dispatch, the ``int64``
+row counts of the peer's ``L`` experts, the ``int64`` token indices and the ``bf16`` rows; for
+combine, the ``bf16`` expert rows in the order dispatch received them.
+
+Per peer, one reader thread at a time receives these in order and files them under their call id;
+a call waits for its messages until ``timeout_us``.  A receive it gave up on stays posted and
+matched to the message it was posted for, which is dropped when it arrives: late data is used
+neither in its call nor in a later one.  Each wait of a reader is bounded by the backend's own
+timeout (gloo: a receive unmatched for the group's timeout breaks the group, gloo's own rule).
+Posted sends live in a module-wide outbox until they complete or fail, so dropping a Buffer loses
+nothing (at interpreter exit the outbox is flushed for at most ``_EXIT_FLUSH_S`` seconds).  A peer
+whose send or receive raises (dead, unreachable) is a failed source: ``active_ranks[peer] = 0``.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import itertools
+import threading
 import time
-from datetime import timedelta
+import weakref
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..control.errors import ArgumentError
+from ..control.errors import ArgumentError, WireError
 from ..model import ep as model
 
-_TAG_COUNTS, _TAG_INDEX, _TAG_ROWS, _TAG_COMBINE = 16380, 16381, 16382, 16383
+_TAG_HEADER, _TAG_PAYLOAD = 16380, 16381
+_DISPATCH, _COMBINE = 1, 2
+_KINDS = {_DISPATCH: "dispatch", _COMBINE: "combine"}
+_PREFIX_BYTES = 16  # the payload's own int64 [call id, kind]
+_EXIT_FLUSH_S = 10.0  # longest wait for posted sends when the interpreter exits
 _buffer_ids = itertools.count()
 
 
@@ -65,7 +83,7 @@ class Buffer:
     """Expert-parallel communication buffer over ``group``.
 
     Arguments:
-        group: a process group (``mooncake-cpu``, ``mooncake``, gloo, nccl); ranks are its group ranks.
+        group: a process group (``mooncake-cpu``, ``mooncake``, gloo); ranks are its group ranks.
         num_ep_buffer_bytes: communication budget; every call checks it against
             ``get_ep_buffer_size_hint(T, H, R, E)`` (as upstream) and says how many bytes it needs.
     """
@@ -78,8 +96,7 @@ class Buffer:
         self.rank = group.rank()
         self.num_ranks = group.size()
         self._id = next(_buffer_ids)
-        self._calls = 0
-        self._sends: list = []  # in-flight send works, reaped as they complete
+        self._calls = _group_calls(group)
         self._combine_buffer: torch.Tensor | None = None
         self._combine_buffer_handle: Handle | None = None
 
@@ -90,9 +107,12 @@ class Buffer:
         return model.get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     def update_ep_member(self) -> None:
-        """Re-read the group's membership after the PG changed it (collective over the group)."""
-        self._reap_sends(wait=True)
-        dist.barrier(group=self.group)
+        """Re-read the group's membership after the PG changed it (collective over the group).
+
+        Also brings the EP call ids of all ranks in step (the largest wins) and lets EP talk again
+        to peers whose messages it had given up on.
+        """
+        self._calls.resync(self.group)
         self.rank = self.group.rank()
         self.num_ranks = self.group.size()
 
@@ -104,12 +124,16 @@ class Buffer:
         """Send each token to the ranks owning its top-k experts.
 
         Arguments:
-            x: ``[N, H]`` bfloat16, ``N <= num_max_dispatch_tokens_per_rank``, ``H % 128 == 0`` for FP8.
+            x: ``[N, H]`` bfloat16, finite, ``N <= num_max_dispatch_tokens_per_rank``, ``H % 128 == 0``
+                for FP8.
             topk_idx: ``[N, K]`` int64 expert ids in ``[0, num_experts)`` or -1 (masked); no repeats in a row.
-            active_ranks: ``[R]`` int32, 1 = alive; sources that time out are set to 0 in place.
+            active_ranks: ``[R]`` int32 of 0/1, 1 = alive, the same on every rank; sources that time out
+                or fail are set to 0 in place.  A rank whose own entry is 0 sends nothing and still receives.
             num_max_dispatch_tokens_per_rank: ``T``, the same on every rank.
             num_experts: ``E``, a multiple of ``R``.
-            timeout_us: per-source deadline in microseconds; -1 waits as long as the group's timeout.
+            timeout_us: per-call deadline in microseconds for the sources' data (counted from the
+                hook's call with ``return_recv_hook``); -1: no EP deadline (each message still waits
+                at most the group's own timeout).
             use_fp8: FP8 (e4m3fn, per-128-channel fp32 scales) instead of bf16.
             async_finish: return an ``EventOverlap`` to wait on instead of ``None``.
             return_recv_hook: post the sends now; the returned ``hook()`` receives and fills the outputs.
@@ -121,53 +145,51 @@ class Buffer:
             ``[L]`` int32; ``handle`` for combine; ``event`` an ``EventOverlap`` or None; ``hook`` a
             callable (a no-op unless ``return_recv_hook``).
         """
-        T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks
-        self._check_dispatch(x, topk_idx, active_ranks, T, E, timeout_us, async_finish, return_recv_hook,
-                             cumulative_local_expert_recv_stats, use_fp8)
-        H, L = x.shape[1], E // R
-        device = x.device
-        x_cpu, topk_cpu = x.detach().to("cpu"), topk_idx.detach().to("cpu")
-        mask = active_ranks.detach().to("cpu")
-        selections = [model.select_rows_for_expert(topk_cpu, e) for e in range(E)]
-        call = self._next_call()
-        peers = [r for r in range(R) if r != self.rank and mask[r] == 1]
-        if mask[self.rank] == 1:
-            for d in peers:
-                idx = [selections[d * L + l] for l in range(L)]
-                counts = torch.tensor([len(i) for i in idx], dtype=torch.int64)
-                self._send(counts, d, _TAG_COUNTS)
-                if int(counts.sum()):
-                    flat = torch.cat(idx)
-                    self._send(flat, d, _TAG_INDEX)
-                    self._send(x_cpu[flat].contiguous(), d, _TAG_ROWS)
+        call = self._calls.open_next()
+        try:
+            T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks
+            self._check_dispatch(x, topk_idx, active_ranks, T, E, timeout_us, async_finish, return_recv_hook,
+                                 cumulative_local_expert_recv_stats, use_fp8)
+            H, L, me = x.shape[1], E // R, self.rank
+            device = x.device
+            x_cpu, topk_cpu = x.detach().to("cpu"), topk_idx.detach().to("cpu")
+            mask = active_ranks.detach().to("cpu").clone()
+            selections = [model.select_rows_for_expert(topk_cpu, e) for e in range(E)]
+            failed = set()
+            if int(mask[me]) == 1:
+                for d in range(R):
+                    if d != me:
+                        idx = [selections[d * L + l] for l in range(L)]
+                        counts = torch.tensor([len(i) for i in idx], dtype=torch.int64)
+                        flat = torch.cat(idx)
+                        if not self._post(call, _DISPATCH, d, (counts, flat, x_cpu[flat])):
+                            failed.add(d)
+        except BaseException:
+            self._calls.close(call)
+            raise
         outputs = _empty_dispatch_outputs(L, R, T, H, use_fp8, device)
-        state = dict(buffer_id=self._id, call=call, topk_idx=topk_cpu.clone(), num_tokens=x.shape[0],
+        state = dict(buffer_id=self._id, topk_idx=topk_cpu.clone(), num_tokens=x.shape[0],
                      selections=selections, active_after=None)
         handle = Handle(outputs, T, H, E, **state)
 
         def receive() -> None:
-            blocks, contributes = {}, [False] * R
-            if mask[self.rank] == 1:
-                contributes[self.rank] = True
+            contributes = [int(mask[s]) == 1 for s in range(R)]
+            blocks = {}
+            if contributes[me]:
                 for l in range(L):
-                    sel = selections[self.rank * L + l]
-                    blocks[(l, self.rank)] = (sel, x_cpu[sel])
-            counts_work = {s: self._recv(torch.empty(L, dtype=torch.int64), s, _TAG_COUNTS) for s in peers}
-            deadline = _deadline(timeout_us)
-            for s, (work, counts) in counts_work.items():
-                if not _wait(work, deadline):
-                    mask[s] = 0
+                    sel = selections[me * L + l]
+                    blocks[(l, me)] = (sel, x_cpu[sel])
+            sources = [s for s in range(R) if s != me and contributes[s] and s not in failed]
+            for s, body in self._calls.receive(call, _DISPATCH, sources, _deadline(timeout_us)).items():
+                if body is None:
+                    failed.add(s)
                     continue
-                total = int(counts.sum())
-                flat = torch.empty(total, dtype=torch.int64)
-                rows = torch.empty(total, H, dtype=torch.bfloat16)
-                if total and not (_wait(self._recv(flat, s, _TAG_INDEX)[0], deadline)
-                                  and _wait(self._recv(rows, s, _TAG_ROWS)[0], deadline)):
-                    mask[s] = 0
-                    continue
-                contributes[s] = True
-                for l, (idx, part) in enumerate(zip(flat.split(counts.tolist()), rows.split(counts.tolist()))):
+                counts, flat, rows = _unpack_dispatch(body, L, H, s)
+                for l, (idx, part) in enumerate(zip(flat.split(counts), rows.split(counts))):
                     blocks[(l, s)] = (idx, part)
+            for s in failed:
+                mask[s] = 0
+                contributes[s] = False
             placed = model.place_dispatch(blocks, L, R, T, H, use_fp8, contributes)
             _copy_result(outputs, placed)
             active_ranks.copy_(mask.to(active_ranks.device))
@@ -207,51 +229,57 @@ class Buffer:
                 (ignored with ``zero_copy``, which reads ``get_next_combine_buffer(handle)``).
             topk_idx: ``[N, K]`` int64, the routing given to the dispatch that made ``handle``.
             topk_weights: ``[N, K]`` float32.
-            active_ranks: ``[R]`` int32; owners that time out are set to 0 and their experts skipped.
-            timeout_us: per-owner deadline in microseconds; -1 waits as long as the group's timeout.
+            active_ranks: ``[R]`` int32 of 0/1, the same on every rank; owners that time out or fail
+                are set to 0 and their experts skipped.  A rank whose own entry is 0 gets all zeros.
+            timeout_us: per-call deadline in microseconds for the owners' rows; -1: no EP deadline
+                (each message still waits at most the group's own timeout).
             handle: from ``dispatch``.
             out: optional ``[N, H]`` bfloat16 tensor to write into.
 
         Returns:
             ``(combined_x [N, H] bf16, event, hook)``: fp32 accumulation in top-k order, one bf16 rounding.
         """
-        self._check_combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
-                            async_finish, return_recv_hook, out)
-        _, _, T, H, E = handle
-        R, L = self.num_ranks, E // self.num_ranks
-        device = topk_idx.device
-        expert_out = (self._combine_buffer if zero_copy else x).detach().to("cpu")
-        topk_cpu, weights_cpu = topk_idx.detach().to("cpu"), topk_weights.detach().to("cpu")
-        mask = active_ranks.detach().to("cpu")
-        self._next_call()
-        peers = [r for r in range(R) if r != self.rank and mask[r] == 1]
-        if mask[self.rank] == 1:
+        call = self._calls.open_next()
+        try:
+            self._check_combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
+                                async_finish, return_recv_hook, out)
+            _, _, T, H, E = handle
+            R, L, me = self.num_ranks, E // self.num_ranks, self.rank
+            device = topk_idx.device
+            expert_out = (self._combine_buffer if zero_copy else x).detach().to("cpu")
+            topk_cpu, weights_cpu = topk_idx.detach().to("cpu"), topk_weights.detach().to("cpu")
+            mask = active_ranks.detach().to("cpu").clone()
+            peers = [r for r in range(R) if r != me and mask[r] == 1] if mask[me] == 1 else []
+            failed = set()
             for d in peers:
-                rows = [model.combine_block(handle.result, expert_out, l, d)[1] for l in range(L)]
-                self._send(torch.cat(rows).contiguous(), d, _TAG_COMBINE)
+                rows = torch.cat([model.combine_block(handle.result, expert_out, l, d)[1] for l in range(L)])
+                if not self._post(call, _COMBINE, d, (rows,)):
+                    failed.add(d)
+        except BaseException:
+            self._calls.close(call)
+            raise
         result = out if out is not None else torch.empty(handle.num_tokens, H, dtype=torch.bfloat16,
                                                          device=device)
 
         def receive() -> None:
             selections = handle.selections
             blocks = {}
-            if mask[self.rank] == 1:
+            if mask[me] == 1:
                 for l in range(L):
-                    blocks[self.rank * L + l] = model.combine_block(handle.result, expert_out, l, self.rank)
-            works = {}
-            for o in peers:
-                sizes = [len(selections[o * L + l]) for l in range(L)]
-                works[o] = (self._recv(torch.empty(sum(sizes), H, dtype=torch.bfloat16), o, _TAG_COMBINE),
-                            sizes)
-            deadline = _deadline(timeout_us)
-            for o, ((work, rows), sizes) in works.items():
-                if not _wait(work, deadline):
-                    mask[o] = 0
+                    blocks[me * L + l] = model.combine_block(handle.result, expert_out, l, me)
+            owners = [o for o in peers if o not in failed]
+            for o, body in self._calls.receive(call, _COMBINE, owners, _deadline(timeout_us)).items():
+                if body is None:
+                    failed.add(o)
                     continue
+                sizes = [len(selections[o * L + l]) for l in range(L)]
+                rows = _unpack_rows(body, sum(sizes), H, o)
                 for l, part in enumerate(rows.split(sizes)):
                     blocks[o * L + l] = (selections[o * L + l], part)
+            for o in failed:
+                mask[o] = 0
             expert_rows, _ = model.place_combine(topk_cpu, blocks, H)
-            entry_active = model.combine_entry_active(topk_cpu, mask, L, self.rank)
+            entry_active = model.combine_entry_active(topk_cpu, mask, L, me)
             combined = model.combine_rows(topk_cpu, weights_cpu, expert_rows, entry_active)
             result.copy_(combined.to(result.device))
             active_ranks.copy_(mask.to(active_ranks.device))
@@ -263,31 +291,14 @@ class Buffer:
         return result, event, hook
 
     # -- messaging -----------------------------------------------------------------------------
-    def _next_call(self) -> int:
-        self._reap_sends(wait=False)
-        self._calls += 1
-        return self._calls
-
-    def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        tensor = tensor.to(self._comm_device())
-        self._sends.append((dist.isend(tensor, group=self.group, group_dst=dst, tag=tag), tensor))
-
-    def _recv(self, tensor: torch.Tensor, src: int, tag: int):
-        comm = tensor.to(self._comm_device())
-        work = dist.irecv(comm, group=self.group, group_src=src, tag=tag)
-        return _Received(work, comm, tensor), tensor
-
-    def _comm_device(self) -> str:
-        return "cuda" if dist.get_backend(self.group) in ("nccl", "mooncake") else "cpu"
-
-    def _reap_sends(self, wait: bool) -> None:
-        still = []
-        for work, tensor in self._sends:
-            if wait:
-                _wait(work, _deadline(-1))
-            elif not work.is_completed():
-                still.append((work, tensor))
-        self._sends = still
+    def _post(self, call: int, kind: int, dst: int, parts: tuple[torch.Tensor, ...]) -> bool:
+        """Send one message (header, then payload) to ``dst``; False if the backend refused it."""
+        payload = torch.cat([torch.tensor([call, kind], dtype=torch.int64).view(torch.uint8)]
+                            + [p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+        header = torch.tensor([call, kind, payload.numel()], dtype=torch.int64)
+        device = self._calls.device
+        return (_OUTBOX.send(self.group, header.to(device), dst, _TAG_HEADER)
+                and _OUTBOX.send(self.group, payload.to(device), dst, _TAG_PAYLOAD))
 
     # -- checks --------------------------------------------------------------------------------
     def _check_mask(self, active_ranks: torch.Tensor) -> None:
@@ -379,40 +390,218 @@ class Buffer:
         self._check_budget(T, H, E)
 
 
-class _Received:
-    """A receive whose data lands in a comm-device tensor and is copied to the caller's on success."""
+# -- messages ----------------------------------------------------------------------------------
 
-    def __init__(self, work, comm: torch.Tensor, target: torch.Tensor):
-        self.work, self.comm, self.target = work, comm, target
 
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
-        if not _wait(self.work, deadline):
+class _Outbox:
+    """Posted sends of this process, each kept (with its tensor) until it completes or fails.
+
+    gloo loses a send whose work object dies before the peer matched it, so the works must outlive
+    the Buffer that posted them; a drain thread waits for them in order (each wait bounded by the
+    backend's own timeout).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._draining = False
+
+    def send(self, group: dist.ProcessGroup, tensor: torch.Tensor, dst: int, tag: int) -> bool:
+        """Post a send of ``tensor`` to group rank ``dst``; False if the backend raised (dead peer...)."""
+        try:
+            work = dist.isend(tensor, group=group, group_dst=dst, tag=tag)
+        except Exception:  # noqa: BLE001 - any failure to post means the peer cannot be reached
             return False
-        if self.comm is not self.target:
-            self.target.copy_(self.comm)
+        with self._cond:
+            self._pending.append((work, tensor))
+            if not self._draining:
+                self._draining = True
+                threading.Thread(target=self._drain, name="mooncake-ep-outbox", daemon=True).start()
         return True
 
-    def is_completed(self) -> bool:
-        return self.work.is_completed()
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._draining = False
+                    self._cond.notify_all()
+                    return
+                work, _ = self._pending[0]
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001 - the receiver sees the failure as a missing message
+                pass
+            with self._cond:
+                self._pending.popleft()
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` seconds for every posted send to finish."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending, timeout=timeout_s)
+
+
+_OUTBOX = _Outbox()
+atexit.register(_OUTBOX.flush, _EXIT_FLUSH_S)
+
+
+class _GroupCalls:
+    """This rank's EP calls on one process group: call ids, the calls still receiving, one inbox per peer."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = weakref.ref(group)
+        cuda = dist.get_backend(group) in ("nccl", "mooncake")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.cond = threading.Condition()
+        self.last_call = 0  # the id of the latest call started on this rank
+        self.open: set[int] = set()  # calls whose messages are still wanted
+        self.inboxes: dict[int, _Inbox] = {}
+
+    def open_next(self) -> int:
+        """Start a call: take the next id and keep its messages until ``close``."""
+        with self.cond:
+            self.last_call += 1
+            self.open.add(self.last_call)
+            return self.last_call
+
+    def close(self, call: int) -> None:
+        """The call is over: drop its filed messages and any that arrive later, and stop reading for it."""
+        with self.cond:
+            self.open.discard(call)
+            for inbox in self.inboxes.values():
+                inbox.mail.pop(call, None)
+                inbox.wanted.discard(call)
+
+    def receive(self, call: int, kind: int, sources: list[int], deadline: float | None) -> dict:
+        """``{src: payload body (uint8 CPU tensor) or None}`` of ``call`` from each of ``sources``;
+        None for a source that failed, skipped the call or missed ``deadline``.  Closes the call."""
+        try:
+            with self.cond:
+                for s in sources:
+                    if s not in self.inboxes:
+                        self.inboxes[s] = _Inbox(self, s)
+                    self.inboxes[s].expect(call)
+                inboxes = {s: self.inboxes[s] for s in sources}
+            return {s: inbox.take(call, kind, deadline) for s, inbox in inboxes.items()}
+        finally:
+            self.close(call)
+
+    def resync(self, group: dist.ProcessGroup) -> None:
+        """Collective: every rank continues from the largest call id; failed peers get another chance."""
+        ids = torch.tensor([self.last_call], dtype=torch.int64, device=self.device)
+        dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)
+        with self.cond:
+            self.last_call = int(ids.item())
+            for inbox in self.inboxes.values():
+                inbox.lost = None
+
+
+_GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupCalls]" = weakref.WeakKeyDictionary()
+_GROUPS_LOCK = threading.Lock()
+
+
+def _group_calls(group: dist.ProcessGroup) -> _GroupCalls:
+    with _GROUPS_LOCK:
+        if group not in _GROUPS:
+            _GROUPS[group] = _GroupCalls(group)
+        return _GROUPS[group]
+
+
+class _Inbox:
+    """The messages from group rank ``src``, received in order by one reader thread at a time.
+
+    The reader runs while a call waits for a message not yet seen and always finishes the message it
+    posted a receive for; it files messages of open calls and of calls this rank has not started yet
+    and drops the others (late).  Messages from one peer arrive in call order, so once one of a later
+    call is seen the waited-for call will never come.  After a receive from the peer failed, the peer
+    counts as failed (its message order can no longer be trusted) until ``update_ep_member``.
+    """
+
+    def __init__(self, calls: _GroupCalls, src: int):
+        self.calls, self.src = calls, src
+        self.mail: dict[int, tuple[int, torch.Tensor]] = {}  # call id -> (kind, payload body)
+        self.last = 0  # call id of the latest message received
+        self.wanted: set[int] = set()
+        self.reading = False
+        self.lost: str | None = None  # why the link failed
+
+    def expect(self, call: int) -> None:
+        """Register interest in ``call`` and make sure the reader runs (caller holds the lock)."""
+        self.wanted.add(call)
+        if not self.reading and self.lost is None and call > self.last:
+            self.reading = True
+            threading.Thread(target=self._read, name=f"mooncake-ep-inbox-{self.src}", daemon=True).start()
+
+    def take(self, call: int, kind: int, deadline: float | None) -> torch.Tensor | None:
+        with self.calls.cond:
+            try:
+                while call not in self.mail:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if self.lost is not None or self.last >= call or (remaining is not None and remaining <= 0):
+                        return None
+                    self.calls.cond.wait(remaining)
+                got, body = self.mail.pop(call)
+            finally:
+                self.wanted.discard(call)
+        if got != kind:
+            raise WireError(f"EP call {call}: rank {self.src} sent {_KINDS.get(got, got)} data, this rank is in "
+                            f"{_KINDS[kind]}: the ranks made different sequences of EP calls on the group")
+        return body
+
+    def _read(self) -> None:
+        cond = self.calls.cond
+        while True:
+            with cond:
+                if not any(c > self.last for c in self.wanted):
+                    self.reading = False
+                    return
+            try:
+                call, kind, size = self._receive(torch.empty(3, dtype=torch.int64), _TAG_HEADER).tolist()
+                payload = self._receive(torch.empty(size, dtype=torch.uint8), _TAG_PAYLOAD)
+                if payload[:_PREFIX_BYTES].view(torch.int64).tolist() != [call, kind]:
+                    raise WireError(f"payload does not belong to header [{call}, {kind}, {size}]")
+            except Exception as exc:  # noqa: BLE001 - any failure: the peer is lost
+                with cond:
+                    self.lost = f"{type(exc).__name__}: {exc}"
+                    self.reading = False
+                    cond.notify_all()
+                return
+            with cond:
+                self.last = call
+                if call in self.calls.open or call > self.calls.last_call:
+                    self.mail[call] = (kind, payload[_PREFIX_BYTES:])
+                cond.notify_all()
+
+    def _receive(self, tensor: torch.Tensor, tag: int) -> torch.Tensor:
+        group = self.calls.group()
+        if group is None:
+            raise RuntimeError("the process group is gone")
+        comm = tensor.to(self.calls.device)
+        if dist.irecv(comm, group=group, group_src=self.src, tag=tag).wait() is False:
+            raise RuntimeError(f"receive from rank {self.src} did not complete")
+        return comm.cpu()
+
+
+def _unpack_dispatch(body: torch.Tensor, L: int, H: int, src: int):
+    """``(counts [L] list, token indices [n] int64, rows [n, H] bf16)`` of a dispatch payload body."""
+    counts = body[:8 * L].view(torch.int64) if body.numel() >= 8 * L else None
+    total = int(counts.sum()) if counts is not None and bool((counts >= 0).all()) else -1
+    if total < 0 or body.numel() != 8 * L + total * (8 + 2 * H):
+        raise WireError(f"dispatch data from rank {src} has {body.numel()} bytes, which does not fit {L} local "
+                        f"experts of hidden {H}: the ranks disagree on num_experts or hidden")
+    flat = body[8 * L:8 * (L + total)].view(torch.int64)
+    return counts.tolist(), flat, body[8 * (L + total):].view(torch.bfloat16).view(total, H)
+
+
+def _unpack_rows(body: torch.Tensor, n: int, H: int, src: int) -> torch.Tensor:
+    """The ``[n, H]`` bf16 rows of a combine payload body."""
+    if body.numel() != 2 * n * H:
+        raise WireError(f"combine data from rank {src} has {body.numel()} bytes, expected {n} rows of hidden {H} "
+                        f"({2 * n * H} bytes): a handle of another dispatch, or the ranks disagree on masks")
+    return body.view(torch.bfloat16).view(n, H)
 
 
 def _deadline(timeout_us: int) -> float | None:
     return None if timeout_us == -1 else time.monotonic() + timeout_us * 1e-6
-
-
-def _wait(work, deadline: float | None) -> bool:
-    """Wait for ``work`` until the monotonic ``deadline`` (None: the group's own timeout);
-    False on expiry or on a peer failure reported by the backend."""
-    try:
-        if deadline is None:
-            return work.wait() is not False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 and not work.is_completed():
-            return False
-        return work.wait(timedelta(seconds=max(remaining, 1e-6))) is not False
-    except RuntimeError:
-        return False
 
 
 def _empty_dispatch_outputs(L, R, T, H, use_fp8, device) -> model.DispatchResult:

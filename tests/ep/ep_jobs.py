@@ -150,13 +150,6 @@ def _budget(cases, R) -> int:
     return max(Buffer.get_ep_buffer_size_hint(c["T"], c["H"], R, c["E"]) for c in cases)
 
 
-def _end_of_job() -> None:
-    # Workaround for the Buffer-lifetime bug (test_dropped_buffer_keeps_sends_CPU): a Buffer that is
-    # garbage-collected right after combine loses its unmatched gloo sends.  A barrier makes sure every
-    # rank has received everything before this job's Buffers go away.
-    dist.barrier()
-
-
 # ------------------------------------------------------------------------------------- jobs
 
 
@@ -170,19 +163,16 @@ def grid_job(cases: list[dict]) -> dict:
     results = []
     for case in cases:
         x, topk, w = (t.to(dev) for t in make_inputs(case, ctx.rank))
-        active = torch.tensor(case["mask"], dtype=torch.int32, device=dev)
-        if not case["mask"][ctx.rank]:
-            results.append(None)  # a pre-masked rank is treated as gone: it does not take part in the call
-            continue
+        active = torch.tensor(case["mask"], dtype=torch.int32, device=dev)  # a masked rank takes part too
         st = stats.setdefault(case["E"], torch.zeros(case["E"] // R, dtype=torch.int32, device=dev))
         results.append(run_pair(buf, case, x, topk, w, active, dev, stats=st,
                                 timeout_us=case.get("timeout_us", BIG_TIMEOUT_US)))
-    _end_of_job()
     return dict(results=results, stats={e: s.clone() for e, s in stats.items()})
 
 
 def upstream_grid_job(cases: list[dict]) -> list[dict]:
-    """Upstream test_ep_grid design: a fresh Buffer per case, expert recv*(0.1e+1), out= given."""
+    """Upstream test_ep_grid design: a fresh Buffer per case, expert recv*(0.1e+1), out= given.  Upstream's
+    failed rank exits; here it stays alive and masked on every rank, so it takes part (and still receives)."""
     ctx = worker_context()
     dev = _device()
     results = []
@@ -192,13 +182,8 @@ def upstream_grid_job(cases: list[dict]) -> list[dict]:
         active = torch.ones(ctx.world_size, dtype=torch.int32, device=dev)
         if case["fail_rank"] >= 0:
             active[case["fail_rank"]] = 0
-        if ctx.rank == case["fail_rank"]:
-            results.append(None)  # the failed rank does not take part (the others neither send to nor wait for it)
-            dist.barrier()
-            continue
         results.append(run_pair(buf, case, x, topk, w, active, dev, scale_fn=upstream_scale,
                                 timeout_us=case.get("timeout_us", BIG_TIMEOUT_US)))
-        dist.barrier()  # see _end_of_job: this case's Buffer is dropped next
     return results
 
 
@@ -209,7 +194,6 @@ def warmup_job(case: dict) -> bool:
     buf = Buffer(dist.group.WORLD, _budget([case], ctx.world_size))
     x, topk, w = (t.to(dev) for t in make_inputs(case, ctx.rank))
     run_pair(buf, case, x, topk, w, torch.ones(ctx.world_size, dtype=torch.int32, device=dev), dev)
-    _end_of_job()
     return True
 
 
@@ -401,11 +385,10 @@ def precondition_job(names: list[str]) -> dict:
         dist.barrier()  # all ranks finished the bad call before the check call
         check = run_pair(buf, CHECK_CASE, cx, ctopk, cw, ones(), dev)
         out[name] = (err, check)
-    _end_of_job()
     return out
 
 
-# ------------------------------------------------------------------------------------- known bugs
+# ------------------------------------------------------------------------------------- lifetime, masks, late data
 
 
 def dropped_buffer_job(case: dict, delay_s: float) -> dict:
@@ -472,3 +455,22 @@ def late_data_job(case_a: dict, case_b: dict, slow_rank: int, sleep_s: float, ti
         if key == "first":
             time.sleep(sleep_s + 0.5)  # the late data has certainly arrived before call 2
     return out
+
+
+def resync_job(case: dict, extra_rank: int) -> dict:
+    """``extra_rank`` makes one EP call the others never make (a lone dispatch that times them out);
+    after ``update_ep_member`` on every rank a dispatch + combine pair must match the model again."""
+    ctx = worker_context()
+    dev = _device()
+    buf = Buffer(dist.group.WORLD, _budget([case], ctx.world_size))
+    x, topk, w = (t.to(dev) for t in make_inputs(case, ctx.rank))
+    ones = lambda: torch.ones(ctx.world_size, dtype=torch.int32, device=dev)  # noqa: E731
+    lone = None
+    if ctx.rank == extra_rank:
+        active = ones()
+        buf.dispatch(x, topk, active, case["T"], case["E"], 200_000, use_fp8=case["fp8"])
+        lone = active.clone()
+    buf.update_ep_member()
+    res = run_pair(buf, case, x, topk, w, ones(), dev)
+    res["lone"] = lone
+    return res

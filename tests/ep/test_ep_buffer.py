@@ -48,12 +48,7 @@ def _cluster(factory, R, backend, device, **extra):
 # ----------------------------------------------------------------------------------------------- cases
 
 
-# A pre-masked rank is simulated as gone: it skips the call (an alive masked rank that calls waits for
-# the others and poisons later calls: test_masked_rank_still_receives).  The others must not wait for it.
-MASKED_TIMEOUT_US = 500_000
-
-
-def grid_cases(R: int, every: int, masks: bool = True) -> list[dict]:
+def grid_cases(R: int, every: int) -> list[dict]:
     """The grid for R ranks: E x K x fp8 x mode x zero_copy, with H, T, token counts, -1 entries, out=
     and a pre-masked inactive rank rotating through the cases."""
     cases = []
@@ -70,8 +65,8 @@ def grid_cases(R: int, every: int, masks: bool = True) -> list[dict]:
             n[i % R] = 0  # a rank without tokens
             n[(i + 1) % R] = T  # and a full one
         mask = [1] * R
-        if masks and R > 1 and i % 7 == 6:
-            mask[(i // 7) % R] = 0  # pre-marked inactive on every rank (failure simulation a)
+        if R > 1 and i % 7 == 6:
+            mask[(i // 7) % R] = 0  # marked inactive on every rank; it is alive and takes part (still receives)
         cases.append(dict(R=R, T=T, H=H, E=E, K=K, fp8=fp8, mode=mode, zc=zc, seed=i, n=n, mask=mask,
                           mask_p=(0.0, 0.25, 0.5)[i % 3], out=bool(i % 2),
                           timeout_us=ep_jobs.BIG_TIMEOUT_US))
@@ -154,32 +149,30 @@ def cache():
 def _grid(cache, factory, device, backend, R, every):
     key = ("grid", device, backend, R)
     if key not in cache:
-        cases = grid_cases(R, every, backend.startswith("mooncake"))
+        cases = grid_cases(R, every)
         t0 = time.monotonic()
         out = _cluster(factory, R, backend, device).run(ep_jobs.grid_job, cases)
         problems, stats = {}, {}
         for i, case in enumerate(cases):
             m = model_case(case, R)
-            problems[case_id(case)] = [p for r in range(R) if case["mask"][r]  # the masked rank skipped the call
+            problems[case_id(case)] = [p for r in range(R)
                                        for p in diff_pair(out[r]["results"][i], m, r, case["fp8"], f"rank {r}")]
-            problems[case_id(case)] += [f"rank {r}: an active rank waited {out[r]['results'][i]['t_dispatch']:.2f}s"
-                                        for r in range(R) if case["mask"][r] and 0 in case["mask"]
+            problems[case_id(case)] += [f"rank {r}: a rank waited {out[r]['results'][i]['t_dispatch']:.2f}s"
+                                        for r in range(R) if 0 in case["mask"]
                                         and out[r]["results"][i]["t_dispatch"] > 1.0]
             for r in range(R):
-                if not case["mask"][r]:
-                    continue  # skipped the call
                 stats.setdefault((case["E"], r), torch.zeros(case["E"] // R, dtype=torch.int32)).add_(
                     m["results"][r].recv_count)
         stats_bad = [f"rank {r} E={E}: stats {out[r]['stats'][E].tolist()} != sum of recv_count {s.tolist()}"
                      for (E, r), s in stats.items() if not bitwise_equal(out[r]["stats"][E], s)]
-        devices = {res["device"] for r in range(R) for res in out[r]["results"] if res is not None}
+        devices = {res["device"] for r in range(R) for res in out[r]["results"]}
         cache[key] = dict(problems=problems, stats_bad=stats_bad, devices=devices, seconds=time.monotonic() - t0)
     return cache[key]
 
 
 def _grid_params(device):
     return [pytest.param(backend, R, every, case_id(c), id=f"{device.upper()}-{backend}-R{R}-{case_id(c)}")
-            for backend, R, every in GRID_GROUPS[device] for c in grid_cases(R, every, backend.startswith("mooncake"))]
+            for backend, R, every in GRID_GROUPS[device] for c in grid_cases(R, every)]
 
 
 def _stats_params(device):
@@ -259,12 +252,12 @@ def _upstream(cache, factory, device):
         verdicts = {}
         for i, case in enumerate(cases):
             m = model_case(case, UPSTREAM_R, inputs=ep_jobs.upstream_inputs, scale_fn=ep_jobs.upstream_scale)
-            bitwise = [p for r in range(UPSTREAM_R) if r != case["fail_rank"]  # it skipped the call
+            bitwise = [p for r in range(UPSTREAM_R)  # the failed rank included: alive and masked
                        for p in diff_pair(out[r][i], m, r, case["fp8"], f"rank {r}")]
             float_bad = []
             for r in range(UPSTREAM_R):
                 if r == case["fail_rank"]:
-                    continue
+                    continue  # masked: all zeros (checked bitwise above)
                 x, topk, w = m["xs"][r], m["topks"][r], m["ws"][r]
                 L = case["E"] // UPSTREAM_R
                 factor = (w * (0.1 * topk.float() + 1.0) * ((topk // L) != case["fail_rank"]).float()).sum(dim=1)
@@ -384,20 +377,15 @@ def make_suite(device: str):
 
         @pytest.mark.timeout(200)
         @pytest.mark.parametrize("backend,warm", [
-            pytest.param("mooncake-cpu", True, id=f"{device.upper()}-mooncake-cpu-after-warmup", marks=pytest.mark.xfail(
-                strict=True, reason="BUG: even after earlier traffic with the rank, isend to it once dead raises "
-                "UCXXUnreachableError out of MooncakeProcessGroup.send (Peer re-created per exchange); "
-                "Buffer._send does not catch it: dispatch raises instead of setting active_ranks[dead]=0")),
-            pytest.param("mooncake-cpu", False, id=f"{device.upper()}-mooncake-cpu-no-prior-traffic", marks=pytest.mark.xfail(
-                strict=True, reason="BUG: isend to a rank that died before any traffic raises UCXXUnreachableError "
-                "out of MooncakeProcessGroup.send (lazy UCX endpoint, mooncake/ref/ucx.py Peer.__init__) and "
-                "Buffer._send does not catch it: dispatch raises instead of setting active_ranks[dead]=0")),
-            pytest.param("gloo", True, id=f"{device.upper()}-gloo-after-warmup", marks=pytest.mark.xfail(
-                strict=True, reason="BUG: gloo's isend to a dead peer raises RuntimeError('Connection closed by "
-                "peer') synchronously; Buffer._send does not catch it, so dispatch raises instead of masking")),
+            # isend to the dead rank raises (mooncake-cpu: UCXXUnreachableError, also without earlier
+            # traffic; gloo: "Connection closed by peer"): the Buffer must mask it, not raise
+            pytest.param("mooncake-cpu", True, id=f"{device.upper()}-mooncake-cpu-after-warmup"),
+            pytest.param("mooncake-cpu", False, id=f"{device.upper()}-mooncake-cpu-no-prior-traffic"),
+            pytest.param("gloo", True, id=f"{device.upper()}-gloo-after-warmup"),
         ])
         def test_killed_rank(self, cluster_factory, backend, warm):
-            """Rank 2 is SIGKILLed before the dispatch; survivors (timeout 2 s) mask it and match failed={2}."""
+            """Rank 2 is SIGKILLed before the dispatch; survivors (timeout 2 s) mask it and match failed={2};
+            their next call (rank 2 masked, still sent to as an alive masked rank would be) does not wait."""
             if device == "cuda" and backend == "mooncake-cpu":
                 pytest.skip("mooncake-cpu carries CPU tensors only")
             c = _fresh_cluster(cluster_factory, backend, device)
@@ -411,15 +399,10 @@ def make_suite(device: str):
             assert not bad, "\n".join(bad)
 
         @pytest.mark.timeout(200)
-        @pytest.mark.parametrize("backend", [
-            pytest.param("mooncake-cpu", id=f"{device.upper()}-mooncake-cpu"),
-            pytest.param("gloo", id=f"{device.upper()}-gloo", marks=pytest.mark.xfail(
-                strict=True, reason="BUG: Buffer keeps its in-flight send works only in self._sends; when the "
-                "Buffer is garbage-collected, gloo drops sends the peer has not matched yet (rendezvous "
-                "protocol), so the peer times out and masks a LIVE rank")),
-        ])
+        @pytest.mark.parametrize("backend", [pytest.param(b, id=f"{device.upper()}-{b}") for b in ("mooncake-cpu", "gloo")])
         def test_dropped_buffer_keeps_sends(self, cluster_factory, backend):
-            """Rank 0 drops its Buffer right after its combine; rank 1's (hooked) combine must still get the data."""
+            """Rank 0 drops its Buffer right after its combine; rank 1's (hooked) combine must still get the data
+            (gloo loses a send whose work object dies before the peer matched it: the outbox keeps it)."""
             if device == "cuda" and backend == "mooncake-cpu":
                 pytest.skip("mooncake-cpu carries CPU tensors only")
             case = dict(T=8, H=128, E=4, K=2, fp8=False, seed=11, n=[8, 6], mask_p=0.0)
@@ -427,33 +410,31 @@ def make_suite(device: str):
             assert [o["active_combine"].tolist() for o in out] == [[1, 1], [1, 1]]
 
         @pytest.mark.timeout(200)
-        @pytest.mark.xfail(strict=True, reason="BUG: Buffer.dispatch uses one peer list for sending and receiving "
-                           "(peers = ranks with mask 1): nobody sends to a masked rank, yet the masked rank waits "
-                           "timeout_us for every source, then zeroes their active_ranks entries and receives "
-                           "nothing; docs/ep-semantics.md and the model: an alive masked rank still receives")
-        def test_masked_rank_still_receives(self, cluster_factory):
-            """Both ranks call dispatch with active_ranks = [1, 0]: rank 1 must get rank 0's rows, mask unchanged."""
+        @pytest.mark.parametrize("backend", [pytest.param(b, id=f"{device.upper()}-{b}") for b in ("mooncake-cpu", "gloo")])
+        def test_masked_rank_still_receives(self, cluster_factory, backend):
+            """Both ranks call dispatch with active_ranks = [1, 0]: rank 1 must get rank 0's rows at once (it waits
+            for no source), rank 0 must not wait for rank 1, and the mask stays as it was."""
             if device == "cuda":
-                pytest.skip("covered on CPU (mooncake-cpu)")
+                pytest.skip("covered on CPU")
             case = dict(T=8, H=128, E=4, K=2, fp8=False, seed=31, n=[8, 5], mask_p=0.0)
-            c = cluster_factory(2, "mooncake-cpu", env=EP_ENV, timeout_s=46.0, device=device)  # own cluster: poisoned after
-            out = c.run(ep_jobs.masked_rank_job, case, 1, 500_000)
+            c = cluster_factory(2, backend, env=EP_ENV, timeout_s=46.0, device=device)
+            out = c.run(ep_jobs.masked_rank_job, case, 1, 5_000_000)
             m = model_case(dict(case, mask=[1, 0]), 2)
             bad = [p for r in range(2) for p in diff_dispatch(out[r], m["results"][r], False, m["active_out"], f"rank {r}")]
+            bad += [f"rank {r} waited {out[r]['t_dispatch']:.2f}s" for r in range(2) if out[r]["t_dispatch"] > 1.0]
             assert not bad, "\n".join(bad)
 
         @pytest.mark.timeout(200)
-        @pytest.mark.xfail(strict=True, reason="BUG: a timed-out source's irecv stays posted with the same fixed tag "
-                           "(_TAG_COUNTS/_TAG_INDEX/_TAG_ROWS carry no call id), so call 1's late messages are "
-                           "matched by call 2's receives: late data IS used in a later call")
-        def test_late_data_not_used_in_next_call(self, cluster_factory):
+        @pytest.mark.parametrize("backend", [pytest.param(b, id=f"{device.upper()}-{b}") for b in ("mooncake-cpu", "gloo")])
+        def test_late_data_not_used_in_next_call(self, cluster_factory, backend):
             """Rank 1 dispatches 1 s late, rank 0 times it out (0.2 s); the next call (all active, new routing)
-            must equal the model: late data of call 1 is never used (docs/ep-semantics.md, Failures)."""
+            must equal the model: late data of call 1 is never used (docs/ep-semantics.md, Failures), and on
+            gloo the timeout must not break the group."""
             if device == "cuda":
-                pytest.skip("covered on CPU (mooncake-cpu)")
+                pytest.skip("covered on CPU")
             a = dict(T=8, H=128, E=4, K=2, fp8=False, seed=21, n=[8, 8], mask_p=0.0)
             b = dict(a, seed=22, n=[5, 7])
-            c = cluster_factory(2, "mooncake-cpu", env=EP_ENV, timeout_s=47.0, device=device)  # own cluster: poisoned after
+            c = cluster_factory(2, backend, env=EP_ENV, timeout_s=47.0, device=device)
             out = c.run(ep_jobs.late_data_job, a, b, 1, 1.0, 200_000, timeout_s=40)
             R = 2
             first = model_case(dict(a, mask=[1, 1]), R, failed=frozenset({1}))
@@ -467,6 +448,20 @@ def make_suite(device: str):
                     bad.append(f"rank {r} call 2 raised {got['error']}")
                 else:
                     bad += diff_dispatch(got, second["results"][r], False, second["active_out"], f"rank {r} call 2")
+            assert not bad, "\n".join(bad)
+
+        @pytest.mark.timeout(200)
+        @pytest.mark.parametrize("backend", [pytest.param(b, id=f"{device.upper()}-{b}") for b in ("mooncake-cpu", "gloo")])
+        def test_update_ep_member_resyncs(self, cluster_factory, backend):
+            """Rank 1 makes a dispatch rank 0 never makes (it times rank 0 out); after update_ep_member on both,
+            a dispatch + combine pair matches the model (call ids in step, the lone call's data dropped)."""
+            if device == "cuda":
+                pytest.skip("covered on CPU")
+            case = dict(T=8, H=128, E=4, K=2, fp8=True, mode="plain", seed=41, n=[7, 8], mask_p=0.2)
+            out = _cluster(cluster_factory, 2, backend, device).run(ep_jobs.resync_job, case, 1)
+            assert out[1]["lone"].tolist() == [0, 1], out[1]["lone"]
+            m = model_case(dict(case, mask=[1, 1]), 2)
+            bad = [p for r in range(2) for p in diff_pair(out[r], m, r, True, f"rank {r}")]
             assert not bad, "\n".join(bad)
 
     return Suite
