@@ -1,0 +1,1032 @@
+"""The shared-memory data plane: one ``ShmGroup`` per process group, one ``ShmOp`` per collective.
+
+Protocol (docs/fast-cpu.md has the picture).  Each rank owns, per group, a small *control* segment
+(words only it writes, except the wake-up futex) and *lane* segments it fills; peers map them
+read-only in practice.  An operation numbered ``seq`` under view epoch ``e`` has the key
+``(e << 40) | seq`` and uses lane ``seq % 2``, so two consecutive operations never share buffers.
+
+1. **post**: once every active peer has released (FREE) this lane of the previous operation that
+   used it (or already holds this operation), a rank copies its payload into its lane segment, writes the slot table and the
+   operation's description, then the lane's PUB word = key.
+2. **data complete**: every peer whose payload this rank needs has PUB = key (large reductions:
+   every owner of a part has folded it, RED = key, see below).  The rank records that it now
+   reads this lane of its peers (HOLD) and writes DONE = key.
+3. **committed**: every other active rank has DONE = key.  ``finish()`` then reads the peers'
+   segments into the user's tensors and writes FREE; ``abandon()`` writes FREE without touching
+   them.  An operation starts posting only once the previous one is committed here, so a rank is
+   never more than one operation ahead of the slowest active peer.
+4. If a committed operation is not finished yet when a later one is queued behind it (async
+   ops), its outputs are computed into private memory ("stash") and its lanes freed at once, so
+   peers never wait on this rank's control plane.
+
+Large all_reduce (``PIPELINE_MIN_BYTES`` and up) is a pipelined reduce-scatter: the tensor is cut
+into one part per active rank; every rank streams its slices of the other ranks' parts through a
+small ring per (writer, reader) pair (``RING_DEPTH`` chunks of ``CHUNK_BYTES``, which stay in
+cache), and each owner folds its part, in ascending rank order, into its lane's result region
+(RED = key when done).  ``finish`` copies every part from its owner's result region.
+
+Waiting (``wait``): spin (yielding) for ``SPIN_S``, then sleep on a process-shared futex in the
+control segment; a rank that changes a word a peer may be waiting for wakes the peers that sleep.
+Liveness: a pidfd per peer (a dead process makes it readable) and the peer's CLOSED word.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import struct
+import threading
+import time
+from datetime import timedelta
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ...control.errors import MooncakeError, WireError
+from ...control.wire import OpCode
+from ...model.reduce import DTYPE_CODES, ReduceOp
+from . import native
+from .fold import ALIGN, fold_into
+from .segment import Segment, SegmentError, host_identity
+
+# ---- tunables -------------------------------------------------------------------------------------
+CHUNK_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_CHUNK", 256 * 1024))
+RING_DEPTH = 4
+PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 20))
+NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
+SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 100)) * 1e-6
+SLEEP_SLICE_S = 0.002  # longest futex sleep before re-checking liveness
+LIVENESS_PERIOD_S = 0.002
+MIN_SEGMENT = 64 * 1024
+
+SEQ_BITS = 40
+
+# ---- control segment layout (int64 words) -------------------------------------------------------
+_MAGIC = 0x4D43534D30303031  # "MCSM0001"
+W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED = 0, 1, 2, 3, 4
+W_FUTEX = 8  # int32 in the low half of word 8 (byte 64): peers bump it to wake this rank
+W_SLEEPING = 9
+W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
+LANE0 = 24
+(L_PUB, L_OPCODE, L_DTYPE, L_REDOP, L_ROOT, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE,
+ L_RED, L_DONE, L_HOLD, L_FREE, L_RESULT_OFF) = range(15)
+L_SLOTS = 16  # (offset, nbytes) per slot
+
+
+def _lane_words(capacity: int) -> int:
+    return (L_SLOTS + 2 * capacity + 7) // 8 * 8
+
+
+class Layout:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        lw = _lane_words(capacity)
+        self.lane = (LANE0, LANE0 + lw)
+        ring = LANE0 + 2 * lw
+        self.rw_key, self.rw_cnt, self.rc_key, self.rc_cnt = (ring + i * capacity for i in range(4))
+        self.words = ring + 4 * capacity
+        self.nbytes = (self.words * 8 + 4095) // 4096 * 4096
+
+
+# ---- Store record ----------------------------------------------------------------------------
+_RECORD = struct.Struct("<QHHiiQ16s")  # magic, version, capacity, pid, ctrl fd, ctrl size, host
+
+
+def _record_key(prefix: str, rank: int) -> str:
+    return f"{prefix}/fast-cpu/{rank}"
+
+
+QUEUED, POSTED, DATA, COMMITTED, FINISHED, ABANDONED = range(6)
+
+
+def _key(epoch: int, seq: int) -> int:
+    if seq >= 1 << SEQ_BITS or epoch >= 1 << (63 - SEQ_BITS):
+        raise MooncakeError(f"operation number {seq} / epoch {epoch} out of the shared-memory plane's range")
+    return (epoch << SEQ_BITS) | seq
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor as a flat uint8 view."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _align(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+class _Peer:
+    """A mapped peer: its control words, its lane and ring segments (attached on demand)."""
+
+    def __init__(self, rank: int, pid: int, address: bytes, ctrl: Segment, layout: Layout):
+        self.rank, self.pid, self.address = rank, pid, address
+        self.ctrl = ctrl
+        self.ctl = ctrl.words(0, layout.words)
+        self.futex_addr = ctrl.addr + W_FUTEX * 8
+        self.lanes: dict[int, tuple[int, Segment]] = {}
+        self.ring: tuple[int, Segment] | None = None
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = None  # already gone
+        self.dead = self.pidfd is None
+
+    def lane_segment(self, lane: int, base: int) -> Segment:
+        gen = int(self.ctl[base + L_SEG_GEN])
+        have = self.lanes.get(lane)
+        if have is None or have[0] != gen:
+            if have is not None:
+                have[1].close()
+                del self.lanes[lane]
+            seg = Segment.attach(self.pid, int(self.ctl[base + L_SEG_FD]), int(self.ctl[base + L_SEG_SIZE]))
+            self.lanes[lane] = (gen, seg)
+            return seg
+        return have[1]
+
+    def ring_segment(self) -> Segment:
+        gen = int(self.ctl[W_RING_GEN])
+        if self.ring is None or self.ring[0] != gen:
+            if self.ring is not None:
+                self.ring[1].close()
+                self.ring = None
+            seg = Segment.attach(self.pid, int(self.ctl[W_RING_FD]), int(self.ctl[W_RING_SIZE]))
+            self.ring = (gen, seg)
+        return self.ring[1]
+
+    def close(self) -> None:
+        for _, seg in self.lanes.values():
+            seg.close()
+        self.lanes.clear()
+        if self.ring is not None:
+            self.ring[1].close()
+            self.ring = None
+        self.ctrl.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class ShmGroup:
+    """A group's shared-memory plane on one rank (a ``PlaneGroup``)."""
+
+    def __init__(self, info):
+        self.info = info
+        self.rank = info.rank
+        self.capacity = info.capacity
+        self.prefix = info.key_prefix
+        self.timeout_s = info.timeout_s
+        self.layout = Layout(info.capacity)
+        self.lock = threading.RLock()
+        self.queue: list[ShmOp] = []
+        self.peers: dict[int, _Peer] = {}
+        self.delegate: str | None = None  # why ops go to the ref plane (a remote rank), else None
+        self.closed = False
+        native.load()
+        tag = f"mooncake-fastcpu-{self.rank}"
+        self.ctrl = Segment.create(tag + "-ctrl", self.layout.nbytes)
+        self.ctl = self.ctrl.words(0, self.layout.words)
+        self.ctl[:] = 0
+        for base in self.layout.lane:  # no key is negative: nothing published, done or held yet
+            for field in (L_PUB, L_RED, L_DONE, L_HOLD, L_FREE):
+                self.ctl[base + field] = -1
+        lay = self.layout
+        self.ctl[lay.rw_key:lay.rw_key + self.capacity] = -1
+        self.ctl[lay.rc_key:lay.rc_key + self.capacity] = -1
+        self.ctl[W_VERSION], self.ctl[W_PID], self.ctl[W_CAPACITY] = 1, os.getpid(), self.capacity
+        self.ctl[W_MAGIC] = _MAGIC
+        self.futex = np.frombuffer((np.ctypeslib.as_ctypes_type(np.int32) * 1).from_address(
+            self.ctrl.addr + W_FUTEX * 8), dtype=np.int32)
+        self.futex_addr = self.ctrl.addr + W_FUTEX * 8
+        self.lanes: dict[int, tuple[int, Segment]] = {}
+        self.ring: Segment | None = None
+        self.gen = 0
+        self.scratch = torch.empty(0, dtype=torch.float32)
+        self._dead: set[int] = set()
+        self._live_checked = 0.0
+        self.host = host_identity()
+        record = _RECORD.pack(_MAGIC, 1, self.capacity, os.getpid(), self.ctrl.fd, self.ctrl.size, self.host)
+        self.address = info.addresses.get(self.rank, b"")
+        info.store.set(_record_key(self.prefix, self.rank), record + self.address)
+
+    # ---- membership ---------------------------------------------------------------------------
+    def add_ranks(self, addresses: dict[int, bytes]) -> None:
+        """Attach the segments of ranks not known yet (or replaced: a new address)."""
+        todo = {r: a for r, a in addresses.items()
+                if r != self.rank and (r not in self.peers or self.peers[r].address != a)}
+        if not todo:
+            return
+        records = self._records(todo)
+        remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
+        with self.lock:
+            if remote and self.delegate is None:
+                self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use "
+                                 "the ref plane (UCX)")
+            if self.delegate is not None:
+                return
+            for r, rec in records.items():
+                _, _, capacity, pid, fd, size, _ = rec
+                if capacity != self.capacity:
+                    raise MooncakeError(f"rank {r} opened the group with capacity {capacity}, this rank "
+                                        f"{self.capacity}")
+                try:
+                    ctrl = Segment.attach(pid, fd, size)
+                except SegmentError as exc:
+                    raise MooncakeError(f"fast CPU plane: cannot attach rank {r}'s shared memory: {exc}; "
+                                        "use MOONCAKE_IMPL=ref") from None
+                old = self.peers.pop(r, None)
+                if old is not None:
+                    old.close()
+                self.peers[r] = _Peer(r, pid, todo[r], ctrl, self.layout)
+                self._dead.discard(r)
+
+    def _records(self, addresses: dict[int, bytes]) -> dict[int, tuple]:
+        """The Store records of ``addresses``' ranks, waiting for ones not written yet (or still
+        holding a previous incarnation's record: its address differs)."""
+        store = self.info.store
+        deadline = time.monotonic() + self.timeout_s
+        out = {}
+        keys = {r: _record_key(self.prefix, r) for r in addresses}
+        try:
+            store.wait(list(keys.values()), timedelta(seconds=max(self.timeout_s, 1.0)))
+        except Exception as exc:  # DistStoreError / DistNetworkError
+            raise MooncakeError(f"fast CPU plane: ranks {sorted(addresses)} did not publish their shared "
+                                f"memory within {self.timeout_s:.0f} s ({exc})") from None
+        pending = dict(addresses)
+        while pending:
+            for r in list(pending):
+                raw = store.get(keys[r])
+                rec = _RECORD.unpack_from(raw)
+                if rec[0] != _MAGIC:
+                    raise MooncakeError(f"fast CPU plane: rank {r} published a malformed record")
+                address = bytes(raw[_RECORD.size:])
+                if not pending[r] or address == pending[r]:
+                    out[r] = rec
+                    del pending[r]
+            if pending:
+                if time.monotonic() > deadline:
+                    raise MooncakeError(f"fast CPU plane: rank(s) {sorted(pending)} did not publish a record "
+                                        "for their current incarnation in time")
+                time.sleep(0.005)
+        return out
+
+    # ---- my segments ----------------------------------------------------------------------------
+    def lane_segment(self, lane: int, nbytes: int) -> Segment:
+        """My segment of ``lane`` with at least ``nbytes`` (replaced by a bigger one when needed;
+        only called while every peer has released this lane)."""
+        have = self.lanes.get(lane)
+        if have is not None and have[1].size >= nbytes:
+            return have[1]
+        if have is not None:
+            have[1].close()
+        size = max(MIN_SEGMENT, 1 << max(0, math.ceil(math.log2(max(nbytes, 1)))))
+        seg = Segment.create(f"mooncake-fastcpu-{self.rank}-lane{lane}", size)
+        self.gen += 1
+        self.lanes[lane] = (self.gen, seg)
+        base = self.layout.lane[lane]
+        self.ctl[base + L_SEG_FD], self.ctl[base + L_SEG_SIZE] = seg.fd, seg.size
+        self.ctl[base + L_SEG_GEN] = self.gen
+        return seg
+
+    def ring_segment(self, nbytes: int) -> Segment:
+        if self.ring is not None and self.ring.size >= nbytes:
+            return self.ring
+        if self.ring is not None:
+            self.ring.close()
+        self.ring = Segment.create(f"mooncake-fastcpu-{self.rank}-ring", _align(nbytes, 4096))
+        self.gen += 1
+        self.ctl[W_RING_FD], self.ctl[W_RING_SIZE] = self.ring.fd, self.ring.size
+        self.ctl[W_RING_GEN] = self.gen
+        return self.ring
+
+    def scratch_for(self, numel: int) -> torch.Tensor:
+        if self.scratch.numel() < numel:
+            self.scratch = torch.empty(numel, dtype=torch.float32)
+        return self.scratch
+
+    # ---- signals --------------------------------------------------------------------------------
+    def wake(self, ranks: Sequence[int]) -> None:
+        """Wake the peers among ``ranks`` that sleep (call after changing a word they may wait on)."""
+        if native.lib is None:
+            return
+        native.lib.mc_fence()
+        for r in ranks:
+            p = self.peers.get(r)
+            if p is not None and p.ctl[W_SLEEPING]:
+                native.lib.mc_futex_bump_wake(p.futex_addr)
+
+    def peer(self, rank: int) -> _Peer:
+        p = self.peers.get(rank)
+        if p is None:
+            raise MooncakeError(f"fast CPU plane: rank {rank} is in the view but its shared memory was "
+                                "never attached (add_ranks missing)")
+        return p
+
+    def failed(self, ranks: Sequence[int]) -> frozenset[int]:
+        now = time.monotonic()
+        if now - self._live_checked >= LIVENESS_PERIOD_S:
+            self._live_checked = now
+            fds = {p.pidfd: r for r, p in self.peers.items() if p.pidfd is not None and r not in self._dead}
+            if fds:
+                readable, _, _ = select.select(list(fds), [], [], 0)
+                self._dead.update(fds[fd] for fd in readable)
+            for r, p in self.peers.items():
+                if p.pidfd is None or p.ctl[W_CLOSED]:
+                    self._dead.add(r)
+        return frozenset(r for r in ranks if r in self._dead)
+
+    # ---- driving --------------------------------------------------------------------------------
+    def enqueue(self, op: "ShmOp") -> "ShmOp":
+        with self.lock:
+            if self.closed:
+                raise MooncakeError("the fast CPU plane of this group is closed")
+            i = len(self.queue)
+            while i > 0 and self.queue[i - 1].seq > op.seq:
+                i -= 1
+            self.queue.insert(i, op)
+            self.pump()
+        return op
+
+    def pump(self) -> None:
+        """Advance queued operations in order, as far as they can go without waiting."""
+        with self.lock:
+            queue = self.queue
+            last = len(queue) - 1
+            for i, op in enumerate(queue):
+                if op.state == QUEUED and not op.try_post():
+                    return
+                if op.state == POSTED and not op.try_data():
+                    return
+                if op.state == DATA and not op.try_commit():
+                    return
+                if i < last and op.state == COMMITTED and op.stash is None:
+                    op.stash_outputs()
+
+    def wait(self, op: "ShmOp", timeout_s: float) -> bool:
+        """Block (spin, then futex) until ``op`` is committed, a peer of it died, or ``timeout_s``."""
+        now = time.monotonic()
+        deadline = now + max(timeout_s, 0.0)
+        spin_end = now + SPIN_S
+        while True:
+            self.pump()
+            if op.state >= COMMITTED:
+                return op.state != ABANDONED
+            if self.failed(op.others):
+                return False
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now < spin_end:
+                os.sched_yield()
+                continue
+            seen = int(self.futex[0])
+            native.store_fence(self.ctl, W_SLEEPING, 1)
+            self.pump()
+            if op.state < COMMITTED:
+                native.futex_wait(self.futex_addr, seen, min(deadline - now, SLEEP_SLICE_S))
+            self.ctl[W_SLEEPING] = 0
+            spin_end = time.monotonic() + SPIN_S / 4
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for op in list(self.queue):
+                op.abandon()
+            self.ctl[W_CLOSED] = 1
+            self.wake(list(self.peers))
+            for p in self.peers.values():
+                p.close()
+            self.peers.clear()
+            for _, seg in self.lanes.values():
+                seg.close()
+            self.lanes.clear()
+            if self.ring is not None:
+                self.ring.close()
+                self.ring = None
+            self.futex = None
+            self.ctl = None
+            self.ctrl.close()
+
+
+# ======================================================================================== operations
+
+class ShmOp:
+    """One collective on this rank (a ``PlaneOp``).  Subclasses say what is published, whose
+    publications are needed, and how outputs are written."""
+
+    opcode: OpCode
+
+    def __init__(self, group: ShmGroup, ctx, dtype: torch.dtype | None = None, redop: int = 0,
+                 root: int = -1):
+        self.g = group
+        self.ctx = ctx
+        self.name = ctx.name
+        self.seq = ctx.seq
+        self.key = _key(ctx.view.epoch, ctx.seq)
+        self.lane = ctx.seq & 1
+        self.base = group.layout.lane[self.lane]
+        self.me = ctx.rank
+        self.active = tuple(ctx.view.active)
+        self.others = tuple(r for r in self.active if r != self.me)
+        self.dtype_code = -1 if dtype is None else DTYPE_CODES[dtype]
+        self.redop = int(redop)
+        self.root = root
+        self.state = QUEUED
+        self.needs: tuple[int, ...] = ()
+        self.outputs: list[torch.Tensor] = []
+        self.stash: list[torch.Tensor] | None = None
+        self.stash_error: BaseException | None = None
+        self.held = False
+
+    # -- the PlaneOp interface -------------------------------------------------------------------
+    @property
+    def data_complete(self) -> bool:
+        return DATA <= self.state <= FINISHED
+
+    @property
+    def committed(self) -> bool:
+        return COMMITTED <= self.state <= FINISHED
+
+    def progress(self) -> None:
+        if self.state < COMMITTED:
+            self.g.pump()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until committed (True), a peer of this op is found dead or ``timeout_s`` passed."""
+        return self.g.wait(self, timeout_s)
+
+    def failed_peers(self) -> frozenset[int]:
+        return self.g.failed(self.others)
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        with self.g.lock:
+            if self.state == QUEUED:
+                return tuple(r for r in self.others if not self._released(r))
+            if self.state == POSTED:
+                return self._missing()
+            if self.state == DATA:
+                return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_DONE] != self.key)
+            return ()
+
+    def finish(self) -> None:
+        g = self.g
+        with g.lock:
+            if self.state == FINISHED:
+                return
+            if not DATA <= self.state <= COMMITTED:
+                raise MooncakeError(f"{self.name}: finish() on an operation that is not complete "
+                                    f"(state {self.state})")
+            try:
+                if self.stash_error is not None:
+                    raise self.stash_error
+                if self.stash is not None:
+                    for out, kept in zip(self.outputs, self.stash):
+                        native.copy(_raw(out), _raw(kept), out.numel() * out.element_size() >= NT_MIN_BYTES)
+                else:
+                    self.write(self.outputs)
+            finally:
+                self.state = FINISHED
+                self._release()
+
+    def abandon(self) -> None:
+        with self.g.lock:
+            if self.state in (FINISHED, ABANDONED):
+                return
+            self.state = ABANDONED
+            self._release()
+
+    # -- state machine (called under the group lock) ------------------------------------------------
+    def _released(self, r: int) -> bool:
+        """Rank ``r`` no longer reads this lane of an earlier operation: it freed what it held, or
+        holds this operation (or a later one) already."""
+        ctl = self.g.peer(r).ctl
+        held = ctl[self.base + L_HOLD]
+        return ctl[self.base + L_FREE] >= held or held >= self.key
+
+    def try_post(self) -> bool:
+        if self.g.closed:
+            return False
+        for r in self.others:
+            if not self._released(r):
+                return False
+        self.publish()
+        self.state = POSTED
+        self.g.wake(self.others)
+        return True
+
+    def try_data(self) -> bool:
+        if not self.gathered():
+            return False
+        # map what finish() will read now, while the peers must keep it (they may exit once
+        # committed); a failure surfaces from finish()
+        for r in self.needs:
+            p = self.g.peer(r)
+            if p.ctl[self.base + L_SEG_GEN] > 0:
+                try:
+                    p.lane_segment(self.lane, self.base)
+                except SegmentError as exc:
+                    self.stash_error = MooncakeError(f"{self.name}: cannot map rank {r}'s shared memory: {exc}")
+        ctl = self.g.ctl
+        ctl[self.base + L_HOLD] = self.key
+        self.held = True
+        ctl[self.base + L_DONE] = self.key
+        self.state = DATA
+        self.g.wake(self.others)
+        return True
+
+    def try_commit(self) -> bool:
+        key, at = self.key, self.base + L_DONE
+        for r in self.others:
+            if self.g.peer(r).ctl[at] != key:
+                return False
+        self.state = COMMITTED
+        return True
+
+    def stash_outputs(self) -> None:
+        """Compute the outputs into private memory now and free the lanes (a later op waits)."""
+        self.stash = [torch.empty_like(o) for o in self.outputs]
+        try:
+            self.write(self.stash)
+        except BaseException as exc:  # noqa: BLE001 - raised again by finish()
+            self.stash_error = exc
+        self._free_lanes()
+
+    def _release(self) -> None:
+        g = self.g
+        if self in g.queue:
+            g.queue.remove(self)
+        self._free_lanes()
+
+    def _free_lanes(self) -> None:
+        if self.held and self.g.ctl is not None:
+            self.held = False
+            self.g.ctl[self.base + L_FREE] = self.key
+            self.g.wake(self.others)
+
+    # -- publishing (eager: whole payloads into my lane) ----------------------------------------------
+    def sends(self) -> list[tuple[int, torch.Tensor]]:
+        return []
+
+    def publish(self) -> None:
+        sends = self.sends()
+        g, base = self.g, self.base
+        ctl = g.ctl
+        total = sum(_align(t.numel() * t.element_size()) for _, t in sends)
+        nslots = 0
+        if sends:
+            seg = g.lane_segment(self.lane, total)
+            off = 0
+            for slot, t in sends:
+                nb = t.numel() * t.element_size()
+                native.copy(seg.bytes[off:off + nb], _raw(t), nb >= NT_MIN_BYTES)
+                ctl[base + L_SLOTS + 2 * slot] = off
+                ctl[base + L_SLOTS + 2 * slot + 1] = nb
+                nslots = max(nslots, slot + 1)
+                off += _align(nb)
+        self._describe(nslots, total)
+        ctl[base + L_PUB] = self.key
+
+    def _describe(self, nslots: int, nbytes: int) -> None:
+        ctl, base = self.g.ctl, self.base
+        ctl[base + L_OPCODE] = int(self.opcode)
+        ctl[base + L_DTYPE] = self.dtype_code
+        ctl[base + L_REDOP] = self.redop
+        ctl[base + L_ROOT] = self.root
+        ctl[base + L_NSLOTS] = nslots
+        ctl[base + L_NBYTES] = nbytes
+
+    def gathered(self) -> bool:
+        key, at = self.key, self.base + L_PUB
+        for r in self.needs:
+            if self.g.peer(r).ctl[at] != key:
+                return False
+        return True
+
+    def _missing(self) -> tuple[int, ...]:
+        return tuple(r for r in self.needs if self.g.peer(r).ctl[self.base + L_PUB] != self.key)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def check(self, r: int) -> None:
+        """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
+        ctl, base = self.g.peer(r).ctl, self.base
+        got = int(ctl[base + L_OPCODE])
+        if got != int(self.opcode):
+            name = OpCode(got).name.lower() if got in OpCode._value2member_map_ else f"operation {got}"
+            raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
+                            f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
+                            "the same order")
+        got = int(ctl[base + L_DTYPE])
+        if got != self.dtype_code:
+            raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(got)}, this rank "
+                            f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
+        got = int(ctl[base + L_REDOP])
+        if got != self.redop:
+            raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(got)}, this rank "
+                            f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
+        got = int(ctl[base + L_ROOT])
+        if got != self.root:
+            raise WireError(f"{self.name}: rank {r} used root {got}, this rank {self.root}: the root must "
+                            "agree across ranks")
+
+    def slot(self, r: int, slot: int, nbytes: int) -> torch.Tensor:
+        """The bytes rank ``r`` published in ``slot`` (checked to hold exactly ``nbytes``)."""
+        g, base = self.g, self.base
+        if r == self.me:
+            ctl, seg = g.ctl, g.lanes[self.lane][1]
+        else:
+            self.check(r)
+            p = g.peer(r)
+            ctl = p.ctl
+            seg = p.lane_segment(self.lane, base)
+        if slot >= ctl[base + L_NSLOTS]:
+            raise WireError(f"{self.name}: rank {r} published no block for slot {slot}: the ranks disagree "
+                            "on the number of slots")
+        off, nb = int(ctl[base + L_SLOTS + 2 * slot]), int(ctl[base + L_SLOTS + 2 * slot + 1])
+        if nb != nbytes:
+            raise WireError(f"{self.name}: rank {r} sent {nb} bytes for slot {slot}, this rank expects "
+                            f"{nbytes}: tensor sizes must agree across ranks")
+        return seg.bytes[off:off + nb]
+
+    def write(self, outs: list[torch.Tensor]) -> None:
+        """Write the outputs into ``outs`` (the user's tensors, or a stash shaped like them)."""
+
+
+def _dtype_name(code: int) -> str:
+    for dtype, c in DTYPE_CODES.items():
+        if c == code:
+            return str(dtype)
+    return f"code {code}"
+
+
+def _redop_name(code: int) -> str:
+    return ReduceOp(code).name if code in ReduceOp._value2member_map_ else f"code {code}"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _copy_into(out: torch.Tensor, src: torch.Tensor) -> None:
+    nb = _nbytes(out)
+    native.copy(_raw(out), src, nb >= NT_MIN_BYTES)
+
+
+class _AllReduce(ShmOp):
+    opcode = OpCode.ALL_REDUCE
+
+    def __init__(self, g, ctx, tensor, op):
+        super().__init__(g, ctx, tensor.dtype, int(op))
+        self.tensor, self.op = tensor, ReduceOp(op)
+        self.outputs = [tensor]
+        self.needs = self.others
+
+    def sends(self):
+        return [(0, self.tensor)]
+
+    def write(self, outs):
+        t = self.tensor
+        nb = _nbytes(t)
+        inputs = [self.slot(r, 0, nb).view(t.dtype) for r in self.active]
+        out = outs[0].reshape(-1)
+        fold_into(self.op, inputs, out, self.g.scratch_for(out.numel()), nb >= NT_MIN_BYTES)
+
+
+class _Reduce(_AllReduce):
+    opcode = OpCode.REDUCE
+
+    def __init__(self, g, ctx, tensor, op, root):
+        super().__init__(g, ctx, tensor, op)
+        self.root = root
+        if self.me != root:
+            self.outputs, self.needs = [], ()
+        else:
+            self.needs = self.others
+
+    def write(self, outs):
+        if self.me == self.root:
+            super().write(outs)
+
+
+class _Broadcast(ShmOp):
+    opcode = OpCode.BROADCAST
+
+    def __init__(self, g, ctx, tensor, root):
+        super().__init__(g, ctx, tensor.dtype, 0, root)
+        self.tensor = tensor
+        if self.me == root:
+            self.needs = ()
+        else:
+            self.needs, self.outputs = (root,), [tensor]
+
+    def sends(self):
+        return [(0, self.tensor)] if self.me == self.root else []
+
+    def write(self, outs):
+        if self.me != self.root:
+            _copy_into(outs[0], self.slot(self.root, 0, _nbytes(self.tensor)))
+
+
+def _fill(outs: list[torch.Tensor], present: set[int], get) -> None:
+    for s, out in enumerate(outs):
+        if s in present:
+            _copy_into(out, get(s, _nbytes(out)))
+        else:
+            out.zero_()
+
+
+class _AllGather(ShmOp):
+    opcode = OpCode.ALL_GATHER
+
+    def __init__(self, g, ctx, outputs, tensor):
+        super().__init__(g, ctx, tensor.dtype)
+        self.tensor = tensor
+        self.outputs = list(outputs)
+        self.needs = self.others
+
+    def sends(self):
+        return [(0, self.tensor)]
+
+    def write(self, outs):
+        _fill(outs, set(self.active), lambda s, nb: self.slot(s, 0, nb))
+
+
+class _Gather(_AllGather):
+    opcode = OpCode.GATHER
+
+    def __init__(self, g, ctx, outputs, tensor, root):
+        super().__init__(g, ctx, outputs or [], tensor)
+        self.root = root
+        if self.me != root:
+            self.outputs, self.needs = [], ()
+
+    def write(self, outs):
+        if self.me == self.root:
+            super().write(outs)
+
+
+class _Scatter(ShmOp):
+    opcode = OpCode.SCATTER
+
+    def __init__(self, g, ctx, tensor, inputs, root):
+        super().__init__(g, ctx, tensor.dtype, 0, root)
+        self.tensor, self.inputs = tensor, inputs
+        self.outputs = [tensor]
+        self.needs = () if self.me == root else (root,)
+
+    def sends(self):
+        if self.me != self.root:
+            return []
+        return [(r, self.inputs[r]) for r in self.active]
+
+    def write(self, outs):
+        _copy_into(outs[0], self.slot(self.root, self.me, _nbytes(self.tensor)))
+
+
+class _ReduceScatter(ShmOp):
+    opcode = OpCode.REDUCE_SCATTER
+
+    def __init__(self, g, ctx, output, inputs, op):
+        super().__init__(g, ctx, output.dtype, int(op))
+        self.output, self.inputs, self.op = output, inputs, ReduceOp(op)
+        self.outputs = [output]
+        self.needs = self.others
+
+    def sends(self):
+        return [(r, self.inputs[r]) for r in self.active]
+
+    def write(self, outs):
+        out = outs[0].reshape(-1)
+        nb = _nbytes(out)
+        inputs = [self.slot(r, self.me, nb).view(out.dtype) for r in self.active]
+        fold_into(self.op, inputs, out, self.g.scratch_for(out.numel()), nb >= NT_MIN_BYTES)
+
+
+class _AllToAll(ShmOp):
+    opcode = OpCode.ALL_TO_ALL
+
+    def __init__(self, g, ctx, outputs, inputs):
+        dtype = inputs[0].dtype if inputs else (outputs[0].dtype if outputs else None)
+        super().__init__(g, ctx, dtype)
+        self.inputs = inputs
+        self.outputs = list(outputs)
+        self.needs = self.others
+
+    def sends(self):
+        return [(r, self.inputs[r]) for r in self.active]
+
+    def write(self, outs):
+        _fill(outs, set(self.active), lambda s, nb: self.slot(s, self.me, nb))
+
+
+class _Barrier(ShmOp):
+    opcode = OpCode.BARRIER
+
+    def __init__(self, g, ctx):
+        super().__init__(g, ctx)
+        self.needs = self.others
+
+
+class _RingAllReduce(_AllReduce):
+    """Pipelined reduce-scatter + copy-out for large all_reduce (see the module docstring)."""
+
+    def __init__(self, g, ctx, tensor, op):
+        super().__init__(g, ctx, tensor, op)
+        n = len(self.active)
+        self.flat = tensor.reshape(-1)
+        numel = self.flat.numel()
+        self.elt = tensor.element_size()
+        per = _align(math.ceil(numel / n), ALIGN)
+        self.parts = {r: (min(numel, i * per), min(numel, (i + 1) * per)) for i, r in enumerate(self.active)}
+        self.chunk = max(ALIGN, CHUNK_BYTES // self.elt // ALIGN * ALIGN)
+        self.chunk_bytes = self.chunk * self.elt
+        self.pos = {r: i for i, r in enumerate(r for r in self.active)}
+        lo, hi = self.parts[self.me]
+        self.n_in = math.ceil((hi - lo) / self.chunk)
+        self.n_out = {r: math.ceil((self.parts[r][1] - self.parts[r][0]) / self.chunk) for r in self.others}
+        self.w_next = {r: 0 for r in self.others}
+        self.f_next = 0
+        self.red = False
+        self.ring_stride = RING_DEPTH * self.chunk_bytes
+
+    def _ring_index(self, writer: int, reader: int) -> int:
+        """Where the ring (writer -> reader) sits among the writer's rings."""
+        i = self.pos[reader]
+        return i - 1 if self.pos[writer] < i else i
+
+    def publish(self):
+        g, base, ctl, lay = self.g, self.base, self.g.ctl, self.g.layout
+        lo, hi = self.parts[self.me]
+        g.lane_segment(self.lane, max(1, (hi - lo) * self.elt))
+        ctl[base + L_RESULT_OFF] = 0
+        self.ring = g.ring_segment(max(1, len(self.others)) * self.ring_stride)
+        for r in self.others:
+            ctl[lay.rc_cnt + r] = 0
+            ctl[lay.rc_key + r] = self.key
+            ctl[lay.rw_cnt + r] = 0
+            ctl[lay.rw_key + r] = self.key
+        self._describe(0, _nbytes(self.tensor))
+        ctl[base + L_PUB] = self.key
+
+    def _stream(self) -> bool:
+        """Write ring chunks and fold my part's chunks while possible; True if anything moved."""
+        g, lay, key, me = self.g, self.g.layout, self.key, self.me
+        ctl = g.ctl
+        moved = False
+        for r in self.others:
+            j = self.w_next[r]
+            if j >= self.n_out[r]:
+                continue
+            if j >= RING_DEPTH:
+                pc = g.peer(r).ctl
+                if pc[lay.rc_key + me] != key or pc[lay.rc_cnt + me] < j - RING_DEPTH + 1:
+                    continue
+            lo, hi = self.parts[r]
+            a = lo + j * self.chunk
+            b = min(hi, a + self.chunk)
+            off = self._ring_index(me, r) * self.ring_stride + (j % RING_DEPTH) * self.chunk_bytes
+            native.copy(self.ring.bytes[off:off + (b - a) * self.elt], _raw(self.flat[a:b]))
+            ctl[lay.rw_cnt + r] = j + 1
+            self.w_next[r] = j + 1
+            g.wake((r,))
+            moved = True
+        j = self.f_next
+        if j < self.n_in:
+            for r in self.others:
+                pc = g.peer(r).ctl
+                if pc[lay.rw_key + me] != key or pc[lay.rw_cnt + me] < j + 1:
+                    return moved
+            lo, hi = self.parts[me]
+            a = lo + j * self.chunk
+            b = min(hi, a + self.chunk)
+            nb = (b - a) * self.elt
+            slot_off = (j % RING_DEPTH) * self.chunk_bytes
+            dtype = self.tensor.dtype
+            inputs = []
+            for r in self.active:
+                if r == me:
+                    inputs.append(self.flat[a:b])
+                else:
+                    seg = g.peer(r).ring_segment()
+                    off = self._ring_index(r, me) * self.ring_stride + slot_off
+                    inputs.append(seg.bytes[off:off + nb].view(dtype))
+            res = g.lanes[self.lane][1].bytes[(a - lo) * self.elt:(b - lo) * self.elt].view(dtype)
+            fold_into(self.op, inputs, res, g.scratch_for(b - a), nt=True)
+            for r in self.others:
+                ctl[lay.rc_cnt + r] = j + 1
+            self.f_next = j + 1
+            g.wake(self.others)
+            moved = True
+        return moved
+
+    def gathered(self) -> bool:
+        while self._stream():
+            pass
+        if self.f_next < self.n_in or any(self.w_next[r] < self.n_out[r] for r in self.others):
+            return False
+        if not self.red:
+            self.red = True
+            self.g.ctl[self.base + L_RED] = self.key
+            self.g.wake(self.others)
+        key, at = self.key, self.base + L_RED
+        for r in self.others:
+            if self.g.peer(r).ctl[at] != key:
+                return False
+        return True
+
+    def _missing(self):
+        return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_RED] != self.key)
+
+    def write(self, outs):
+        g, dtype = self.g, self.tensor.dtype
+        out = outs[0].reshape(-1)
+        for r in self.active:
+            lo, hi = self.parts[r]
+            nb = (hi - lo) * self.elt
+            if r == self.me:
+                src = g.lanes[self.lane][1].bytes[:nb]
+            else:
+                self.check(r)
+                src = g.peer(r).lane_segment(self.lane, self.base).bytes[:nb]
+            native.copy(_raw(out[lo:hi]), src, nb >= NT_MIN_BYTES)
+        del dtype
+
+
+# ======================================================================================== the plane
+
+class FastCpuGroup:
+    """The ``PlaneGroup`` handed to the control plane: shared memory while every rank of the group
+    runs on this host, the ref plane (UCX) once any rank does not."""
+
+    def __init__(self, info):
+        self.info = info
+        self.shm = ShmGroup(info)
+        try:
+            self.shm.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
+        except BaseException:
+            self.shm.close()
+            raise
+
+    @property
+    def delegate(self) -> str | None:
+        return self.shm.delegate
+
+    def _ref(self):
+        from ...ref import collectives as ref
+        return ref
+
+    def _run(self, op: ShmOp) -> ShmOp:
+        return self.shm.enqueue(op)
+
+    def all_reduce(self, ctx, tensor, op):
+        if self.shm.delegate:
+            return self._ref().all_reduce(ctx, tensor, op)
+        big = _nbytes(tensor) >= PIPELINE_MIN_BYTES and len(ctx.view.active) > 1
+        return self._run((_RingAllReduce if big else _AllReduce)(self.shm, ctx, tensor, op))
+
+    def broadcast(self, ctx, tensor, root):
+        if self.shm.delegate:
+            return self._ref().broadcast(ctx, tensor, root)
+        return self._run(_Broadcast(self.shm, ctx, tensor, root))
+
+    def reduce(self, ctx, tensor, op, root):
+        if self.shm.delegate:
+            return self._ref().reduce(ctx, tensor, op, root)
+        return self._run(_Reduce(self.shm, ctx, tensor, op, root))
+
+    def all_gather(self, ctx, outputs, tensor):
+        if self.shm.delegate:
+            return self._ref().all_gather(ctx, outputs, tensor)
+        return self._run(_AllGather(self.shm, ctx, outputs, tensor))
+
+    def gather(self, ctx, outputs, tensor, root):
+        if self.shm.delegate:
+            return self._ref().gather(ctx, outputs, tensor, root)
+        return self._run(_Gather(self.shm, ctx, outputs, tensor, root))
+
+    def scatter(self, ctx, tensor, inputs, root):
+        if self.shm.delegate:
+            return self._ref().scatter(ctx, tensor, inputs, root)
+        return self._run(_Scatter(self.shm, ctx, tensor, inputs, root))
+
+    def reduce_scatter(self, ctx, output, inputs, op):
+        if self.shm.delegate:
+            return self._ref().reduce_scatter(ctx, output, inputs, op)
+        return self._run(_ReduceScatter(self.shm, ctx, output, inputs, op))
+
+    def all_to_all(self, ctx, outputs, inputs):
+        if self.shm.delegate:
+            return self._ref().all_to_all(ctx, outputs, inputs)
+        return self._run(_AllToAll(self.shm, ctx, outputs, inputs))
+
+    def barrier(self, ctx):
+        if self.shm.delegate:
+            return self._ref().barrier(ctx)
+        return self._run(_Barrier(self.shm, ctx))
+
+    def add_ranks(self, addresses: dict[int, bytes]) -> None:
+        self.shm.add_ranks(addresses)
+
+    def close(self) -> None:
+        self.shm.close()

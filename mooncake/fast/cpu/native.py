@@ -1,0 +1,174 @@
+"""The compiled helpers of the shared-memory plane (``csrc/cpu/mooncake_shm.c``), with fallbacks.
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache
+directory keyed by the source's hash and the compiler flags (``$MOONCAKE_CACHE_DIR``, else
+``~/.cache/mooncake``), then loaded with ctypes.  Concurrent ranks compiling at once each write a
+private temporary file and rename it into place.  If there is no compiler, the build fails, or
+``MOONCAKE_FAST_CPU_NATIVE=0``, every helper falls back to torch / Python code with the same
+results (only slower): ``native.lib`` is then None and ``native.reason`` says why.
+
+Helpers:
+
+* ``copy(dst, src, nt)``: tensor bytes copy; ``nt`` asks for non-temporal stores (large buffers
+  nobody reads soon).
+* ``sum_into(out, inputs, nt)``: left-fold SUM of float32 / float64 inputs (returns False when it
+  cannot serve the dtype, so the caller uses torch).
+* ``Futex``: process-shared futex wait / wake on an int32 word of a shared mapping.
+* ``store_fence(array, index, value)``: a store followed by a full fence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+import numpy as np
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "csrc", "cpu", "mooncake_shm.c")
+_ABI = 3
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+
+lib: ctypes.CDLL | None = None
+reason: str | None = None
+_lock = threading.Lock()
+_loaded = False
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("MOONCAKE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mooncake")
+    return os.path.join(base, "native")
+
+
+def _build() -> str:
+    """Path of the compiled library for this source and these flags (compiling it if needed)."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    compiler = os.environ.get("CC", "cc")
+    digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()
+                            + os.uname().machine.encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = os.path.join(out_dir, f"libmooncake_shm-{digest}.so")
+    if os.path.exists(target):
+        return target
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(cdll: ctypes.CDLL) -> None:
+    c = ctypes
+    cdll.mc_abi.restype = c.c_int
+    cdll.mc_load.argtypes = [c.c_void_p]
+    cdll.mc_load.restype = c.c_int64
+    cdll.mc_store.argtypes = [c.c_void_p, c.c_int64]
+    cdll.mc_store_fence.argtypes = [c.c_void_p, c.c_int64]
+    cdll.mc_fence.argtypes = []
+    cdll.mc_futex_wait.argtypes = [c.c_void_p, c.c_int32, c.c_int64]
+    cdll.mc_futex_wait.restype = c.c_int
+    cdll.mc_futex_bump_wake.argtypes = [c.c_void_p]
+    cdll.mc_spin_until_ge.argtypes = [c.c_void_p, c.c_int64, c.c_int64]
+    cdll.mc_spin_until_ge.restype = c.c_int
+    cdll.mc_copy.argtypes = [c.c_void_p, c.c_void_p, c.c_size_t, c.c_int]
+    for name in ("mc_sum_f32", "mc_sum_f64"):
+        getattr(cdll, name).argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_size_t, c.c_int]
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, or None (``reason`` says why); built and loaded once per process."""
+    global lib, reason, _loaded
+    with _lock:
+        if _loaded:
+            return lib
+        _loaded = True
+        if os.environ.get("MOONCAKE_FAST_CPU_NATIVE", "1").strip() == "0":
+            reason = "MOONCAKE_FAST_CPU_NATIVE=0"
+            return None
+        if not sys.platform.startswith("linux"):
+            reason = f"the shared-memory plane's helpers need Linux (futex), not {sys.platform}"
+            return None
+        try:
+            cdll = ctypes.CDLL(_build())
+            _declare(cdll)
+            if cdll.mc_abi() != _ABI:
+                raise RuntimeError(f"ABI {cdll.mc_abi()} != {_ABI}")
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the fallbacks
+            reason = f"could not build csrc/cpu/mooncake_shm.c ({type(exc).__name__}: {exc})"
+            return None
+        lib = cdll
+        return lib
+
+
+# ---- helpers with fallbacks ----------------------------------------------------------------------
+
+def copy(dst: torch.Tensor, src: torch.Tensor, nt: bool = False) -> None:
+    """``dst.copy_(src)`` for contiguous tensors of the same byte size (dtypes may differ only when
+    the caller copies raw bytes of a uint8 view)."""
+    n = dst.numel() * dst.element_size()
+    if lib is not None and n >= 4096:
+        lib.mc_copy(dst.data_ptr(), src.data_ptr(), n, 1 if nt else 0)
+    else:
+        dst.copy_(src)
+
+
+_SUM = {torch.float32: "mc_sum_f32", torch.float64: "mc_sum_f64"}
+
+
+def sum_into(out: torch.Tensor, inputs: list[torch.Tensor], nt: bool = False) -> bool:
+    """``out = ((inputs[0] + inputs[1]) + ...)`` for float32 / float64 (contiguous, same numel).
+
+    Returns False (doing nothing) when the compiled kernel cannot serve the call.
+    """
+    name = _SUM.get(out.dtype)
+    if lib is None or name is None or len(inputs) < 2:
+        return False
+    ptrs = (ctypes.c_void_p * len(inputs))(*[x.data_ptr() for x in inputs])
+    getattr(lib, name)(out.data_ptr(), ptrs, len(inputs), out.numel(), 1 if nt else 0)
+    return True
+
+
+def address(array: np.ndarray, index: int) -> int:
+    """Address of ``array[index]`` (an element of a shared mapping)."""
+    return array.ctypes.data + index * array.itemsize
+
+
+def store_fence(array: np.ndarray, index: int, value: int) -> None:
+    """``array[index] = value`` followed by a full memory fence (when the library is loaded)."""
+    if lib is not None:
+        lib.mc_store_fence(address(array, index), value)
+    else:
+        array[index] = value
+
+
+def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
+    """Sleep while the int32 at ``addr`` equals ``expected`` (at most ``timeout_s``)."""
+    if lib is not None:
+        lib.mc_futex_wait(addr, expected, max(int(timeout_s * 1e9), 1000))
+    else:
+        import time
+        time.sleep(timeout_s)
+
+
+def futex_bump_wake(addr: int) -> None:
+    """Change the int32 at ``addr`` and wake every process sleeping on it."""
+    if lib is not None:
+        lib.mc_futex_bump_wake(addr)
+    else:
+        word = ctypes.c_int32.from_address(addr)
+        word.value = (word.value + 1) & 0x7FFFFFFF
