@@ -119,6 +119,26 @@ def worker(args) -> int:
     def device_barrier():  # a dispatch of zero tokens: every rank waits for every other rank's signal
         buf.dispatch(empty_x, empty_topk, active, T, E, timeout_us, use_fp8=False, check=False)
 
+    # the R-process floor: every rank copies its own DeepEP-accounted bytes (device to device) at the same
+    # time, started by the same device barrier as the EP calls
+    for op, nbytes in (("dispatch", T * K * (H + H // 128 * 4 + 16)), ("combine", T * K * 2 * H)):
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        times = []
+        for it in range(args.warmup + args.iters):
+            dist.barrier()
+            torch.cuda._sleep(head_start)
+            device_barrier()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            e1.synchronize()
+            if it >= args.warmup:
+                times.append(e0.elapsed_time(e1) * 1e-3)
+        result[f"concurrent_copy_{op}_s"] = times
+        del src, dst
+
     for kind in ROUTINGS:
         topk = make_routing(kind, rank, R, T, E, K).cuda()
         weights = torch.rand(T, K, generator=g).cuda()
@@ -223,13 +243,21 @@ def launch(args) -> int:
         with open(os.path.join(tmp, f"rank{r}.json")) as f:
             ranks.append(json.load(f))
     shutil.rmtree(tmp, ignore_errors=True)
-    card = torch.cuda.get_device_name(0)
+    return write_report(ranks, R, args.iters, args.out, torch.cuda.get_device_name(0), torch.__version__,
+                        torch.version.cuda)
+
+
+def write_report(ranks: list[dict], R: int, iters: int, out: str, card: str, torch_version: str,
+                 cuda_version: str) -> int:
     copy_bw = ranks[0]["copy_bw"]
     H = CONFIG["H"]
     d_msg, c_msg = H + H // 128 * 4 + 16, 2 * H
-    report = dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, ranks=R, config=CONFIG,
-                  mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), iters=args.iters,
+    report = dict(card=card, torch=torch_version, cuda=cuda_version, ranks=R, config=CONFIG,
+                  mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), iters=iters,
                   copy_bw_GBps=copy_bw / 1e9, routings={})
+    conc = {op: _pct([t for rk in ranks for t in rk[f"concurrent_copy_{op}_s"]], 50) * 1e6
+            for op in ("dispatch", "combine")}
+    report["concurrent_copy_p50_us"] = conc  # R processes each copying their uniform-routing bytes at once
     for kind in ROUTINGS:
         rows = {}
         for mode in MODES:
@@ -243,7 +271,8 @@ def launch(args) -> int:
                 m[op] = dict(p50_us=p50 * 1e6, p99_us=_pct(samples, 99) * 1e6,
                              bytes_per_rank=[rk[kind]["selected"] * msg for rk in ranks],
                              deepep_GBps_per_rank=sum(per_rank_bw) / len(per_rank_bw) / 1e9,
-                             hbm_floor_us=floor * 1e6, x_floor=p50 / floor)
+                             hbm_floor_us=floor * 1e6, x_floor=p50 / floor,
+                             x_concurrent_copy=p50 * 1e6 / conc[op])
             total = [t for rk in ranks for t in rk[kind][mode]["total_s"]]
             floor_both = m["dispatch"]["hbm_floor_us"] + m["combine"]["hbm_floor_us"]
             m["dispatch_plus_combine"] = dict(p50_us=_pct(total, 50) * 1e6, p99_us=_pct(total, 99) * 1e6,
@@ -257,23 +286,27 @@ def launch(args) -> int:
             rows[mode] = m
         report["routings"][kind] = rows
     slug = f"epbench-{card_slug(card)}-R{R}"
-    with open(os.path.join(args.out, slug + ".json"), "w") as f:
+    with open(os.path.join(out, slug + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# epbench: {card}, R = {R} ranks on one GPU{' (MPS)' if report['mps'] else ''}",
              "",
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}; T=128, H=7168, K=8, E=256, FP8 dispatch, BF16 "
-             f"combine; {args.iters} iterations; device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s.",
+             f"torch {torch_version}, CUDA {cuda_version}; T=128, H=7168, K=8, E=256, FP8 dispatch, BF16 "
+             f"combine; {iters} iterations; device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s.",
+             f"R processes each copying their own bytes at once (uniform routing, p50): dispatch bytes "
+             f"{conc['dispatch']:.1f} us, combine bytes {conc['combine']:.1f} us.",
              "",
-             "| routing | mode | op | p50 us | p99 us | DeepEP GB/s per rank | bytes/rank (mean) | HBM floor us | x floor |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| routing | mode | op | p50 us | p99 us | DeepEP GB/s per rank | bytes/rank (mean) | HBM floor us | x floor "
+             "| x R-process copy |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind in ROUTINGS:
         for mode in MODES:
             for op in ("dispatch", "combine", "dispatch_plus_combine"):
                 r = report["routings"][kind][mode][op]
                 bw = f"{r['deepep_GBps_per_rank']:.1f}" if "deepep_GBps_per_rank" in r else ""
                 mb = f"{sum(r['bytes_per_rank']) / R / 1e6:.2f} MB" if "bytes_per_rank" in r else ""
+                xc = f"{r['x_concurrent_copy']:.2f}" if "x_concurrent_copy" in r else ""
                 lines.append(f"| {kind} | {mode} | {op.replace('_', ' ')} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {bw} "
-                             f"| {mb} | {r['hbm_floor_us']:.1f} | {r['x_floor']:.2f} |")
+                             f"| {mb} | {r['hbm_floor_us']:.1f} | {r['x_floor']:.2f} | {xc} |")
     lines.append("")
     for kind in ROUTINGS:
         r = report["routings"][kind]["eager"]
@@ -281,7 +314,7 @@ def launch(args) -> int:
                      f"combine {r['host_combine_call_p50_us']:.0f} us; rows received per rank "
                      f"{r['recv_rows_per_rank']}")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, slug + ".md"), "w") as f:
+    with open(os.path.join(out, slug + ".md"), "w") as f:
         f.write(text)
     print(text)
     return 0

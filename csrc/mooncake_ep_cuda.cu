@@ -8,14 +8,15 @@
 //   dsig[R]   int64  dispatch signal from source s: the sequence number of the last call s finished sending
 //   csig[R]   int64  combine signal from owner o (same encoding)
 //   dcount    int32  [2 halves][R sources][L]   rows source s sent to local expert l in this call
-//   ddata            [2 halves][L][R sources][T slots] x msg_stride   dispatch staging messages
-//   cdata     bf16   [2 halves][E][T][H]        combine rows, slot (global expert, token)
+//   ddata            [2 halves][R sources][T*min(K,L) slots] x msg_stride   dispatch staging messages;
+//                    source s's rows for this rank ordered by (local expert, token)
+//   cdata     bf16   [2 halves][T][K][H]        combine rows, slot (token, top-k position)
 // Sequence numbers live in a small local workspace (ws[0] = dispatch calls completed, ws[1] = combine
 // calls completed), so a CUDA graph replay advances them too.  Call n uses half n & 1.  Signals are
 // monotonic (>= n means delivered), so nothing is ever cleaned.
 //
-// Determinism: a sender places token t for expert e at slot = #{t' < t routed to e} (a count, no
-// atomics), the receiver waits for every source (or its deadline), takes the exclusive prefix of the
+// Determinism: a sender places token t for expert e = q*L + l at slot (rows of its tokens for q's
+// experts < l) + #{t' < t routed to e} (counts, no atomics), the receiver waits for every source (or its deadline), takes the exclusive prefix of the
 // per-source counts in ascending source order and compacts the staging slots into the outputs.
 // Atomics are only used to find the last finishing block of a kernel (completion, not placement).
 
@@ -27,7 +28,7 @@
 #include <string.h>
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 1
+#define MC_ABI_VERSION 2
 
 namespace {
 
@@ -49,7 +50,7 @@ struct McEpArgs {
   int64_t peers;       // device int64[R]: base address of every rank's IPC buffer, mapped in this process
   int64_t local_base;  // this rank's IPC buffer
   int64_t ws;          // device int64[16] local control workspace
-  int64_t tab;         // device int32[3*E+2] local table: begin[L*R] | count[L*R] | rowbase[L] | total
+  int64_t tab;         // device int32[4*E+4] local table: begin | count | stage (each [L*R]) | rowbase[L] | total
   int64_t active;      // device int32[R] active_ranks (caller's, written in place)
   int64_t off_dsig, off_csig, off_dcount, off_ddata, off_cdata;
   int64_t msg_stride;  // bytes per dispatch staging slot (multiple of 16)
@@ -60,6 +61,8 @@ struct McEpArgs {
   int64_t out;         // combine: [N, H] bf16
   int64_t recv_x, recv_scales, recv_count, src_info, layout_range;  // dispatch outputs
   int64_t grid_hint;   // blocks per kernel hint (SM count)
+  int64_t src_k;       // [L, R*T] int32: top-k position of each received row at its source (handle)
+  int64_t stage_cap;   // staging slots per source in a receiver's dispatch region (T * min(K, L))
 };
 
 namespace {
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_is_last;
   const int rank = (int)a.rank, R = (int)a.num_ranks, L = (int)a.num_local_experts, E = (int)a.num_experts;
-  const int T = (int)a.max_tokens, H = (int)a.hidden, K = (int)a.num_topk, N = (int)a.num_tokens;
+  const int H = (int)a.hidden, K = (int)a.num_topk, N = (int)a.num_tokens;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int32_t* active = reinterpret_cast<int32_t*>(a.active);
   if (active[rank] == 0) return;  // a masked source sends nothing and raises no signal
@@ -178,10 +181,21 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
   uint8_t* msg = smem;                                                       // msg_stride bytes
   uint8_t* xrow = smem + a.msg_stride;                                       // 2H bytes (FP8 only)
   int* slots = reinterpret_cast<int*>(xrow + (kFp8 ? 2 * H : 0));             // K ints
-  int* counts = slots + ((K + 3) & ~3);                                      // E ints (last block)
+  int* counts = slots + ((K + 3) & ~3);                                      // E ints: rows per expert
+  int* pre = counts + E;                                                     // E ints: exclusive prefix
+
+  // every block: how many rows go to each expert, and where each expert's rows start in its receiver's
+  // staging area for this source (prefix over that receiver's experts)
+  for (int e = tid; e < E; e += kThreads) counts[e] = 0;
+  __syncthreads();
+  for (int64_t j = tid; j < (int64_t)N * K; j += kThreads) {
+    const int64_t e = topk[j];
+    if (e >= 0) atomicAdd(&counts[e], 1);  // counting only; order cannot matter
+  }
+  __syncthreads();
+  block_exclusive_scan(counts, pre, E, false, nullptr, R);
 
   for (int t = blockIdx.x; t < N; t += gridDim.x) {
-    if (tid == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, 0, 0, 0);
     {  // the token row into shared memory, 4 loads in flight per thread
       const int4* src = reinterpret_cast<const int4*>(x + (int64_t)t * H);
       int4* dst = reinterpret_cast<int4*>(kFp8 ? xrow : msg + 16);
@@ -240,11 +254,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
     for (int k = 0; k < K; ++k) {
       const int64_t e = topk[(int64_t)t * K + k];
       if (e < 0) continue;
-      const int dst_rank = (int)(e / L), l = (int)(e % L);
-      int4* dst = reinterpret_cast<int4*>(peer_ptr(a, dst_rank) + a.off_ddata + half * a.half_ddata +
-                                          (((int64_t)l * R + rank) * T + slots[k]) * a.msg_stride);
+      const int q = (int)(e / L);
+      const int stage = pre[e] - pre[q * L] + slots[k];
+      int4* dst = reinterpret_cast<int4*>(peer_ptr(a, q) + a.off_ddata + half * a.half_ddata +
+                                          ((int64_t)rank * a.stage_cap + stage) * a.msg_stride);
       const int4* src = reinterpret_cast<const int4*>(msg);
-      for (int i = tid; i < n16; i += kThreads) dst[i] = src[i];
+      for (int i = tid; i < n16; i += kThreads) dst[i] = i == 0 ? make_int4(t, k, 0, 0) : src[i];
     }
     __syncthreads();
   }
@@ -259,13 +274,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
   __syncthreads();
   if (!s_is_last) return;
   __threadfence_system();
-  for (int e = tid; e < E; e += kThreads) counts[e] = 0;
-  __syncthreads();
-  for (int64_t j = tid; j < (int64_t)N * K; j += kThreads) {
-    const int64_t e = topk[j];
-    if (e >= 0) atomicAdd(&counts[e], 1);  // counting only; order cannot matter
-  }
-  __syncthreads();
   for (int e = tid; e < E; e += kThreads) {
     const int q = e / L, l = e % L;
     int* dc = reinterpret_cast<int*>(peer_ptr(a, q) + a.off_dcount + half * a.half_dcount) + rank * L + l;
@@ -308,7 +316,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
                                                    half * a.half_dcount);
   int* tab_begin = reinterpret_cast<int*>(a.tab);
   int* tab_count = tab_begin + L * R;
-  int* rowbase = tab_count + L * R;
+  int* tab_stage = tab_count + L * R;
+  int* rowbase = tab_stage + L * R;
   int64_t* layout = reinterpret_cast<int64_t*>(a.layout_range);
   int* recv_count = reinterpret_cast<int*>(a.recv_count);
   for (int l = tid; l < L; l += blockDim.x) {
@@ -321,6 +330,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
       begin += c;
     }
     recv_count[l] = begin;
+  }
+  for (int s = tid; s < R; s += blockDim.x) {  // where source s's rows for expert l start in its staging area
+    int acc = 0;
+    for (int l = 0; l < L; ++l) {
+      tab_stage[l * R + s] = acc;
+      acc += contrib[s] ? ld_volatile_int(dcount + s * L + l) : 0;
+    }
   }
   __syncthreads();
   const int total = block_exclusive_scan(recv_count, rowbase, L, false, nullptr, R);
@@ -339,7 +355,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_copy_kernel(McEpArgs a) {
   const int R = (int)a.num_ranks, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
   const int* tab_begin = reinterpret_cast<const int*>(a.tab);
   const int* tab_count = tab_begin + L * R;
-  for (int l = threadIdx.x; l <= L; l += blockDim.x) rowbase[l] = tab_count[L * R + l];
+  const int* tab_stage = tab_count + L * R;
+  for (int l = threadIdx.x; l <= L; l += blockDim.x) rowbase[l] = tab_stage[L * R + l];
   __syncthreads();
   const int total = rowbase[L];
   const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_DHALF];
@@ -348,6 +365,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copy_kernel(McEpArgs a) {
   const int S = H / 128;
   const uint8_t* region = reinterpret_cast<const uint8_t*>(a.local_base) + a.off_ddata + half * a.half_ddata;
   int* src_info = reinterpret_cast<int*>(a.src_info);
+  int* src_k = reinterpret_cast<int*>(a.src_k);
   for (int f = blockIdx.x * kWarps + warp; f < total; f += gridDim.x * kWarps) {
     const int l = find_segment(rowbase, L, f);
     const int i = f - rowbase[l];
@@ -357,9 +375,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_copy_kernel(McEpArgs a) {
       if (i >= b && i < b + tab_count[l * R + r]) s = r;
     }
     const int j = i - tab_begin[l * R + s];
-    const uint8_t* m = region + (((int64_t)l * R + s) * T + j) * a.msg_stride;
+    const uint8_t* m = region + ((int64_t)s * a.stage_cap + tab_stage[l * R + s] + j) * a.msg_stride;
     const int64_t row = (int64_t)l * RT + i;
-    if (lane == 0) src_info[row] = __ldcg(reinterpret_cast<const int*>(m));
+    if (lane == 0) {
+      const int4 hdr = __ldcg(reinterpret_cast<const int4*>(m));
+      src_info[row] = hdr.x;
+      src_k[row] = hdr.y;
+    }
     const int4* src = reinterpret_cast<const int4*>(m + 16);
     if (kFp8) {
       warp_copy<8, true>(reinterpret_cast<int4*>(reinterpret_cast<uint8_t*>(a.recv_x) + row * H), src, H / 16, lane);
@@ -389,6 +411,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
   const int64_t RT = (int64_t)R * T;
   const int64_t* layout = reinterpret_cast<const int64_t*>(a.layout_range);
   const int* src_info = reinterpret_cast<const int*>(a.src_info);
+  const int* src_k = reinterpret_cast<const int*>(a.src_k);
+  const int K = (int)a.num_topk;
   const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(a.x);
   const int total = block_exclusive_scan(nullptr, rowbase, L, true, layout, R);
   for (int f = blockIdx.x * kWarps + warp; f < total; f += gridDim.x * kWarps) {
@@ -401,9 +425,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(McEpArgs a) {
       if (i >= b && i < b + c) d = s;
     }
     if (d < 0 || active[d] == 0) continue;
-    const int t = src_info[(int64_t)l * RT + i];
+    const int t = src_info[(int64_t)l * RT + i], k = src_k[(int64_t)l * RT + i];
     int4* dst = reinterpret_cast<int4*>(peer_ptr(a, d) + a.off_cdata + half * a.half_cdata +
-                                        (((int64_t)rank * L + l) * T + t) * (2 * (int64_t)H));
+                                        ((int64_t)t * K + k) * (2 * (int64_t)H));
     warp_copy<8, false>(dst, reinterpret_cast<const int4*>(x + ((int64_t)l * RT + i) * H), H / 8, lane);
   }
   __threadfence_system();
@@ -446,7 +470,7 @@ __global__ void __launch_bounds__(kThreads) combine_wait_kernel(McEpArgs a) {
 // The K rows of a token are loaded 8 at a time before accumulating (order of the adds unchanged).
 __global__ void combine_reduce_kernel(McEpArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
-  const int rank = (int)a.rank, L = (int)a.num_local_experts, T = (int)a.max_tokens, H = (int)a.hidden;
+  const int rank = (int)a.rank, L = (int)a.num_local_experts, H = (int)a.hidden;
   const int K = (int)a.num_topk, N = (int)a.num_tokens;
   const int32_t* active = reinterpret_cast<const int32_t*>(a.active);
   const int half = (int)reinterpret_cast<const int64_t*>(a.ws)[WS_CHALF];
@@ -477,7 +501,7 @@ __global__ void combine_reduce_kernel(McEpArgs a) {
         for (int u = 0; u < 8; ++u) {
           const int k = k0 + u;
           const int e = k < K ? s_e[k] : -1;
-          if (e >= 0) v[u] = __ldcg(region + ((int64_t)e * T + t) * H8 + c);
+          if (e >= 0) v[u] = __ldcg(region + ((int64_t)t * K + k) * H8 + c);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -503,6 +527,10 @@ __global__ void combine_reduce_kernel(McEpArgs a) {
     __syncthreads();
   }
 }
+
+// A call this rank rejected still counts (docs/ep-semantics.md): advance its sequence number so the next
+// call uses the same number and half as on the other ranks.  which: 0 dispatch, 1 combine.
+__global__ void skip_call_kernel(int64_t* ws, int which) { ws[which == 0 ? WS_DSEQ : WS_CSEQ] += 1; }
 
 // Small self-test kernel: FP8-quantize rows exactly as dispatch does (used by the unit tests).
 __global__ void __launch_bounds__(kThreads) quantize_kernel(const __nv_bfloat16* x, uint8_t* q, float* scale_inv,
@@ -607,7 +635,7 @@ MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
   if (phase & 1) {
     const int64_t K4 = (a->num_topk + 3) & ~int64_t(3);
     const size_t smem =
-        (size_t)(a->msg_stride + (a->use_fp8 ? 2 * a->hidden : 0) + 4 * K4 + 4 * a->num_experts);
+        (size_t)(a->msg_stride + (a->use_fp8 ? 2 * a->hidden : 0) + 4 * K4 + 8 * a->num_experts);
     const int grid = blocks_for(a->num_tokens, hint);
     int rc;
     if (a->use_fp8) {
@@ -659,6 +687,11 @@ MC_API int mc_ep_combine(const McEpArgs* a, int phase) {
     if (err != cudaSuccess) return (int)err;
   }
   return 0;
+}
+
+MC_API int mc_ep_skip(int64_t ws, int which, int64_t stream) {
+  skip_call_kernel<<<1, 1, 0, reinterpret_cast<cudaStream_t>(stream)>>>(reinterpret_cast<int64_t*>(ws), which);
+  return (int)cudaGetLastError();
 }
 
 MC_API int mc_quantize_fp8(int64_t x, int64_t q, int64_t scale_inv, int64_t num_tokens, int64_t hidden,

@@ -74,7 +74,7 @@ def run(R: int, out_dir: str, fail: bool, timeout_s: float = 240, log=print) -> 
             f"see {out_dir}/{tag}-rank*.log")
     for case in cases:
         want_valid, want_combined, want_active = models[case["name"]]
-        ranks = [r for r in range(R) if r != case.get("dead")]
+        ranks = [r for r in range(R) if r != case.get("dead", case.get("reject"))]
         for r in ranks:
             path = os.path.join(out_dir, f"{case['name']}_r{r}.pt")
             if not os.path.exists(path):

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from fcuda_cases import BIG_TIMEOUT_US, expert_output, make_inputs, valid_dispatch  # noqa: E402
 
+from mooncake.control.errors import ArgumentError  # noqa: E402
 from mooncake.fast.cuda.ep import FastEPBuffer  # noqa: E402
 from mooncake.model import ep as model  # noqa: E402
 
@@ -72,9 +73,35 @@ def run_graph_case(buf: FastEPBuffer, case: dict, rank: int, timeout_us: int = B
     return res
 
 
+def run_reject_case(buf: FastEPBuffer, case: dict, rank: int) -> dict | None:
+    """One rank's dispatch is rejected (bad timeout_us); it still counts as a call there, the others time
+    that rank out.  The cases after this one check that every rank's calls are still in step."""
+    dev = buf.device
+    R, T, E, fp8 = case["R"], case["T"], case["E"], case["fp8"]
+    x, topk, _ = (t.to(dev) for t in make_inputs(case, rank))
+    active = torch.ones(R, dtype=torch.int32, device=dev)
+    if rank == case["reject"]:
+        try:
+            buf.dispatch(x, topk, active, T, E, -5, use_fp8=fp8)
+        except ArgumentError:
+            return None
+        raise RuntimeError("dispatch with timeout_us=-5 was not rejected")
+    t0 = time.monotonic()
+    recv, count, handle, _, _ = buf.dispatch(x, topk, active, T, E, case["timeout_us"], use_fp8=fp8)
+    torch.cuda.synchronize()
+    q, scales = recv if fp8 else (recv, None)
+    res = valid_dispatch(q, scales, count, handle[0], handle[1], fp8)
+    res["active_dispatch"] = active.cpu().clone()
+    res["combined"] = None
+    res["t_dispatch"], res["t_combine"] = time.monotonic() - t0, 0.0
+    return res
+
+
 def run_case(buf: FastEPBuffer, case: dict, rank: int, timeout_us: int = BIG_TIMEOUT_US) -> dict:
     if case.get("graph"):
         return run_graph_case(buf, case, rank, timeout_us)
+    if case.get("reject") is not None:
+        return run_reject_case(buf, case, rank)
     dev = buf.device
     R, T, E = case["R"], case["T"], case["E"]
     L, fp8, mode = E // R, case["fp8"], case.get("mode", "plain")
@@ -155,10 +182,11 @@ def main() -> int:
             traceback.print_exc()
             sys.stdout.flush()
             os._exit(1)
-        torch.save(res, os.path.join(args.out, f"{case['name']}_r{rank}.pt"))
-        print(json.dumps({"rank": rank, "case": case["name"], "t_dispatch_s": round(res["t_dispatch"], 6),
-                          "t_combine_s": round(res["t_combine"], 6),
-                          "active": res["active_combine"].tolist()}), flush=True)
+        if res is not None:
+            torch.save(res, os.path.join(args.out, f"{case['name']}_r{rank}.pt"))
+            print(json.dumps({"rank": rank, "case": case["name"], "t_dispatch_s": round(res["t_dispatch"], 6),
+                              "t_combine_s": round(res["t_combine"], 6),
+                              "active": res.get("active_combine", res["active_dispatch"]).tolist()}), flush=True)
         if case.get("dead") is None:
             dist.barrier()
     if any(c.get("dead") is not None for c in cases):

@@ -87,19 +87,25 @@ def _host_id() -> int:
 
 
 class _Layout:
-    """Offsets in every rank's IPC buffer for (T, H, E, R); identical on all ranks."""
+    """Offsets in every rank's IPC buffer for (T, H, E, R, K); identical on all ranks.
 
-    def __init__(self, T: int, H: int, E: int, R: int):
+    Dispatch staging: per source ``T * min(K, L)`` message slots (rows for this rank's experts, ordered by
+    local expert then token); combine: one bf16 row per (token, top-k position).  Both are at most the
+    ``E * T`` rows that upstream's size hint budgets for.
+    """
+
+    def __init__(self, T: int, H: int, E: int, R: int, K: int):
         L = E // R
         self.msg_stride = _align(16 + 2 * H, 16)  # the larger of the bf16 and FP8 messages
+        self.stage_cap = T * min(K, L)
         self.off_dsig = 0
         self.off_csig = 8 * R
         self.off_dcount = _align(16 * R, 256)
         self.half_dcount = _align(4 * R * L, 256)
         self.off_ddata = self.off_dcount + 2 * self.half_dcount
-        self.half_ddata = _align(L * R * T * self.msg_stride, 256)
+        self.half_ddata = _align(R * self.stage_cap * self.msg_stride, 256)
         self.off_cdata = self.off_ddata + 2 * self.half_ddata
-        self.half_cdata = _align(E * T * 2 * H, 256)
+        self.half_cdata = _align(T * K * 2 * H, 256)
         self.total = self.off_cdata + 2 * self.half_cdata
 
 
@@ -233,8 +239,8 @@ class FastEPBuffer:
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _layout(self, T: int, H: int, E: int) -> _Layout:
-        lay = _Layout(T, H, E, self.num_ranks)
+    def _layout(self, T: int, H: int, E: int, K: int) -> _Layout:
+        lay = _Layout(T, H, E, self.num_ranks, K)
         if lay.total > self._bytes:
             need = self.get_ep_buffer_size_hint(T, H, self.num_ranks, E)
             raise ArgumentError(f"num_ep_buffer_bytes={self.num_ep_buffer_bytes} is too small for this call: it "
@@ -244,8 +250,8 @@ class FastEPBuffer:
     def _table(self, E: int) -> torch.Tensor:
         tab = self._tabs.get(E)
         if tab is None:
-            # begin[L*R] | count[L*R] | rowbase[L] | total  (written by the dispatch wait kernel)
-            tab = self._tabs[E] = torch.zeros(3 * E + 2, dtype=torch.int32, device=self.device)
+            # begin | count | stage (each [L*R]) | rowbase[L] | total  (written by the dispatch wait kernel)
+            tab = self._tabs[E] = torch.zeros(4 * E + 4, dtype=torch.int32, device=self.device)
         return tab
 
     def _dev(self, t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -289,7 +295,7 @@ class FastEPBuffer:
             self._table(E).data_ptr()
         a.active = mask.data_ptr()
         for name in ("off_dsig", "off_csig", "off_dcount", "off_ddata", "off_cdata", "msg_stride",
-                     "half_dcount", "half_ddata", "half_cdata"):
+                     "half_dcount", "half_ddata", "half_cdata", "stage_cap"):
             setattr(a, name, getattr(lay, name))
         for name, value in ptrs.items():
             setattr(a, name, value)
@@ -300,12 +306,36 @@ class FastEPBuffer:
         self._set_device()
         check(self._lib, fn(ctypes.byref(args), phase), what)
 
+    def skip_call(self, kind: str) -> None:
+        """Count a call this rank rejected (``kind`` "dispatch" or "combine") without taking part in it.
+
+        The contract counts rejected calls (docs/ep-semantics.md): the other ranks time this rank out, and
+        the next call must use the same sequence number and buffer half everywhere.
+        """
+        which = {"dispatch": 0, "combine": 1}[kind]
+        self._set_device()
+        check(self._lib, self._lib.mc_ep_skip(self._ws.data_ptr(), which,
+                                              torch.cuda.current_stream(self.device).cuda_stream), "skip_call")
+
     # -- dispatch --------------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, active_ranks: torch.Tensor,
                  num_max_dispatch_tokens_per_rank: int, num_experts: int, timeout_us: int,
                  use_fp8: bool = True, async_finish: bool = False, return_recv_hook: bool = False,
                  cumulative_local_expert_recv_stats: torch.Tensor | None = None, check: bool = True):
-        """Same arguments and results as ``mooncake.ep.Buffer.dispatch`` (docs/ep-semantics.md)."""
+        """Same arguments and results as ``mooncake.ep.Buffer.dispatch`` (docs/ep-semantics.md).
+
+        A call rejected by the checks still counts as a call (``skip_call``), as the contract says.
+        """
+        try:
+            return self._dispatch(x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                                  timeout_us, use_fp8, async_finish, return_recv_hook,
+                                  cumulative_local_expert_recv_stats, check)
+        except ArgumentError:
+            self.skip_call("dispatch")
+            raise
+
+    def _dispatch(self, x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank, num_experts, timeout_us,
+                  use_fp8, async_finish, return_recv_hook, cumulative_local_expert_recv_stats, check):
         T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks
         if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
             raise ArgumentError(f"x must be a 2-D bfloat16 tensor [num_tokens, hidden], got "
@@ -330,7 +360,7 @@ class FastEPBuffer:
                 raise ArgumentError("x must be finite (inf/NaN tokens have no defined FP8 scale or combine result)")
         timeout_ns = self._timeout_ns(timeout_us)
         L, K, S = E // R, topk_idx.shape[1], H // 128
-        lay = self._layout(T, H, E)
+        lay = self._layout(T, H, E, K)
         x_d, topk_d = self._dev(x, torch.bfloat16, "x"), self._dev(topk_idx, torch.int64, "topk_idx")
         mask, writeback = self._mask(active_ranks)
         dev = self.device
@@ -340,13 +370,15 @@ class FastEPBuffer:
         recv_count = torch.empty(L, dtype=torch.int32, device=dev)
         src_info = torch.full((L, R * T), -1, dtype=torch.int32, device=dev)
         layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
+        src_k = torch.empty(L, R * T, dtype=torch.int32, device=dev)  # top-k position of each row at its source
         args = self._args(lay, mask, T, H, E, K, N, timeout_ns, use_fp8=int(bool(use_fp8)), x=x_d.data_ptr(),
                           topk=topk_d.data_ptr(), recv_x=recv_x.data_ptr(),
                           recv_scales=recv_scales.data_ptr() if use_fp8 else 0, recv_count=recv_count.data_ptr(),
-                          src_info=src_info.data_ptr(), layout_range=layout_range.data_ptr())
+                          src_info=src_info.data_ptr(), layout_range=layout_range.data_ptr(),
+                          src_k=src_k.data_ptr())
         result = model.DispatchResult(recv_x, recv_scales, recv_count, src_info, layout_range)
         handle = FastHandle(result, T, H, E, buffer_id=self._id, num_tokens=N, topk_idx=topk_idx, use_fp8=use_fp8,
-                            received=False)
+                            received=False, src_k=src_k)
         keep = [x_d, topk_d, mask]  # referenced until the receive kernels are enqueued
 
         def receive(launch: bool = True) -> None:
@@ -391,6 +423,15 @@ class FastEPBuffer:
                 active_ranks: torch.Tensor, timeout_us: int, handle: FastHandle, zero_copy: bool = False,
                 async_finish: bool = False, return_recv_hook: bool = False, out: torch.Tensor | None = None):
         """Same arguments and results as ``mooncake.ep.Buffer.combine`` (docs/ep-semantics.md)."""
+        try:
+            return self._combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
+                                 async_finish, return_recv_hook, out)
+        except ArgumentError:
+            self.skip_call("combine")
+            raise
+
+    def _combine(self, x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy, async_finish,
+                 return_recv_hook, out):
         self._check_handle(handle)
         if async_finish and return_recv_hook:
             raise ArgumentError("async_finish and return_recv_hook cannot both be set (as upstream)")
@@ -413,7 +454,7 @@ class FastEPBuffer:
             raise ArgumentError(f"out must be bfloat16 [{N}, {H}], got {out.dtype} {tuple(out.shape)}")
         timeout_ns = self._timeout_ns(timeout_us)
         K = topk_idx.shape[1]
-        lay = self._layout(T, H, E)
+        lay = self._layout(T, H, E, K)
         x_d = self._dev(x, torch.bfloat16, "x")
         topk_d = self._dev(topk_idx, torch.int64, "topk_idx")
         w_d = self._dev(topk_weights, torch.float32, "topk_weights")
@@ -423,7 +464,7 @@ class FastEPBuffer:
         src_info, layout_range = handle[0], handle[1]
         args = self._args(lay, mask, T, H, E, K, N, timeout_ns, x=x_d.data_ptr(), topk=topk_d.data_ptr(),
                           weights=w_d.data_ptr(), out=result.data_ptr(), src_info=src_info.data_ptr(),
-                          layout_range=layout_range.data_ptr())
+                          layout_range=layout_range.data_ptr(), src_k=handle.src_k.data_ptr())
         keep = [x_d, topk_d, w_d, mask]
 
         def receive(launch: bool = True) -> None:

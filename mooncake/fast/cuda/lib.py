@@ -20,9 +20,9 @@ EP_ARG_FIELDS = (
     "msg_stride", "half_dcount", "half_ddata", "half_cdata",
     "x", "topk", "weights", "out",
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
-    "grid_hint",
+    "grid_hint", "src_k", "stage_cap",
 )
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class McEpArgs(ctypes.Structure):
@@ -46,6 +46,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_ep_dispatch": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_quantize_fp8": ([i64, i64, i64, i64, i64, i64], i32),
+        "mc_ep_skip": ([i64, i32, i64], i32),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
