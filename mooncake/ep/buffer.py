@@ -169,7 +169,7 @@ class Buffer:
             raise
         outputs = _empty_dispatch_outputs(L, R, T, H, use_fp8, device)
         state = dict(buffer_id=self._id, topk_idx=topk_cpu.clone(), num_tokens=x.shape[0],
-                     selections=selections, active_after=None)
+                     selections=selections, received=None)
         handle = Handle(outputs, T, H, E, **state)
 
         def receive() -> None:
@@ -193,7 +193,7 @@ class Buffer:
             placed = model.place_dispatch(blocks, L, R, T, H, use_fp8, contributes)
             _copy_result(outputs, placed)
             active_ranks.copy_(mask.to(active_ranks.device))
-            handle.active_after = mask.clone()
+            handle.received = placed  # the CPU copy combine reads (outputs may live on the GPU)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(
                     placed.recv_count.to(cumulative_local_expert_recv_stats.device))
@@ -252,7 +252,7 @@ class Buffer:
             peers = [r for r in range(R) if r != me and mask[r] == 1] if mask[me] == 1 else []
             failed = set()
             for d in peers:
-                rows = torch.cat([model.combine_block(handle.result, expert_out, l, d)[1] for l in range(L)])
+                rows = torch.cat([model.combine_block(handle.received, expert_out, l, d)[1] for l in range(L)])
                 if not self._post(call, _COMBINE, d, (rows,)):
                     failed.add(d)
         except BaseException:
@@ -266,7 +266,7 @@ class Buffer:
             blocks = {}
             if mask[me] == 1:
                 for l in range(L):
-                    blocks[me * L + l] = model.combine_block(handle.result, expert_out, l, me)
+                    blocks[me * L + l] = model.combine_block(handle.received, expert_out, l, me)
             owners = [o for o in peers if o not in failed]
             for o, body in self._calls.receive(call, _COMBINE, owners, _deadline(timeout_us)).items():
                 if body is None:
@@ -355,7 +355,7 @@ class Buffer:
             raise ArgumentError(f"handle must be the handle returned by Buffer.dispatch, got {type(handle).__name__}")
         if handle.buffer_id != self._id:
             raise ArgumentError("handle comes from another Buffer's dispatch")
-        if handle.active_after is None:
+        if handle.received is None:
             raise ArgumentError("handle's dispatch has not received yet: call its recv hook first")
 
     def _check_combine(self, x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
