@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-MOONCAKE_TEST_DEVICE=cuda OMP_NUM_THREADS=1 python -m pytest tests/ep -q -p no:cacheprovider -k CUDA -rfEsxX "$@"
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+MOONCAKE_TEST_DEVICE=cuda OMP_NUM_THREADS=1 python3 -m pytest tests/ep -q -p no:cacheprovider -k CUDA -rfEsxX "$@"
