@@ -5,15 +5,20 @@
 #   3. EP grid for R = 1, 2, 4, 8 ranks on the one GPU: every output bitwise vs mooncake.model.ep
 #   4. benchmark (benchmarks/epbench.py, DeepEP LL config) for R = 8 (and 2, 4 with --bench-all)
 #   5. failure case: one rank exits before dispatch; survivors finish within timeout_us, active_ranks[dead] = 0
+#   6. integration: tests/fast_cuda/integration.patch applied to a copy of the tree, the same grid through
+#      mooncake.ep.Buffer with MOONCAKE_IMPL=fast
+# STEPS (default "unit grid bench fail integration") picks steps; RANKS, BENCH_RANKS, FAIL_RANKS the sizes.
 # Logs go to $OUT (or ./gpu-out).  Notes of what each run showed: docs/gpu-runs.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-out}; mkdir -p "$out"
+out=${OUT:-gpu-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
 ranks=${RANKS:-1,2,4,8}
 bench_ranks=${BENCH_RANKS:-2,4,8}
 rc=0
+steps=" ${STEPS:-unit grid bench fail integration} "
+has() { [[ "$steps" == *" $1 "* ]]; }
 step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failures
   local name=$1 t=$2; shift 2
   local t0=$SECONDS
@@ -44,18 +49,32 @@ else
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
 
-step unit 180 python3 -m pytest -q -p no:cacheprovider tests/fast_cuda -k "quantize or loader" -rfEs
-step grid 360 python3 tests/fast_cuda/fcuda_grid.py --ranks "$ranks" --out "$out/grid" --timeout 90
-if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && grep -qs "cudaIpcOpenMemHandle" "$out"/grid/*.log; then
+has unit && step unit 180 python3 -m pytest -q -p no:cacheprovider tests/fast_cuda -k "quantize or loader" -rfEs
+has grid && step grid 360 python3 tests/fast_cuda/fcuda_grid.py --ranks "$ranks" --out "$out/grid" --timeout 90
+if has grid && [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && grep -qs "cudaIpcOpenMemHandle" "$out"/grid/*.log; then
   echo "CUDA IPC failed under MPS: rerunning R=2 without MPS" | tee -a "$out/summary.txt"
   ( unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     step grid-nomps 200 python3 tests/fast_cuda/fcuda_grid.py --ranks 2 --out "$out/grid-nomps" --timeout 150 )
 fi
-for r in ${bench_ranks//,/ }; do
+has bench && for r in ${bench_ranks//,/ }; do
   step "bench-R$r" 180 python3 benchmarks/epbench.py --ranks "$r" --out "$out/bench" --timeout 150
 done
-step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
-grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
+has fail && step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
+if has integration && [ -f tests/fast_cuda/integration.patch ]; then
+  integ=$(mktemp -d)
+  tar cf - --exclude=./.git --exclude=./build --exclude=./.whl . | tar xf - -C "$integ"
+  if (cd "$integ" && { patch -p1 < tests/fast_cuda/integration.patch || git apply tests/fast_cuda/integration.patch; }) \
+      > "$out/integration-apply.txt" 2>&1; then
+    cd "$integ"
+    PYTHONPATH=$integ MOONCAKE_IMPL=fast step integration 300 python3 tests/fast_cuda/fcuda_grid.py --via-buffer \
+      --ranks "${INTEG_RANKS:-2,8}" --out "$out/integ" --timeout 120
+    cd - > /dev/null
+  else
+    echo "integration patch does not apply" | tee -a "$out/summary.txt"; rc=1
+  fi
+  cat "$out/integration-apply.txt" >> "$out/integration.txt" 2>/dev/null; rm -f "$out/integration-apply.txt"
+fi
+grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt "$out"/integration.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
 # what comes back is at most 8 files: summary, setup, grid, bench, fail logs and one archive
 if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
   echo quit | nvidia-cuda-mps-control; trap - EXIT; sleep 1; cp -r "$mps_log" "$out/mps-log" 2>/dev/null
@@ -65,7 +84,7 @@ cat "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt > "$out/
 cat "$out"/bench-R*.txt > "$out/bench.txt" 2>/dev/null
 [ -f "$out/grid-nomps.txt" ] && cat "$out/grid-nomps.txt" >> "$out/grid.txt"
 rm -f "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt "$out"/bench-R*.txt "$out/grid-nomps.txt"
-tar czf "$out/details.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench mps-log 2>/dev/null) 2>/dev/null \
-  && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench "$out"/mps-log
+tar czf "$out/details.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench integ mps-log 2>/dev/null) \
+  2>/dev/null && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench "$out"/integ "$out"/mps-log
 echo "gpu_fast_check rc=$rc" | tee -a "$out/summary.txt"
 exit $rc

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from fcuda_cases import compare, failure_case, grid, model_outputs  # noqa: E402
 
 
-def start_ranks(R: int, cases: list[dict], out_dir: str, tag: str):
+def start_ranks(R: int, cases: list[dict], out_dir: str, tag: str, via_buffer: bool = False):
     os.makedirs(out_dir, exist_ok=True)
     store = os.path.join(out_dir, f"store-{tag}")
     if os.path.exists(store):
@@ -39,7 +39,7 @@ def start_ranks(R: int, cases: list[dict], out_dir: str, tag: str):
     for r in range(R):
         log = open(os.path.join(out_dir, f"{tag}-rank{r}.log"), "w")
         cmd = [sys.executable, os.path.join(HERE, "fcuda_worker.py"), "--rank", str(r), "--world", str(R),
-               "--store", store, "--cases", cases_file, "--out", out_dir]
+               "--store", store, "--cases", cases_file, "--out", out_dir] + (["--via-buffer"] if via_buffer else [])
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     return procs
 
@@ -58,11 +58,13 @@ def wait_ranks(procs, timeout_s: float) -> list[int | None]:
     return codes
 
 
-def run(R: int, out_dir: str, fail: bool, timeout_s: float = 240, log=print) -> bool:
-    tag = f"R{R}-{'fail' if fail else 'grid'}"
+def run(R: int, out_dir: str, fail: bool, timeout_s: float = 240, log=print, via_buffer: bool = False) -> bool:
+    tag = f"R{R}-{'fail' if fail else 'grid'}{'-buffer' if via_buffer else ''}"
     cases = [failure_case(R)] if fail else grid(R)
+    if via_buffer:  # Buffer's checks synchronise with the host: no graph capture through it
+        cases = [c for c in cases if not c.get("graph")]
     t0 = time.monotonic()
-    procs = start_ranks(R, cases, out_dir, tag)
+    procs = start_ranks(R, cases, out_dir, tag, via_buffer)
     models = {c["name"]: model_outputs(c) for c in cases}  # overlaps with the workers
     codes = wait_ranks(procs, timeout_s)
     wall = time.monotonic() - t0
@@ -101,10 +103,12 @@ def main() -> int:
     p.add_argument("--out", default="fcuda-out")
     p.add_argument("--fail", action="store_true", help="run the failure case (one rank exits before dispatch)")
     p.add_argument("--timeout", type=float, default=240)
+    p.add_argument("--via-buffer", action="store_true", help="through mooncake.ep.Buffer (integration patch)")
     args = p.parse_args()
     ok = True
     for R in [int(r) for r in args.ranks.split(",") if r]:
-        ok = run(R, args.out, args.fail, args.timeout, log=lambda s: print(s, flush=True)) and ok
+        ok = run(R, args.out, args.fail, args.timeout, log=lambda s: print(s, flush=True),
+                 via_buffer=args.via_buffer) and ok
     return 0 if ok else 1
 
 

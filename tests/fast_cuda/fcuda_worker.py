@@ -156,6 +156,8 @@ def main() -> int:
     p.add_argument("--store", required=True)
     p.add_argument("--cases", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--via-buffer", action="store_true",
+                   help="drive mooncake.ep.Buffer (integration patch applied, MOONCAKE_IMPL=fast) instead of FastEPBuffer")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.cuda.set_device(0)
@@ -165,7 +167,13 @@ def main() -> int:
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=R,
                             timeout=timedelta(seconds=120))
     hint = max(model.get_ep_buffer_size_hint(c["T"], c["H"], R, c["E"]) for c in cases)
-    buf = FastEPBuffer(dist.group.WORLD, hint)
+    if args.via_buffer:
+        from mooncake.ep import Buffer
+
+        buf = Buffer(dist.group.WORLD, hint)
+        buf.device = torch.device("cuda", 0)
+    else:
+        buf = FastEPBuffer(dist.group.WORLD, hint)
     dist.barrier()
     for case in cases:
         try:
@@ -182,6 +190,9 @@ def main() -> int:
             traceback.print_exc()
             sys.stdout.flush()
             os._exit(1)
+        if args.via_buffer and getattr(buf, "_fast", None) is None:
+            print("Buffer did not take the CUDA fast path", flush=True)
+            os._exit(1)
         if res is not None:
             torch.save(res, os.path.join(args.out, f"{case['name']}_r{rank}.pt"))
             print(json.dumps({"rank": rank, "case": case["name"], "t_dispatch_s": round(res["t_dispatch"], 6),
@@ -191,7 +202,8 @@ def main() -> int:
             dist.barrier()
     if any(c.get("dead") is not None for c in cases):
         os._exit(0)  # a peer is gone: skip the gloo teardown
-    buf.destroy()
+    if not args.via_buffer:
+        buf.destroy()
     dist.destroy_process_group()
     return 0
 

@@ -306,6 +306,22 @@ class FastEPBuffer:
         self._set_device()
         check(self._lib, fn(ctypes.byref(args), phase), what)
 
+    def update_ep_member(self) -> None:
+        """Bring every rank's call sequence numbers in step (collective: the largest wins).
+
+        After ranks made different numbers of calls (a rank that died and came back, a call skipped on
+        one rank only), the next call would otherwise wait for signals that never come.  Signals are
+        monotonic, so jumping forward never mistakes an old signal for a new one.
+        """
+        torch.cuda.synchronize(self.device)
+        seqs = self._ws[:2].cpu()
+        comm = self._comm_device()
+        parts = [torch.empty(2, dtype=torch.int64, device=comm) for _ in range(self.num_ranks)]
+        dist.all_gather(parts, seqs.to(comm), group=self.group)
+        top = torch.stack([p.cpu() for p in parts]).amax(dim=0)
+        self._ws[:2].copy_(top.to(self.device))
+        torch.cuda.synchronize(self.device)
+
     def skip_call(self, kind: str) -> None:
         """Count a call this rank rejected (``kind`` "dispatch" or "combine") without taking part in it.
 
