@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch._C import _distributed_c10d as c10d
 
 from .. import impl
-from ..control.errors import ArgumentError, MooncakeError
+from ..control import faults
+from ..control.errors import ArgumentError, MooncakeError, PeerFailureError
 from ..control.plane import GroupInfo
 from ..control.view import View, initial_view
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
@@ -31,7 +32,8 @@ from ..ref import collectives as ref
 from ..ref import p2p as ref_p2p
 from ..ref import ucx
 from . import options as _options
-from .work import ComposedWork, MooncakeWork
+from .membership import Membership
+from .work import Collective, ComposedWork, MooncakeWork
 
 class RootInactiveError(ArgumentError, _model.RootInactiveError):
     """The root of broadcast / reduce / gather / scatter is not active; raised on every caller."""
@@ -88,13 +90,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._world_size = world_size
         self._capacity = capacity
         self._is_extension = is_extension
-        self._view = view
+        self._initial_view = view
         self._timeout_s = timeout.total_seconds()
         self._global_ranks = list(global_ranks) or list(range(world_size))
         self._index = _next_backend_index()
         self._group_key = zlib.crc32(f"{group_id}/{self._index}".encode()) & 0xFFFF
         self._group_name: str | None = None
-        self._seq = 0
         self._p2p_send_seq: dict[tuple[int, int], int] = {}
         self._p2p_recv_seq: dict[tuple[int, int], int] = {}
         self._mask_tensor = options.active_ranks if options is not None else None
@@ -105,11 +106,17 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._engine = ucx.engine(_net_devices())
         self._rendezvous()
         self._plane = self._open_plane()
+        self._membership = Membership(
+            rank=rank, capacity=capacity, view=view, store=store, prefix=f"mooncake/{self._index}",
+            engine=self._engine, peers=self._peers, addresses=self._addresses, group_key=self._group_key,
+            timeout_s=lambda: self._timeout_s,
+            failure_mode=options.failure_mode if options is not None else "complete",
+            on_view=self._on_view)
         self._sync_mask_tensor()
 
     # -- identity ------------------------------------------------------------------------------
     def size(self) -> int:
-        return self._world_size if self._is_extension else self._view.visible_size
+        return self._world_size if self._is_extension else self.view.visible_size
 
     def rank(self) -> int:
         return self._rank
@@ -133,7 +140,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     @property
     def view(self) -> View:
-        return self._view
+        return self._membership.view
+
+    @property
+    def membership(self) -> Membership:
+        return self._membership
 
     @property
     def timeout(self) -> timedelta:
@@ -152,17 +163,18 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _rendezvous(self) -> None:
         """Publish this rank's address and settings; check the founders' agree with ours."""
         hello = _HELLO.pack(VERSION, self._capacity, self._world_size, int(self._is_extension))
-        mask = bytes(self._view.mask()) if not self._is_extension else bytes(self._capacity)
+        view = self._initial_view
+        mask = bytes(view.mask()) if not self._is_extension else bytes(self._capacity)
         self._store.set(self._key("hello", self._rank), hello + mask + self._engine.address)
         self._addresses[self._rank] = self._engine.address
         if self._is_extension:
             return
-        others = [r for r in self._view.active if r != self._rank]
+        others = [r for r in view.active if r != self._rank]
         keys = [self._key("hello", r) for r in others]
         try:
             self._store.wait(keys, timedelta(seconds=self._timeout_s))
         except Exception as exc:  # torch raises DistStoreError / DistNetworkError
-            raise MooncakeError(f"rank {self._rank}: not every rank of {list(self._view.active)} "
+            raise MooncakeError(f"rank {self._rank}: not every rank of {list(view.active)} "
                                 f"reached init within {self._timeout_s:.0f} s ({exc})") from None
         for r in others:
             self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)))
@@ -178,9 +190,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if world_size != self._world_size:
             raise ArgumentError(f"world_size differs across ranks: rank {rank} passed {world_size}, "
                                 f"this rank {self._world_size}")
-        if not is_extension and mask != self._view.mask():
+        if not is_extension and mask != self._initial_view.mask():
             raise ArgumentError(f"active_ranks differs across ranks: rank {rank} starts with active "
-                                f"mask {mask}, this rank {self._view.mask()}")
+                                f"mask {mask}, this rank {self._initial_view.mask()}")
         return bytes(record[_HELLO.size + capacity:])
 
     def _open_plane(self):
@@ -195,9 +207,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _peers(self, ranks: Sequence[int]) -> dict[int, ucx.Peer]:
         return {r: self._engine.peer(self._addresses[r]) for r in ranks}
 
+    def _on_view(self, view: View) -> None:
+        """A new view was adopted (failure agreement or elastic protocol)."""
+        self._plane.add_ranks({r: self._addresses[r] for r in view.active})
+        self._sync_mask_tensor()
+
     def _sync_mask_tensor(self) -> None:
         if self._mask_tensor is not None:
-            mask = torch.tensor(self._view.mask(), dtype=torch.int32)
+            mask = torch.tensor(self.view.mask(), dtype=torch.int32)
             self._mask_tensor.copy_(mask.to(self._mask_tensor.device))
 
     def active_ranks_tensor(self) -> torch.Tensor:
@@ -205,12 +222,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._mask_tensor is not None:
             return self._mask_tensor
         device = "cuda" if self._device_type == "cuda" else "cpu"
-        return torch.tensor(self._view.mask(), dtype=torch.int32, device=device)
+        return torch.tensor(self.view.mask(), dtype=torch.int32, device=device)
 
     # -- checks --------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise MooncakeError("this mooncake process group was shut down")
+        if self._membership.evicted:
+            raise MooncakeError(self._membership.evicted)
 
     def _check_tensor(self, t: torch.Tensor, what: str) -> None:
         if not isinstance(t, torch.Tensor):
@@ -239,8 +258,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _check_root(self, root: int, what: str) -> None:
         if not 0 <= root < self._capacity:
             raise ArgumentError(f"{what} {root} is out of range [0, {self._capacity})")
-        if not self._view.is_active(root):
-            raise RootInactiveError(f"{what} {root} is not active (active ranks: {list(self._view.active)})")
+        if not self.view.is_active(root):
+            raise RootInactiveError(f"{what} {root} is not active (active ranks: {list(self.view.active)})")
 
     def _check_reduce(self, op: ReduceOp, t: torch.Tensor) -> None:
         reason = check_reducible(op, t.dtype)
@@ -248,11 +267,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"Unsupported reduce op/dtype: {reason}")
 
     # -- issuing -------------------------------------------------------------------------------
-    def _context(self, name: str) -> ref.OpContext:
-        ctx = ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view,
-                            self._seq, name)
-        self._seq += 1
-        return ctx
+    def _post(self, name: str, build, seq: int, view: View, root: int | None):
+        """Post ``build`` as operation ``seq`` under ``view`` (first time, or again after a failure)."""
+        if root is not None and not view.is_active(root):
+            raise PeerFailureError(f"{name}: root rank {root} failed; the survivors {list(view.active)} "
+                                   "agreed on it, so this operation cannot complete", (root,))
+        faults.hit("before_send")
+        return build(ref.OpContext(self._engine, self._peers, self._group_key, self._rank, view, seq, name))
 
     def _timeout_of(self, opts) -> float:
         timeout = getattr(opts, "timeout", None)
@@ -261,19 +282,32 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._timeout_s
 
     def _issue(self, name: str, opts, build, outputs: list[torch.Tensor],
-               staged: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> MooncakeWork:
-        """Post ``build(ctx)`` and wrap it; ``staged`` pairs (user tensor, staging copy) are
-        written back to the user's tensors when the operation completes."""
+               staged: list[tuple[torch.Tensor, torch.Tensor]] = (), root: int | None = None) -> MooncakeWork:
+        """Post ``build(ctx)`` as the group's next collective and wrap it; ``staged`` pairs (user
+        tensor, staging copy) are written back to the user's tensors when it completes."""
         self._check_open()
-        with self._lock:
-            op = build(self._context(name))
+        membership = self._membership
+        with membership.lock:
+            seq = membership.begin()
+            view = membership.view
+            try:
+                op = self._post(name, build, seq, view, root)
+            except BaseException:
+                membership.settle(seq)
+                raise
+
+        def repost():
+            with membership.lock:
+                view = membership.view
+                return self._post(name, build, seq, view, root), view.epoch
 
         def write_back() -> None:
             for user, stage in staged:
                 user.copy_(stage)
 
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
-                                        write_back if staged else None, name=name))
+                                        write_back if staged else None, name=name,
+                                        collective=Collective(membership, seq, view.epoch, repost)))
 
     def _track(self, work: MooncakeWork) -> MooncakeWork:
         self._in_flight.add(work)
@@ -312,7 +346,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "broadcast src")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged)
+        return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged, root)
 
     def reduce(self, tensors, opts=None):
         opts = opts or c10d.ReduceOptions()
@@ -324,7 +358,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "reduce dst")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged)
+        return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged, root)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.AllgatherOptions()
@@ -389,7 +423,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if output_tensors and any(len(o) for o in output_tensors):
                 raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
             outs, ys = [], None
-        return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged)
+        return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged, root)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ScatterOptions()
@@ -409,7 +443,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if input_tensors and any(len(i) for i in input_tensors):
                 raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
             xs = None
-        return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged)
+        return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged, root)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
@@ -505,8 +539,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"P2P {what}: rank {peer} out of range [0, {self._capacity})")
         if peer == self._rank:
             raise ArgumentError(f"P2P {what}: rank {peer} is this rank; send/recv need a peer")
-        if not self._view.is_active(peer):
-            raise ArgumentError(f"P2P {what}: rank {peer} is not active (active ranks: {list(self._view.active)})")
+        if not self.view.is_active(peer):
+            raise ArgumentError(f"P2P {what}: rank {peer} is not active (active ranks: {list(self.view.active)})")
+        if peer in self._membership.seen_dead():
+            raise PeerFailureError(f"P2P {what}: rank {peer} has failed (its connection closed); the "
+                                   "next collective will agree on it with the other ranks", (peer,))
         if not 0 <= tag <= MAX_P2P_TAG:
             raise ArgumentError(f"P2P {what}: tag {tag} out of range [0, {MAX_P2P_TAG}]")
 
@@ -550,7 +587,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_open()
         staged: list = []
         y = self._stage(t, staged, True)
-        sources = [r for r in self._view.active if r != self._rank]
+        sources = [r for r in self.view.active if r != self._rank]
         if not sources:
             raise ArgumentError("P2P recv from any source: this rank has no active peer")
         with self._lock:
@@ -563,7 +600,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                                         name=f"recv from any source (tag {tag})"))
 
     def _p2p_context(self) -> ref.OpContext:
-        return ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self._view, 0, "p2p")
+        return ref.OpContext(self._engine, self._peers, self._group_key, self._rank, self.view, 0, "p2p")
 
     # -- helpers -------------------------------------------------------------------------------
     def _slots_of(self, big: int, small: int, what: str) -> int:
@@ -610,6 +647,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             except MooncakeError:
                 pass  # reported to whoever waits on it; shutdown itself goes on
         self._closed = True
+        self._membership.close()
         self._plane.close()
 
     def abort(self) -> None:
@@ -618,7 +656,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     def __repr__(self) -> str:
         return (f"MooncakeProcessGroup({self._backend_name}, rank={self._rank}, size={self.size()}, "
-                f"capacity={self._capacity}, active={list(self._view.active)})")
+                f"capacity={self._capacity}, active={list(self.view.active)})")
 
 
 def _net_devices() -> str | None:

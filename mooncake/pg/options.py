@@ -24,10 +24,14 @@ class MooncakeBackendOptions:
             as a mirror of the group's mask.
         is_extension: start as a joining rank, local-only until ``join_group`` returns.
         max_world_size: capacity (reserved rank slots), ``>= world_size``, at most 256.
+        failure_mode: what a collective does when the survivors agree that ranks failed while it
+            ran: ``"complete"`` (default) re-runs it over the survivors and returns normally;
+            ``"raise"`` (framework-managed) raises ``PeerFailureError`` naming the failed ranks on
+            every survivor.  Either way the group's view drops the failed ranks.
     """
 
     def __init__(self, active_ranks: torch.Tensor, is_extension: bool = False,
-                 max_world_size: int | None = None):
+                 max_world_size: int | None = None, *, failure_mode: str = "complete"):
         if not isinstance(active_ranks, torch.Tensor):
             raise ArgumentError(f"active_ranks must be a torch.Tensor of dtype torch.int32, "
                                 f"got {type(active_ranks).__name__}")
@@ -45,16 +49,20 @@ class MooncakeBackendOptions:
                 max_world_size = None  # upstream: <= 0 means unset
             elif max_world_size > MAX_RANKS:
                 raise ArgumentError(f"max_world_size out of range: {max_world_size} > {MAX_RANKS}")
+        if failure_mode not in ("complete", "raise"):
+            raise ArgumentError(f"failure_mode must be 'complete' or 'raise', got {failure_mode!r}")
         values = active_ranks.detach().to("cpu")
         if bool(((values != 0) & (values != 1)).any()):
             raise ArgumentError(f"active_ranks entries must be 0 or 1, got {values.tolist()}")
         self.active_ranks = active_ranks
         self.is_extension = is_extension
         self.max_world_size = max_world_size
+        self.failure_mode = failure_mode
 
     def __repr__(self) -> str:
         return (f"MooncakeBackendOptions(active_ranks={self.active_ranks.tolist()}, "
-                f"is_extension={self.is_extension}, max_world_size={self.max_world_size})")
+                f"is_extension={self.is_extension}, max_world_size={self.max_world_size}, "
+                f"failure_mode={self.failure_mode!r})")
 
 
 def check_for_backend(options: MooncakeBackendOptions | None, backend_device: str,

@@ -11,9 +11,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..control.errors import OpTimeoutError, PeerFailureError
+from ..control.errors import MooncakeError, OpTimeoutError, PeerFailureError
 
 _PENDING, _DONE, _FAILED = range(3)
+_WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
+
+
+class Collective:
+    """What a collective's Work needs from its group: its number, its epoch, how to re-post it."""
+
+    def __init__(self, membership, seq: int, epoch: int, repost: Callable[[], tuple[object, int]]):
+        self.membership, self.seq, self.epoch, self.repost = membership, seq, epoch, repost
 
 
 class MooncakeWork(dist.Work):
@@ -21,12 +29,18 @@ class MooncakeWork(dist.Work):
 
     ``wait(timeout)`` drives it to completion and re-raises its error; a finite ``timeout`` that
     expires first returns ``False`` and leaves the operation running (its own deadline, the group
-    timeout, still applies).  ``failed_ranks`` lists the group ranks a failed operation lost.
+    timeout, still applies).  ``failed_ranks`` lists the group ranks a failed operation lost, or
+    that the survivors agreed had failed while it ran.
+
+    A collective (``collective`` given) commits only through its group's membership: if it cannot
+    commit it waits for the survivors' decision, then finishes, is re-posted under the new view
+    (default) or raises ``PeerFailureError`` (framework-managed mode).
     """
 
     def __init__(self, engine, op, timeout_s: float, outputs: list[torch.Tensor],
                  after: Callable[[], None] | None = None,
-                 source_rank: int | Callable[[], int] = -1, name: str = "operation"):
+                 source_rank: int | Callable[[], int] = -1, name: str = "operation",
+                 collective: "Collective | None" = None):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -40,6 +54,8 @@ class MooncakeWork(dist.Work):
         self._error: BaseException | None = None
         self._future: torch.futures.Future = torch.futures.Future()
         self._source_rank_value = source_rank
+        self._collective = collective
+        self._awaiting_decision = False
         self.failed_ranks: tuple[int, ...] = ()
         if op is None:
             self._complete()
@@ -48,30 +64,96 @@ class MooncakeWork(dist.Work):
 
     # -- completion ------------------------------------------------------------------------------
     def _advance(self) -> bool:
-        """Finish the operation once committed, or fail it on a lost peer or past its deadline."""
+        """Move the operation on; returns True once it is done or failed."""
         with self._lock:
-            if self._state != _PENDING:
-                return True
-            op = self._op
-            op.progress()
-            if op.committed:
-                try:
-                    op.finish()
-                except BaseException as exc:  # noqa: BLE001 - delivered to wait()
-                    self._fail(exc)
+            if self._state == _PENDING:
+                if self._collective is None:
+                    self._advance_p2p()
                 else:
-                    self._complete()
-            elif op.failed_peers():
-                failed = tuple(sorted(op.failed_peers()))
-                op.abandon()
-                self._fail(PeerFailureError(f"{self._name}: lost connection to rank(s) {list(failed)}",
-                                            failed))
-            elif time.monotonic() >= self._deadline:
-                op.abandon()
-                pending = op.pending_ranks()
-                self._fail(OpTimeoutError(f"{self._name} did not complete within {self._timeout_s:.3g} s; "
-                                          f"still waiting on rank(s) {list(pending)}", pending))
+                    self._advance_collective()
             return self._state != _PENDING
+
+    def _advance_p2p(self) -> None:
+        op = self._op
+        op.progress()
+        if op.committed:
+            self._finish_op()
+        elif op.failed_peers():
+            failed = tuple(sorted(op.failed_peers()))
+            op.abandon()
+            self._fail(PeerFailureError(f"{self._name}: lost connection to rank(s) {list(failed)}", failed))
+        elif time.monotonic() >= self._deadline:
+            op.abandon()
+            self._fail(self._timeout_error())
+
+    def _advance_collective(self) -> None:
+        c = self._collective
+        if self._awaiting_decision:
+            decision = c.membership.decision(c.epoch)
+            if decision is not None:
+                self._resolve(decision)
+            return
+        op = self._op
+        op.progress()
+        if op.committed and c.membership.try_commit(c.seq, c.epoch):
+            self._finish_op()
+        elif op.committed or op.failed_peers() or time.monotonic() >= self._deadline \
+                or c.membership.under_agreement(c.epoch):
+            self._awaiting_decision = True
+            c.membership.trouble(c.epoch, op.failed_peers())
+
+    def _resolve(self, decision) -> None:
+        """Apply the survivors' decision about this collective's epoch."""
+        c = self._collective
+        self._awaiting_decision = False
+        self.failed_ranks = decision.failed
+        if c.membership.evicted:
+            self._op.abandon()
+            self._settle_fail(MooncakeError(f"{self._name}: {c.membership.evicted}"))
+        elif decision.committed(c.seq):
+            if self._op.data_complete:
+                c.membership.settle(c.seq)
+                self._finish_op()
+            else:  # a commit elsewhere proves every rank had its data: the protocol was broken
+                self._settle_fail(MooncakeError(f"{self._name}: committed by a peer but this rank lacks "
+                                                "data (a bug: please report it)"))
+        elif not decision.failed:  # everyone is alive: some rank did not call this collective in time
+            self._op.abandon()
+            self._settle_fail(OpTimeoutError(
+                f"{self._name} did not complete within {self._timeout_s:.3g} s although every rank "
+                f"of {list(decision.active)} is alive: some rank did not call it (every rank must "
+                "issue the same collectives in the same order) or is too slow", ()))
+        elif c.membership.failure_mode == "raise":
+            self._op.abandon()
+            self._settle_fail(PeerFailureError(
+                f"{self._name}: rank(s) {list(decision.failed)} failed; the survivors "
+                f"{list(decision.active)} agreed on it and the group continues without them",
+                decision.failed))
+        else:
+            self._op.abandon()
+            try:
+                self._op, c.epoch = c.repost()
+            except BaseException as exc:  # noqa: BLE001 - e.g. the root is among the failed
+                self._settle_fail(exc)
+                return
+            self._deadline = time.monotonic() + self._timeout_s
+
+    def _settle_fail(self, exc: BaseException) -> None:
+        self._collective.membership.settle(self._collective.seq)
+        self._fail(exc)
+
+    def _finish_op(self) -> None:
+        try:
+            self._op.finish()
+        except BaseException as exc:  # noqa: BLE001 - delivered to wait()
+            self._fail(exc)
+        else:
+            self._complete()
+
+    def _timeout_error(self) -> OpTimeoutError:
+        pending = self._op.pending_ranks()
+        return OpTimeoutError(f"{self._name} did not complete within {self._timeout_s:.3g} s; "
+                              f"still waiting on rank(s) {list(pending)}", pending)
 
     def _complete(self) -> None:
         try:
@@ -96,15 +178,19 @@ class MooncakeWork(dist.Work):
 
     # -- dist.Work API -------------------------------------------------------------------------
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
-        limit = self._deadline
+        """Block until the operation ends (every path to that end is bounded: the deadline, then
+        the agreement window); with a positive ``timeout``, return False if it expires first."""
+        limit = None
         if timeout and timeout.total_seconds() > 0:
-            limit = min(limit, time.monotonic() + timeout.total_seconds())
-        if self._state == _PENDING:
-            self._engine.wait_until(self._advance, limit)
-            self._advance()
+            limit = time.monotonic() + timeout.total_seconds()
+        while not self._advance():
+            now = time.monotonic()
+            if limit is not None and now >= limit:
+                return False
+            self._engine.wait_until(self._advance, min(limit or now + _WAIT_SLICE_S, now + _WAIT_SLICE_S))
         if self._state == _FAILED:
             raise self._error
-        return self._state == _DONE
+        return True
 
     def is_completed(self) -> bool:
         return self._advance()

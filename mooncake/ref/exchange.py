@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from ..control import faults
 from ..control.errors import PeerFailureError, WireError
 from ..control.wire import HEADER_BYTES, Header
 from .ucx import Engine, Peer, Request
@@ -65,6 +66,10 @@ class Exchange:
             header.pack_into(memoryview(buffer))
             buffer[HEADER_BYTES:] = tensor_bytes(payload)
             self._send_reqs[rank] = engine.send(peers[rank], header.tag(), buffer)
+            if len(self._send_reqs) == 1 and self._commit_peers:
+                faults.hit("mid_transfer")
+        if not sends and self._commit_peers:
+            faults.hit("mid_transfer")
         self.progress()
 
     def requests(self) -> list[Request]:
@@ -74,6 +79,8 @@ class Exchange:
     def progress(self) -> None:
         """Send the DONEs once every payload is in; mark the operation committed when it is."""
         if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
+            if self._commit_peers:
+                faults.hit("after_data")
             self.data_complete = True
             for rank, expected in self._commit_peers.items():
                 header = dataclasses.replace(expected, src=expected.dst, dst=rank)

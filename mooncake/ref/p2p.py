@@ -12,7 +12,9 @@ from .exchange import Exchange, payload_tensor
 
 
 def _header(ctx: OpContext, src: int, dst: int, t: torch.Tensor, tag: int, seq: int) -> Header:
-    return Header(Kind.P2P, OpCode.SEND, ctx.group_key, src, dst, ctx.view.epoch, seq,
+    """P2P messages carry epoch 0: they are ordered per (peer, tag), not by views, and a replaced
+    peer is a new endpoint (its predecessor's messages can never reach it)."""
+    return Header(Kind.P2P, OpCode.SEND, ctx.group_key, src, dst, 0, seq,
                   t.numel() * t.element_size(), DTYPE_CODES[t.dtype], 0, tag)
 
 

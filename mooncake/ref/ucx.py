@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ucxx._lib.arr import Array
 from ..control.errors import MooncakeError
 
 _SPIN_S = 50e-6  # busy-progress this long before sleeping on the event fd
+_IDLE_SLEEP_S = 1.0  # with only watches registered, sleep on the event fd up to this long
 
 
 class Request:
@@ -52,6 +53,19 @@ class Request:
         return None
 
 
+class FailedRequest:
+    """A request that could not even be posted (no endpoint to the peer): failed from the start."""
+
+    __slots__ = ("buffer", "peer_key", "_error")
+    completed = True
+
+    def __init__(self, buffer: np.ndarray, peer_key: bytes, error: BaseException):
+        self.buffer, self.peer_key, self._error = buffer, peer_key, error
+
+    def error(self) -> BaseException:
+        return self._error
+
+
 class Peer:
     """An endpoint to one remote worker; ``alive`` turns False once UCX reports the peer gone."""
 
@@ -69,8 +83,19 @@ class Peer:
         self._engine.peer_closed(self)
 
 
+class UnreachablePeer:
+    """A peer UCX could not connect to (it is gone): every request to it fails at once."""
+
+    alive = False
+
+    def __init__(self, address: bytes, error: BaseException):
+        self.address, self.error = address, error
+
+
 def _ucx_config(net_devices: str | None) -> dict[str, str]:
     config = {"TCP_TX_SEG_SIZE": "1M", "TCP_RX_SEG_SIZE": "1M"}
+    if "UCX_LOG_LEVEL" not in os.environ:  # a dead peer is expected here, not an error to print
+        config["LOG_LEVEL"] = "fatal"
     if net_devices and "UCX_NET_DEVICES" not in os.environ:
         config["NET_DEVICES"] = net_devices
     return config
@@ -92,6 +117,7 @@ class Engine:
         self._in_flight = 0
         self._waiters = 0
         self._pollers: list[Callable[[], None]] = []
+        self._watches: list[Callable[[], None]] = []
         self._abandoned: list[Request] = []
         self._wake = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._background, name="mooncake-ucx-progress",
@@ -103,8 +129,17 @@ class Engine:
         with self.lock:
             peer = self._peers.get(address)
             if peer is None or not peer.alive:
-                peer = self._peers[address] = Peer(self, address)
+                try:
+                    peer = self._peers[address] = Peer(self, address)
+                except Exception as exc:  # ucxx raises UCXUnreachableError & co.
+                    return UnreachablePeer(address, exc)
             return peer
+
+    def peer_alive(self, address: bytes) -> bool:
+        """False once UCX reported the endpoint to ``address`` closed (its process is gone)."""
+        with self.lock:
+            peer = self._peers.get(address)
+            return peer is None or peer.alive
 
     def add_close_listener(self, listener: Callable[[bytes], None]) -> None:
         with self.lock:
@@ -120,12 +155,16 @@ class Engine:
             listener(peer.address)
 
     # -- posting -------------------------------------------------------------------------------
-    def send(self, peer: Peer, tag: int, buffer: np.ndarray) -> Request:
+    def send(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
+        if isinstance(peer, UnreachablePeer):
+            return FailedRequest(buffer, peer.address, peer.error)
         with self.lock:
             handle = peer.endpoint.tag_send(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
 
-    def recv(self, peer: Peer, tag: int, buffer: np.ndarray) -> Request:
+    def recv(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
+        if isinstance(peer, UnreachablePeer):
+            return FailedRequest(buffer, peer.address, peer.error)
         with self.lock:
             handle = peer.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
@@ -151,6 +190,18 @@ class Engine:
         with self._wake:
             if poll in self._pollers:
                 self._pollers.remove(poll)
+
+    def add_watch(self, watch: Callable[[], None]) -> None:
+        """Register a check to run after every wake-up of the background thread, even when no
+        operation is in flight (incoming control messages wake it: no timer, no CPU when idle)."""
+        with self._wake:
+            self._watches.append(watch)
+            self._wake.notify()
+
+    def remove_watch(self, watch: Callable[[], None]) -> None:
+        with self._wake:
+            if watch in self._watches:
+                self._watches.remove(watch)
 
     def progress(self) -> None:
         with self.lock:
@@ -184,13 +235,14 @@ class Engine:
     def _background(self) -> None:
         while True:
             with self._wake:
-                while not self._pollers or self._waiters:
-                    self._wake.wait(timeout=0.05 if self._pollers else None)
+                while self._waiters or not (self._pollers or self._watches):
+                    self._wake.wait(timeout=0.05 if (self._pollers or self._watches) else None)
                 pollers = list(self._pollers)
+                watches = list(self._watches)
             self.progress()
-            for poll in pollers:
+            for poll in pollers + watches:
                 poll()
-            self._sleep_on_events(0.002)
+            self._sleep_on_events(0.002 if pollers else _IDLE_SLEEP_S)
 
 
 _ENGINE: Engine | None = None
@@ -230,6 +282,3 @@ def interface_of(ip: str) -> str:
                 return name
     raise MooncakeError(f"no local network interface has the address {ip!r} (see `ip addr`)")
 
-
-def failed_peers(requests: Iterable[Request]) -> set[bytes]:
-    return {r.peer_key for r in requests if r.completed and r.error() is not None}

@@ -1,0 +1,64 @@
+"""Fault injection for tests: kill or stall this process at a named point of an operation.
+
+Production code calls ``hit(point)`` at each point; it costs one dict lookup unless armed.  Arm
+from a test job with ``arm(point, action)``, or for a whole process with the environment variable
+``MOONCAKE_FAULT=point:action[:skip]`` (read at import), e.g. ``after_data:kill:2`` kills the
+process the third time an operation reaches ``after_data``.
+
+Points:
+    before_send       a collective is about to post its messages
+    mid_transfer      a collective has posted its first send, not the rest
+    after_data        every payload of a collective arrived, before its DONEs go out
+    during_agreement  a failure agreement is about to write this rank's report
+    during_join       ``join_group`` published its request, before it waits to be admitted
+Actions: ``kill`` (SIGKILL, no cleanup: like a crash) and ``stall`` (sleep ``stall_s``, default
+an hour: like a hung process).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+POINTS = ("before_send", "mid_transfer", "after_data", "during_agreement", "during_join")
+ACTIONS = ("kill", "stall")
+_armed: dict[str, tuple[str, int, float]] = {}
+
+
+def arm(point: str, action: str, skip: int = 0, stall_s: float = 3600.0) -> None:
+    """Make the ``skip+1``-th arrival at ``point`` perform ``action``."""
+    if point not in POINTS:
+        raise ValueError(f"fault point {point!r} is not one of {', '.join(POINTS)}")
+    if action not in ACTIONS:
+        raise ValueError(f"fault action {action!r} is not one of {', '.join(ACTIONS)}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    _armed[point] = (action, skip, stall_s)
+
+
+def disarm() -> None:
+    _armed.clear()
+
+
+def hit(point: str) -> None:
+    if not _armed or point not in _armed:
+        return
+    action, skip, stall_s = _armed[point]
+    if skip > 0:
+        _armed[point] = (action, skip - 1, stall_s)
+        return
+    del _armed[point]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(stall_s)
+
+
+def _arm_from_env() -> None:
+    spec = os.environ.get("MOONCAKE_FAULT", "").strip()
+    if spec:
+        point, action, *rest = spec.split(":")
+        arm(point, action, int(rest[0]) if rest else 0)
+
+
+_arm_from_env()

@@ -1,0 +1,128 @@
+"""Job functions for the fault-tolerance tests (run inside mooncake.testing.cluster workers).
+
+Inputs are generated here from (seed, rank); expected values are computed in the test process
+with ``mooncake.model`` only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+SHAPE = (4, 6)
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier")
+
+
+def make_options(rank, world_size, capacity=None, failure_mode="complete", extension_ranks=()):
+    import mooncake.pg as pg
+    capacity = capacity or world_size
+    return pg.MooncakeBackendOptions(torch.zeros(capacity, dtype=torch.int32),
+                                     is_extension=rank in tuple(extension_ranks),
+                                     max_world_size=capacity, failure_mode=failure_mode)
+
+
+def input_of(seed: int, rank: int, k: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s float32 input: ``k`` stacked slots of SHAPE."""
+    gen = torch.Generator().manual_seed(seed * 7919 + rank)
+    return torch.randn((k, *SHAPE), generator=gen)
+
+
+def run_op(op: str, seed: int, capacity: int) -> torch.Tensor:
+    """Call ``op`` once with this rank's inputs; returns what this rank got."""
+    rank = dist.get_rank()
+    if op == "all_reduce":
+        x = input_of(seed, rank)[0].clone()
+        dist.all_reduce(x)
+        return x
+    if op == "all_gather":
+        outs = [torch.empty(SHAPE) for _ in range(capacity)]
+        dist.all_gather(outs, input_of(seed, rank)[0])
+        return torch.stack(outs)
+    if op == "reduce_scatter":
+        out = torch.empty(SHAPE)
+        dist.reduce_scatter(out, list(input_of(seed, rank, capacity).unbind(0)))
+        return out
+    if op == "all_to_all":
+        outs = [torch.empty(SHAPE) for _ in range(capacity)]
+        dist.all_to_all(outs, list(input_of(seed, rank, capacity).unbind(0)))
+        return torch.stack(outs)
+    if op == "broadcast":
+        x = input_of(seed, rank)[0].clone()
+        dist.broadcast(x, src=0)
+        return x
+    if op == "barrier":
+        dist.barrier()
+        return torch.zeros(())
+    raise ValueError(op)
+
+
+def op_under_fault(op: str, seed: int, capacity: int, victim: int, point: str, action: str = "kill",
+                   skip: int = 0, stall_s: float = 3600.0):
+    """The victim arms a fault, every rank calls ``op``; survivors return (result, mask, seconds)."""
+    import mooncake.pg as pg
+    from mooncake.control import faults
+    if dist.get_rank() == victim:
+        faults.arm(point, action, skip, stall_s)
+    start = time.monotonic()
+    try:
+        result = run_op(op, seed, capacity)
+    finally:
+        faults.disarm()
+    return result, pg.get_active_ranks(dist.group.WORLD).clone(), time.monotonic() - start
+
+
+def op_after(op: str, seed: int, capacity: int):
+    """The group is usable afterwards: call ``op`` again; returns (result, mask)."""
+    import mooncake.pg as pg
+    return run_op(op, seed, capacity), pg.get_active_ranks(dist.group.WORLD).clone()
+
+
+def catch_op(op: str, seed: int, capacity: int, victim: int, point: str):
+    """Like op_under_fault, but returns the exception (type name, failed_ranks) a survivor saw."""
+    try:
+        return ("ok", op_under_fault(op, seed, capacity, victim, point))
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return (type(exc).__name__, tuple(getattr(exc, "failed_ranks", ())), str(exc))
+
+
+def open_fds() -> int:
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+def mask():
+    import mooncake.pg as pg
+    return pg.get_active_ranks(dist.group.WORLD).clone()
+
+
+def catch_timeout(seed: int):
+    """Call all_reduce while some rank never does; returns (exception type, message)."""
+    x = input_of(seed, dist.get_rank())[0].clone()
+    try:
+        dist.all_reduce(x)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)
+    return "ok", ""
+
+
+def p2p_to_dead(direction: str, peer: int):
+    """send to / recv from a dead peer; returns (exception type, failed_ranks, seconds)."""
+    start = time.monotonic()
+    x = torch.zeros(8)
+    try:
+        if direction == "send":
+            dist.send(x, peer)
+        else:
+            dist.recv(x, peer)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, tuple(getattr(exc, "failed_ranks", ())), time.monotonic() - start
+    return "ok", (), time.monotonic() - start
+
+
+def set_group_timeout(seconds: float) -> None:
+    from datetime import timedelta
+
+    import mooncake.pg as pg
+    pg.set_timeout(dist.group.WORLD, timedelta(seconds=seconds))
