@@ -16,7 +16,8 @@
 // monotonic (>= n means delivered), so nothing is ever cleaned.
 //
 // Determinism: a sender places token t for expert e = q*L + l at slot (rows of its tokens for q's
-// experts < l) + #{t' < t routed to e} (counts, no atomics), the receiver waits for every source (or its deadline), takes the exclusive prefix of the
+// experts < l) + #{t' < t routed to e} (counts, no atomics); the receiver waits for every source (or
+// its deadline), takes the exclusive prefix of the
 // per-source counts in ascending source order and compacts the staging slots into the outputs.
 // Atomics are only used to find the last finishing block of a kernel (completion, not placement).
 
@@ -28,7 +29,7 @@
 #include <string.h>
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 2
+#define MC_ABI_VERSION 3
 
 namespace {
 
@@ -50,7 +51,8 @@ struct McEpArgs {
   int64_t peers;       // device int64[R]: base address of every rank's IPC buffer, mapped in this process
   int64_t local_base;  // this rank's IPC buffer
   int64_t ws;          // device int64[16] local control workspace
-  int64_t tab;         // device int32[4*E+4] local table: begin | count | stage (each [L*R]) | rowbase[L] | total
+  int64_t tab;         // device int32[6*E+4] local table: begin | count | stage (each [L*R]) | rowbase[L] | total
+                       //   (receive side), then counts[E] | pre[E] (send side, from the prologue)
   int64_t active;      // device int32[R] active_ranks (caller's, written in place)
   int64_t off_dsig, off_csig, off_dcount, off_ddata, off_cdata;
   int64_t msg_stride;  // bytes per dispatch staging slot (multiple of 16)
@@ -63,6 +65,7 @@ struct McEpArgs {
   int64_t grid_hint;   // blocks per kernel hint (SM count)
   int64_t src_k;       // [L, R*T] int32: top-k position of each received row at its source (handle)
   int64_t stage_cap;   // staging slots per source in a receiver's dispatch region (T * min(K, L))
+  int64_t dead;        // int32[R] in pinned host memory: 1 = the host saw that rank's process die (or 0)
 };
 
 namespace {
@@ -85,17 +88,22 @@ __device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
 
 __device__ __forceinline__ int ld_volatile_int(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Wait until *sig >= seq or the deadline passes; false on expiry.
-__device__ bool wait_signal(const int64_t* sig, int64_t seq, int64_t timeout_ns) {
+// Wait until *sig >= seq, the deadline passes or the host reports the peer's process dead (*dead != 0);
+// false on expiry / death (a signal that landed first still counts).
+__device__ bool wait_signal(const int64_t* sig, int64_t seq, int64_t timeout_ns, const int* dead) {
   const uint64_t start = global_timer_ns();
   while (true) {
     if (ld_acquire_sys(sig) >= seq) return true;
-    if (timeout_ns >= 0 && (int64_t)(global_timer_ns() - start) > timeout_ns) {
-      // one last look: a signal that landed exactly at the deadline still counts
+    if ((timeout_ns >= 0 && (int64_t)(global_timer_ns() - start) > timeout_ns) ||
+        (dead != nullptr && *reinterpret_cast<const volatile int*>(dead) != 0)) {
       return ld_acquire_sys(sig) >= seq;
     }
-    __nanosleep(32);
+    __nanosleep(64);
   }
+}
+
+__device__ __forceinline__ const int* dead_flag(const McEpArgs& a, int r) {
+  return a.dead ? reinterpret_cast<const int*>(a.dead) + r : nullptr;
 }
 
 __device__ __forceinline__ uint8_t* peer_ptr(const McEpArgs& a, int r) {
@@ -158,6 +166,26 @@ __device__ __forceinline__ int find_segment(const int* base, int n, int f) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// dispatch, send prologue (one block): rows per expert (counts) and their exclusive prefix over all
+// experts (pre), so that a row for expert e = q*L + l starts at pre[e] - pre[q*L] in q's staging area.
+__global__ void __launch_bounds__(kThreads) dispatch_prologue_kernel(McEpArgs a) {
+  extern __shared__ int hist[];  // E ints
+  const int E = (int)a.num_experts, K = (int)a.num_topk, N = (int)a.num_tokens;
+  const int64_t* topk = reinterpret_cast<const int64_t*>(a.topk);
+  int* counts_g = reinterpret_cast<int*>(a.tab) + 4 * E + 4;
+  int* pre_g = counts_g + E;
+  for (int e = threadIdx.x; e < E; e += kThreads) hist[e] = 0;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < (int64_t)N * K; j += kThreads) {
+    const int64_t e = topk[j];
+    if (e >= 0) atomicAdd(&hist[e], 1);  // counting only; order cannot matter
+  }
+  __syncthreads();
+  block_exclusive_scan(hist, pre_g, E, false, nullptr, 0);
+  for (int e = threadIdx.x; e < E; e += kThreads) counts_g[e] = hist[e];
+}
+
+// ---------------------------------------------------------------------------------------------
 // dispatch, send phase: stage each token once in shared memory (quantized for FP8), then write it into
 // the staging slot of every destination expert.  The last block to finish writes the per-expert counts
 // and raises the per-source signal on every receiver.
@@ -181,19 +209,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
   uint8_t* msg = smem;                                                       // msg_stride bytes
   uint8_t* xrow = smem + a.msg_stride;                                       // 2H bytes (FP8 only)
   int* slots = reinterpret_cast<int*>(xrow + (kFp8 ? 2 * H : 0));             // K ints
-  int* counts = slots + ((K + 3) & ~3);                                      // E ints: rows per expert
-  int* pre = counts + E;                                                     // E ints: exclusive prefix
-
-  // every block: how many rows go to each expert, and where each expert's rows start in its receiver's
-  // staging area for this source (prefix over that receiver's experts)
-  for (int e = tid; e < E; e += kThreads) counts[e] = 0;
-  __syncthreads();
-  for (int64_t j = tid; j < (int64_t)N * K; j += kThreads) {
-    const int64_t e = topk[j];
-    if (e >= 0) atomicAdd(&counts[e], 1);  // counting only; order cannot matter
-  }
-  __syncthreads();
-  block_exclusive_scan(counts, pre, E, false, nullptr, R);
+  const int* counts = reinterpret_cast<const int*>(a.tab) + 4 * E + 4;         // from the prologue
+  const int* pre = counts + E;
 
   for (int t = blockIdx.x; t < N; t += gridDim.x) {
     {  // the token row into shared memory, 4 loads in flight per thread
@@ -302,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_wait_kernel(McEpArgs a) {
   for (int s = tid; s < R; s += blockDim.x) {
     int c = 0;
     if (active[s] != 0) {
-      if (wait_signal(dsig + s, cur, a.timeout_ns)) {
+      if (wait_signal(dsig + s, cur, a.timeout_ns, dead_flag(a, s))) {
         c = 1;
       } else {
         active[s] = 0;
@@ -455,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) combine_wait_kernel(McEpArgs a) {
   const int64_t* csig = reinterpret_cast<const int64_t*>(reinterpret_cast<uint8_t*>(a.local_base) + a.off_csig);
   if (active[rank] != 0) {  // a masked rank's tokens were not dispatched: nothing comes back
     for (int o = tid; o < R; o += blockDim.x) {
-      if (active[o] != 0 && !wait_signal(csig + o, cur, a.timeout_ns)) active[o] = 0;
+      if (active[o] != 0 && !wait_signal(csig + o, cur, a.timeout_ns, dead_flag(a, o))) active[o] = 0;
     }
   }
   __syncthreads();
@@ -634,10 +651,11 @@ MC_API int mc_ep_dispatch(const McEpArgs* a, int phase) {
   const int64_t hint = a->grid_hint > 0 ? a->grid_hint : 132;
   if (phase & 1) {
     const int64_t K4 = (a->num_topk + 3) & ~int64_t(3);
-    const size_t smem =
-        (size_t)(a->msg_stride + (a->use_fp8 ? 2 * a->hidden : 0) + 4 * K4 + 8 * a->num_experts);
+    const size_t smem = (size_t)(a->msg_stride + (a->use_fp8 ? 2 * a->hidden : 0) + 4 * K4);
     const int grid = blocks_for(a->num_tokens, hint);
     int rc;
+    if ((rc = set_smem((const void*)dispatch_prologue_kernel, sizeof(int) * a->num_experts))) return rc;
+    dispatch_prologue_kernel<<<1, kThreads, sizeof(int) * a->num_experts, st>>>(*a);
     if (a->use_fp8) {
       if ((rc = set_smem((const void*)dispatch_send_kernel<true>, smem))) return rc;
       dispatch_send_kernel<true><<<grid, kThreads, smem, st>>>(*a);

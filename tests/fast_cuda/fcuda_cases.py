@@ -100,9 +100,12 @@ def grid(R: int) -> list[dict]:
     return cases
 
 
-def failure_case(R: int, dead: int = 1) -> dict:
-    return dict(R=R, T=48, H=2048, E=64, K=8, name=f"fp8-rank{dead}-dies", seed=21, fp8=True, mask_p=0.1,
-                dead=dead, timeout_us=2_000_000)
+def failure_case(R: int, dead: int = 1, timeout_us: int = 2_000_000) -> dict:
+    """Rank ``dead`` exits before dispatch.  With a deadline the survivors time it out; with
+    ``timeout_us = -1`` the host's liveness watchdog ends their waits."""
+    name = f"fp8-rank{dead}-dies" + ("-no-deadline" if timeout_us == -1 else "")
+    return dict(R=R, T=48, H=2048, E=64, K=8, name=name, seed=21, fp8=True, mask_p=0.1, dead=dead,
+                timeout_us=timeout_us)
 
 
 # ---------------------------------------------------------------------------------------------- model side

@@ -47,7 +47,9 @@ def test_ep_grid_bitwise(ranks, tmp_path):
 
 
 @pytest.mark.skipif(max(RANKS) < 2, reason="needs 2+ ranks")
-def test_ep_dead_rank_times_out(tmp_path):
+@pytest.mark.parametrize("timeout_us", [2_000_000, -1])
+def test_ep_dead_rank_ends_the_wait(timeout_us, tmp_path):
+    """A rank exits before dispatch: the survivors finish (deadline, or the liveness watchdog with -1)."""
     from fcuda_grid import run
 
-    assert run(max(max(RANKS), 2), str(tmp_path), fail=True, timeout_s=120)
+    assert run(max(max(RANKS), 2), str(tmp_path), fail=True, timeout_s=120, fail_timeout_us=timeout_us)

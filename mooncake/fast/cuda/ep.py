@@ -26,6 +26,8 @@ import hashlib
 import itertools
 import os
 import socket
+import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -70,6 +72,41 @@ class FastHandle(tuple):
         obj.result = result
         obj.__dict__.update(state)
         return obj
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """True / False for a process of this PID namespace, None if it cannot be told (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return None
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+class _Watchdog:
+    """One daemon thread per buffer: every ``period_s`` it checks the peers' processes and writes 1 into
+    the pinned ``dead[r]`` flag the device-side waits poll, so a dead peer ends a wait even with
+    ``timeout_us = -1``.  Reads /proc only (about 0% of a core)."""
+
+    def __init__(self, dead: torch.Tensor, pids: dict[int, int], period_s: float = 0.02):
+        self._flags = dead.numpy()  # pinned host memory, shared with the device
+        self._pids = dict(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period_s,), name="mooncake-ep-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self, period_s: float) -> None:
+        while self._pids and not self._stop.wait(period_s):
+            for r, pid in list(self._pids.items()):
+                if _pid_alive(pid) is False:
+                    self._flags[r] = 1
+                    del self._pids[r]
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _align(n: int, a: int) -> int:
@@ -155,6 +192,13 @@ class FastEPBuffer:
         self._mask_scratch = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._combine_buffer: torch.Tensor | None = None
         self._combine_buffer_handle = None
+        # liveness: peers whose process the host sees die end the device-side waits for them
+        self._dead = torch.zeros(self.num_ranks, dtype=torch.int32).pin_memory()
+        visible = {r: pid for r, pid in self._pids.items() if r != self.rank and _pid_alive(pid)}
+        self._watchdog = None
+        if len(visible) == self.num_ranks - 1:  # every peer is a process this host (PID namespace) sees
+            self._watchdog = _Watchdog(self._dead, visible)
+            weakref.finalize(self, self._watchdog.stop)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _set_device(self) -> None:
@@ -176,6 +220,7 @@ class FastEPBuffer:
         parts = [torch.empty(_INFO_WORDS, dtype=torch.int64, device=comm) for _ in range(self.num_ranks)]
         dist.all_gather(parts, info.to(comm), group=self.group)
         parts = [p.cpu() for p in parts]
+        self._pids = {r: int(p[9]) for r, p in enumerate(parts)}
         for r, p in enumerate(parts):
             if int(p[8]) != int(info[8]):
                 raise FastUnavailable(f"rank {r} runs on another host: the CUDA IPC fast path needs every rank of "
@@ -199,6 +244,8 @@ class FastEPBuffer:
         lib = getattr(self, "_lib", None)
         if lib is None:
             return
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.stop()
         for ptr in getattr(self, "_opened", []):
             lib.mc_ipc_close(ptr)
         self._opened = []
@@ -250,8 +297,9 @@ class FastEPBuffer:
     def _table(self, E: int) -> torch.Tensor:
         tab = self._tabs.get(E)
         if tab is None:
-            # begin | count | stage (each [L*R]) | rowbase[L] | total  (written by the dispatch wait kernel)
-            tab = self._tabs[E] = torch.zeros(4 * E + 4, dtype=torch.int32, device=self.device)
+            # begin | count | stage (each [L*R]) | rowbase[L] | total  (the dispatch wait kernel), then
+            # counts[E] | pre[E]  (the dispatch send prologue)
+            tab = self._tabs[E] = torch.zeros(6 * E + 4, dtype=torch.int32, device=self.device)
         return tab
 
     def _dev(self, t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -300,6 +348,7 @@ class FastEPBuffer:
         for name, value in ptrs.items():
             setattr(a, name, value)
         a.grid_hint = self._sms
+        a.dead = self._dead.data_ptr() if self._watchdog is not None else 0
         return a
 
     def _launch(self, fn, args: McEpArgs, phase: int, what: str) -> None:

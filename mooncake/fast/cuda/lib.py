@@ -20,9 +20,9 @@ EP_ARG_FIELDS = (
     "msg_stride", "half_dcount", "half_ddata", "half_cdata",
     "x", "topk", "weights", "out",
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
-    "grid_hint", "src_k", "stage_cap",
+    "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class McEpArgs(ctypes.Structure):
