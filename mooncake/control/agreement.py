@@ -13,7 +13,8 @@ suspects + silent members; an operation stands if any reporter committed it, and
 operation of the epoch is re-run under the new view (or raises, in framework-managed mode).  The
 first decision written wins (``compare_set``), so all survivors adopt the same one.
 
-Reports and decisions are fixed little-endian structs: nothing read from the Store is unpickled.
+Reports and decisions are fixed little-endian structs with rank masks of MAX_RANKS bytes (so a
+capacity mismatch cannot garble them): nothing read from the Store is unpickled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from typing import Callable, Iterable
 
 from .errors import MooncakeError, WireError
+from .wire import MAX_RANKS
 
 _REPORT = struct.Struct("<IIHIH")    # magic, epoch, rank, low, number of extra committed seqs
 _DECISION = struct.Struct("<IIIH")   # magic, new epoch, low, number of extra committed seqs
@@ -43,15 +45,15 @@ class Report:
     extra: frozenset[int]
     suspects: frozenset[int]
 
-    def encode(self, capacity: int) -> bytes:
+    def encode(self) -> bytes:
         return (_REPORT.pack(_MAGIC_REPORT, self.epoch, self.rank, self.low, len(self.extra))
-                + _mask(self.suspects, capacity) + b"".join(struct.pack("<I", s) for s in sorted(self.extra)))
+                + _mask(self.suspects) + b"".join(struct.pack("<I", s) for s in sorted(self.extra)))
 
     @classmethod
-    def decode(cls, data: bytes, capacity: int) -> "Report":
+    def decode(cls, data: bytes) -> "Report":
         magic, epoch, rank, low, num_extra = _unpack(_REPORT, data, _MAGIC_REPORT, "report")
-        suspects = _unmask(data[_REPORT.size:_REPORT.size + capacity])
-        extra = _seqs(data[_REPORT.size + capacity:], num_extra)
+        suspects = _unmask(data[_REPORT.size:_REPORT.size + MAX_RANKS])
+        extra = _seqs(data[_REPORT.size + MAX_RANKS:], num_extra)
         return cls(epoch, rank, low, extra, suspects)
 
 
@@ -68,18 +70,18 @@ class Decision:
     def committed(self, seq: int) -> bool:
         return seq < self.low or seq in self.extra
 
-    def encode(self, capacity: int) -> bytes:
+    def encode(self) -> bytes:
         return (_DECISION.pack(_MAGIC_DECISION, self.epoch, self.low, len(self.extra))
-                + _mask(self.active, capacity) + _mask(self.failed, capacity)
+                + _mask(self.active) + _mask(self.failed)
                 + b"".join(struct.pack("<I", s) for s in sorted(self.extra)))
 
     @classmethod
-    def decode(cls, data: bytes, capacity: int) -> "Decision":
+    def decode(cls, data: bytes) -> "Decision":
         magic, epoch, low, num_extra = _unpack(_DECISION, data, _MAGIC_DECISION, "decision")
         base = _DECISION.size
-        active = tuple(sorted(_unmask(data[base:base + capacity])))
-        failed = tuple(sorted(_unmask(data[base + capacity:base + 2 * capacity])))
-        return cls(epoch, active, failed, low, _seqs(data[base + 2 * capacity:], num_extra))
+        active = tuple(sorted(_unmask(data[base:base + MAX_RANKS])))
+        failed = tuple(sorted(_unmask(data[base + MAX_RANKS:base + 2 * MAX_RANKS])))
+        return cls(epoch, active, failed, low, _seqs(data[base + 2 * MAX_RANKS:], num_extra))
 
 
 def _suspects(reports: dict[int, Report], seen_dead: Iterable[int]) -> set[int]:
@@ -108,20 +110,20 @@ class StoreAgreement:
     """Runs one epoch's agreement for one rank through the Store (blocking; call off the
     caller's thread or with a deadline).  Keys live under ``{prefix}/agree/{epoch}/``."""
 
-    def __init__(self, store, prefix: str, capacity: int):
-        self._store, self._prefix, self._capacity = store, prefix, capacity
+    def __init__(self, store, prefix: str):
+        self._store, self._prefix = store, prefix
 
     def _key(self, epoch: int, what: str) -> str:
         return f"{self._prefix}/agree/{epoch}/{what}"
 
     def report(self, report: Report) -> None:
-        self._store.set(self._key(report.epoch, f"report/{report.rank}"), report.encode(self._capacity))
+        self._store.set(self._key(report.epoch, f"report/{report.rank}"), report.encode())
 
     def decision(self, epoch: int) -> Decision | None:
         key = self._key(epoch, "decision")
         if not self._store.check([key]):
             return None
-        return Decision.decode(self._store.get(key), self._capacity)
+        return Decision.decode(self._store.get(key))
 
     def run(self, epoch: int, members: tuple[int, ...], window_s: float,
             seen_dead: Callable[[], Iterable[int]] = tuple) -> Decision:
@@ -138,12 +140,12 @@ class StoreAgreement:
                 for m in members:
                     key = self._key(epoch, f"report/{m}")
                     if m not in reports and self._store.check([key]):
-                        reports[m] = Report.decode(self._store.get(key), self._capacity)
+                        reports[m] = Report.decode(self._store.get(key))
                 dead = tuple(seen_dead())
                 if ready_to_decide(members, reports, dead) or time.monotonic() >= deadline:
-                    proposal = decide(epoch, members, reports, dead).encode(self._capacity)
+                    proposal = decide(epoch, members, reports, dead).encode()
                     won = self._store.compare_set(self._key(epoch, "decision"), "", proposal)
-                    return Decision.decode(won, self._capacity)
+                    return Decision.decode(won)
                 time.sleep(POLL_S)
         except (WireError, MooncakeError):
             raise
@@ -153,8 +155,8 @@ class StoreAgreement:
                                 "it (host the Store outside the ranks: docs/semantics.md)") from None
 
 
-def _mask(ranks: Iterable[int], capacity: int) -> bytes:
-    mask = bytearray(capacity)
+def _mask(ranks: Iterable[int]) -> bytes:
+    mask = bytearray(MAX_RANKS)
     for r in ranks:
         mask[r] = 1
     return bytes(mask)

@@ -24,7 +24,7 @@ __all__ = [
     "WireError",
     "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
-    "get_implementation",
+    "get_implementation", "extend_group_size_to", "get_peer_state", "recover_ranks", "join_group",
 ]
 
 dist.Backend.register_backend("mooncake-cpu", create_cpu, extended_api=True, devices=["cpu"])
@@ -61,6 +61,33 @@ def get_num_synced_ranks(backend) -> int:
     opts.reduceOp = dist.ReduceOp.MIN
     group.allreduce([count], opts).wait()
     return int(count.item())
+
+
+def extend_group_size_to(backend, size: int) -> None:
+    """Reserve rank slots up to ``size`` (capacity); the new slots stay inactive until
+    ``recover_ranks`` admits ranks into them.  Every active rank calls it at the same op boundary;
+    ``size`` below the visible size or above 256 raises.  The ``active_ranks`` tensor given in the
+    options is resized in place."""
+    _backend(backend).extend_group_size_to(size)
+
+
+def get_peer_state(backend, ranks: list[int]) -> list[bool]:
+    """Collective among the active ranks (call it in the same order on all of them): for each of
+    ``ranks``, True if it is active or has called ``join_group`` and can be admitted."""
+    return _backend(backend).get_peer_state(ranks)
+
+
+def recover_ranks(backend, ranks: list[int]) -> None:
+    """Admit ranks that called ``join_group``: every active rank calls it with the same ranks at
+    the same op boundary (no collective in flight); the next collective includes them."""
+    _backend(backend).recover_ranks(ranks)
+
+
+def join_group(backend, timeout: timedelta | None = None) -> None:
+    """On a rank started with ``is_extension=True``: ask to join, then block until the healthy
+    ranks admit it with ``recover_ranks`` (at most ``timeout``, default the group timeout;
+    ``OpTimeoutError`` after that).  Until it returns, this rank's collectives are local-only."""
+    _backend(backend).join_group(timeout)
 
 
 def get_implementation(backend) -> tuple[str, str]:

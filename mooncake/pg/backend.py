@@ -9,6 +9,7 @@ today) moves bytes and does the math defined in ``mooncake.model``.
 from __future__ import annotations
 
 import importlib
+import os
 import struct
 import threading
 import weakref
@@ -21,8 +22,8 @@ import torch.distributed as dist
 from torch._C import _distributed_c10d as c10d
 
 from .. import impl
-from ..control import faults
-from ..control.errors import ArgumentError, MooncakeError, PeerFailureError
+from ..control import faults, join
+from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError
 from ..control.plane import GroupInfo
 from ..control.view import View, initial_view
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
@@ -94,6 +95,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._timeout_s = timeout.total_seconds()
         self._global_ranks = list(global_ranks) or list(range(world_size))
         self._index = _next_backend_index()
+        self._prefix = f"mooncake/{self._index}"
+        self._incarnation = int.from_bytes(os.urandom(8), "little")
+        self._admitted: dict[int, int] = {}  # rank -> incarnation last admitted by recover_ranks
         self._group_key = zlib.crc32(f"{group_id}/{self._index}".encode()) & 0xFFFF
         self._group_name: str | None = None
         self._p2p_send_seq: dict[tuple[int, int], int] = {}
@@ -107,7 +111,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._rendezvous()
         self._plane = self._open_plane()
         self._membership = Membership(
-            rank=rank, capacity=capacity, view=view, store=store, prefix=f"mooncake/{self._index}",
+            rank=rank, capacity=capacity, view=view, store=store, prefix=self._prefix,
             engine=self._engine, peers=self._peers, addresses=self._addresses, group_key=self._group_key,
             timeout_s=lambda: self._timeout_s,
             failure_mode=options.failure_mode if options is not None else "complete",
@@ -158,7 +162,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     # -- start-up ------------------------------------------------------------------------------
     def _key(self, what: str, rank: int) -> str:
-        return f"mooncake/{self._index}/{what}/{rank}"
+        return f"{self._prefix}/{what}/{rank}"
 
     def _rendezvous(self) -> None:
         """Publish this rank's address and settings; check the founders' agree with ours."""
@@ -169,6 +173,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._addresses[self._rank] = self._engine.address
         if self._is_extension:
             return
+        if self._store.check([join.view_key(self._prefix)]):
+            raise ArgumentError(f"rank {self._rank}: this group is already running (its membership "
+                                "changed since it started); a rank that comes back must be started "
+                                "with MooncakeBackendOptions(..., is_extension=True) and call "
+                                "mooncake.pg.join_group")
         others = [r for r in view.active if r != self._rank]
         keys = [self._key("hello", r) for r in others]
         try:
@@ -179,11 +188,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         for r in others:
             self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)))
 
-    def _check_hello(self, rank: int, record: bytes) -> bytes:
+    def _check_hello(self, rank: int, record: bytes, joining: bool = False) -> bytes:
+        """Check a peer's hello record against this rank's settings; returns its UCX address.
+        A joiner checks only the wire version (the group may have been extended since)."""
         version, capacity, world_size, is_extension = _HELLO.unpack_from(record)
         mask = list(record[_HELLO.size:_HELLO.size + capacity])
         if version != VERSION:
             raise MooncakeError(f"rank {rank} runs wire version {version}, this rank {VERSION}")
+        if joining:
+            return bytes(record[_HELLO.size + capacity:])
         if capacity != self._capacity:
             raise ArgumentError(f"max_world_size differs across ranks: rank {rank} has capacity "
                                 f"{capacity}, this rank {self._capacity}")
@@ -211,10 +224,139 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         """A new view was adopted (failure agreement or elastic protocol)."""
         self._plane.add_ranks({r: self._addresses[r] for r in view.active})
         self._sync_mask_tensor()
+        self._store.set(join.view_key(self._prefix), str(view.epoch))
+
+    # -- elastic membership (docs/semantics.md, "Joining") ---------------------------------------
+    def _check_ranks(self, ranks, what: str) -> list[int]:
+        if isinstance(ranks, int) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            raise ArgumentError(f"{what}: ranks must be a list of ints, got {ranks!r}")
+        for r in ranks:
+            if not 0 <= r < self._capacity:
+                raise ArgumentError(f"{what}: rank {r} out of range [0, {self._capacity}) "
+                                    "(Rank out of range; raise capacity with extend_group_size_to)")
+        return list(ranks)
+
+    def _quiet(self, what: str) -> None:
+        if self._membership.has_pending():
+            raise ArgumentError(f"{what} must be called at an op boundary: wait for this group's "
+                                "collectives in flight first")
+
+    def _join_request(self, rank: int) -> "join.JoinRequest | None":
+        """The join request of ``rank`` if one is pending and its process is reachable (None if
+        absent, already admitted, or left by a joiner that died)."""
+        key = join.request_key(self._prefix, rank)
+        if not self._store.check([key]):
+            return None
+        request = join.JoinRequest.decode(self._store.get(key))
+        if self._admitted.get(rank) == request.incarnation or not self._engine.reachable(request.address):
+            return None
+        return request
+
+    def get_peer_state(self, ranks) -> list[bool]:
+        """Collective among the active ranks: for each rank, True if it is active or has called
+        ``join_group`` and can be admitted; every caller gets the same answer."""
+        ranks = self._check_ranks(ranks, "get_peer_state")
+        self._check_open()
+        if self._is_extension:
+            raise ArgumentError("get_peer_state is called by the healthy ranks; this rank is still "
+                                "joining (call join_group)")
+        local = [1 if self.view.is_active(r) or self._join_request(r) is not None else 0 for r in ranks]
+        state = torch.tensor(local or [1], dtype=torch.int32)
+        opts = c10d.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.allreduce([state], opts).wait()
+        return [bool(v) for v in state.tolist()][:len(ranks)]
+
+    def recover_ranks(self, ranks) -> None:
+        """Admit joined ranks: every active rank calls this at the same op boundary; from the next
+        collective on, the new view includes them."""
+        ranks = self._check_ranks(ranks, "recover_ranks")
+        self._check_open()
+        self._quiet("recover_ranks")
+        requests = {}
+        for r in ranks:
+            if self.view.is_active(r):
+                raise ArgumentError(f"recover_ranks: rank {r} is already active")
+            request = self._join_request(r)
+            if request is None:
+                raise ArgumentError(f"recover_ranks: rank {r} has not called join_group (wait until "
+                                    f"get_peer_state(group, [{r}]) is True)")
+            if request.capacity != self._capacity:
+                raise ArgumentError(f"recover_ranks: rank {r} joins with max_world_size {request.capacity}, "
+                                    f"this group has capacity {self._capacity}: use the same max_world_size "
+                                    "(and extend_group_size_to) on every rank")
+            requests[r] = request
+        membership = self._membership
+        with membership.lock:
+            view = membership.view
+            new = View(view.epoch + 1, self._capacity, tuple(sorted(set(view.active) | set(ranks))))
+            admission = join.Admission(new.epoch, membership.next_seq, self._capacity, new.active)
+            for r, request in requests.items():
+                record = admission.encode()
+                won = self._store.compare_set(join.admit_key(self._prefix, r, request.incarnation), "", record)
+                if won != record:
+                    raise MooncakeError(f"recover_ranks: another rank admitted rank {r} into a different "
+                                        f"view ({join.Admission.decode(won)} vs {admission}): every active "
+                                        "rank must call recover_ranks with the same ranks at the same op boundary")
+                self._addresses[r] = request.address
+                self._admitted[r] = request.incarnation
+                self._reset_p2p(r)
+            membership.set_view(new)
+
+    def join_group(self, timeout: timedelta | None = None) -> None:
+        """On a rank started with ``is_extension=True``: ask to join and block until the healthy
+        ranks admit it (``recover_ranks``) or ``timeout`` (default: the group timeout) passes."""
+        if not self._is_extension:
+            raise ArgumentError("joinGroup is only valid for extension backends: this rank was not "
+                                "started with MooncakeBackendOptions(..., is_extension=True)")
+        self._check_open()
+        self._quiet("join_group")
+        timeout_s = timeout.total_seconds() if timeout is not None else self._timeout_s
+        request = join.JoinRequest(self._incarnation, self._capacity, self._world_size, self._engine.address)
+        self._store.set(join.request_key(self._prefix, self._rank), request.encode())
+        faults.hit("during_join")
+        key = join.admit_key(self._prefix, self._rank, self._incarnation)
+        try:
+            self._store.wait([key], timedelta(seconds=timeout_s))
+        except Exception:  # torch raises DistStoreError on timeout
+            raise OpTimeoutError(f"join_group: rank {self._rank} was not admitted within {timeout_s:.3g} s; "
+                                 f"the healthy ranks must poll get_peer_state(group, [{self._rank}]) and "
+                                 "then call recover_ranks", ()) from None
+        admission = join.Admission.decode(self._store.get(key))
+        for r in admission.active:
+            if r != self._rank:
+                self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)), joining=True)
+        self._is_extension = False
+        self._membership.set_view(View(admission.epoch, self._capacity, admission.active), admission.next_seq)
+
+    def extend_group_size_to(self, size: int) -> None:
+        """Reserve rank slots up to ``size`` (every active rank calls it at the same op boundary);
+        the new slots stay inactive until ``recover_ranks`` admits ranks into them."""
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ArgumentError(f"extend_group_size_to: size must be an int, got {type(size).__name__}")
+        if not 0 < size <= MAX_RANKS:
+            raise ArgumentError(f"extend_group_size_to: Size out of range: {size} not in [1, {MAX_RANKS}]")
+        if size < self.size():
+            raise ArgumentError(f"extend_group_size_to: newSize < oldSize ({size} < the visible size {self.size()})")
+        self._quiet("extend_group_size_to")
+        if size <= self._capacity:
+            return
+        self._capacity = size
+        membership = self._membership
+        with membership.lock:
+            membership.capacity = size
+            membership.set_view(View(membership.view.epoch, size, membership.view.active))
+
+    def _reset_p2p(self, rank: int) -> None:
+        for table in (self._p2p_send_seq, self._p2p_recv_seq):
+            for key in [k for k in table if k[0] == rank]:
+                del table[key]
 
     def _sync_mask_tensor(self) -> None:
         if self._mask_tensor is not None:
             mask = torch.tensor(self.view.mask(), dtype=torch.int32)
+            if self._mask_tensor.numel() != mask.numel():  # extend_group_size_to: in place, as upstream
+                self._mask_tensor.resize_(mask.numel())
             self._mask_tensor.copy_(mask.to(self._mask_tensor.device))
 
     def active_ranks_tensor(self) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Membership:
         self.lock = threading.RLock()
         self.next_seq = 0
         self.evicted: str | None = None
-        self._store = StoreAgreement(store, prefix, capacity)
+        self._store = StoreAgreement(store, prefix)
         self._engine, self._peers, self._group_key = engine, peers, group_key
         self._addresses = addresses
         self._timeout_s = timeout_s
@@ -78,6 +78,10 @@ class Membership:
         """A collective ended another way (failed, or resolved by a decision)."""
         with self.lock:
             self._pending.discard(seq)
+
+    def has_pending(self) -> bool:
+        with self.lock:
+            return bool(self._pending)
 
     def decision(self, epoch: int) -> Decision | None:
         with self.lock:

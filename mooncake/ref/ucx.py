@@ -141,6 +141,17 @@ class Engine:
             peer = self._peers.get(address)
             return peer is None or peer.alive
 
+    def reachable(self, address: bytes, within_s: float = 0.02) -> bool:
+        """Connect to ``address`` (or reuse the endpoint) and give a refused connection
+        ``within_s`` to show; False once UCX reports it gone."""
+        if isinstance(self.peer(address), UnreachablePeer):
+            return False
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and self.peer_alive(address):
+            self.progress()
+            time.sleep(0.001)
+        return self.peer_alive(address)
+
     def add_close_listener(self, listener: Callable[[bytes], None]) -> None:
         with self.lock:
             self._close_listeners.append(listener)

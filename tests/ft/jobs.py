@@ -126,3 +126,52 @@ def set_group_timeout(seconds: float) -> None:
 
     import mooncake.pg as pg
     pg.set_timeout(dist.group.WORLD, timedelta(seconds=seconds))
+
+
+def admit(ranks, seed: int, capacity: int, poll_s: float = 0.05, limit_s: float = 30.0):
+    """Healthy side: poll get_peer_state until ``ranks`` can join, admit them, then all_reduce."""
+    import mooncake.pg as pg
+    group = dist.group.WORLD
+    deadline = time.monotonic() + limit_s
+    while not all(pg.get_peer_state(group, list(ranks))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {ranks} did not ask to join within {limit_s} s")
+        time.sleep(poll_s)
+    pg.recover_ranks(group, list(ranks))
+    return after_join(seed, capacity)
+
+
+def joiner(seed: int, capacity: int):
+    """Joining side: a local-only all_reduce first, then join_group, then the group all_reduce."""
+    import mooncake.pg as pg
+    group = dist.group.WORLD
+    local = input_of(seed, dist.get_rank())[0].clone()
+    mine = local.clone()
+    dist.all_reduce(local)
+    assert torch.equal(local, mine), "a joining rank's collectives must be local-only"
+    declared = dist.get_world_size()
+    pg.join_group(group)
+    return (declared,) + after_join(seed, capacity)
+
+
+def after_join(seed: int, capacity: int):
+    """(all_reduce result, mask, world size) right after a join."""
+    import mooncake.pg as pg
+    x = input_of(seed, dist.get_rank())[0].clone()
+    dist.all_reduce(x)
+    return x, pg.get_active_ranks(dist.group.WORLD).clone(), dist.get_world_size()
+
+
+def extend(size: int):
+    import mooncake.pg as pg
+    pg.extend_group_size_to(dist.group.WORLD, size)
+    return pg.get_active_ranks(dist.group.WORLD).clone(), pg.get_capacity(dist.group.WORLD), dist.get_world_size()
+
+
+def call_api(name: str, *args):
+    """Call a mooncake.pg function on WORLD; returns ("ok", result) or (exception type, message)."""
+    import mooncake.pg as pg
+    try:
+        return "ok", getattr(pg, name)(dist.group.WORLD, *args)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)
