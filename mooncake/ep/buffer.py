@@ -192,7 +192,8 @@ class Buffer:
                 contributes[s] = False
             placed = model.place_dispatch(blocks, L, R, T, H, use_fp8, contributes)
             _copy_result(outputs, placed)
-            active_ranks.copy_(mask.to(active_ranks.device))
+            if failed:  # EP only ever writes 0 into the caller's mask
+                active_ranks[sorted(failed)] = 0
             handle.received = placed  # the CPU copy combine reads (outputs may live on the GPU)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(
@@ -282,7 +283,8 @@ class Buffer:
             entry_active = model.combine_entry_active(topk_cpu, mask, L, me)
             combined = model.combine_rows(topk_cpu, weights_cpu, expert_rows, entry_active)
             result.copy_(combined.to(result.device))
-            active_ranks.copy_(mask.to(active_ranks.device))
+            if failed:
+                active_ranks[sorted(failed)] = 0
 
         hook = _run_once(receive) if return_recv_hook else _noop
         if not return_recv_hook:
