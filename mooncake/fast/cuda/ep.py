@@ -14,6 +14,16 @@ in fp32 in top-k order with separate multiply and add and rounds once to bf16.
 All work is enqueued on the caller's current stream; no host synchronisation except for a CPU
 ``active_ranks`` tensor (copied to the device and back).  Sequence numbers live on the device, so
 dispatch / combine can be captured in a CUDA graph (``timeout_us`` is then frozen at capture).
+Liveness: a watchdog thread per buffer reads /proc for the peers' PIDs every 20 ms and sets a pinned
+``dead[r]`` flag that the device-side waits poll, so a peer whose process exits ends the waits for it
+(``active_ranks[r] = 0``) even with ``timeout_us = -1``; a peer that is alive but stuck is only ended by
+``timeout_us``.  Calls rejected by the checks still count (``skip_call``); ``update_ep_member`` brings
+the ranks' sequence numbers back in step.
+
+Buffer regions per rank (offsets identical on all ranks, see ``_Layout``): signals, per-source counts,
+dispatch staging ``[2 halves][R sources][T*min(K, L)]`` messages, combine ``[2 halves][T][K]`` bf16 rows;
+all within upstream's ``get_ep_buffer_size_hint`` (plus 64 KiB).  Preconditions beyond the contract's:
+all ranks use the same ``num_topk`` (as upstream) and ``hidden % 8 == 0``.
 
 Preconditions as upstream (all ranks: the same call sequence, ``T``, ``H``, ``E``, masks); with
 ``check=True`` the contract's routing checks run first (they synchronise with the host).
