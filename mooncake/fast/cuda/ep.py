@@ -460,7 +460,7 @@ class FastEPBuffer:
             if launch:
                 self._launch(self._lib.mc_ep_dispatch, args, 2, "dispatch (receive)")
             if writeback is not None:
-                writeback.copy_(mask)
+                _write_zeros(writeback, mask)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.device))
             handle.received = True
@@ -546,7 +546,7 @@ class FastEPBuffer:
             if launch:
                 self._launch(self._lib.mc_ep_combine, args, 2, "combine (receive)")
             if writeback is not None:
-                writeback.copy_(mask)
+                _write_zeros(writeback, mask)
             if out is not None and not direct:
                 out.copy_(result)
             keep.clear()
@@ -588,6 +588,12 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check(lib, lib.mc_quantize_fp8(x.data_ptr(), q.data_ptr(), s.data_ptr(), n, h,
                                    torch.cuda.current_stream(x.device).cuda_stream), "quantize_fp8")
     return q, s
+
+
+def _write_zeros(target: torch.Tensor, mask: torch.Tensor) -> None:
+    """EP only ever writes 0 into the caller's mask: copy the failures, never the snapshot (a 0 the
+    caller set meanwhile must stay)."""
+    target.masked_fill_(mask.to(target.device) == 0, 0)
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
