@@ -106,6 +106,7 @@ def _check(cases, results, active, capacity, where):
 
 GRID = [
     # (world processes, capacity, active ranks)
+    (1, 1, [0]),
     (2, 2, [0, 1]),
     (3, 3, [0, 1, 2]),
     (4, 4, [0, 1, 2, 3]),

@@ -41,12 +41,11 @@ import time
 from datetime import timedelta
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ...control.errors import MooncakeError, WireError
 from ...control.wire import OpCode
-from ...model.reduce import DTYPE_CODES, ReduceOp
+from ...model.reduce import DTYPE_CODES, ReduceOp, accumulator_dtype
 from . import native
 from .fold import ALIGN, fold_into
 from .segment import Segment, SegmentError, host_identity
@@ -70,8 +69,8 @@ W_FUTEX = 8  # int32 in the low half of word 8 (byte 64): peers bump it to wake 
 W_SLEEPING = 9
 W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
 LANE0 = 24
-(L_PUB, L_OPCODE, L_DTYPE, L_REDOP, L_ROOT, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE,
- L_RED, L_DONE, L_HOLD, L_FREE, L_RESULT_OFF) = range(15)
+(L_PUB, L_META, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE, L_RED, L_DONE, L_HOLD, L_FREE,
+ L_RESULT_OFF) = range(12)  # L_META: opcode | dtype code << 8 | reduce op << 16 | (root + 1) << 24
 L_SLOTS = 16  # (offset, nbytes) per slot
 
 
@@ -105,11 +104,6 @@ def _key(epoch: int, seq: int) -> int:
     if seq >= 1 << SEQ_BITS or epoch >= 1 << (63 - SEQ_BITS):
         raise MooncakeError(f"operation number {seq} / epoch {epoch} out of the shared-memory plane's range")
     return (epoch << SEQ_BITS) | seq
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous tensor as a flat uint8 view."""
-    return t.detach().reshape(-1).view(torch.uint8)
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -185,19 +179,18 @@ class ShmGroup:
         native.load()
         tag = f"mooncake-fastcpu-{self.rank}"
         self.ctrl = Segment.create(tag + "-ctrl", self.layout.nbytes)
-        self.ctl = self.ctrl.words(0, self.layout.words)
-        self.ctl[:] = 0
-        for base in self.layout.lane:  # no key is negative: nothing published, done or held yet
+        self.ctl = self.ctrl.words(0, self.layout.words)  # a fresh memfd reads as zeros
+        lay = self.layout
+        for base in lay.lane:  # no key is negative: nothing published, done or held yet
             for field in (L_PUB, L_RED, L_DONE, L_HOLD, L_FREE):
                 self.ctl[base + field] = -1
-        lay = self.layout
-        self.ctl[lay.rw_key:lay.rw_key + self.capacity] = -1
-        self.ctl[lay.rc_key:lay.rc_key + self.capacity] = -1
+        for r in range(self.capacity):
+            self.ctl[lay.rw_key + r] = self.ctl[lay.rc_key + r] = -1
         self.ctl[W_VERSION], self.ctl[W_PID], self.ctl[W_CAPACITY] = 1, os.getpid(), self.capacity
         self.ctl[W_MAGIC] = _MAGIC
-        self.futex = np.frombuffer((np.ctypeslib.as_ctypes_type(np.int32) * 1).from_address(
-            self.ctrl.addr + W_FUTEX * 8), dtype=np.int32)
         self.futex_addr = self.ctrl.addr + W_FUTEX * 8
+        self.futex = self.ctrl.words(W_FUTEX * 8, 1).cast("B").cast("i")
+        self.sleeping_addr = self.ctrl.addr + W_SLEEPING * 8
         self.lanes: dict[int, tuple[int, Segment]] = {}
         self.ring: Segment | None = None
         self.gen = 0
@@ -363,15 +356,18 @@ class ShmGroup:
                     op.stash_outputs()
 
     def wait(self, op: "ShmOp", timeout_s: float) -> bool:
-        """Block (spin, then futex) until ``op`` is committed, a peer of it died, or ``timeout_s``."""
+        """Block until ``op`` is committed (True), a peer of it is found dead that was not known
+        dead when the call began, or ``timeout_s`` passed (False).  Spins (yielding the CPU) for
+        ``SPIN_S``, then sleeps on this rank's futex, which peers bump when they change a word."""
         now = time.monotonic()
         deadline = now + max(timeout_s, 0.0)
         spin_end = now + SPIN_S
+        known_dead = self.failed(op.others)
         while True:
             self.pump()
             if op.state >= COMMITTED:
                 return op.state != ABANDONED
-            if self.failed(op.others):
+            if self.failed(op.others) - known_dead:
                 return False
             now = time.monotonic()
             if now >= deadline:
@@ -380,7 +376,7 @@ class ShmGroup:
                 os.sched_yield()
                 continue
             seen = int(self.futex[0])
-            native.store_fence(self.ctl, W_SLEEPING, 1)
+            native.store_fence(self.sleeping_addr, 1)
             self.pump()
             if op.state < COMMITTED:
                 native.futex_wait(self.futex_addr, seen, min(deadline - now, SLEEP_SLICE_S))
@@ -423,22 +419,25 @@ class ShmOp:
         self.g = group
         self.ctx = ctx
         self.name = ctx.name
-        self.seq = ctx.seq
-        self.key = _key(ctx.view.epoch, ctx.seq)
-        self.lane = ctx.seq & 1
+        self.seq = seq = ctx.seq
+        self.key = _key(ctx.view.epoch, seq)
+        self.lane = seq & 1
         self.base = group.layout.lane[self.lane]
-        self.me = ctx.rank
-        self.active = tuple(ctx.view.active)
-        self.others = tuple(r for r in self.active if r != self.me)
-        self.dtype_code = -1 if dtype is None else DTYPE_CODES[dtype]
+        self.me = me = ctx.rank
+        self.active = active = ctx.view.active
+        self.others = tuple(r for r in active if r != me)
+        self.dtype = dtype
+        self.dtype_code = 255 if dtype is None else DTYPE_CODES[dtype]
         self.redop = int(redop)
         self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
         self.state = QUEUED
         self.needs: tuple[int, ...] = ()
         self.outputs: list[torch.Tensor] = []
         self.stash: list[torch.Tensor] | None = None
         self.stash_error: BaseException | None = None
         self.held = False
+        self.checked: set[int] = set()
 
     # -- the PlaneOp interface -------------------------------------------------------------------
     @property
@@ -454,7 +453,9 @@ class ShmOp:
             self.g.pump()
 
     def wait(self, timeout_s: float) -> bool:
-        """Block until committed (True), a peer of this op is found dead or ``timeout_s`` passed."""
+        """Block until committed (True), a peer of this op is newly found dead, or ``timeout_s``
+        passed (False).  The control plane's waiting loop should sleep here rather than on UCX's
+        event fd, which shared-memory traffic never wakes."""
         return self.g.wait(self, timeout_s)
 
     def failed_peers(self) -> frozenset[int]:
@@ -483,7 +484,8 @@ class ShmOp:
                     raise self.stash_error
                 if self.stash is not None:
                     for out, kept in zip(self.outputs, self.stash):
-                        native.copy(_raw(out), _raw(kept), out.numel() * out.element_size() >= NT_MIN_BYTES)
+                        nb = _nbytes(out)
+                        native.copy_ptr(out.data_ptr(), kept.data_ptr(), nb, nb >= NT_MIN_BYTES)
                 else:
                     self.write(self.outputs)
             finally:
@@ -519,21 +521,22 @@ class ShmOp:
     def try_data(self) -> bool:
         if not self.gathered():
             return False
+        g, base = self.g, self.base
         # map what finish() will read now, while the peers must keep it (they may exit once
         # committed); a failure surfaces from finish()
         for r in self.needs:
-            p = self.g.peer(r)
-            if p.ctl[self.base + L_SEG_GEN] > 0:
+            p = g.peer(r)
+            if p.ctl[base + L_SEG_GEN] > 0:
                 try:
-                    p.lane_segment(self.lane, self.base)
+                    p.lane_segment(self.lane, base)
                 except SegmentError as exc:
                     self.stash_error = MooncakeError(f"{self.name}: cannot map rank {r}'s shared memory: {exc}")
-        ctl = self.g.ctl
-        ctl[self.base + L_HOLD] = self.key
+        ctl = g.ctl
+        ctl[base + L_HOLD] = self.key
         self.held = True
-        ctl[self.base + L_DONE] = self.key
+        ctl[base + L_DONE] = self.key
         self.state = DATA
-        self.g.wake(self.others)
+        g.wake(self.others)
         return True
 
     def try_commit(self) -> bool:
@@ -573,34 +576,35 @@ class ShmOp:
         sends = self.sends()
         g, base = self.g, self.base
         ctl = g.ctl
-        total = sum(_align(t.numel() * t.element_size()) for _, t in sends)
-        nslots = 0
+        nslots = total = 0
         if sends:
+            sizes = [_nbytes(t) for _, t in sends]
+            total = sum(_align(nb) for nb in sizes)
             seg = g.lane_segment(self.lane, total)
             off = 0
-            for slot, t in sends:
-                nb = t.numel() * t.element_size()
-                native.copy(seg.bytes[off:off + nb], _raw(t), nb >= NT_MIN_BYTES)
-                ctl[base + L_SLOTS + 2 * slot] = off
-                ctl[base + L_SLOTS + 2 * slot + 1] = nb
-                nslots = max(nslots, slot + 1)
-                off += _align(nb)
+            addr = seg.addr
+            for (slot, t), nb in zip(sends, sizes):
+                native.copy_ptr(addr + off, t.data_ptr(), nb, nb >= NT_MIN_BYTES)
+                at = base + L_SLOTS + 2 * slot
+                ctl[at] = off
+                ctl[at + 1] = nb
+                if slot >= nslots:
+                    nslots = slot + 1
+                off += (nb + 63) & ~63
         self._describe(nslots, total)
         ctl[base + L_PUB] = self.key
 
     def _describe(self, nslots: int, nbytes: int) -> None:
         ctl, base = self.g.ctl, self.base
-        ctl[base + L_OPCODE] = int(self.opcode)
-        ctl[base + L_DTYPE] = self.dtype_code
-        ctl[base + L_REDOP] = self.redop
-        ctl[base + L_ROOT] = self.root
+        ctl[base + L_META] = self.meta
         ctl[base + L_NSLOTS] = nslots
         ctl[base + L_NBYTES] = nbytes
 
     def gathered(self) -> bool:
         key, at = self.key, self.base + L_PUB
+        peer = self.g.peer
         for r in self.needs:
-            if self.g.peer(r).ctl[at] != key:
+            if peer(r).ctl[at] != key:
                 return False
         return True
 
@@ -610,28 +614,28 @@ class ShmOp:
     # -- reading -------------------------------------------------------------------------------------
     def check(self, r: int) -> None:
         """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
-        ctl, base = self.g.peer(r).ctl, self.base
-        got = int(ctl[base + L_OPCODE])
-        if got != int(self.opcode):
-            name = OpCode(got).name.lower() if got in OpCode._value2member_map_ else f"operation {got}"
-            raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
-                            f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
-                            "the same order")
-        got = int(ctl[base + L_DTYPE])
-        if got != self.dtype_code:
-            raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(got)}, this rank "
-                            f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
-        got = int(ctl[base + L_REDOP])
-        if got != self.redop:
-            raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(got)}, this rank "
-                            f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
-        got = int(ctl[base + L_ROOT])
-        if got != self.root:
-            raise WireError(f"{self.name}: rank {r} used root {got}, this rank {self.root}: the root must "
+        if r in self.checked:
+            return
+        meta = int(self.g.peer(r).ctl[self.base + L_META])
+        if meta != self.meta:
+            opcode, dtype, redop, root = meta & 0xFF, meta >> 8 & 0xFF, meta >> 16 & 0xFF, (meta >> 24) - 1
+            if opcode != int(self.opcode):
+                name = OpCode(opcode).name.lower() if opcode in OpCode._value2member_map_ else f"operation {opcode}"
+                raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
+                                f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
+                                "the same order")
+            if dtype != self.dtype_code:
+                raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(dtype)}, this rank "
+                                f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
+            if redop != self.redop:
+                raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(redop)}, this rank "
+                                f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
+            raise WireError(f"{self.name}: rank {r} used root {root}, this rank {self.root}: the root must "
                             "agree across ranks")
+        self.checked.add(r)
 
-    def slot(self, r: int, slot: int, nbytes: int) -> torch.Tensor:
-        """The bytes rank ``r`` published in ``slot`` (checked to hold exactly ``nbytes``)."""
+    def src(self, r: int, slot: int, nbytes: int) -> tuple[Segment, int]:
+        """Where rank ``r`` published ``slot`` (segment, offset), checked to hold ``nbytes``."""
         g, base = self.g, self.base
         if r == self.me:
             ctl, seg = g.ctl, g.lanes[self.lane][1]
@@ -643,11 +647,12 @@ class ShmOp:
         if slot >= ctl[base + L_NSLOTS]:
             raise WireError(f"{self.name}: rank {r} published no block for slot {slot}: the ranks disagree "
                             "on the number of slots")
-        off, nb = int(ctl[base + L_SLOTS + 2 * slot]), int(ctl[base + L_SLOTS + 2 * slot + 1])
+        at = base + L_SLOTS + 2 * slot
+        nb = ctl[at + 1]
         if nb != nbytes:
             raise WireError(f"{self.name}: rank {r} sent {nb} bytes for slot {slot}, this rank expects "
                             f"{nbytes}: tensor sizes must agree across ranks")
-        return seg.bytes[off:off + nb]
+        return seg, ctl[at]
 
     def write(self, outs: list[torch.Tensor]) -> None:
         """Write the outputs into ``outs`` (the user's tensors, or a stash shaped like them)."""
@@ -668,9 +673,30 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _copy_into(out: torch.Tensor, src: torch.Tensor) -> None:
+def _copy_out(out: torch.Tensor, where: tuple[Segment, int]) -> None:
     nb = _nbytes(out)
-    native.copy(_raw(out), src, nb >= NT_MIN_BYTES)
+    native.copy_ptr(out.data_ptr(), where[0].addr + where[1], nb, nb >= NT_MIN_BYTES)
+
+
+def _reduce_into(op: ReduceOp, out: torch.Tensor, wheres: list[tuple[Segment, int]], scratch_for) -> None:
+    """``out = fold(op, [the published tensors at wheres])`` (ascending rank order)."""
+    nb = _nbytes(out)
+    if nb == 0:
+        return
+    numel, dtype = out.numel(), out.dtype
+    nt = nb >= NT_MIN_BYTES
+    if len(wheres) == 1 and op is not ReduceOp.AVG and accumulator_dtype(dtype) is dtype:
+        # a fold of one input is a copy of it (16-bit floats are not: the float32 round trip
+        # re-encodes NaNs; AVG is not: x / 1 quiets a signalling NaN)
+        native.copy_ptr(out.data_ptr(), wheres[0][0].addr + wheres[0][1], nb, nt)
+        return
+    if op in (ReduceOp.SUM, ReduceOp.AVG) and native.sum_ptr(dtype, out.data_ptr(),
+                                                            [s.addr + o for s, o in wheres], numel, nt):
+        if op is ReduceOp.AVG:
+            torch.div(out, torch.tensor(len(wheres), dtype=dtype), out=out)
+        return
+    inputs = [s.bytes[o:o + nb].view(dtype) for s, o in wheres]
+    fold_into(op, inputs, out.view(-1), scratch_for(numel), nt)
 
 
 class _AllReduce(ShmOp):
@@ -686,11 +712,8 @@ class _AllReduce(ShmOp):
         return [(0, self.tensor)]
 
     def write(self, outs):
-        t = self.tensor
-        nb = _nbytes(t)
-        inputs = [self.slot(r, 0, nb).view(t.dtype) for r in self.active]
-        out = outs[0].reshape(-1)
-        fold_into(self.op, inputs, out, self.g.scratch_for(out.numel()), nb >= NT_MIN_BYTES)
+        nb = _nbytes(self.tensor)
+        _reduce_into(self.op, outs[0], [self.src(r, 0, nb) for r in self.active], self.g.scratch_for)
 
 
 class _Reduce(_AllReduce):
@@ -699,6 +722,7 @@ class _Reduce(_AllReduce):
     def __init__(self, g, ctx, tensor, op, root):
         super().__init__(g, ctx, tensor, op)
         self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
         if self.me != root:
             self.outputs, self.needs = [], ()
         else:
@@ -725,13 +749,13 @@ class _Broadcast(ShmOp):
 
     def write(self, outs):
         if self.me != self.root:
-            _copy_into(outs[0], self.slot(self.root, 0, _nbytes(self.tensor)))
+            _copy_out(outs[0], self.src(self.root, 0, _nbytes(self.tensor)))
 
 
-def _fill(outs: list[torch.Tensor], present: set[int], get) -> None:
+def _fill(outs: list[torch.Tensor], present: set[int], where) -> None:
     for s, out in enumerate(outs):
         if s in present:
-            _copy_into(out, get(s, _nbytes(out)))
+            _copy_out(out, where(s, _nbytes(out)))
         else:
             out.zero_()
 
@@ -749,7 +773,7 @@ class _AllGather(ShmOp):
         return [(0, self.tensor)]
 
     def write(self, outs):
-        _fill(outs, set(self.active), lambda s, nb: self.slot(s, 0, nb))
+        _fill(outs, set(self.active), lambda s, nb: self.src(s, 0, nb))
 
 
 class _Gather(_AllGather):
@@ -758,6 +782,7 @@ class _Gather(_AllGather):
     def __init__(self, g, ctx, outputs, tensor, root):
         super().__init__(g, ctx, outputs or [], tensor)
         self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
         if self.me != root:
             self.outputs, self.needs = [], ()
 
@@ -781,7 +806,7 @@ class _Scatter(ShmOp):
         return [(r, self.inputs[r]) for r in self.active]
 
     def write(self, outs):
-        _copy_into(outs[0], self.slot(self.root, self.me, _nbytes(self.tensor)))
+        _copy_out(outs[0], self.src(self.root, self.me, _nbytes(self.tensor)))
 
 
 class _ReduceScatter(ShmOp):
@@ -797,10 +822,8 @@ class _ReduceScatter(ShmOp):
         return [(r, self.inputs[r]) for r in self.active]
 
     def write(self, outs):
-        out = outs[0].reshape(-1)
-        nb = _nbytes(out)
-        inputs = [self.slot(r, self.me, nb).view(out.dtype) for r in self.active]
-        fold_into(self.op, inputs, out, self.g.scratch_for(out.numel()), nb >= NT_MIN_BYTES)
+        nb = _nbytes(self.output)
+        _reduce_into(self.op, outs[0], [self.src(r, self.me, nb) for r in self.active], self.g.scratch_for)
 
 
 class _AllToAll(ShmOp):
@@ -817,7 +840,7 @@ class _AllToAll(ShmOp):
         return [(r, self.inputs[r]) for r in self.active]
 
     def write(self, outs):
-        _fill(outs, set(self.active), lambda s, nb: self.slot(s, self.me, nb))
+        _fill(outs, set(self.active), lambda s, nb: self.src(s, self.me, nb))
 
 
 class _Barrier(ShmOp):
@@ -841,7 +864,7 @@ class _RingAllReduce(_AllReduce):
         self.parts = {r: (min(numel, i * per), min(numel, (i + 1) * per)) for i, r in enumerate(self.active)}
         self.chunk = max(ALIGN, CHUNK_BYTES // self.elt // ALIGN * ALIGN)
         self.chunk_bytes = self.chunk * self.elt
-        self.pos = {r: i for i, r in enumerate(r for r in self.active)}
+        self.pos = {r: i for i, r in enumerate(self.active)}
         lo, hi = self.parts[self.me]
         self.n_in = math.ceil((hi - lo) / self.chunk)
         self.n_out = {r: math.ceil((self.parts[r][1] - self.parts[r][0]) / self.chunk) for r in self.others}
@@ -874,6 +897,7 @@ class _RingAllReduce(_AllReduce):
         g, lay, key, me = self.g, self.g.layout, self.key, self.me
         ctl = g.ctl
         moved = False
+        elt, base_ptr = self.elt, self.flat.data_ptr()
         for r in self.others:
             j = self.w_next[r]
             if j >= self.n_out[r]:
@@ -886,7 +910,7 @@ class _RingAllReduce(_AllReduce):
             a = lo + j * self.chunk
             b = min(hi, a + self.chunk)
             off = self._ring_index(me, r) * self.ring_stride + (j % RING_DEPTH) * self.chunk_bytes
-            native.copy(self.ring.bytes[off:off + (b - a) * self.elt], _raw(self.flat[a:b]))
+            native.copy_ptr(self.ring.addr + off, base_ptr + a * elt, (b - a) * elt)
             ctl[lay.rw_cnt + r] = j + 1
             self.w_next[r] = j + 1
             g.wake((r,))
@@ -900,19 +924,29 @@ class _RingAllReduce(_AllReduce):
             lo, hi = self.parts[me]
             a = lo + j * self.chunk
             b = min(hi, a + self.chunk)
-            nb = (b - a) * self.elt
+            nb = (b - a) * elt
             slot_off = (j % RING_DEPTH) * self.chunk_bytes
             dtype = self.tensor.dtype
-            inputs = []
+            res_seg = g.lanes[self.lane][1]
+            res_ptr = res_seg.addr + (a - lo) * elt
+            ptrs = []
             for r in self.active:
                 if r == me:
-                    inputs.append(self.flat[a:b])
+                    ptrs.append(base_ptr + a * elt)
                 else:
-                    seg = g.peer(r).ring_segment()
-                    off = self._ring_index(r, me) * self.ring_stride + slot_off
-                    inputs.append(seg.bytes[off:off + nb].view(dtype))
-            res = g.lanes[self.lane][1].bytes[(a - lo) * self.elt:(b - lo) * self.elt].view(dtype)
-            fold_into(self.op, inputs, res, g.scratch_for(b - a), nt=True)
+                    ptrs.append(g.peer(r).ring_segment().addr + self._ring_index(r, me) * self.ring_stride
+                                + slot_off)
+            if not (self.op is ReduceOp.SUM and native.sum_ptr(dtype, res_ptr, ptrs, b - a, nt=True)):
+                inputs = []
+                for r in self.active:
+                    if r == me:
+                        inputs.append(self.flat[a:b])
+                    else:
+                        seg = g.peer(r).ring_segment()
+                        off = self._ring_index(r, me) * self.ring_stride + slot_off
+                        inputs.append(seg.bytes[off:off + nb].view(dtype))
+                res = res_seg.bytes[(a - lo) * elt:(b - lo) * elt].view(dtype)
+                fold_into(self.op, inputs, res, g.scratch_for(b - a), nt=True)
             for r in self.others:
                 ctl[lay.rc_cnt + r] = j + 1
             self.f_next = j + 1
@@ -939,18 +973,17 @@ class _RingAllReduce(_AllReduce):
         return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_RED] != self.key)
 
     def write(self, outs):
-        g, dtype = self.g, self.tensor.dtype
-        out = outs[0].reshape(-1)
+        g, elt = self.g, self.elt
+        out_ptr = outs[0].data_ptr()
         for r in self.active:
             lo, hi = self.parts[r]
-            nb = (hi - lo) * self.elt
+            nb = (hi - lo) * elt
             if r == self.me:
-                src = g.lanes[self.lane][1].bytes[:nb]
+                src = g.lanes[self.lane][1].addr
             else:
                 self.check(r)
-                src = g.peer(r).lane_segment(self.lane, self.base).bytes[:nb]
-            native.copy(_raw(out[lo:hi]), src, nb >= NT_MIN_BYTES)
-        del dtype
+                src = g.peer(r).lane_segment(self.lane, self.base).addr
+            native.copy_ptr(out_ptr + lo * elt, src, nb, nb >= NT_MIN_BYTES)
 
 
 # ======================================================================================== the plane

@@ -14,7 +14,8 @@ Helpers:
 * ``sum_into(out, inputs, nt)``: left-fold SUM of float32 / float64 inputs (returns False when it
   cannot serve the dtype, so the caller uses torch).
 * ``Futex``: process-shared futex wait / wake on an int32 word of a shared mapping.
-* ``store_fence(array, index, value)``: a store followed by a full fence.
+* ``store_fence(addr, value)``: a store followed by a full fence.
+* ``copy_ptr`` / ``sum_ptr``: the same on raw addresses (no tensor objects on the small-message path).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import threading
 
-import numpy as np
 import torch
 
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -143,17 +143,34 @@ def sum_into(out: torch.Tensor, inputs: list[torch.Tensor], nt: bool = False) ->
     return True
 
 
-def address(array: np.ndarray, index: int) -> int:
-    """Address of ``array[index]`` (an element of a shared mapping)."""
-    return array.ctypes.data + index * array.itemsize
-
-
-def store_fence(array: np.ndarray, index: int, value: int) -> None:
-    """``array[index] = value`` followed by a full memory fence (when the library is loaded)."""
+def store_fence(addr: int, value: int) -> None:
+    """Store the int64 ``value`` at ``addr``, then a full memory fence (plain store without the
+    library: the futex sleeps are bounded, so a missed wake-up only costs one sleep slice)."""
     if lib is not None:
-        lib.mc_store_fence(address(array, index), value)
+        lib.mc_store_fence(addr, value)
     else:
-        array[index] = value
+        ctypes.c_int64.from_address(addr).value = value
+
+
+def copy_ptr(dst: int, src: int, nbytes: int, nt: bool = False) -> None:
+    """Copy ``nbytes`` between raw addresses (non-temporal stores for large ``nt`` copies)."""
+    if nbytes <= 0:
+        return
+    if lib is not None and nbytes >= 4096:
+        lib.mc_copy(dst, src, nbytes, 1 if nt else 0)
+    else:
+        ctypes.memmove(dst, src, nbytes)
+
+
+def sum_ptr(dtype: torch.dtype, out: int, inputs: list[int], numel: int, nt: bool = False) -> bool:
+    """``out = ((in0 + in1) + ...)`` over raw addresses of float32 / float64 arrays; False (doing
+    nothing) when the compiled kernel is unavailable for ``dtype``."""
+    name = _SUM.get(dtype)
+    if lib is None or name is None or len(inputs) < 2:
+        return False
+    ptrs = (ctypes.c_void_p * len(inputs))(*inputs)
+    getattr(lib, name)(out, ptrs, len(inputs), numel, 1 if nt else 0)
+    return True
 
 
 def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
