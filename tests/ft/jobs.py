@@ -175,3 +175,48 @@ def call_api(name: str, *args):
         return "ok", getattr(pg, name)(dist.group.WORLD, *args)
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc)
+
+
+def subgroups(founders: int, capacity: int, joining: bool):
+    """Create WORLD's subgroups in one order on every process: ``pair`` = ranks {0, 1} (then
+    {0, 1, 2} once rank 2 joins).  Founders list the current members, joiners the eventual ones
+    (PyTorch's new_group rule); returns nothing, the groups live in ``_GROUPS``."""
+    import mooncake.pg as pg
+    members = list(range(capacity)) if joining else list(range(founders))
+    opts = pg.MooncakeBackendOptions(torch.zeros(capacity, dtype=torch.int32), is_extension=joining,
+                                     max_world_size=capacity)
+    _GROUPS["sub"] = dist.new_group(members, pg_options=opts)
+
+
+_GROUPS: dict = {}
+
+
+def sub_admit(rank: int, seed: int):
+    """Healthy side of a subgroup recovery: WORLD first, then the subgroup (creation order)."""
+    import mooncake.pg as pg
+    world = dist.group.WORLD
+    while not pg.get_peer_state(world, [rank])[0]:
+        time.sleep(0.02)
+    pg.recover_ranks(world, [rank])
+    sub = _GROUPS["sub"]
+    while not pg.get_peer_state(sub, [rank])[0]:
+        time.sleep(0.02)
+    pg.recover_ranks(sub, [rank])
+    return sub_ops(seed)
+
+
+def sub_join(seed: int):
+    import mooncake.pg as pg
+    pg.join_group(dist.group.WORLD)
+    pg.join_group(_GROUPS["sub"])
+    return sub_ops(seed)
+
+
+def sub_ops(seed: int):
+    """all_reduce on WORLD and on the subgroup; (world result, sub result, sub mask)."""
+    import mooncake.pg as pg
+    x = input_of(seed, dist.get_rank())[0].clone()
+    y = x.clone()
+    dist.all_reduce(x)
+    dist.all_reduce(y, group=_GROUPS["sub"])
+    return x, y, pg.get_active_ranks(_GROUPS["sub"]).clone()

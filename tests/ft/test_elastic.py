@@ -107,3 +107,19 @@ def test_founder_restarted_without_extension_is_refused(cluster_factory):
     cluster.spawn(2)
     with pytest.raises(Exception, match="already running"):
         cluster.run(jobs.mask, ranks=[2])
+
+
+def test_subgroup_recovery(cluster_factory):
+    """Founders 0, 1 (capacity 3) and joiner 2 create a subgroup in the same order; after WORLD
+    and the subgroup admit rank 2, both span {0, 1, 2}."""
+    cluster = _cluster(cluster_factory, 2, 3)
+    cluster.run(jobs.subgroups, 2, 3, False)
+    cluster.spawn(2, world_size=3, options=_joiner_options(2, 3))
+    cluster.run(jobs.subgroups, 2, 3, True, ranks=[2])
+    calls = {r: (jobs.sub_admit, (2, 80), {}) for r in (0, 1)}
+    calls[2] = (jobs.sub_join, (80,), {})
+    results = cluster.run_each(calls)
+    want = expected("all_reduce", 80, 3, [1, 1, 1])
+    for r in range(3):
+        world, sub, sub_mask = results[r]
+        assert bitwise_equal(world, want[r]) and bitwise_equal(sub, want[r]) and sub_mask.tolist() == [1, 1, 1]
