@@ -73,6 +73,15 @@ def check_load(results, survivors, seed, ranks) -> tuple[int, float | None]:
     return wrong, detection
 
 
+def tally(exc: ClusterError, hangs: int, wrong: int, where: str, cluster: Cluster) -> tuple[int, int]:
+    """Count an unexpected run failure (a timeout is a hang, an exception a wrong result), report
+    it and restart the cluster."""
+    print(f"{where}: {exc}", file=sys.stderr)
+    cluster.restart()
+    return (hangs + sum(e.kind == "timeout" for e in exc.errors.values()),
+            wrong + sum(e.kind == "raised" for e in exc.errors.values()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=100)
@@ -104,10 +113,7 @@ def main() -> int:
                 wrong += 1  # the victim did not die: the fault point was never reached
             except ClusterError as exc:
                 if any(e.kind != "died" or r != victim for r, e in exc.errors.items()):
-                    hangs += sum(e.kind == "timeout" for e in exc.errors.values())
-                    wrong += sum(e.kind == "raised" for e in exc.errors.values())
-                    print(f"cycle {cycles}: {exc}", file=sys.stderr)
-                    cluster.restart()
+                    hangs, wrong = tally(exc, hangs, wrong, f"cycle {cycles}", cluster)
                     cycles += 1
                     continue
                 results = exc.results
@@ -122,10 +128,7 @@ def main() -> int:
             try:
                 joined = cluster.run_each(calls)
             except ClusterError as exc:
-                hangs += sum(e.kind == "timeout" for e in exc.errors.values())
-                wrong += sum(e.kind == "raised" for e in exc.errors.values())
-                print(f"cycle {cycles} (rejoin): {exc}", file=sys.stderr)
-                cluster.restart()
+                hangs, wrong = tally(exc, hangs, wrong, f"cycle {cycles} (rejoin)", cluster)
                 cycles += 1
                 continue
             rejoins.append(time.monotonic() - spawned)
