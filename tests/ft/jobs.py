@@ -220,3 +220,14 @@ def sub_ops(seed: int):
     dist.all_reduce(x)
     dist.all_reduce(y, group=_GROUPS["sub"])
     return x, y, pg.get_active_ranks(_GROUPS["sub"]).clone()
+
+
+def idle_cpu(seconds: float):
+    """CPU seconds this process burns while idle for ``seconds`` after a collective; and the
+    names of its Python threads."""
+    import threading
+    x = torch.ones(4)
+    dist.all_reduce(x)
+    start = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - start, sorted(t.name for t in threading.enumerate())
