@@ -43,8 +43,9 @@ from typing import Sequence
 
 import torch
 
+from ...control import faults
 from ...control.errors import MooncakeError, WireError
-from ...control.wire import OpCode
+from ...control.wire import MAX_RANKS, OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, accumulator_dtype
 from . import native
 from .fold import ALIGN, fold_into
@@ -170,7 +171,7 @@ class ShmGroup:
         self.capacity = info.capacity
         self.prefix = info.key_prefix
         self.timeout_s = info.timeout_s
-        self.layout = Layout(info.capacity)
+        self.layout = Layout(MAX_RANKS)  # every possible rank: capacity can grow (extend_group_size_to)
         self.lock = threading.RLock()
         self.queue: list[ShmOp] = []
         self.peers: dict[int, _Peer] = {}
@@ -184,7 +185,7 @@ class ShmGroup:
         for base in lay.lane:  # no key is negative: nothing published, done or held yet
             for field in (L_PUB, L_RED, L_DONE, L_HOLD, L_FREE):
                 self.ctl[base + field] = -1
-        for r in range(self.capacity):
+        for r in range(MAX_RANKS):
             self.ctl[lay.rw_key + r] = self.ctl[lay.rc_key + r] = -1
         self.ctl[W_VERSION], self.ctl[W_PID], self.ctl[W_CAPACITY] = 1, os.getpid(), self.capacity
         self.ctl[W_MAGIC] = _MAGIC
@@ -218,10 +219,7 @@ class ShmGroup:
             if self.delegate is not None:
                 return
             for r, rec in records.items():
-                _, _, capacity, pid, fd, size, _ = rec
-                if capacity != self.capacity:
-                    raise MooncakeError(f"rank {r} opened the group with capacity {capacity}, this rank "
-                                        f"{self.capacity}")
+                _, _, _, pid, fd, size, _ = rec
                 try:
                     ctrl = Segment.attach(pid, fd, size)
                 except SegmentError as exc:
@@ -531,6 +529,8 @@ class ShmOp:
                     p.lane_segment(self.lane, base)
                 except SegmentError as exc:
                     self.stash_error = MooncakeError(f"{self.name}: cannot map rank {r}'s shared memory: {exc}")
+        if self.others:
+            faults.hit("after_data")  # fault injection (tests): every payload here, no DONE yet
         ctl = g.ctl
         ctl[base + L_HOLD] = self.key
         self.held = True
@@ -583,7 +583,7 @@ class ShmOp:
             seg = g.lane_segment(self.lane, total)
             off = 0
             addr = seg.addr
-            for (slot, t), nb in zip(sends, sizes):
+            for i, ((slot, t), nb) in enumerate(zip(sends, sizes)):
                 native.copy_ptr(addr + off, t.data_ptr(), nb, nb >= NT_MIN_BYTES)
                 at = base + L_SLOTS + 2 * slot
                 ctl[at] = off
@@ -591,6 +591,10 @@ class ShmOp:
                 if slot >= nslots:
                     nslots = slot + 1
                 off += (nb + 63) & ~63
+                if i == 0 and self.others:
+                    faults.hit("mid_transfer")  # fault injection (tests): first payload written
+        elif self.others:
+            faults.hit("mid_transfer")
         self._describe(nslots, total)
         ctl[base + L_PUB] = self.key
 
@@ -871,6 +875,7 @@ class _RingAllReduce(_AllReduce):
         self.w_next = {r: 0 for r in self.others}
         self.f_next = 0
         self.red = False
+        self.mid_hit = False
         self.ring_stride = RING_DEPTH * self.chunk_bytes
 
     def _ring_index(self, writer: int, reader: int) -> int:
@@ -911,6 +916,9 @@ class _RingAllReduce(_AllReduce):
             b = min(hi, a + self.chunk)
             off = self._ring_index(me, r) * self.ring_stride + (j % RING_DEPTH) * self.chunk_bytes
             native.copy_ptr(self.ring.addr + off, base_ptr + a * elt, (b - a) * elt)
+            if j == 0 and not self.mid_hit:
+                self.mid_hit = True
+                faults.hit("mid_transfer")  # fault injection (tests): first chunk written
             ctl[lay.rw_cnt + r] = j + 1
             self.w_next[r] = j + 1
             g.wake((r,))
