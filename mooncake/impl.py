@@ -24,6 +24,9 @@ def requested() -> str:
 
 def fast_unavailable_reason(device: str) -> str | None:
     """Why the fast path cannot serve ``device`` tensors in this process, or None if it can."""
+    if device == "cpu":  # shared memory between the ranks of a host (mooncake.fast.cpu)
+        from .fast import cpu as fast_cpu
+        return fast_cpu.unavailable_reason()
     return f"the fast data plane for {device} tensors is not part of this release yet"
 
 

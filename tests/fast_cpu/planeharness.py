@@ -219,3 +219,10 @@ def mapped_segments():
 def sleep(seconds: float):
     time.sleep(seconds)
     return os.getpid()
+
+
+def call(prefix: str, method: str, *args):
+    """Post ``plane.<method>(ctx, *args)`` and drive it to completion (benchmarks, debugging)."""
+    op = getattr(_state[prefix]["plane"], method)(context(prefix, method), *args)
+    drive(op)
+    return op

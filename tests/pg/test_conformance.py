@@ -30,7 +30,7 @@ from pg import jobs
 from pg.conftest import PYTHONPATH
 
 # MOONCAKE_IMPL values to run the whole suite under; append "fast" once it serves CPU tensors.
-IMPLS = ["ref"]
+IMPLS = ["ref", "fast"]
 
 BACKEND = "mooncake-cpu"
 TIMEOUT_S = 60  # cluster run deadline and process-group timeout
