@@ -164,8 +164,67 @@ def test_doctor_lines_named_in_the_guide_exist(guide):
 def test_relative_links_and_paths_exist(guide):
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", guide):
         assert (GUIDE.parent / target).exists(), f"broken link: {target}"
-    for path in ("notebooks/ep_dispatch_combine.ipynb", "tests/ep/run_cuda.sh", "tests/pg", "tests/ep"):
+    for path in ("notebooks/ep_dispatch_combine.ipynb", "notebooks/fault_tolerant_pg.ipynb", "tests/ep/run_cuda.sh",
+                 "tests/pg", "tests/ep", "tests/ft"):
         assert path in guide and (REPO_ROOT / path).exists(), path
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
+
+
+def test_anchors_point_at_headings(guide):
+    slugs = {_slug(line.lstrip("#").strip()) for line in guide.splitlines() if line.startswith("#")}
+    for anchor in re.findall(r"\]\(#([^)]+)\)", guide):
+        assert anchor in slugs, f"link to #{anchor}, which is no heading of the guide"
+
+
+# What a user of the fault-tolerance and elastic API meets; each must be quoted in a Message table (so it is also
+# checked against the source by test_every_quoted_message_exists_in_the_source).
+FT_MESSAGES = [
+    "joinGroup is only valid for extension backends",
+    "has not called join_group",
+    "already running",
+    "was not admitted within",
+    "was removed from the group",
+    "did not complete within",
+    "agreed on it",
+    "could not reach the Store",
+    "Size out of range",
+    "newSize < oldSize",
+    "must be called at an op boundary",
+    "failure_mode must be",
+]
+
+
+def test_fault_tolerance_messages_are_covered(guide):
+    quotes = [message for _, message in quoted_messages(guide)]
+    missing = [m for m in FT_MESSAGES if not any(m in q for q in quotes)]
+    assert not missing, f"fault-tolerance messages not quoted in a Message table: {missing}"
+
+
+def test_fault_tolerance_topics(guide):
+    headings = [line[3:].strip() for line in guide.splitlines() if line.startswith("## ")]
+    assert "The Store's host died" in headings
+    assert any("UCX_LOG_LEVEL" in h for h in headings)
+    for word in ('failure_mode="complete"', 'failure_mode="raise"', "is_extension=True", "recover_ranks",
+                 "get_peer_state", "join_group", "extend_group_size_to"):
+        assert word in guide, word
+
+
+def test_ucx_log_level_claim_matches_the_code(monkeypatch):
+    """The guide says: UCX's log level is 'fatal' unless UCX_LOG_LEVEL is set, and UCX_NET_DEVICES wins over
+    the devices mooncake derives."""
+    ucx = pytest.importorskip("mooncake.ref.ucx")
+    monkeypatch.delenv("UCX_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
+    config = ucx._ucx_config("lo")
+    assert config.get("LOG_LEVEL") == "fatal" and config.get("NET_DEVICES") == "lo"
+    monkeypatch.setenv("UCX_LOG_LEVEL", "info")
+    monkeypatch.setenv("UCX_NET_DEVICES", "eth0")
+    config = ucx._ucx_config("lo")
+    assert "LOG_LEVEL" not in config and "NET_DEVICES" not in config
 
 
 def test_renderer_sees_fstrings_and_joined_literals():

@@ -4,7 +4,8 @@ Each notebook is executed on a fresh copy (the committed file is never rewritten
 ``python3`` kernel, which jupyter_client starts with this interpreter (``sys.executable``), so the kernel
 sees the same virtual environment as the tests.  A cell that raises fails the test, as does a cell
 that runs longer than ``CELL_TIMEOUT_S``.  The notebooks assert their own claims (Buffer == model, bit
-for bit), so executing them is the test.
+for bit; the survivors of a killed rank return the model's fold over them, with identical masks; a joiner is
+admitted), so executing them is the test.
 """
 
 from __future__ import annotations
