@@ -19,7 +19,8 @@ Additions:
 * ``--collective`` also takes a list or ``all``; besides upstream's collectives there are
   ``reduce``, ``gather`` and ``scatter``.
 * ``-R/--repeats``: time the ``-n`` iterations R times and report the median (``--stat min`` for the
-  best), ``-J/--output_file`` writes JSON (as nccl-tests' ``-J``), ``--plot`` draws busbw and latency
+  best); ``--min-time S`` raises ``-n`` per case so a timed loop lasts at least S seconds;
+  ``-J/--output_file`` writes JSON (as nccl-tests' ``-J``), ``--plot`` draws busbw and latency
   against size, one line per backend, ``--no-progress`` hides the tqdm bar.
 * With one backend the table is exactly upstream's; with several, every row ends with the backend
   and a side-by-side summary follows each collective.
@@ -117,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-J", "--output_file", "--json", dest="output_file", default=None, help="write results as JSON")
     p.add_argument("-R", "--repeats", type=int, default=1, help="time the -n iterations this many times")
     p.add_argument("--stat", choices=["median", "min"], default="median", help="how repeats are combined")
+    p.add_argument("--min-time", type=float, default=0.0,
+                   help="raise -n per case so one timed loop lasts at least this many seconds (all ranks agree)")
     p.add_argument("--plot", default=None, help="write busbw / latency plots (PNG) to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
@@ -441,20 +444,38 @@ def _aggregate(args, value: float) -> float:
     return t.item() / (dist.get_world_size() if args.average == 1 else 1)
 
 
+def _iterations(case: Case, args, device) -> int:
+    """``-n``, or more with ``--min-time`` (estimated from 3 timed calls, agreed by MAX over ranks)."""
+    if args.min_time <= 0:
+        return args.iters
+    dist.barrier(group=case.g)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        case.run()
+    _sync(device)
+    per_call = (time.perf_counter() - t0) / 3
+    want = torch.tensor([min(100_000, max(args.iters, int(args.min_time / max(per_call, 1e-7))))],
+                        dtype=torch.int64)
+    dist.all_reduce(want, op=dist.ReduceOp.MAX)
+    return int(want.item())
+
+
 def measure(case: Case, args, device) -> dict:
     for _ in range(args.warmup_iters * args.agg_iters):
         case.run()
+    iters = _iterations(case, args, device)
     samples = []
     for _ in range(max(1, args.repeats)):
         dist.barrier(group=case.g)
         if not args.report_cputime:
             _sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.iters * args.agg_iters):
+        for _ in range(iters * args.agg_iters):
             case.run()
         if not args.report_cputime:
             _sync(device)
-        samples.append((time.perf_counter() - t0) / max(1, args.iters * args.agg_iters))
+        samples.append((time.perf_counter() - t0) / max(1, iters * args.agg_iters))
     local = min(samples) if args.stat == "min" else statistics.median(samples)
     wrong = -1
     if args.check > 0 and case.checkable():
@@ -462,7 +483,7 @@ def measure(case: Case, args, device) -> dict:
         t = torch.tensor([wrong], dtype=torch.int64)
         dist.all_reduce(t)
         wrong = int(t.item())
-    return {"time_s": local, "samples_s": samples, "wrong": wrong}
+    return {"time_s": local, "samples_s": samples, "wrong": wrong, "iters": iters}
 
 
 def worker(local_rank: int, args) -> None:
@@ -535,7 +556,7 @@ def worker(local_rank: int, args) -> None:
                         algbw = size_bytes / 1e9 / t if t > 0 else 0.0
                         rec[mode] = {"time_us": t * 1e6, "algbw": algbw,
                                      "busbw": algbw * busbw_factor(collective, world), "wrong": m["wrong"],
-                                     "samples_us": [s * 1e6 for s in m["samples_s"]]}
+                                     "samples_us": [s * 1e6 for s in m["samples_s"]], "iters": m["iters"]}
                         del case
                     records.append(rec)
                     out(row(rec, args, spec if label else None))
