@@ -152,7 +152,8 @@ class StoreAgreement:
         except Exception as exc:  # torch raises DistStoreError / DistNetworkError / RuntimeError
             raise MooncakeError(f"failure agreement for epoch {epoch} could not reach the Store "
                                 f"({type(exc).__name__}: {exc}); the group cannot recover without "
-                                "it (host the Store outside the ranks: docs/semantics.md)") from None
+                                "it: host the Store in a process that outlives the ranks (a launcher "
+                                "or service process, not rank 0)") from None
 
 
 def _mask(ranks: Iterable[int]) -> bytes:
