@@ -8,6 +8,7 @@ today) moves bytes and does the math defined in ``mooncake.model``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import struct
@@ -241,6 +242,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"{what} must be called at an op boundary: wait for this group's "
                                 "collectives in flight first")
 
+    @contextlib.contextmanager
+    def _store_access(self, what: str):
+        """Turn a lost Store connection into a MooncakeError that names it."""
+        try:
+            yield
+        except dist.DistNetworkError as exc:
+            raise MooncakeError(f"{what}: the Store is unreachable ({exc}); joining needs it: host the "
+                                "Store in a process that outlives the ranks") from None
+
     def _join_request(self, rank: int) -> "join.JoinRequest | None":
         """The join request of ``rank`` if one is pending and its process is reachable (None if
         absent, already admitted, or left by a joiner that died)."""
@@ -260,7 +270,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._is_extension:
             raise ArgumentError("get_peer_state is called by the healthy ranks; this rank is still "
                                 "joining (call join_group)")
-        local = [1 if self.view.is_active(r) or self._join_request(r) is not None else 0 for r in ranks]
+        with self._store_access("get_peer_state"):
+            local = [1 if self.view.is_active(r) or self._join_request(r) is not None else 0 for r in ranks]
         state = torch.tensor(local or [1], dtype=torch.int32)
         opts = c10d.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
@@ -277,7 +288,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         for r in ranks:
             if self.view.is_active(r):
                 raise ArgumentError(f"recover_ranks: rank {r} is already active")
-            request = self._join_request(r)
+            with self._store_access("recover_ranks"):
+                request = self._join_request(r)
             if request is None:
                 raise ArgumentError(f"recover_ranks: rank {r} has not called join_group (wait until "
                                     f"get_peer_state(group, [{r}]) is True)")
@@ -293,7 +305,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             admission = join.Admission(new.epoch, membership.next_seq, self._capacity, new.active)
             for r, request in requests.items():
                 record = admission.encode()
-                won = self._store.compare_set(join.admit_key(self._prefix, r, request.incarnation), "", record)
+                with self._store_access("recover_ranks"):
+                    won = self._store.compare_set(join.admit_key(self._prefix, r, request.incarnation), "", record)
                 if won != record:
                     raise MooncakeError(f"recover_ranks: another rank admitted rank {r} into a different "
                                         f"view ({join.Admission.decode(won)} vs {admission}): every active "
@@ -313,19 +326,20 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._quiet("join_group")
         timeout_s = timeout.total_seconds() if timeout is not None else self._timeout_s
         request = join.JoinRequest(self._incarnation, self._capacity, self._world_size, self._engine.address)
-        self._store.set(join.request_key(self._prefix, self._rank), request.encode())
-        faults.hit("during_join")
         key = join.admit_key(self._prefix, self._rank, self._incarnation)
-        try:
-            self._store.wait([key], timedelta(seconds=timeout_s))
-        except Exception:  # torch raises DistStoreError on timeout
-            raise OpTimeoutError(f"join_group: rank {self._rank} was not admitted within {timeout_s:.3g} s; "
-                                 f"the healthy ranks must poll get_peer_state(group, [{self._rank}]) and "
-                                 "then call recover_ranks", ()) from None
-        admission = join.Admission.decode(self._store.get(key))
-        for r in admission.active:
-            if r != self._rank:
-                self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)), joining=True)
+        with self._store_access("join_group"):
+            self._store.set(join.request_key(self._prefix, self._rank), request.encode())
+            faults.hit("during_join")
+            try:
+                self._store.wait([key], timedelta(seconds=timeout_s))
+            except dist.DistStoreError:  # the wait timed out
+                raise OpTimeoutError(f"join_group: rank {self._rank} was not admitted within {timeout_s:.3g} s; "
+                                     f"the healthy ranks must poll get_peer_state(group, [{self._rank}]) and "
+                                     "then call recover_ranks", ()) from None
+            admission = join.Admission.decode(self._store.get(key))
+            for r in admission.active:
+                if r != self._rank:
+                    self._addresses[r] = self._check_hello(r, self._store.get(self._key("hello", r)), joining=True)
         self._is_extension = False
         self._membership.set_view(View(admission.epoch, self._capacity, admission.active), admission.next_seq)
 
