@@ -1,0 +1,1378 @@
+"""PG collectives on CUDA tensors between the ranks of one host: CUDA IPC lanes, host control words.
+
+``open_group(info)`` returns the ``PlaneGroup`` (``mooncake.control.plane``) for a group whose tensors are
+on CUDA.  It takes the caller's CUDA tensors as they are (``takes_device_tensors``: the PG face need not
+stage them through host memory) and gives the bits of the ref plane / ``mooncake.model``.
+
+Memory.  Each rank owns, per group, two *lanes* (operation ``seq`` uses lane ``seq % 2``): a device buffer
+allocated with ``cudaMalloc`` (``csrc/``'s ``mc_malloc_zeroed``) and exported with ``cudaIpcGetMemHandle``;
+peers open it with ``cudaIpcOpenMemHandle`` and view it as a torch tensor (``__cuda_array_interface__``).
+A lane grows (a new buffer, a new generation) only while every peer has released it.  Each rank also owns a
+small host *control* segment (a ``memfd``, attached by peers through ``/proc``: ``mooncake.fast.cpu.segment``)
+with one block of int64 words per lane; only its owner writes them (except the wake-up futex):
+
+    PUB   key of the operation whose payload is in the lane (written once the copy has completed on the GPU)
+    DONE  key of the operation whose every payload this rank now holds in private memory (the commit round)
+    HOLD / FREE   key of the operation whose peers' lanes this rank started / finished reading
+    META, NSLOTS, NBYTES, slot table (offset, bytes per slot), GEN, SIZE, HANDLE (the lane's IPC handle)
+
+``key = epoch << 40 | seq``.  An operation, on the caller's current CUDA stream ``S`` (remembered per
+``seq``, so a re-post after a failure uses it too):
+
+1. **post**: once every active peer has released this lane (``FREE >= HOLD`` or it holds this operation
+   already), enqueue the copy of this rank's payload(s) into its lane on ``S``, write the slot table and
+   record an event; once the event has completed, write ``PUB = key``.
+2. **read**: once every peer whose payload this rank needs has ``PUB = key`` (and posted the same opcode,
+   dtype, reduce op and root), write ``HOLD = key`` and enqueue on ``S`` the computation of this rank's
+   outputs into fresh private tensors (the *stash*), reading the peers' lanes directly: reductions are
+   ``mooncake.model.reduce.fold`` run on the GPU tensors (ascending active-rank order seeded with the
+   lowest, float32 accumulators for 16-bit floats, AVG as the model); slots are copies; inactive slots
+   stay zero.  Record an event.
+3. **data complete**: the event has completed: ``FREE = key`` (peers may reuse their lanes) and
+   ``DONE = key``.
+4. **committed**: every other active rank has ``DONE = key``.  ``finish()`` enqueues the copies of the
+   stash into the user's tensors on ``S``; ``abandon()`` drops the stash.  The user's tensors are written
+   by ``finish`` only, so a failed operation leaves them untouched and may be re-posted with them.
+
+Operations advance in order of ``seq``: one starts posting once the previous one is committed here (a
+committed operation holds its results in its stash, so it never blocks its peers while unfinished).
+
+Same bits as the CPU.  Elementwise IEEE additions, multiplications, divisions and comparisons of finite
+values give the same bits on the GPU as on the CPU (no FMA: the fold is separate torch ops).  Two things do
+not: NaN encodings (the GPU writes a canonical NaN where the CPU propagates an operand's payload, and the
+CPU's vector and scalar loops differ) and MIN/MAX of ``+0.0`` against ``-0.0`` (the CPU's vector loop
+returns the second operand, its scalar loop the first).  So a floating-point reduction whose result holds a
+NaN (or, for MIN/MAX, a zero) is folded again on the host from the same held inputs, exactly as the ref
+plane folds (``MOONCAKE_FAST_CUDA_EXACT_HOST=auto``; ``always`` / ``never`` for tests).  The check is one
+extra read of the result on the GPU.
+
+Waiting.  ``progress()`` never blocks.  ``op.wait(timeout_s)`` blocks until the operation is committed, a
+peer is newly found dead or the timeout passes: it sleeps on a blocking-sync CUDA event while this rank's
+own GPU work is pending, else spins ``SPIN_S`` and sleeps on a process-shared futex in the control segment
+that peers bump when they change a word.  No GPU kernel ever waits for a peer (the GPU only gets work once
+its inputs are published), so a dead peer can never leave a stuck kernel.  Liveness: a pidfd per peer and
+its CLOSED word.  An idle group runs nothing.
+
+Groups with a rank on another host use the ref plane (UCX) over host copies of the tensors.  A tensor
+handed over on the CPU (a PG face that stages through host memory) also goes to the ref plane.
+
+Not done: CUDA-graph capture (the protocol runs on the host), ordering a ``Work.wait()`` made on another
+stream than the one the operation was posted on, devices other than the caller's for peers on other GPUs
+of the host (copies go through torch's cross-device copy; untested).
+
+Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
+memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import select
+import struct
+import threading
+import time
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+
+from ...control import faults
+from ...control.errors import MooncakeError, WireError
+from ...control.wire import OpCode
+from ...model.reduce import DTYPE_CODES, ReduceOp, fold
+from ..cpu import native
+from ..cpu.segment import Segment, SegmentError, host_identity
+
+EMULATE_ENV = "MOONCAKE_FAST_CUDA_EMULATE"
+EXACT_HOST_ENV = "MOONCAKE_FAST_CUDA_EXACT_HOST"
+
+SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
+SLEEP_SLICE_S = 0.002
+LIVENESS_PERIOD_S = 0.002
+MIN_LANE_BYTES = 1 << 20
+#: all_reduce of at least this many bytes (and 2+ ranks) folds one part per rank, then gathers the parts
+PARTS_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_PARTS_MIN", 1 << 20))
+PART_ALIGN = 256  # elements: part boundaries are multiples of this
+SLOT_ALIGN = 256
+SEQ_BITS = 40
+_STREAMS_KEPT = 256
+
+# ---- control segment layout (int64 words) ------------------------------------------------------
+_MAGIC = 0x4D43435530303031  # "MCCU0001"
+W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED, W_DEVICE = range(6)
+W_FUTEX = 8  # int32 in the low half of word 8: peers bump it to wake this rank
+W_SLEEPING = 9
+LANE0 = 16
+L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
+L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
+L_SLOTS = 19  # (offset, nbytes) per slot
+
+_RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
+
+QUEUED, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(10)
+_GPU_BUSY = (PUBLISHING, FOLDING, READING)  # states that wait for this rank's own GPU work
+
+
+class Layout:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        lw = (L_SLOTS + 2 * capacity + 7) // 8 * 8
+        self.lane = (LANE0, LANE0 + lw)
+        self.words = LANE0 + 2 * lw
+        self.nbytes = (self.words * 8 + 4095) // 4096 * 4096
+
+
+def _key(epoch: int, seq: int) -> int:
+    if seq >= 1 << SEQ_BITS or epoch >= 1 << (63 - SEQ_BITS):
+        raise MooncakeError(f"operation number {seq} / epoch {epoch} out of the CUDA plane's range")
+    return (epoch << SEQ_BITS) | seq
+
+
+def _align(n: int, a: int = SLOT_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _record_key(prefix: str, rank: int) -> str:
+    return f"{prefix}/fast-cuda/{rank}"
+
+
+def emulated() -> bool:
+    return os.environ.get(EMULATE_ENV, "").strip().lower() == "cpu"
+
+
+def unavailable_reason() -> str | None:
+    """Why this process cannot run the CUDA PG plane, or None when it can."""
+    from ..cpu import unavailable_reason as shm_reason
+    reason = shm_reason()
+    if reason:
+        return f"the CUDA PG plane keeps its control words in host shared memory: {reason}"
+    if emulated():
+        return None
+    from .lib import load
+    return load()[1]
+
+
+# ======================================================================================== memory
+
+class _Buffer:
+    """A lane's memory: ``addr`` .. ``addr + size``, and how to let it go."""
+
+    def __init__(self, addr: int, size: int, handle: bytes, release, keep=None):
+        self.addr, self.size, self.handle = addr, size, handle
+        self._release, self._keep = release, keep
+        self.view: torch.Tensor | None = None  # uint8 tensor over the whole buffer
+
+    def close(self) -> None:
+        self.view = None
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+class _DevicePointer:
+    """Exposes raw device memory to ``torch.as_tensor`` (``__cuda_array_interface__`` v2, no stream)."""
+
+    def __init__(self, addr: int, size: int):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (addr, False),
+                                         "strides": None, "version": 2}
+
+
+class _CudaMemory:
+    """Lanes in device memory shared by CUDA IPC; work on CUDA streams; completion by CUDA events."""
+
+    emulated = False
+
+    def __init__(self):
+        from .lib import check, load
+        lib, reason = load()
+        if lib is None:
+            raise MooncakeError(f"CUDA PG plane unavailable: {reason}")
+        self.lib, self._check = lib, check
+        self.index = torch.cuda.current_device()
+        self.device = torch.device("cuda", self.index)
+
+    def accepts(self, t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+    def caller_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def on(self, stream):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(stream))
+        return stack
+
+    def record(self, stream):
+        ev = torch.cuda.Event(blocking=True)
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def done(ev) -> bool:
+        return ev.query()
+
+    @staticmethod
+    def sync(ev) -> None:
+        ev.synchronize()
+
+    def flag(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.int32).pin_memory()
+
+    def _view(self, buf: _Buffer) -> torch.Tensor:
+        t = torch.as_tensor(_DevicePointer(buf.addr, buf.size), device=self.device)
+        if t.data_ptr() != buf.addr or t.dtype is not torch.uint8 or t.numel() != buf.size:
+            raise MooncakeError(f"CUDA PG plane: viewing device memory at {buf.addr:#x} gave a tensor at "
+                                f"{t.data_ptr():#x} ({t.dtype}, {t.numel()} elements)")
+        return t
+
+    def allocate(self, size: int, tag: str) -> _Buffer:
+        lib, check = self.lib, self._check
+        check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
+        ptr = ctypes.c_int64(0)
+        check(lib, lib.mc_malloc_zeroed(size, ctypes.byref(ptr)), f"cudaMalloc of {size} bytes ({tag})")
+        addr = ptr.value
+        raw = (ctypes.c_uint8 * 64)()
+        try:
+            check(lib, lib.mc_ipc_get_handle(addr, raw), "cudaIpcGetMemHandle")
+            buf = _Buffer(addr, size, bytes(raw), lambda: lib.mc_free(addr))
+            buf.view = self._view(buf)
+        except BaseException:
+            lib.mc_free(addr)
+            raise
+        return buf
+
+    def attach(self, handle: bytes, size: int, owner: str) -> _Buffer:
+        lib, check = self.lib, self._check
+        check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
+        raw = (ctypes.c_uint8 * 64).from_buffer_copy(handle[:64].ljust(64, b"\0"))
+        ptr = ctypes.c_int64(0)
+        rc = lib.mc_ipc_open(raw, ctypes.byref(ptr))
+        if rc != 0:
+            msg = lib.mc_error_string(rc)
+            raise SegmentError(0, f"cudaIpcOpenMemHandle of {owner}'s lane failed: CUDA error {rc} "
+                                  f"({msg.decode() if msg else '?'})")
+        addr = ptr.value
+        buf = _Buffer(addr, size, handle, lambda: lib.mc_ipc_close(addr))
+        try:
+            buf.view = self._view(buf)
+        except BaseException:
+            buf.close()
+            raise
+        return buf
+
+
+class _FakeEvent:
+    def __init__(self, lag: int):
+        self.left = lag
+
+    def query(self) -> bool:
+        if self.left > 0:
+            self.left -= 1
+            return False
+        return True
+
+    def synchronize(self) -> None:
+        self.left = 0
+
+
+class _EmulatedMemory:
+    """Test mode: CPU tensors, lanes in memfd segments, events that complete after a few queries."""
+
+    emulated = True
+
+    def __init__(self):
+        self.index = -1
+        self.device = torch.device("cpu")
+        self.lag = int(os.environ.get("MOONCAKE_FAST_CUDA_EMULATE_LAG", "1"))
+
+    def accepts(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu"
+
+    def caller_stream(self):
+        return None
+
+    def on(self, stream):
+        return contextlib.nullcontext()
+
+    def record(self, stream):
+        return _FakeEvent(self.lag)
+
+    @staticmethod
+    def done(ev) -> bool:
+        return ev.query()
+
+    @staticmethod
+    def sync(ev) -> None:
+        ev.synchronize()
+
+    def flag(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.int32)
+
+    def allocate(self, size: int, tag: str) -> _Buffer:
+        seg = Segment.create(tag, size)
+        buf = _Buffer(seg.addr, size, struct.pack("<qqq", os.getpid(), seg.fd, size), seg.close, seg)
+        buf.view = seg.bytes[:size]
+        return buf
+
+    def attach(self, handle: bytes, size: int, owner: str) -> _Buffer:
+        pid, fd, seg_size = struct.unpack_from("<qqq", handle)
+        seg = Segment.attach(pid, fd, seg_size)
+        buf = _Buffer(seg.addr, size, handle, seg.close, seg)
+        buf.view = seg.bytes[:size]
+        return buf
+
+
+# ======================================================================================== the group
+
+class _Peer:
+    """A mapped peer: its control words and the lanes of it this rank has opened."""
+
+    def __init__(self, rank: int, pid: int, address: bytes, ctrl: Segment, layout: Layout):
+        self.rank, self.pid, self.address = rank, pid, address
+        self.ctrl = ctrl
+        self.ctl = ctrl.words(0, layout.words)
+        self.futex_addr = ctrl.addr + W_FUTEX * 8
+        self.lanes: dict[int, tuple[int, _Buffer]] = {}
+        self.pidfd: int | None = None
+        self.gone = False
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.gone = True  # already gone
+        except OSError:
+            pass  # no pidfd here (old kernel, seccomp): /proc is polled instead
+
+    def dead(self) -> bool:
+        """Without a pidfd: the process is gone or a zombie (as seen in /proc)."""
+        if self.gone:
+            return True
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                self.gone = f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            self.gone = True
+        except (OSError, IndexError):
+            pass
+        return self.gone
+
+    def lane_view(self, mem, lane: int, base: int) -> torch.Tensor | None:
+        gen = int(self.ctl[base + L_GEN])
+        if gen <= 0:
+            return None
+        have = self.lanes.get(lane)
+        if have is not None and have[0] == gen:
+            return have[1].view
+        if have is not None:
+            del self.lanes[lane]
+            have[1].close()
+        size = int(self.ctl[base + L_SIZE])
+        handle = b"".join(struct.pack("<q", int(self.ctl[base + L_HANDLE + i])) for i in range(8))
+        buf = mem.attach(handle, size, f"rank {self.rank}")
+        self.lanes[lane] = (gen, buf)
+        return buf.view
+
+    def close(self) -> None:
+        for _, buf in self.lanes.values():
+            buf.close()
+        self.lanes.clear()
+        self.ctrl.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class CudaGroup:
+    """The CUDA PG plane of one group on one rank (a ``PlaneGroup``)."""
+
+    takes_device_tensors = True
+
+    def __init__(self, info):
+        self.info = info
+        self.rank = info.rank
+        self.capacity = info.capacity
+        self.prefix = info.key_prefix
+        self.timeout_s = info.timeout_s
+        self.mem = _EmulatedMemory() if emulated() else _CudaMemory()
+        self.layout = Layout(info.capacity)
+        self.lock = threading.RLock()
+        self.queue: list[_Op] = []
+        self.peers: dict[int, _Peer] = {}
+        self.delegate: str | None = None  # why ops go to the ref plane (a remote rank), else None
+        self.closed = False
+        self.exact_host = os.environ.get(EXACT_HOST_ENV, "auto").strip().lower()
+        native.load()
+        self.ctrl = Segment.create(f"mooncake-fastcuda-{self.rank}-ctrl", self.layout.nbytes)
+        self.ctl = self.ctrl.words(0, self.layout.words)
+        for base in self.layout.lane:
+            for field in (L_PUB, L_DONE, L_HOLD, L_FREE, L_RED):
+                self.ctl[base + field] = -1
+        self.ctl[W_VERSION], self.ctl[W_PID], self.ctl[W_CAPACITY] = 1, os.getpid(), self.capacity
+        self.ctl[W_DEVICE] = self.mem.index
+        self.ctl[W_MAGIC] = _MAGIC
+        self.futex_addr = self.ctrl.addr + W_FUTEX * 8
+        self.futex = self.ctrl.words(W_FUTEX * 8, 1).cast("B").cast("i")
+        self.sleeping_addr = self.ctrl.addr + W_SLEEPING * 8
+        self.lanes: dict[int, _Buffer] = {}
+        self.gen = 0
+        self.streams: dict[int, object] = {}
+        self.flag = self.mem.flag()
+        self._dead: set[int] = set()
+        self._live_checked = 0.0
+        self.host = host_identity()
+        self.address = info.addresses.get(self.rank, b"")
+        record = _RECORD.pack(_MAGIC, 1, self.capacity, os.getpid(), self.ctrl.fd, self.ctrl.size, self.host,
+                              self.mem.index)
+        info.store.set(_record_key(self.prefix, self.rank), record + self.address)
+        try:
+            self.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- membership -----------------------------------------------------------------------------
+    def add_ranks(self, addresses: dict[int, bytes]) -> None:
+        """Attach the control segments of ranks not known yet (or replaced: a new address)."""
+        todo = {r: a for r, a in addresses.items()
+                if r != self.rank and (r not in self.peers or self.peers[r].address != a)}
+        if not todo:
+            return
+        records = self._records(todo)
+        remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
+        with self.lock:
+            if remote and self.delegate is None:
+                self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use the "
+                                 "ref plane (UCX) over host copies")
+            if self.delegate is not None:
+                return
+            for r, rec in records.items():
+                _, _, capacity, pid, fd, size, _, _ = rec
+                if capacity != self.capacity:
+                    raise MooncakeError(f"rank {r} opened the group with capacity {capacity}, this rank "
+                                        f"{self.capacity}")
+                try:
+                    ctrl = Segment.attach(pid, fd, size)
+                except SegmentError as exc:
+                    raise MooncakeError(f"fast CUDA plane: cannot attach rank {r}'s control words: {exc}; "
+                                        "use MOONCAKE_IMPL=ref") from None
+                old = self.peers.pop(r, None)
+                if old is not None:
+                    old.close()
+                self.peers[r] = _Peer(r, pid, todo[r], ctrl, self.layout)
+                self._dead.discard(r)
+
+    def _records(self, addresses: dict[int, bytes]) -> dict[int, tuple]:
+        store = self.info.store
+        deadline = time.monotonic() + self.timeout_s
+        keys = {r: _record_key(self.prefix, r) for r in addresses}
+        try:
+            store.wait(list(keys.values()), timedelta(seconds=max(self.timeout_s, 1.0)))
+        except Exception as exc:  # DistStoreError / DistNetworkError
+            raise MooncakeError(f"fast CUDA plane: ranks {sorted(addresses)} did not publish their control "
+                                f"words within {self.timeout_s:.0f} s ({exc})") from None
+        out, pending = {}, dict(addresses)
+        while pending:
+            for r in list(pending):
+                raw = store.get(keys[r])
+                rec = _RECORD.unpack_from(raw)
+                if rec[0] != _MAGIC:
+                    raise MooncakeError(f"fast CUDA plane: rank {r} published a malformed record")
+                if not pending[r] or bytes(raw[_RECORD.size:]) == pending[r]:
+                    out[r] = rec
+                    del pending[r]
+            if pending:
+                if time.monotonic() > deadline:
+                    raise MooncakeError(f"fast CUDA plane: rank(s) {sorted(pending)} did not publish a record "
+                                        "for their current incarnation in time")
+                time.sleep(0.005)
+        return out
+
+    def peer(self, rank: int) -> _Peer:
+        p = self.peers.get(rank)
+        if p is None:
+            raise MooncakeError(f"fast CUDA plane: rank {rank} is in the view but its control words were "
+                                "never attached (add_ranks missing)")
+        return p
+
+    # ---- my lanes ---------------------------------------------------------------------------------
+    def lane_view(self, lane: int, nbytes: int) -> torch.Tensor | None:
+        """My lane's buffer, grown to ``nbytes`` when needed (only while every peer has released it and
+        my own work on it has completed)."""
+        have = self.lanes.get(lane)
+        if have is not None and have.size >= nbytes:
+            return have.view
+        if nbytes == 0:
+            return None if have is None else have.view
+        size = max(MIN_LANE_BYTES, 1 << math.ceil(math.log2(nbytes)))
+        if have is not None:
+            del self.lanes[lane]
+            have.close()
+        buf = self.mem.allocate(size, f"mooncake-fastcuda-{self.rank}-lane{lane}")
+        self.gen += 1
+        self.lanes[lane] = buf
+        base = self.layout.lane[lane]
+        for i in range(8):
+            self.ctl[base + L_HANDLE + i] = struct.unpack_from("<q", buf.handle.ljust(64, b"\0"), 8 * i)[0]
+        self.ctl[base + L_SIZE] = size
+        self.ctl[base + L_GEN] = self.gen
+        return buf.view
+
+    def stream_for(self, seq: int):
+        """The stream operation ``seq`` runs on: the caller's current one when first posted."""
+        s = self.streams.get(seq)
+        if s is None:
+            s = self.streams[seq] = self.mem.caller_stream()
+            if len(self.streams) > _STREAMS_KEPT:
+                for old in sorted(self.streams)[:len(self.streams) - _STREAMS_KEPT]:
+                    del self.streams[old]
+        return s
+
+    # ---- signals --------------------------------------------------------------------------------
+    def wake(self, ranks: Sequence[int]) -> None:
+        if native.lib is None:
+            return
+        native.lib.mc_fence()
+        for r in ranks:
+            p = self.peers.get(r)
+            if p is not None and p.ctl[W_SLEEPING]:
+                native.lib.mc_futex_bump_wake(p.futex_addr)
+
+    def failed(self, ranks: Sequence[int]) -> frozenset[int]:
+        now = time.monotonic()
+        if now - self._live_checked >= LIVENESS_PERIOD_S:
+            self._live_checked = now
+            fds = {p.pidfd: r for r, p in self.peers.items() if p.pidfd is not None and r not in self._dead}
+            if fds:
+                readable, _, _ = select.select(list(fds), [], [], 0)
+                self._dead.update(fds[fd] for fd in readable)
+            for r, p in self.peers.items():
+                if p.ctl[W_CLOSED] or (p.pidfd is None and r not in self._dead and p.dead()):
+                    self._dead.add(r)
+        return frozenset(r for r in ranks if r in self._dead)
+
+    # ---- driving --------------------------------------------------------------------------------
+    def enqueue(self, op: "_Op") -> "_Op":
+        with self.lock:
+            if self.closed:
+                raise MooncakeError("the fast CUDA plane of this group is closed")
+            i = len(self.queue)
+            while i > 0 and self.queue[i - 1].seq > op.seq:
+                i -= 1
+            self.queue.insert(i, op)
+            self.pump()
+        return op
+
+    def pump(self) -> None:
+        """Advance queued operations in order, as far as they can go without waiting."""
+        with self.lock:
+            for op in list(self.queue):
+                if op.state == QUEUED and not op.try_post():
+                    return
+                if op.state == PUBLISHING and not op.try_pub():
+                    return
+                if op.state == POSTED and not op.try_read():
+                    return
+                if op.state == FOLDING and not op.try_reduced():
+                    return
+                if op.state == REDUCED and not op.try_gather():
+                    return
+                if op.state == READING and not op.try_data():
+                    return
+                if op.state == DATA and not op.try_commit():
+                    return
+
+    def _own_event(self, until: "_Op"):
+        """The GPU event the first stuck operation up to ``until`` waits for (None: it waits for peers)."""
+        with self.lock:
+            for op in self.queue:
+                if op.state in _GPU_BUSY:
+                    return op.ev
+                if op.state < COMMITTED or op is until:
+                    return None
+        return None
+
+    def wait(self, op: "_Op", timeout_s: float) -> bool:
+        """Block until ``op`` is committed (True), a peer of it is newly found dead, or ``timeout_s``
+        passed (False)."""
+        now = time.monotonic()
+        deadline = now + max(timeout_s, 0.0)
+        spin_end = now + SPIN_S
+        known_dead = self.failed(op.others)
+        while True:
+            self.pump()
+            if op.state >= COMMITTED:
+                return op.state != ABANDONED
+            if self.failed(op.others) - known_dead:
+                return False
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            ev = self._own_event(op)
+            if ev is not None:
+                self.mem.sync(ev)  # this rank's own copies / fold: bounded, and no CPU spinning
+                spin_end = time.monotonic() + SPIN_S
+                continue
+            if now < spin_end:
+                os.sched_yield()
+                continue
+            seen = int(self.futex[0])
+            native.store_fence(self.sleeping_addr, 1)
+            self.pump()
+            if op.state < COMMITTED and self._own_event(op) is None:
+                native.futex_wait(self.futex_addr, seen, min(deadline - now, SLEEP_SLICE_S))
+            self.ctl[W_SLEEPING] = 0
+            spin_end = time.monotonic() + SPIN_S / 4
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for op in list(self.queue):
+                op.abandon()
+            self.ctl[W_CLOSED] = 1
+            self.wake(list(self.peers))
+            for p in self.peers.values():
+                p.close()
+            self.peers.clear()
+            for buf in self.lanes.values():
+                buf.close()
+            self.lanes.clear()
+            self.futex = None
+            self.ctl = None
+            self.ctrl.close()
+
+
+# ======================================================================================== operations
+
+class _Op:
+    """One collective on this rank (a ``PlaneOp``).  Subclasses say what is published, whose
+    publications are needed, and how the outputs are computed."""
+
+    opcode: OpCode
+
+    def __init__(self, group: CudaGroup, ctx, dtype: torch.dtype | None = None, redop: int = 0,
+                 root: int = -1):
+        self.g = group
+        self.ctx = ctx
+        self.name = ctx.name
+        self.seq = seq = ctx.seq
+        self.key = _key(ctx.view.epoch, seq)
+        self.lane = seq & 1
+        self.base = group.layout.lane[self.lane]
+        self.me = me = ctx.rank
+        self.active = active = tuple(ctx.view.active)
+        self.others = tuple(r for r in active if r != me)
+        self.dtype = dtype
+        self.dtype_code = 255 if dtype is None else DTYPE_CODES[dtype]
+        self.redop = int(redop)
+        self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        self.state = QUEUED
+        self.needs: tuple[int, ...] = ()
+        self.outputs: list[torch.Tensor] = []
+        self.stash: list[torch.Tensor | None] | None = None
+        self.error: BaseException | None = None
+        self.stream = group.stream_for(seq)
+        self.ev = None
+        self.held = False
+        self.checked: set[int] = set()
+        # reductions: the GPU fold's inputs, result and destination, for the host fold when flagged
+        self.fold_op: ReduceOp | None = None
+        self.fold_inputs: list[torch.Tensor] = []
+        self.fold_out: torch.Tensor | None = None
+        self.fold_dst: torch.Tensor | None = None
+        self.fold_slice: tuple[int, int] | None = None
+        self.two_phase = False  # large all_reduce: fold one part per rank, then gather the parts
+
+    # -- the PlaneOp interface -------------------------------------------------------------------
+    @property
+    def data_complete(self) -> bool:
+        return DATA <= self.state <= FINISHED
+
+    @property
+    def committed(self) -> bool:
+        return COMMITTED <= self.state <= FINISHED
+
+    def progress(self) -> None:
+        if self.state < COMMITTED:
+            self.g.pump()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until committed (True), a peer of this op is newly found dead, or ``timeout_s``
+        passed (False); see ``CudaGroup.wait``."""
+        return self.g.wait(self, timeout_s)
+
+    def failed_peers(self) -> frozenset[int]:
+        return self.g.failed(self.others)
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        with self.g.lock:
+            if self.state == QUEUED:
+                return tuple(r for r in self.others if not self._released(r))
+            if self.state == POSTED:
+                return tuple(r for r in self.needs if self.g.peer(r).ctl[self.base + L_PUB] != self.key)
+            if self.state == REDUCED:
+                return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_RED] != self.key)
+            if self.state == DATA:
+                return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_DONE] != self.key)
+            return ()
+
+    def finish(self) -> None:
+        g = self.g
+        with g.lock:
+            if self.state == FINISHED:
+                return
+            if not DATA <= self.state <= COMMITTED:
+                raise MooncakeError(f"{self.name}: finish() on an operation that is not complete "
+                                    f"(state {self.state})")
+            try:
+                if self.error is not None:
+                    raise self.error
+                with g.mem.on(self.stream):
+                    for out, val in zip(self.outputs, self.stash):
+                        if val is None:
+                            out.zero_()
+                        else:
+                            out.copy_(val)
+            finally:
+                self.state = FINISHED
+                self._release()
+
+    def abandon(self) -> None:
+        with self.g.lock:
+            if self.state in (FINISHED, ABANDONED):
+                return
+            if self.state in _GPU_BUSY and self.ev is not None:
+                self.g.mem.sync(self.ev)  # nothing of this op may still touch a lane
+            self._free()
+            self.state = ABANDONED
+            self._release()
+
+    # -- state machine (under the group lock) --------------------------------------------------
+    def _released(self, r: int) -> bool:
+        """Rank ``r`` no longer reads this lane of an earlier operation."""
+        ctl = self.g.peer(r).ctl
+        held = ctl[self.base + L_HOLD]
+        return ctl[self.base + L_FREE] >= held or held >= self.key
+
+    def try_post(self) -> bool:
+        g = self.g
+        if g.closed:
+            return False
+        for r in self.others:
+            if not self._released(r):
+                return False
+        ctl, base = g.ctl, self.base
+        sends = self.sends()
+        table = []  # (slot, offset, nbytes)
+        total = 0
+        for slot, t in sends:
+            nb = _nbytes(t)
+            table.append((slot, total, nb))
+            total += _align(nb)
+        result_off = total
+        view = g.lane_view(self.lane, total + _align(self.result_bytes()))
+        with g.mem.on(self.stream):
+            for (slot, t), (_, off, nb) in zip(sends, table):
+                if nb:
+                    view[off:off + nb].copy_(t.reshape(-1).view(torch.uint8))
+            self.ev = g.mem.record(self.stream)
+        nslots = max((slot + 1 for slot, _, _ in table), default=0)
+        for i in range(nslots):
+            ctl[base + L_SLOTS + 2 * i + 1] = -1
+        for slot, off, nb in table:
+            ctl[base + L_SLOTS + 2 * slot] = off
+            ctl[base + L_SLOTS + 2 * slot + 1] = nb
+        ctl[base + L_META] = self.meta
+        ctl[base + L_NSLOTS] = nslots
+        ctl[base + L_NBYTES] = total
+        ctl[base + L_RESULT] = result_off
+        self.state = PUBLISHING
+        return self.try_pub()
+
+    def try_pub(self) -> bool:
+        if not self.g.mem.done(self.ev):
+            return False
+        if self.others:
+            faults.hit("mid_transfer")  # fault injection (tests): payload in my lane, not announced
+        self.g.ctl[self.base + L_PUB] = self.key
+        self.ev = None
+        self.state = POSTED
+        self.g.wake(self.others)
+        return self.try_read()
+
+    def try_read(self) -> bool:
+        g, base, key = self.g, self.base, self.key
+        for r in self.needs:
+            if g.peer(r).ctl[base + L_PUB] != key:
+                return False
+        g.ctl[base + L_HOLD] = key
+        self.held = True
+        with g.mem.on(self.stream):
+            try:
+                if self.two_phase:
+                    self.fold_part()
+                else:
+                    self.stash = self.compute()
+                self._flag_inexact()
+            except BaseException as exc:  # noqa: BLE001 - raised again by finish()
+                self.error, self.stash = exc, None
+                self.fold_op = None
+            self.ev = g.mem.record(self.stream)
+        if self.two_phase:
+            self.state = FOLDING
+            return self.try_reduced()
+        self.state = READING
+        return self.try_data()
+
+    def try_reduced(self) -> bool:
+        """(two-phase) my part is folded into my lane's result region: announce it (RED)."""
+        g = self.g
+        if not g.mem.done(self.ev):
+            return False
+        self.ev = None
+        self._exact()
+        g.ctl[self.base + L_RED] = self.key
+        self.state = REDUCED
+        g.wake(self.others)
+        return self.try_gather()
+
+    def try_gather(self) -> bool:
+        """(two-phase) every owner's part is folded: copy them all into the stash."""
+        g, key, at = self.g, self.key, self.base + L_RED
+        for r in self.others:
+            if g.peer(r).ctl[at] != key:
+                return False
+        with g.mem.on(self.stream):
+            if self.error is None:
+                try:
+                    self.stash = self.gather()
+                except BaseException as exc:  # noqa: BLE001 - raised again by finish()
+                    self.error, self.stash = exc, None
+            self.ev = g.mem.record(self.stream)
+        self.state = READING
+        return self.try_data()
+
+    def _flag_inexact(self) -> None:
+        """Enqueue the check whether the GPU fold's result needs the host fold (see the module doc):
+        a NaN anywhere makes the float64 sum NaN (an inf - inf there only costs a needless host fold)."""
+        op, out = self.fold_op, self.fold_out
+        if op is None or self.exact_mode == "never" or not out.dtype.is_floating_point:
+            self.fold_op = None
+            return
+        if self.exact_mode == "always":
+            return
+        bad = torch.isnan(out.sum(dtype=torch.float64))
+        if op in (ReduceOp.MIN, ReduceOp.MAX):
+            bad = bad | (out == 0).any()
+        self.g.flag.copy_(bad.to(torch.int32).reshape(1), non_blocking=True)
+
+    @property
+    def exact_mode(self) -> str:
+        return self.g.exact_host
+
+    def _exact(self) -> None:
+        """After the fold's event: take the host fold when it was flagged."""
+        if self.fold_op is not None and (self.exact_mode == "always" or int(self.g.flag[0])):
+            try:
+                self._host_fold()
+            except BaseException as exc:  # noqa: BLE001 - raised again by finish()
+                self.error, self.stash = exc, None
+        self.fold_op, self.fold_inputs, self.fold_out = None, [], None
+
+    def try_data(self) -> bool:
+        g = self.g
+        if not g.mem.done(self.ev):
+            return False
+        self.ev = None
+        self._exact()
+        if self.others:
+            faults.hit("after_data")  # fault injection (tests): every payload held here, no DONE yet
+        self._free()
+        g.ctl[self.base + L_DONE] = self.key
+        self.state = DATA
+        g.wake(self.others)
+        return self.try_commit()
+
+    def _host_fold(self) -> None:
+        """The fold again on host copies of the whole inputs, as the ref plane folds (the CPU's bits: NaN
+        encodings, signed zeros); the GPU result ``fold_dst`` (the slice ``fold_slice`` of it) is
+        overwritten."""
+        g = self.g
+        with g.mem.on(self.stream):
+            host = [x.to("cpu", copy=True) for x in self.fold_inputs]  # synchronises with the stream
+            result = fold(self.fold_op, host).reshape(-1)
+            lo, hi = self.fold_slice if self.fold_slice is not None else (0, result.numel())
+            self.fold_dst.copy_(result[lo:hi].view(self.fold_dst.shape))
+
+    def try_commit(self) -> bool:
+        key, at = self.key, self.base + L_DONE
+        for r in self.others:
+            if self.g.peer(r).ctl[at] != key:
+                return False
+        self.state = COMMITTED
+        return True
+
+    def _free(self) -> None:
+        if self.held and self.g.ctl is not None:
+            self.held = False
+            self.g.ctl[self.base + L_FREE] = self.key
+            self.g.wake(self.others)
+
+    def _release(self) -> None:
+        self.stash = None
+        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst = None, [], None, None
+        if self in self.g.queue:
+            self.g.queue.remove(self)
+
+    # -- what subclasses define ------------------------------------------------------------------
+    def sends(self) -> list[tuple[int, torch.Tensor]]:
+        return []
+
+    def compute(self) -> list[torch.Tensor | None]:
+        """Enqueue the outputs' computation on the op's stream: one stash entry per output (None: zeros)."""
+        return []
+
+    def result_bytes(self) -> int:
+        """(two-phase) bytes of this rank's result region after its payload in its lane."""
+        return 0
+
+    # -- reading ---------------------------------------------------------------------------------
+    def check(self, r: int) -> None:
+        """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
+        if r in self.checked:
+            return
+        meta = int(self.g.peer(r).ctl[self.base + L_META])
+        if meta != self.meta:
+            opcode, dtype, redop, root = meta & 0xFF, meta >> 8 & 0xFF, meta >> 16 & 0xFF, (meta >> 24) - 1
+            if opcode != int(self.opcode):
+                name = OpCode(opcode).name.lower() if opcode in OpCode._value2member_map_ else f"operation {opcode}"
+                raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
+                                f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
+                                "the same order")
+            if dtype != self.dtype_code:
+                raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(dtype)}, this rank "
+                                f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
+            if redop != self.redop:
+                raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(redop)}, this rank "
+                                f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
+            raise WireError(f"{self.name}: rank {r} used root {root}, this rank {self.root}: the root must "
+                            "agree across ranks")
+        self.checked.add(r)
+
+    def src(self, r: int, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """Rank ``r``'s published block ``slot`` as a tensor shaped like ``like`` (a view of its lane)."""
+        g, base = self.g, self.base
+        nbytes = _nbytes(like)
+        if r == self.me:
+            ctl = g.ctl
+            lane = g.lanes.get(self.lane)
+            view = None if lane is None else lane.view
+        else:
+            self.check(r)
+            p = g.peer(r)
+            ctl = p.ctl
+            view = p.lane_view(g.mem, self.lane, base)
+        if slot >= ctl[base + L_NSLOTS] or ctl[base + L_SLOTS + 2 * slot + 1] < 0:
+            raise WireError(f"{self.name}: rank {r} published no block for slot {slot}: the ranks disagree "
+                            "on the number of slots")
+        at = base + L_SLOTS + 2 * slot
+        off, nb = int(ctl[at]), int(ctl[at + 1])
+        if nb != nbytes:
+            raise WireError(f"{self.name}: rank {r} sent {nb} bytes for slot {slot}, this rank expects "
+                            f"{nbytes}: tensor sizes must agree across ranks")
+        if nbytes == 0:
+            return torch.empty(like.shape, dtype=like.dtype, device=g.mem.device)
+        if view is None or off + nb > view.numel():
+            raise WireError(f"{self.name}: rank {r}'s block for slot {slot} lies outside its lane")
+        return view[off:off + nb].view(like.dtype).view(like.shape)
+
+    def reduced(self, op: ReduceOp, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The model's fold of ``inputs`` on the device (kept for the host fold when flagged)."""
+        out = device_fold(op, inputs)
+        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst, self.fold_slice = op, inputs, out, out, None
+        return out
+
+
+def device_fold(op: ReduceOp, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``mooncake.model.reduce.fold`` step for step, minus its first copy where no conversion is needed:
+    ``op(x0, x1)`` equals ``op(copy of x0, x1)`` bit for bit, and the combining function is the model's."""
+    from ...model.reduce import _combine, accumulator_dtype
+    op = ReduceOp(op)
+    if len(inputs) < 2 or op is ReduceOp.AVG or accumulator_dtype(inputs[0].dtype) is not inputs[0].dtype:
+        return fold(op, inputs)
+    acc = _combine(op, inputs[0], inputs[1])
+    for x in inputs[2:]:
+        acc = _combine(op, acc, x)
+    return acc
+
+
+def _dtype_name(code: int) -> str:
+    for dtype, c in DTYPE_CODES.items():
+        if c == code:
+            return str(dtype)
+    return f"code {code}"
+
+
+def _redop_name(code: int) -> str:
+    return ReduceOp(code).name if code in ReduceOp._value2member_map_ else f"code {code}"
+
+
+class _AllReduce(_Op):
+    """Small: every rank folds the whole tensor from every lane.  Large (``PARTS_MIN_BYTES``): every
+    active rank folds one part (a contiguous range of elements, in active-rank order) from every lane into
+    its lane's result region and announces it (RED); then every rank copies all parts into its stash.
+    Per rank that reads about the tensor once for the fold, whatever the number of ranks."""
+
+    opcode = OpCode.ALL_REDUCE
+
+    def __init__(self, g, ctx, tensor, op):
+        super().__init__(g, ctx, tensor.dtype, int(op))
+        self.tensor, self.op = tensor, ReduceOp(op)
+        self.outputs = [tensor]
+        self.needs = self.others
+        n, numel = len(self.active), tensor.numel()
+        if type(self) is _AllReduce and n > 1 and _nbytes(tensor) >= PARTS_MIN_BYTES:
+            self.two_phase = True
+            per = -(-numel // n)
+            per = -(-per // PART_ALIGN) * PART_ALIGN
+            self.parts = {r: (min(numel, i * per), min(numel, (i + 1) * per)) for i, r in enumerate(self.active)}
+
+    def sends(self):
+        return [(0, self.tensor)]
+
+    def compute(self):
+        return [self.reduced(self.op, [self.src(r, 0, self.tensor) for r in self.active])]
+
+    def result_bytes(self):
+        if not self.two_phase:
+            return 0
+        lo, hi = self.parts[self.me]
+        return (hi - lo) * self.tensor.element_size()
+
+    def region(self, r: int) -> torch.Tensor:
+        """Rank ``r``'s result region (its part of the fold), typed and flat."""
+        g, base = self.g, self.base
+        lo, hi = self.parts[r]
+        nb = (hi - lo) * self.tensor.element_size()
+        if r == self.me:
+            ctl, lane = g.ctl, g.lanes.get(self.lane)
+            view = None if lane is None else lane.view
+        else:
+            self.check(r)
+            p = g.peer(r)
+            ctl, view = p.ctl, p.lane_view(g.mem, self.lane, base)
+        if nb == 0:
+            return torch.empty(0, dtype=self.dtype, device=g.mem.device)
+        off = int(ctl[base + L_RESULT])
+        if view is None or off < 0 or off + nb > view.numel():
+            raise WireError(f"{self.name}: rank {r}'s result region lies outside its lane: the ranks disagree "
+                            "on the tensor size")
+        return view[off:off + nb].view(self.dtype)
+
+    def fold_part(self):
+        inputs = [self.src(r, 0, self.tensor) for r in self.active]
+        lo, hi = self.parts[self.me]
+        res = self.region(self.me)
+        part = res
+        if hi > lo:
+            part = device_fold(self.op, [x.reshape(-1)[lo:hi] for x in inputs])
+            res.copy_(part)
+        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst = self.op, inputs, part, res
+        self.fold_slice = (lo, hi)
+
+    def gather(self):
+        stash = torch.empty_like(self.tensor, memory_format=torch.contiguous_format)
+        flat = stash.view(-1)
+        for r in self.active:
+            lo, hi = self.parts[r]
+            if hi > lo:
+                flat[lo:hi].copy_(self.region(r))
+        return [stash]
+
+
+class _Reduce(_AllReduce):
+    opcode = OpCode.REDUCE
+
+    def __init__(self, g, ctx, tensor, op, root):
+        super().__init__(g, ctx, tensor, op)
+        self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if self.me != root:
+            self.outputs, self.needs = [], ()
+
+    def compute(self):
+        return super().compute() if self.me == self.root else []
+
+
+class _Broadcast(_Op):
+    opcode = OpCode.BROADCAST
+
+    def __init__(self, g, ctx, tensor, root):
+        super().__init__(g, ctx, tensor.dtype, 0, root)
+        self.tensor = tensor
+        if self.me != root:
+            self.needs, self.outputs = (root,), [tensor]
+
+    def sends(self):
+        return [(0, self.tensor)] if self.me == self.root else []
+
+    def compute(self):
+        return [self.src(self.root, 0, self.tensor).clone()] if self.me != self.root else []
+
+
+class _AllGather(_Op):
+    opcode = OpCode.ALL_GATHER
+
+    def __init__(self, g, ctx, outputs, tensor):
+        super().__init__(g, ctx, tensor.dtype)
+        self.tensor = tensor
+        self.outputs = list(outputs)
+        self.needs = self.others
+
+    def sends(self):
+        return [(0, self.tensor)]
+
+    def compute(self):
+        return [self.src(s, 0, out).clone() if s in self.active else None for s, out in enumerate(self.outputs)]
+
+
+class _Gather(_AllGather):
+    opcode = OpCode.GATHER
+
+    def __init__(self, g, ctx, outputs, tensor, root):
+        super().__init__(g, ctx, outputs or [], tensor)
+        self.root = root
+        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if self.me != root:
+            self.outputs, self.needs = [], ()
+
+    def compute(self):
+        return super().compute() if self.me == self.root else []
+
+
+class _Scatter(_Op):
+    opcode = OpCode.SCATTER
+
+    def __init__(self, g, ctx, tensor, inputs, root):
+        super().__init__(g, ctx, tensor.dtype, 0, root)
+        self.tensor, self.inputs = tensor, inputs
+        self.outputs = [tensor]
+        self.needs = () if self.me == root else (root,)
+
+    def sends(self):
+        return [(r, self.inputs[r]) for r in self.active] if self.me == self.root else []
+
+    def compute(self):
+        return [self.src(self.root, self.me, self.tensor).clone()]
+
+
+class _ReduceScatter(_Op):
+    opcode = OpCode.REDUCE_SCATTER
+
+    def __init__(self, g, ctx, output, inputs, op):
+        super().__init__(g, ctx, output.dtype, int(op))
+        self.output, self.inputs, self.op = output, inputs, ReduceOp(op)
+        self.outputs = [output]
+        self.needs = self.others
+
+    def sends(self):
+        return [(r, self.inputs[r]) for r in self.active]
+
+    def compute(self):
+        return [self.reduced(self.op, [self.src(r, self.me, self.output) for r in self.active])]
+
+
+class _AllToAll(_Op):
+    opcode = OpCode.ALL_TO_ALL
+
+    def __init__(self, g, ctx, outputs, inputs):
+        dtype = inputs[0].dtype if inputs else (outputs[0].dtype if outputs else None)
+        super().__init__(g, ctx, dtype)
+        self.inputs = inputs
+        self.outputs = list(outputs)
+        self.needs = self.others
+
+    def sends(self):
+        return [(r, self.inputs[r]) for r in self.active]
+
+    def compute(self):
+        return [self.src(s, self.me, out).clone() if s in self.active else None
+                for s, out in enumerate(self.outputs)]
+
+
+class _Barrier(_Op):
+    opcode = OpCode.BARRIER
+
+    def __init__(self, g, ctx):
+        super().__init__(g, ctx)
+        self.needs = self.others
+
+
+# ======================================================================================== ref fallback
+
+class _HostStaged:
+    """A ref-plane operation over host copies of CUDA tensors; ``finish`` copies the outputs back on the
+    operation's stream."""
+
+    def __init__(self, inner, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream, mem):
+        self.inner, self.pairs, self.stream, self.mem = inner, pairs, stream, mem
+
+    @property
+    def data_complete(self) -> bool:
+        return self.inner.data_complete
+
+    @property
+    def committed(self) -> bool:
+        return self.inner.committed
+
+    def progress(self) -> None:
+        self.inner.progress()
+
+    def failed_peers(self) -> frozenset[int]:
+        return self.inner.failed_peers()
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        return self.inner.pending_ranks()
+
+    def abandon(self) -> None:
+        self.inner.abandon()
+
+    def finish(self) -> None:
+        self.inner.finish()
+        with self.mem.on(self.stream):
+            for dev, host in self.pairs:
+                dev.copy_(host)
+
+
+# ======================================================================================== the plane
+
+class FastCudaGroup:
+    """The ``PlaneGroup`` handed to the control plane: CUDA IPC while every rank of the group runs on this
+    host, the ref plane (UCX, host copies) once any rank does not."""
+
+    takes_device_tensors = True
+
+    def __init__(self, info):
+        self.info = info
+        self.g = CudaGroup(info)
+
+    @property
+    def delegate(self) -> str | None:
+        return self.g.delegate
+
+    def _run(self, op: _Op) -> _Op:
+        return self.g.enqueue(op)
+
+    def _ref(self, ctx, name: str, tensors: list, outputs: list[int], *args):
+        """Run ``ref.<name>`` on host copies of ``tensors`` (a tensor, a list of tensors or None each);
+        ``outputs`` are the indices of ``tensors`` written back by ``finish``."""
+        from ...ref import collectives as ref
+        fn = getattr(ref, name)
+        g = self.g
+        on_device = any(_is_device(t, g.mem) for t in tensors) and not g.mem.emulated
+        if not on_device:
+            return fn(ctx, *tensors, *args)
+        stream = g.stream_for(ctx.seq)
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        host: list = []
+        with g.mem.on(stream):
+            for i, t in enumerate(tensors):
+                if t is None:
+                    host.append(None)
+                elif isinstance(t, torch.Tensor):
+                    h = t.to("cpu", copy=True)
+                    host.append(h)
+                    if i in outputs:
+                        pairs.append((t, h))
+                else:
+                    hs = [x.to("cpu", copy=True) for x in t]
+                    host.append(hs)
+                    if i in outputs:
+                        pairs.extend(zip(t, hs))
+        return _HostStaged(fn(ctx, *host, *args), pairs, stream, g.mem)
+
+    def _local(self, *tensors) -> bool:
+        """Serve this call here: no remote rank, and tensors on the plane's device."""
+        if self.g.delegate:
+            return False
+        for t in tensors:
+            if t is None:
+                continue
+            for x in (t if isinstance(t, (list, tuple)) else [t]):
+                if not self.g.mem.accepts(x):
+                    return False
+        return True
+
+    def all_reduce(self, ctx, tensor, op):
+        if not self._local(tensor):
+            return self._ref(ctx, "all_reduce", [tensor], [0], op)
+        return self._run(_AllReduce(self.g, ctx, tensor, op))
+
+    def broadcast(self, ctx, tensor, root):
+        if not self._local(tensor):
+            return self._ref(ctx, "broadcast", [tensor], [0], root)
+        return self._run(_Broadcast(self.g, ctx, tensor, root))
+
+    def reduce(self, ctx, tensor, op, root):
+        if not self._local(tensor):
+            return self._ref(ctx, "reduce", [tensor], [0], op, root)
+        return self._run(_Reduce(self.g, ctx, tensor, op, root))
+
+    def all_gather(self, ctx, outputs, tensor):
+        if not self._local(outputs, tensor):
+            return self._ref(ctx, "all_gather", [outputs, tensor], [0])
+        return self._run(_AllGather(self.g, ctx, outputs, tensor))
+
+    def gather(self, ctx, outputs, tensor, root):
+        if not self._local(outputs, tensor):
+            return self._ref(ctx, "gather", [outputs, tensor], [0], root)
+        return self._run(_Gather(self.g, ctx, outputs, tensor, root))
+
+    def scatter(self, ctx, tensor, inputs, root):
+        if not self._local(tensor, inputs):
+            return self._ref(ctx, "scatter", [tensor, inputs], [0], root)
+        return self._run(_Scatter(self.g, ctx, tensor, inputs, root))
+
+    def reduce_scatter(self, ctx, output, inputs, op):
+        if not self._local(output, inputs):
+            return self._ref(ctx, "reduce_scatter", [output, inputs], [0], op)
+        return self._run(_ReduceScatter(self.g, ctx, output, inputs, op))
+
+    def all_to_all(self, ctx, outputs, inputs):
+        if not self._local(outputs, inputs):
+            return self._ref(ctx, "all_to_all", [outputs, inputs], [0])
+        return self._run(_AllToAll(self.g, ctx, outputs, inputs))
+
+    def barrier(self, ctx):
+        if self.g.delegate:
+            from ...ref import collectives as ref
+            return ref.barrier(ctx)
+        return self._run(_Barrier(self.g, ctx))
+
+    def add_ranks(self, addresses: dict[int, bytes]) -> None:
+        self.g.add_ranks(addresses)
+
+    def close(self) -> None:
+        self.g.close()
+
+
+def _is_device(t, mem) -> bool:
+    if t is None:
+        return False
+    if isinstance(t, torch.Tensor):
+        return t.device.type != "cpu"
+    return any(x.device.type != "cpu" for x in t)
+
+
+def open_group(info) -> FastCudaGroup:
+    """The CUDA PG plane of one group (``info``: ``mooncake.control.plane.GroupInfo``)."""
+    return FastCudaGroup(info)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# PG collectives on CUDA tensors through the CUDA fast plane (mooncake/fast/cuda/pg.py), on the GPU machine,
+# in one batch (R ranks = processes sharing the one GPU under CUDA MPS):
+#   1. install the carried ucxx wheels (.whl/, for the ref comparison and the PG face), build csrc/ (IPC helpers)
+#   2. start MPS (temp pipe/log dirs)
+#   3. tests/fast_cuda/pg_check.py --ranks $RANKS: the plane alone bitwise vs mooncake.model (every collective,
+#      dtype, reduce op; inactive rank; async + large), torch.distributed on backend "mooncake" with
+#      MOONCAKE_IMPL=fast and =ref (every output vs the model and fast vs ref), a rank killed mid all_reduce
+#      (survivors agree, bitwise), all_reduce bandwidth at 64-256 MiB vs the device-copy HBM floor
+#   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
+#   5. stop MPS
+# Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
+# Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
+budget=${BUDGET_S:-330}
+ranks=${RANKS:-2,4}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$out/setup.txt" 2>&1 || { echo "wheel install failed" | tee -a "$out/summary.txt"; cat "$out/setup.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  nproc; nvcc --version | tail -2
+  timeout 120 python3 -m mooncake.fast.cuda.build
+  python3 -c 'from mooncake.fast.cuda import pg_unavailable_reason as r; print("CUDA PG plane:", r() or "available")'
+} >> "$out/setup.txt" 2>&1
+cat "$out/setup.txt" | tail -n 12
+
+mps_pipe=$(mktemp -d) mps_log=$(mktemp -d)
+export CUDA_MPS_PIPE_DIRECTORY=$mps_pipe CUDA_MPS_LOG_DIRECTORY=$mps_log
+if nvidia-cuda-mps-control -d; then
+  echo "MPS started" | tee -a "$out/summary.txt"
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+else
+  echo "MPS did not start: ranks are time-sliced" | tee -a "$out/summary.txt"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+
+left=$((budget - SECONDS - 45))
+echo "=== pg_check (ranks $ranks, deadline ${left}s)" | tee -a "$out/summary.txt"
+timeout $((left + 40)) python3 tests/fast_cuda/pg_check.py --ranks "$ranks" --fail-ranks "${FAIL_RANKS:-4}" \
+  --deadline "$left" --out "$out" 2>&1 | tee "$out/pg_check.txt" | grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check|machine|CUDA)"
+rc=${PIPESTATUS[0]}
+echo "=== pg_check rc=$rc at ${SECONDS}s" | tee -a "$out/summary.txt"
+grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check)" "$out/pg_check.txt" >> "$out/summary.txt"
+
+if [ $((budget - SECONDS)) -gt 60 ]; then
+  timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py \
+    -k "test_cuda_" -rfEs > "$out/pytest.txt" 2>&1
+  echo "=== pytest (CUDA tests) rc=$? at ${SECONDS}s: $(tail -n 1 "$out/pytest.txt")" | tee -a "$out/summary.txt"
+fi
+
+if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
+  echo quit | nvidia-cuda-mps-control; trap - EXIT
+fi
+echo "gpu_pg_check rc=$rc in ${SECONDS}s" | tee -a "$out/summary.txt"
+exit $rc

@@ -1,0 +1,191 @@
+"""Job functions for torch.distributed-level checks of the CUDA PG plane (run in cluster workers of
+backend ``mooncake`` with CUDA tensors; see pg_check.py).  Inputs come from seeds (pg_harness.values)
+so the parent computes the model's outputs itself; outputs are returned (moved to the CPU)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import pg_harness as H
+from mooncake.model.reduce import ReduceOp
+
+_RED = {"SUM": dist.ReduceOp.SUM, "PRODUCT": dist.ReduceOp.PRODUCT, "MIN": dist.ReduceOp.MIN,
+        "MAX": dist.ReduceOp.MAX, "AVG": dist.ReduceOp.AVG, "BAND": dist.ReduceOp.BAND,
+        "BOR": dist.ReduceOp.BOR, "BXOR": dist.ReduceOp.BXOR}
+
+
+def a2a_splits(sender: int, receiver: int) -> int:
+    """Rows rank ``sender`` sends rank ``receiver`` in the ragged all_to_all_single case."""
+    return (sender + 2 * receiver) % 3 + 1
+
+
+def dist_inputs(case: dict, rank: int, world: int):
+    """This rank's CPU input(s) for a dist-level case."""
+    op, numel, dtype = case["op"], case["numel"], case["dtype"]
+    seed = case["seed"]
+    if op in ("reduce_scatter", "all_to_all") or (op == "scatter" and rank == case["root"]):
+        return [H.values(dtype, numel, seed + 1000 * s, rank) for s in range(world)]
+    if op == "reduce_scatter_tensor":
+        return H.values(dtype, numel * world, seed, rank)
+    if op == "all_to_all_single":
+        rows = sum(a2a_splits(rank, r) for r in range(world))
+        return H.values(dtype, rows * 3, seed, rank).reshape(rows, 3)
+    return H.values(dtype, numel, seed, rank)
+
+
+def _dev() -> torch.device:
+    return H.device()
+
+
+def _sync() -> None:
+    if _dev().type == "cuda":
+        torch.cuda.synchronize()
+
+
+def implementation():
+    """(implementation, reason, data plane class) of the default group."""
+    import mooncake.pg as pg
+    group = dist.group.WORLD
+    impl, reason = pg.get_implementation(group)
+    return impl, reason, type(getattr(group, "_plane", None)).__name__
+
+
+def run_dist_cases(cases: list[dict]):
+    """Call every case's torch.distributed function on CUDA tensors; returns each case's outputs."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = _dev()
+    out = []
+    for case in cases:
+        op, numel = case["op"], case["numel"]
+        dtype = H.DTYPES[case["dtype"]]
+        x = dist_inputs(case, rank, world)
+        x = [t.to(dev) for t in x] if isinstance(x, list) else x.to(dev)
+
+        def fresh(n=numel):
+            return torch.full((n,), 7, dtype=dtype, device=dev)
+
+        red = _RED[case["red"]] if case.get("red") else None
+        root = case.get("root")
+        if op == "all_reduce":
+            dist.all_reduce(x, op=red)
+            res = x
+        elif op == "broadcast":
+            dist.broadcast(x, src=root)
+            res = x
+        elif op == "reduce":
+            dist.reduce(x, dst=root, op=red)
+            res = x
+        elif op == "all_gather":
+            res = [fresh() for _ in range(world)]
+            dist.all_gather(res, x)
+        elif op == "all_gather_into_tensor":
+            res = fresh(numel * world)
+            dist.all_gather_into_tensor(res, x)
+        elif op == "gather":
+            res = [fresh() for _ in range(world)] if rank == root else None
+            dist.gather(x, res, dst=root)
+        elif op == "scatter":
+            res = fresh()
+            dist.scatter(res, x if rank == root else None, src=root)
+        elif op == "reduce_scatter":
+            res = fresh()
+            dist.reduce_scatter(res, x, op=red)
+        elif op == "reduce_scatter_tensor":
+            res = fresh()
+            dist.reduce_scatter_tensor(res, x, op=red)
+        elif op == "all_to_all":
+            res = [fresh() for _ in range(world)]
+            dist.all_to_all(res, x)
+        elif op == "all_to_all_single":
+            osplits = [a2a_splits(s, rank) for s in range(world)]
+            isplits = [a2a_splits(rank, r) for r in range(world)]
+            res = torch.full((sum(osplits), 3), 7, dtype=dtype, device=dev)
+            dist.all_to_all_single(res, x, osplits, isplits)
+        elif op == "barrier":
+            dist.barrier()
+            res = None
+        else:
+            raise ValueError(op)
+        out.append(res)
+    _sync()
+    return out
+
+
+def allreduce_under_fault(seed: int, victim: int, point: str, numel: int = 4099):
+    """The victim arms a kill at ``point``; every rank calls all_reduce on CUDA tensors.
+    Survivors return (result, active mask, seconds)."""
+    import mooncake.pg as pg
+    from mooncake.control import faults
+    rank = dist.get_rank()
+    x = H.values("float32", numel, seed, rank, specials=False).to(_dev())
+    if rank == victim:
+        faults.arm(point, "kill")
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(x)
+        _sync()
+    finally:
+        faults.disarm()
+    return x, pg.get_active_ranks(dist.group.WORLD).clone(), time.monotonic() - t0
+
+
+def allreduce_after(seed: int, numel: int = 4099):
+    import mooncake.pg as pg
+    x = H.values("float32", numel, seed, dist.get_rank(), specials=False).to(_dev())
+    dist.all_reduce(x)
+    _sync()
+    return x, pg.get_active_ranks(dist.group.WORLD).clone()
+
+
+def set_wait(on: bool):
+    import pg_integration
+    return pg_integration.set_wait(on)
+
+
+def bench_dist_all_reduce(numel: int, iters: int, warmup: int = 3):
+    """Per-iteration seconds of dist.all_reduce SUM of ``numel`` float32 on CUDA (GPU synchronised
+    around each call), after a barrier."""
+    x = torch.ones(numel, dtype=torch.float32, device=_dev())
+    dist.barrier()
+    times = []
+    for i in range(warmup + iters):
+        _sync()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        x.fill_(1)
+    return times
+
+
+def copy_time(nbytes: int, iters: int = 10, barrier_store_key: str | None = None):
+    """Seconds of one device-to-device copy of ``nbytes`` (median over ``iters``, CUDA events)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    if barrier_store_key is not None:
+        from mooncake.testing.cluster import worker_context
+        store = worker_context().store
+        store.add(barrier_store_key, 1)
+        while int(store.add(barrier_store_key, 0)) < worker_context().world_size:
+            time.sleep(0.001)
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
+def reduce_op_name(op) -> str:
+    return ReduceOp(op).name

@@ -1,0 +1,225 @@
+"""The CUDA PG plane (mooncake/fast/cuda/pg.py) driven directly, bitwise against the global-view model.
+
+Two halves:
+
+* ``emulated``: the same protocol on CPU tensors (``MOONCAKE_FAST_CUDA_EMULATE=cpu``: lanes in shared
+  memory, "GPU events" that complete a few queries late), so the state machine, slot tables, zero-fill,
+  inactive ranks, re-posting, wire errors, liveness and the host fold run on every machine.
+* ``cuda``: real CUDA tensors and CUDA IPC; skipped (with the reason) where the plane cannot run.
+  ``MOONCAKE_FAST_CUDA_RANKS`` (default ``2``) picks the rank counts; all ranks share the current GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pg_cases as C  # noqa: E402
+import pg_harness as H  # noqa: E402
+from mooncake.fast.cuda.pg import unavailable_reason  # noqa: E402
+
+TIMEOUT_S = 120
+EMU = {"MOONCAKE_FAST_CUDA_EMULATE": "cpu", "MOONCAKE_FAST_CUDA_EMULATE_LAG": "2", "MOONCAKE_FAST_CUDA_PARTS_MIN": "100"}
+REASON = unavailable_reason()
+CUDA_RANKS = [int(r) for r in os.environ.get("MOONCAKE_FAST_CUDA_RANKS", "2").split(",") if r]
+
+
+def _emu(cluster_factory, n, **env):
+    return cluster_factory(n, "gloo", init=False, env={**EMU, **env}, timeout_s=TIMEOUT_S)
+
+
+def _run_grid(c, name, world, capacity, active, dtypes, numels, mode="sync"):
+    prefix = C.prefix(name)
+    c.run(H.open_plane, prefix, capacity, active, ranks=active)
+    try:
+        cases = C.grid(active, capacity, dtypes, numels)
+        results = c.run(H.run_cases, prefix, cases, mode, ranks=active)
+        bad = C.mismatches(cases, results, active, capacity)
+        assert not bad, f"{name}: {len(bad)} mismatches, e.g. {bad[:5]}"
+    finally:
+        c.run(H.close_plane, prefix, ranks=active)
+
+
+# ================================================================================== emulated (CPU)
+
+EMU_GRID = [
+    (2, 2, [0, 1]),
+    (3, 3, [0, 1, 2]),
+    (3, 4, [0, 2]),  # an inactive middle rank (never opens the plane) and a reserved slot
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world,capacity,active", EMU_GRID, ids=lambda v: str(v).replace(" ", ""))
+def test_emulated_grid_matches_model(cluster_factory, world, capacity, active):
+    c = _emu(cluster_factory, world)
+    _run_grid(c, f"emu{world}{capacity}{active}", world, capacity, active,
+              ["bool", "int32", "bfloat16", "float32", "float64"], [1, 37, 600])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_emulated_host_fold_modes(cluster_factory, mode):
+    """The host fold (taken for NaN / MIN-MAX zero results) and its absence give the model's bits."""
+    c = _emu(cluster_factory, 2, MOONCAKE_FAST_CUDA_EXACT_HOST=mode)
+    prefix = C.prefix(f"exact-{mode}")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        cases = [C.case("all_reduce", d, n, red=r) for d in ("float16", "float32", "float64")
+                 for n in (5, 300) for r in ("SUM", "MIN", "MAX", "AVG", "PRODUCT")]
+        cases += [C.case("reduce_scatter", "bfloat16", 64, red="SUM", k=2), C.case("reduce", "float32", 64,
+                                                                                   red="MAX", root=1)]
+        results = c.run(H.run_cases, prefix, cases)
+        bad = C.mismatches(cases, results, [0, 1], 2)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_async_posting_out_of_order_finish(cluster_factory):
+    """Ops posted before any is waited for and finished last-first: committed ops hold their results
+    privately, so later ones proceed, and every output is still the model's."""
+    c = _emu(cluster_factory, 3)
+    prefix = C.prefix("emu-async")
+    c.run(H.open_plane, prefix, 3, [0, 1, 2])
+    try:
+        cases = [C.case("all_reduce", "float32", n, red="SUM", salt=str(i)) for i, n in enumerate([5, 3000, 17, 9000])]
+        cases += [C.case("all_gather", "int64", 33, k=3), C.case("all_to_all", "bfloat16", 70, k=3),
+                  C.case("reduce_scatter", "float32", 5000, red="SUM", k=3),
+                  C.case("broadcast", "int8", 100, root=2), C.case("all_reduce", "float64", 2_000_000, red="SUM")]
+        results = c.run(H.run_cases, prefix, cases, "async")
+        bad = C.mismatches(cases, results, [0, 1, 2], 3)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_repost_under_new_epoch(cluster_factory):
+    """An op abandoned by everyone (a peer never came) is re-posted with the same seq under a new view:
+    the result is the model's over the new active set."""
+    c = _emu(cluster_factory, 3)
+    prefix = C.prefix("emu-repost")
+    c.run(H.open_plane, prefix, 3, [0, 1, 2])
+    try:
+        c.run(H.run_cases, prefix, [C.case("all_reduce", "float32", 3000, red="SUM", salt="w")])
+        out = c.run(H.post_and_abandon, prefix, C.case("all_reduce", "float32", 3000, red="SUM", salt="a"),
+                    ranks=[0, 1])
+        assert out[0] == out[1] == "abandoned"
+        c.run(H.set_view, prefix, 1, [0, 1], 1, ranks=[0, 1])
+        cases = [C.case("all_reduce", "float32", n, red="SUM", salt="r") for n in (7, 3000)]
+        cases += [C.case("all_gather", "int16", 50, k=3)]
+        results = c.run(H.run_cases, prefix, cases, ranks=[0, 1])
+        bad = C.mismatches(cases, results, [0, 1], 3)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_wire_errors_then_group_works(cluster_factory):
+    c = _emu(cluster_factory, 2)
+    prefix = C.prefix("emu-wire")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        def cases(rank):
+            return [C.case("all_reduce", "float32", 10 + rank, red="SUM"),
+                    C.case("all_reduce", "float32", 10, red="SUM") if rank == 0 else C.case("all_gather", "float32", 10, k=2),
+                    C.case("all_reduce", "float32" if rank == 0 else "int32", 10, red="SUM")]
+        outcomes = c.run_each({r: (H.mismatch, (prefix, cases(r)), {}) for r in (0, 1)})
+        for msgs in outcomes:
+            assert "sizes must agree" in msgs[0] and "all_gather" in msgs[1] and "dtype" in msgs[2], msgs
+        after = [C.case("all_reduce", "float32", 100, red="SUM", salt="after")]
+        bad = C.mismatches(after, c.run(H.run_cases, prefix, after), [0, 1], 2)
+        assert not bad, bad
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "proc"])
+def test_emulated_killed_peer_is_reported(cluster_factory, pidfd):
+    c = _emu(cluster_factory, 3)
+    prefix = C.prefix(f"emu-kill-{pidfd}")
+    if not pidfd:
+        c.run(H.disable_pidfd)
+    c.run(H.open_plane, prefix, 3, [0, 1, 2])
+    c.kill(2, signal.SIGKILL)
+    res = c.run(H.wait_for_failure, prefix, 10.0, ranks=[0, 1])
+    for r in (0, 1):
+        failed, seconds = res[r]
+        assert failed == [2] and seconds < 2.0, res
+    c.run(H.close_plane, prefix, ranks=[0, 1])
+
+
+@pytest.mark.timeout(300)
+def test_emulated_idle_waiter_sleeps(cluster_factory):
+    """A rank waiting for a peer that never posts sleeps on its futex (little CPU)."""
+    c = _emu(cluster_factory, 2)
+    prefix = C.prefix("emu-idle")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        used, committed = c.run(H.idle_cpu, prefix, 1.0, ranks=[0])[0]
+        assert not committed and used < 0.3, used
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_other_host_delegates_to_ref(cluster_factory):
+    c = _emu(cluster_factory, 2, MOONCAKE_FAST_CPU_HOST_ID="per-process")
+    prefix = C.prefix("emu-remote")
+    out = c.run(H.open_plane, prefix, 2, [0, 1])
+    c.run(H.close_plane, prefix)
+    for _, reason in out:
+        assert reason and "another host" in reason, out
+
+
+def test_reason_without_cuda():
+    import torch
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert REASON and isinstance(REASON, str)
+
+
+# ================================================================================== CUDA
+
+cuda = pytest.mark.skipif(REASON is not None, reason=f"CUDA PG plane unavailable: {REASON}")
+
+
+def _cuda(cluster_factory, n, **env):
+    return cluster_factory(n, "gloo", init=False, device="cuda", env=env, timeout_s=TIMEOUT_S)
+
+
+@cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("world", CUDA_RANKS)
+def test_cuda_grid_matches_model(cluster_factory, world):
+    c = _cuda(cluster_factory, world)
+    active = list(range(world))
+    _run_grid(c, f"cuda{world}", world, world + 1, active, C.ALL_DTYPES, [1, 37, 5000])
+
+
+@cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", CUDA_RANKS)
+def test_cuda_async_and_large(cluster_factory, world):
+    c = _cuda(cluster_factory, world)
+    prefix = C.prefix(f"cuda-async{world}")
+    active = list(range(world))
+    c.run(H.open_plane, prefix, world, active)
+    try:
+        cases = [C.case("all_reduce", d, n, red=r, salt="big") for d in ("float32", "bfloat16")
+                 for n in (3_000_001,) for r in ("SUM", "AVG", "MAX")]
+        cases += [C.case("all_gather", "int64", 33, k=world), C.case("reduce_scatter", "float16", 7001, red="SUM", k=world)]
+        results = c.run(H.run_cases, prefix, cases, "async")
+        bad = C.mismatches(cases, results, active, world)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
