@@ -245,3 +245,23 @@ def _open_and_report(prefix):
     reason = H._state[prefix]["plane"].delegate
     H.close_plane(prefix)
     return reason
+
+
+@pytest.mark.timeout(300)
+def test_without_compiled_helpers(cluster_factory):
+    """MOONCAKE_FAST_CPU_NATIVE=0: the torch / ctypes fallbacks give the same bits."""
+    c = _cluster(cluster_factory, 2, env={**ENV, "MOONCAKE_FAST_CPU_NATIVE": "0"})
+    prefix = _prefix("nonative")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        assert c.run(_native_reason) == ["MOONCAKE_FAST_CPU_NATIVE=0"] * 2
+        cases = _cases([0, 1], 2, ["int32", "bfloat16", "float32", "float64"], [37, 5000])
+        cases += [_case("all_reduce", d, 20000, red=r) for d in ("float32", "float64") for r in ("SUM", "AVG")]
+        _check(cases, c.run(H.run_cases, prefix, cases), [0, 1], 2, "no native")
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+def _native_reason():
+    from mooncake.fast.cpu import native_reason
+    return native_reason()

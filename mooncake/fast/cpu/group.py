@@ -1,7 +1,7 @@
 """The shared-memory data plane: one ``ShmGroup`` per process group, one ``ShmOp`` per collective.
 
 Protocol (docs/fast-cpu.md has the picture).  Each rank owns, per group, a small *control* segment
-(words only it writes, except the wake-up futex) and *lane* segments it fills; peers map them
+(words only it writes, except the doorbell's RUNG word) and *lane* segments it fills; peers map them
 read-only in practice.  An operation numbered ``seq`` under view epoch ``e`` has the key
 ``(e << 40) | seq`` and uses lane ``seq % 2``, so two consecutive operations never share buffers.
 
@@ -25,8 +25,11 @@ small ring per (writer, reader) pair (``RING_DEPTH`` chunks of ``CHUNK_BYTES``, 
 cache), and each owner folds its part, in ascending rank order, into its lane's result region
 (RED = key when done).  ``finish`` copies every part from its owner's result region.
 
-Waiting (``wait``): spin (yielding) for ``SPIN_S``, then sleep on a process-shared futex in the
-control segment; a rank that changes a word a peer may be waiting for wakes the peers that sleep.
+Waiting: a rank whose head operation stays blocked on its peers for ``SLEEP_AFTER_S`` sets its
+SLEEPING word; a peer that then changes a word it waits on rings its *doorbell* (an abstract-
+namespace datagram socket, named in the control segment).  The doorbell's fd sits in the UCX
+engine's epoll set, so the control plane's waiting loop, which sleeps on UCX events, wakes on it;
+``wait`` (spin, then sleep on the doorbell) is there for control planes that call it directly.
 Liveness: a pidfd per peer (a dead process makes it readable) and the peer's CLOSED word.
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -57,7 +61,8 @@ RING_DEPTH = 4
 PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 20))
 NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 100)) * 1e-6
-SLEEP_SLICE_S = 0.002  # longest futex sleep before re-checking liveness
+SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
+SLEEP_AFTER_S = 20e-6  # blocked this long, a rank asks its peers to ring its doorbell
 LIVENESS_PERIOD_S = 0.002
 MIN_SEGMENT = 64 * 1024
 
@@ -66,8 +71,9 @@ SEQ_BITS = 40
 # ---- control segment layout (int64 words) -------------------------------------------------------
 _MAGIC = 0x4D43534D30303031  # "MCSM0001"
 W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED = 0, 1, 2, 3, 4
-W_FUTEX = 8  # int32 in the low half of word 8 (byte 64): peers bump it to wake this rank
-W_SLEEPING = 9
+W_RUNG = 8  # set by a peer that rang this rank's doorbell (cleared by this rank when it drains)
+W_SLEEPING = 9  # this rank is blocked on its peers and may be asleep: ring its doorbell
+W_BELL = 10  # 4 words: the doorbell's abstract socket name (32 bytes)
 W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
 LANE0 = 24
 (L_PUB, L_META, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE, L_RED, L_DONE, L_HOLD, L_FREE,
@@ -118,7 +124,8 @@ class _Peer:
         self.rank, self.pid, self.address = rank, pid, address
         self.ctrl = ctrl
         self.ctl = ctrl.words(0, layout.words)
-        self.futex_addr = ctrl.addr + W_FUTEX * 8
+        self.bell = ctrl.bytes[W_BELL * 8:W_BELL * 8 + 32].numpy().tobytes().rstrip(b"\x01")
+        self.bell_ok = True
         self.lanes: dict[int, tuple[int, Segment]] = {}
         self.ring: tuple[int, Segment] | None = None
         try:
@@ -189,9 +196,9 @@ class ShmGroup:
             self.ctl[lay.rw_key + r] = self.ctl[lay.rc_key + r] = -1
         self.ctl[W_VERSION], self.ctl[W_PID], self.ctl[W_CAPACITY] = 1, os.getpid(), self.capacity
         self.ctl[W_MAGIC] = _MAGIC
-        self.futex_addr = self.ctrl.addr + W_FUTEX * 8
-        self.futex = self.ctrl.words(W_FUTEX * 8, 1).cast("B").cast("i")
         self.sleeping_addr = self.ctrl.addr + W_SLEEPING * 8
+        self.blocked_since: float | None = None
+        self._open_bell(info.engine)
         self.lanes: dict[int, tuple[int, Segment]] = {}
         self.ring: Segment | None = None
         self.gen = 0
@@ -296,15 +303,105 @@ class ShmGroup:
         return self.scratch
 
     # ---- signals --------------------------------------------------------------------------------
-    def wake(self, ranks: Sequence[int]) -> None:
-        """Wake the peers among ``ranks`` that sleep (call after changing a word they may wait on)."""
-        if native.lib is None:
+    # ---- doorbells ---------------------------------------------------------------------------
+    def _open_bell(self, engine) -> None:
+        """This rank's doorbell: an abstract-namespace datagram socket (nothing in the file system)
+        that peers ring when this rank is blocked on them.  Its fd is also put in the UCX
+        engine's epoll set, so the control plane's waits (which sleep on UCX events) wake on it."""
+        self.bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = b"\0mcfc-" + os.urandom(12).hex().encode()  # 31 bytes
+        self.bell.bind(name)
+        self.bell.setblocking(False)
+        self.ctrl.bytes[W_BELL * 8:W_BELL * 8 + len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
+        self.ctrl.bytes[W_BELL * 8 + len(name):W_BELL * 8 + 32] = 1
+        self.sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sender.setblocking(False)
+        self.engine = engine
+        self._epoll_fd = None
+        worker = getattr(engine, "worker", None)
+        if hasattr(engine, "add_wake_fd"):
+            engine.add_wake_fd(self.bell.fileno())
+        elif worker is not None and hasattr(worker, "epoll_file_descriptor"):
+            try:
+                dup = os.dup(worker.epoll_file_descriptor)
+                ep = select.epoll.fromfd(dup)  # owns (and closes) the dup, not UCX's fd
+                ep.register(self.bell.fileno(), select.EPOLLIN)
+                ep.close()
+                self._epoll_fd = worker.epoll_file_descriptor
+            except OSError:
+                self._epoll_fd = None
+        if engine is not None and hasattr(engine, "add_watch"):
+            engine.add_watch(self._drain)  # the engine's thread drains a bell rung while idle
+
+    def _close_bell(self) -> None:
+        engine = self.engine
+        if engine is not None and hasattr(engine, "remove_watch"):
+            engine.remove_watch(self._drain)
+        if hasattr(engine, "remove_wake_fd"):
+            engine.remove_wake_fd(self.bell.fileno())
+        elif self._epoll_fd is not None:
+            try:
+                dup = os.dup(self._epoll_fd)
+                ep = select.epoll.fromfd(dup)
+                ep.unregister(self.bell.fileno())
+                ep.close()
+            except OSError:
+                pass
+        self.bell.close()
+        self.sender.close()
+
+    def _drain(self) -> None:
+        """Empty the doorbell (a rung bell keeps epoll readable)."""
+        bell = self.bell
+        if bell is None or bell.fileno() < 0:
             return
-        native.lib.mc_fence()
+        if self.ctl is not None:
+            self.ctl[W_RUNG] = 0
+        try:
+            while True:
+                bell.recv(64)
+        except (BlockingIOError, OSError):
+            pass
+
+    def wake(self, ranks: Sequence[int]) -> None:
+        """Ring the doorbells of the peers among ``ranks`` that are blocked (call after changing a
+        word they may wait on)."""
+        peers = self.peers
+        if native.lib is not None:
+            native.lib.mc_fence()
         for r in ranks:
-            p = self.peers.get(r)
-            if p is not None and p.ctl[W_SLEEPING]:
-                native.lib.mc_futex_bump_wake(p.futex_addr)
+            p = peers.get(r)
+            if p is not None and p.ctl[W_SLEEPING] and not p.ctl[W_RUNG] and p.bell_ok:
+                p.ctl[W_RUNG] = 1
+                try:
+                    self.sender.sendto(b"!", p.bell)
+                except BlockingIOError:
+                    pass  # its queue is full: it has plenty to wake on
+                except OSError:
+                    p.bell_ok = False  # unreachable (another network namespace): it wakes on timeouts
+
+    def _set_blocked(self, blocked: bool) -> bool:
+        """Track whether the head operation is blocked on peers; returns True when this call just
+        asked to be rung (the caller then re-checks once, closing the race with a waker).  While
+        asking (SLEEPING), every call drains the doorbell, so a rung bell never stays readable
+        (which would keep epoll-based waits from sleeping)."""
+        ctl = self.ctl
+        if ctl[W_SLEEPING]:
+            self._drain()
+            if not blocked:
+                ctl[W_SLEEPING] = 0
+                self._drain()  # a ring sent before the peer saw SLEEPING = 0
+        if not blocked:
+            self.blocked_since = None
+            return False
+        now = time.monotonic()
+        if self.blocked_since is None:
+            self.blocked_since = now
+            return False
+        if not ctl[W_SLEEPING] and now - self.blocked_since >= SLEEP_AFTER_S:
+            native.store_fence(self.sleeping_addr, 1)
+            return True
+        return False
 
     def peer(self, rank: int) -> _Peer:
         p = self.peers.get(rank)
@@ -341,26 +438,38 @@ class ShmGroup:
     def pump(self) -> None:
         """Advance queued operations in order, as far as they can go without waiting."""
         with self.lock:
-            queue = self.queue
-            last = len(queue) - 1
-            for i, op in enumerate(queue):
-                if op.state == QUEUED and not op.try_post():
+            if self.ctl is None:
+                return
+            for _ in range(2):
+                blocked = self._advance_queue()
+                if not self._set_blocked(blocked):
                     return
-                if op.state == POSTED and not op.try_data():
-                    return
-                if op.state == DATA and not op.try_commit():
-                    return
-                if i < last and op.state == COMMITTED and op.stash is None:
-                    op.stash_outputs()
+
+    def _advance_queue(self) -> bool:
+        """One pass over the queue; True if an operation is left waiting on peers."""
+        queue = self.queue
+        last = len(queue) - 1
+        for i, op in enumerate(queue):
+            if op.state == QUEUED and not op.try_post():
+                return True
+            if op.state == POSTED and not op.try_data():
+                return True
+            if op.state == DATA and not op.try_commit():
+                return True
+            if i < last and op.state == COMMITTED and op.stash is None:
+                op.stash_outputs()
+        return False
 
     def wait(self, op: "ShmOp", timeout_s: float) -> bool:
         """Block until ``op`` is committed (True), a peer of it is found dead that was not known
         dead when the call began, or ``timeout_s`` passed (False).  Spins (yielding the CPU) for
-        ``SPIN_S``, then sleeps on this rank's futex, which peers bump when they change a word."""
+        ``SPIN_S``, then sleeps on this rank's doorbell, which peers ring when they change a word
+        this rank waits on."""
         now = time.monotonic()
         deadline = now + max(timeout_s, 0.0)
         spin_end = now + SPIN_S
         known_dead = self.failed(op.others)
+        bell = [self.bell]
         while True:
             self.pump()
             if op.state >= COMMITTED:
@@ -370,15 +479,10 @@ class ShmGroup:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            if now < spin_end:
+            if now < spin_end or not self.ctl[W_SLEEPING]:
                 os.sched_yield()
                 continue
-            seen = int(self.futex[0])
-            native.store_fence(self.sleeping_addr, 1)
-            self.pump()
-            if op.state < COMMITTED:
-                native.futex_wait(self.futex_addr, seen, min(deadline - now, SLEEP_SLICE_S))
-            self.ctl[W_SLEEPING] = 0
+            select.select(bell, [], [], min(deadline - now, SLEEP_SLICE_S))
             spin_end = time.monotonic() + SPIN_S / 4
 
     def close(self) -> None:
@@ -399,7 +503,7 @@ class ShmGroup:
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
-            self.futex = None
+            self._close_bell()
             self.ctl = None
             self.ctrl.close()
 
@@ -561,6 +665,8 @@ class ShmOp:
         if self in g.queue:
             g.queue.remove(self)
         self._free_lanes()
+        if not g.queue and g.ctl is not None:
+            g._set_blocked(False)
 
     def _free_lanes(self) -> None:
         if self.held and self.g.ctl is not None:
