@@ -27,7 +27,7 @@ FAILURE_MODES = ("complete", "raise")
 def agreement_window_s(timeout_s: float) -> float:
     """How long an agreement waits for silent members' reports: live members answer a NACK from
     their progress thread within milliseconds, so a fraction of the group timeout is plenty."""
-    return min(max(timeout_s / 2, 1.0), 30.0)
+    return min(max(timeout_s / 2, 2.0), 30.0)
 
 
 class Membership:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 from ft import jobs
-from ft.test_failures import IMPL, TIMEOUT_S, expected, run_fault, survivors_agree
+from ft.test_failures import TIMEOUT_S, expected, run_fault, survivors_agree
 from mooncake.testing.cluster import ClusterError
 from mooncake.testing.compare import bitwise_equal
 
 
-def _cluster(cluster_factory, world, capacity):
-    return cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env={"MOONCAKE_IMPL": IMPL},
+def _cluster(cluster_factory, impl, world, capacity):
+    return cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env={"MOONCAKE_IMPL": impl},
                            options=("ft.jobs.make_options", (), {"capacity": capacity}))
 
 
@@ -27,9 +27,9 @@ def check_joined(results, members, seed, capacity, world_after, joiners=()):
         assert got_mask.tolist() == mask and size == world_after, (r, got_mask.tolist(), size)
 
 
-def test_scale_up_into_reserved_slot(cluster_factory):
+def test_scale_up_into_reserved_slot(cluster_factory, impl):
     """3 founders with capacity 4; rank 3 starts as an extension (local-only), joins, takes part."""
-    cluster = _cluster(cluster_factory, 3, 4)
+    cluster = _cluster(cluster_factory, impl, 3, 4)
     assert cluster.run(jobs.mask)[0].tolist() == [1, 1, 1, 0]
     cluster.spawn(3, world_size=4, options=_joiner_options(3, 4))
     calls = {r: (jobs.admit, ([3], 21, 4), {}) for r in range(3)}
@@ -39,9 +39,9 @@ def test_scale_up_into_reserved_slot(cluster_factory):
     check_joined(results, [0, 1, 2, 3], 21, 4, 4)
 
 
-def test_replace_a_killed_rank_several_times(cluster_factory):
+def test_replace_a_killed_rank_several_times(cluster_factory, impl):
     """Rank 1 dies three times; each time the survivors agree, a replacement joins, all continue."""
-    cluster = _cluster(cluster_factory, 3, 3)
+    cluster = _cluster(cluster_factory, impl, 3, 3)
     for cycle in range(3):
         seed = 30 + cycle
         results = run_fault(cluster, jobs.op_under_fault, "all_reduce", seed, 3, 1, "before_send")
@@ -52,9 +52,9 @@ def test_replace_a_killed_rank_several_times(cluster_factory):
         check_joined(cluster.run_each(calls), [0, 1, 2], seed + 100, 3, 3)
 
 
-def test_kill_during_join(cluster_factory):
+def test_kill_during_join(cluster_factory, impl):
     """A joiner that dies after asking to join is never admitted; a second one is."""
-    cluster = _cluster(cluster_factory, 2, 3)
+    cluster = _cluster(cluster_factory, impl, 2, 3)
     cluster.spawn(2, world_size=3, options=_joiner_options(2, 3), env={"MOONCAKE_FAULT": "during_join:kill"})
     with pytest.raises(ClusterError) as died:
         cluster.run(jobs.joiner, 40, 3, ranks=[2])
@@ -66,8 +66,8 @@ def test_kill_during_join(cluster_factory):
     check_joined(cluster.run_each(calls), [0, 1, 2], 41, 3, 3)
 
 
-def test_extend_group_size_to(cluster_factory):
-    cluster = _cluster(cluster_factory, 2, 2)
+def test_extend_group_size_to(cluster_factory, impl):
+    cluster = _cluster(cluster_factory, impl, 2, 2)
     results = cluster.run(jobs.extend, 3)
     for mask, capacity, size in results:
         assert mask.tolist() == [1, 1, 0] and capacity == 3 and size == 2
@@ -85,8 +85,8 @@ def test_extend_group_size_to(cluster_factory):
     ("recover_ranks", ([2],), "ArgumentError", "has not called join_group"),
     ("join_group", (), "ArgumentError", "joinGroup is only valid for extension backends"),
 ])
-def test_bad_calls_raise_before_communicating(cluster_factory, name, args, error, text):
-    cluster = _cluster(cluster_factory, 2, 3)
+def test_bad_calls_raise_before_communicating(cluster_factory, impl, name, args, error, text):
+    cluster = _cluster(cluster_factory, impl, 2, 3)
     results = cluster.run(jobs.call_api, name, *args)
     for kind, message in results:
         assert kind == error and text in message, message
@@ -95,24 +95,24 @@ def test_bad_calls_raise_before_communicating(cluster_factory, name, args, error
     assert bitwise_equal(again[0][0], again[1][0])
 
 
-def test_peer_state_is_false_until_join(cluster_factory):
-    cluster = _cluster(cluster_factory, 2, 3)
+def test_peer_state_is_false_until_join(cluster_factory, impl):
+    cluster = _cluster(cluster_factory, impl, 2, 3)
     assert cluster.run(jobs.call_api, "get_peer_state", [0, 1, 2]) == [("ok", [True, True, False])] * 2
 
 
-def test_founder_restarted_without_extension_is_refused(cluster_factory):
+def test_founder_restarted_without_extension_is_refused(cluster_factory, impl):
     """A rank that comes back as a founder after the membership changed gets a clear error."""
-    cluster = _cluster(cluster_factory, 3, 3)
+    cluster = _cluster(cluster_factory, impl, 3, 3)
     run_fault(cluster, jobs.op_under_fault, "all_reduce", 70, 3, 2, "before_send")
     cluster.spawn(2)
     with pytest.raises(Exception, match="already running"):
         cluster.run(jobs.mask, ranks=[2])
 
 
-def test_subgroup_recovery(cluster_factory):
+def test_subgroup_recovery(cluster_factory, impl):
     """Founders 0, 1 (capacity 3) and joiner 2 create a subgroup in the same order; after WORLD
     and the subgroup admit rank 2, both span {0, 1, 2}."""
-    cluster = _cluster(cluster_factory, 2, 3)
+    cluster = _cluster(cluster_factory, impl, 2, 3)
     cluster.run(jobs.subgroups, 2, 3, False)
     cluster.spawn(2, world_size=3, options=_joiner_options(2, 3))
     cluster.run(jobs.subgroups, 2, 3, True, ranks=[2])
