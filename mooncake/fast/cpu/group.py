@@ -62,7 +62,7 @@ PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 2
 NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 100)) * 1e-6
 SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
-SLEEP_AFTER_S = 20e-6  # blocked this long, a rank asks its peers to ring its doorbell
+SLEEP_AFTER_S = float(os.environ.get("MOONCAKE_FAST_CPU_SLEEP_AFTER_US", 20)) * 1e-6  # blocked this long: ring me
 LIVENESS_PERIOD_S = 0.002
 MIN_SEGMENT = 64 * 1024
 
