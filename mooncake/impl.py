@@ -22,8 +22,13 @@ def requested() -> str:
     return value
 
 
-def fast_unavailable_reason(device: str) -> str | None:
-    """Why the fast path cannot serve ``device`` tensors in this process, or None if it can."""
+def fast_unavailable_reason(device: str, what: str = "pg") -> str | None:
+    """Why the fast path cannot serve ``device`` tensors of ``what`` ("pg" or "ep") here, or None if it can."""
+    if what == "ep":
+        if device == "cuda":  # kernels over CUDA IPC between the ranks of a host (mooncake.fast.cuda)
+            from .fast.cuda import unavailable_reason
+            return unavailable_reason()
+        return f"the fast EP data plane for {device} tensors is not part of this release yet"
     if device == "cpu":  # shared memory between the ranks of a host (mooncake.fast.cpu)
         from .fast import cpu as fast_cpu
         return fast_cpu.unavailable_reason()
@@ -31,10 +36,10 @@ def fast_unavailable_reason(device: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def select(device: str) -> tuple[str, str]:
-    """``(implementation, reason)`` for ``device`` ("cpu" or "cuda"); logged once per device."""
+def select(device: str, what: str = "pg") -> tuple[str, str]:
+    """``(implementation, reason)`` for ``device`` ("cpu" or "cuda") and ``what`` ("pg" or "ep"); logged once."""
     wanted = requested()
-    reason = fast_unavailable_reason(device)
+    reason = fast_unavailable_reason(device, what)
     if wanted == "fast" and reason:
         raise ArgumentError(f"MOONCAKE_IMPL=fast but {reason}; use MOONCAKE_IMPL=ref or auto")
     if wanted == "ref":
@@ -43,5 +48,5 @@ def select(device: str) -> tuple[str, str]:
         choice = ("ref", f"auto: {reason}")
     else:
         choice = ("fast", f"{wanted}: fast path available for {device}")
-    _log.info("mooncake %s: using %s (%s)", device, *choice)
+    _log.info("mooncake %s %s: using %s (%s)", what, device, *choice)
     return choice

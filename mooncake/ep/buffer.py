@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .. import impl
 from ..control.errors import ArgumentError, WireError
 from ..model import ep as model
 
@@ -99,6 +100,19 @@ class Buffer:
         self._calls = _group_calls(group)
         self._combine_buffer: torch.Tensor | None = None
         self._combine_buffer_handle: Handle | None = None
+        self._fast = None  # mooncake.fast.cuda.ep.FastEPBuffer once a call ran on the CUDA fast path
+
+    def _fast_plane(self, x):
+        """The CUDA fast data plane for this call, or None (ref).  Chosen at the first call with CUDA tensors
+        when ``impl.select("cuda", "ep")`` says fast (MOONCAKE_IMPL=fast/auto and the kernels load); creating
+        it is collective, so every rank must make that first call with CUDA tensors and the same MOONCAKE_IMPL.
+        From then on every call of this Buffer runs there."""
+        if self._fast is None and isinstance(x, torch.Tensor) and x.device.type == "cuda" \
+                and self.num_ep_buffer_bytes > 0 and impl.select("cuda", "ep")[0] == "fast":
+            from ..fast.cuda.ep import FastEPBuffer
+            self._fast = FastEPBuffer(self.group, self.num_ep_buffer_bytes, device=x.device,
+                                      event_factory=EventOverlap)
+        return self._fast
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -113,6 +127,8 @@ class Buffer:
         to peers whose messages it had given up on.
         """
         self._calls.resync(self.group)
+        if self._fast is not None:
+            self._fast.update_ep_member()
         self.rank = self.group.rank()
         self.num_ranks = self.group.size()
 
@@ -145,6 +161,11 @@ class Buffer:
             ``[L]`` int32; ``handle`` for combine; ``event`` an ``EventOverlap`` or None; ``hook`` a
             callable (a no-op unless ``return_recv_hook``).
         """
+        fast = self._fast_plane(x)
+        if fast is not None:
+            return self._dispatch_fast(fast, x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank,
+                                       num_experts, timeout_us, use_fp8, async_finish, return_recv_hook,
+                                       cumulative_local_expert_recv_stats)
         call = self._calls.open_next()
         try:
             T, E, R = num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks
@@ -206,6 +227,30 @@ class Buffer:
         event = _event(device, (outputs.recv_x,)) if async_finish else None
         return recv_x, outputs.recv_count, handle, event, hook
 
+    def _dispatch_fast(self, fast, x, topk_idx, active_ranks, T, E, timeout_us, use_fp8, async_finish,
+                       return_recv_hook, stats):
+        """Dispatch on the CUDA fast path: the same checks, then the kernels (a rejected call still counts)."""
+        try:
+            self._check_dispatch(x, topk_idx, active_ranks, T, E, timeout_us, async_finish, return_recv_hook,
+                                 stats, use_fp8)
+        except BaseException:
+            fast.skip_call("dispatch")
+            raise
+        recv_x, recv_count, fh, event, hook = fast.dispatch(
+            x, topk_idx, active_ranks, T, E, timeout_us, use_fp8=use_fp8, async_finish=async_finish,
+            return_recv_hook=return_recv_hook, cumulative_local_expert_recv_stats=stats, check=False)
+        handle = Handle(fh.result, T, x.shape[1], E, buffer_id=self._id, topk_idx=topk_idx.detach().cpu().clone(),
+                        num_tokens=x.shape[0], selections=None, received=None, fast=fh)
+        if not return_recv_hook:
+            handle.received = fh.result
+            return recv_x, recv_count, handle, event, hook
+
+        def receive() -> None:
+            hook()
+            handle.received = fh.result
+
+        return recv_x, recv_count, handle, event, _run_once(receive)
+
     # -- combine -------------------------------------------------------------------------------
     def get_next_combine_buffer(self, handle: Handle) -> torch.Tensor:
         """The ``[L, R*T, H]`` bf16 tensor to write expert outputs into for ``combine(zero_copy=True)``."""
@@ -240,6 +285,18 @@ class Buffer:
         Returns:
             ``(combined_x [N, H] bf16, event, hook)``: fp32 accumulation in top-k order, one bf16 rounding.
         """
+        if self._fast is not None:
+            try:
+                self._check_combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
+                                    async_finish, return_recv_hook, out)
+                if getattr(handle, "fast", None) is None:
+                    raise ArgumentError("handle comes from a dispatch that did not run on this Buffer's CUDA fast path")
+            except BaseException:
+                self._fast.skip_call("combine")
+                raise
+            return self._fast.combine(self._combine_buffer if zero_copy else x, topk_idx, topk_weights,
+                                      active_ranks, timeout_us, handle.fast, async_finish=async_finish,
+                                      return_recv_hook=return_recv_hook, out=out)
         call = self._calls.open_next()
         try:
             self._check_combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
