@@ -5,7 +5,7 @@
 #   3. EP grid for R = 1, 2, 4, 8 ranks on the one GPU: every output bitwise vs mooncake.model.ep
 #   4. benchmark (benchmarks/epbench.py, DeepEP LL config) for R = 8 (and 2, 4 with --bench-all)
 #   5. failure case: one rank exits before dispatch; survivors finish within timeout_us, active_ranks[dead] = 0
-#   6. integration: tests/fast_cuda/integration.patch applied to a copy of the tree, the same grid through
+#   6. integration: the same grid through
 #      mooncake.ep.Buffer with MOONCAKE_IMPL=fast
 # STEPS (default "unit grid bench fail integration") picks steps; RANKS, BENCH_RANKS, FAIL_RANKS the sizes.
 # Logs go to $OUT (or ./gpu-out).  Notes of what each run showed: docs/gpu-runs.md.
@@ -60,20 +60,8 @@ has bench && for r in ${bench_ranks//,/ }; do
   step "bench-R$r" 180 python3 benchmarks/epbench.py --ranks "$r" --out "$out/bench" --timeout 150
 done
 has fail && step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
-if has integration && [ -f tests/fast_cuda/integration.patch ]; then
-  integ=$(mktemp -d)
-  tar cf - --exclude=./.git --exclude=./build --exclude=./.whl . | tar xf - -C "$integ"
-  if (cd "$integ" && { patch -p1 < tests/fast_cuda/integration.patch || git apply tests/fast_cuda/integration.patch; }) \
-      > "$out/integration-apply.txt" 2>&1; then
-    cd "$integ"
-    PYTHONPATH=$integ MOONCAKE_IMPL=fast step integration 300 python3 tests/fast_cuda/fcuda_grid.py --via-buffer \
-      --ranks "${INTEG_RANKS:-2,8}" --out "$out/integ" --timeout 120
-    cd - > /dev/null
-  else
-    echo "integration patch does not apply" | tee -a "$out/summary.txt"; rc=1
-  fi
-  cat "$out/integration-apply.txt" >> "$out/integration.txt" 2>/dev/null; rm -f "$out/integration-apply.txt"
-fi
+has integration && MOONCAKE_IMPL=fast step integration 300 python3 tests/fast_cuda/fcuda_grid.py --via-buffer \
+  --ranks "${INTEG_RANKS:-2,8}" --out "$out/integ" --timeout 120
 grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt "$out"/integration.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
 # what comes back is at most 8 files: summary, setup, grid, bench, fail logs and one archive
 if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then

@@ -106,7 +106,7 @@ def main() -> int:
     p.add_argument("--out", default="fcuda-out")
     p.add_argument("--fail", action="store_true", help="run the failure case (one rank exits before dispatch)")
     p.add_argument("--timeout", type=float, default=240)
-    p.add_argument("--via-buffer", action="store_true", help="through mooncake.ep.Buffer (integration patch)")
+    p.add_argument("--via-buffer", action="store_true", help="through mooncake.ep.Buffer")
     args = p.parse_args()
     ok = True
     for R in [int(r) for r in args.ranks.split(",") if r]:

@@ -157,7 +157,7 @@ def main() -> int:
     p.add_argument("--cases", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--via-buffer", action="store_true",
-                   help="drive mooncake.ep.Buffer (integration patch applied, MOONCAKE_IMPL=fast) instead of FastEPBuffer")
+                   help="drive mooncake.ep.Buffer (MOONCAKE_IMPL=fast) instead of FastEPBuffer")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.cuda.set_device(0)
