@@ -25,9 +25,10 @@ Additions:
 * With one backend the table is exactly upstream's; with several, every row ends with the backend
   and a side-by-side summary follows each collective.
 
-Measurement (per collective, dtype, size, backend): warm-up ``-w`` iterations, a barrier on the
-tested group, then ``-n`` x ``-m`` calls timed with ``perf_counter`` (CUDA synchronised around
-them unless ``-C``); time is averaged over ranks per ``-a`` (0 rank-local, 1 mean, 2 min, 3 max);
+Measurement (per collective, dtype, size): every backend's out-of-place and in-place case is warmed
+up (``-w`` iterations), then ``-R`` rounds time each case once in turn (a barrier on the tested
+group, then ``-n`` x ``-m`` calls timed with ``perf_counter`` (CUDA synchronised around
+them unless ``-C``)); time is averaged over ranks per ``-a`` (0 rank-local, 1 mean, 2 min, 3 max);
 ``algbw = bytes / time``, ``busbw = algbw x factor`` (all_reduce 2(n-1)/n; all_gather, reduce_scatter,
 alltoall, gather, scatter (n-1)/n; broadcast, reduce, sendrecv 1).  Out-of-place all_reduce copies the
 send buffer into the receive buffer first (as upstream).  ``#wrong`` counts mismatching elements
@@ -461,29 +462,43 @@ def _iterations(case: Case, args, device) -> int:
     return int(want.item())
 
 
-def measure(case: Case, args, device) -> dict:
-    for _ in range(args.warmup_iters * args.agg_iters):
+def _timed(case: Case, iters: int, args, device) -> float:
+    """One timed loop: seconds per call."""
+    dist.barrier(group=case.g)
+    if not args.report_cputime:
+        _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters * args.agg_iters):
         case.run()
-    iters = _iterations(case, args, device)
-    samples = []
-    for _ in range(max(1, args.repeats)):
-        dist.barrier(group=case.g)
-        if not args.report_cputime:
-            _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters * args.agg_iters):
+    if not args.report_cputime:
+        _sync(device)
+    return (time.perf_counter() - t0) / max(1, iters * args.agg_iters)
+
+
+def measure_all(cases: dict, args, device) -> dict:
+    """Time every (backend, mode) case of one size: warm-up each, then ``-R`` rounds, each round
+    timing every case once in turn (so noise spreads over the backends alike); then ``#wrong``."""
+    iters = {}
+    for key, case in cases.items():
+        for _ in range(args.warmup_iters * args.agg_iters):
             case.run()
-        if not args.report_cputime:
-            _sync(device)
-        samples.append((time.perf_counter() - t0) / max(1, iters * args.agg_iters))
-    local = min(samples) if args.stat == "min" else statistics.median(samples)
-    wrong = -1
-    if args.check > 0 and case.checkable():
-        wrong = sum(case.wrong() for _ in range(args.check))
-        t = torch.tensor([wrong], dtype=torch.int64)
-        dist.all_reduce(t)
-        wrong = int(t.item())
-    return {"time_s": local, "samples_s": samples, "wrong": wrong, "iters": iters}
+        iters[key] = _iterations(case, args, device)
+    samples = {key: [] for key in cases}
+    for _ in range(max(1, args.repeats)):
+        for key, case in cases.items():
+            samples[key].append(_timed(case, iters[key], args, device))
+    out = {}
+    for key, case in cases.items():
+        got = samples[key]
+        local = min(got) if args.stat == "min" else statistics.median(got)
+        wrong = -1
+        if args.check > 0 and case.checkable():
+            wrong = sum(case.wrong() for _ in range(args.check))
+            t = torch.tensor([wrong], dtype=torch.int64)
+            dist.all_reduce(t)
+            wrong = int(t.item())
+        out[key] = {"time_s": local, "samples_s": got, "wrong": wrong, "iters": iters[key]}
+    return out
 
 
 def worker(local_rank: int, args) -> None:
@@ -513,6 +528,7 @@ def worker(local_rank: int, args) -> None:
     sizes = sizes_of(args)
     label = len(args.backends) > 1
     records: list[dict] = []
+    load_at_start = os.getloadavg()
     bar = None
     if rank == 0:
         print(f"# pgbench: {world} ranks, device {args.device}, backends: "
@@ -538,28 +554,30 @@ def worker(local_rank: int, args) -> None:
                     if bar is not None:
                         bar.update(len(args.backends))
                     continue
+                cases, recs = {}, {}
                 for spec in args.backends:
                     name = spec.partition(":")[0]
-                    rec = {"collective": collective, "backend": spec, "implementation": impls[spec],
-                           "dtype": dname, "size_bytes": size_bytes, "count": count,
-                           "redop": args.op if collective in ("all_reduce", "reduce_scatter", "reduce") else "none",
-                           "root": args.root if collective in ("broadcast", "reduce", "gather", "scatter") else -1}
-                    supported = not (name.startswith("mooncake") and dname not in MOONCAKE_DTYPES)
+                    recs[spec] = {"collective": collective, "backend": spec, "implementation": impls[spec],
+                                  "dtype": dname, "size_bytes": size_bytes, "count": count,
+                                  "redop": args.op if collective in ("all_reduce", "reduce_scatter", "reduce") else "none",
+                                  "root": args.root if collective in ("broadcast", "reduce", "gather", "scatter") else -1,
+                                  "out_of_place": None, "in_place": None}
+                    if name.startswith("mooncake") and dname not in MOONCAKE_DTYPES:
+                        continue
                     for mode in ("out_of_place", "in_place"):
-                        if not supported:
-                            rec[mode] = None
-                            continue
-                        case = Case(collective, groups[spec], world, rank, dtype, sendcount, recvcount,
-                                    mode == "in_place", args, device)
-                        m = measure(case, args, device)
-                        t = _aggregate(args, m["time_s"])
-                        algbw = size_bytes / 1e9 / t if t > 0 else 0.0
-                        rec[mode] = {"time_us": t * 1e6, "algbw": algbw,
-                                     "busbw": algbw * busbw_factor(collective, world), "wrong": m["wrong"],
-                                     "samples_us": [s * 1e6 for s in m["samples_s"]], "iters": m["iters"]}
-                        del case
-                    records.append(rec)
-                    out(row(rec, args, spec if label else None))
+                        cases[(spec, mode)] = Case(collective, groups[spec], world, rank, dtype, sendcount,
+                                                   recvcount, mode == "in_place", args, device)
+                measured = measure_all(cases, args, device)
+                del cases
+                for (spec, mode), m in measured.items():
+                    t = _aggregate(args, m["time_s"])
+                    algbw = size_bytes / 1e9 / t if t > 0 else 0.0
+                    recs[spec][mode] = {"time_us": t * 1e6, "algbw": algbw,
+                                        "busbw": algbw * busbw_factor(collective, world), "wrong": m["wrong"],
+                                        "samples_us": [x * 1e6 for x in m["samples_s"]], "iters": m["iters"]}
+                for spec in args.backends:
+                    records.append(recs[spec])
+                    out(row(recs[spec], args, spec if label else None))
                     if bar is not None:
                         bar.set_postfix_str(f"{collective} {humanize(size_bytes)}B {spec}")
                         bar.update(1)
@@ -574,7 +592,7 @@ def worker(local_rank: int, args) -> None:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "iters": args.iters, "warmup_iters": args.warmup_iters, "agg_iters": args.agg_iters,
                 "repeats": args.repeats, "stat": args.stat, "average": args.average, "threads": args.threads,
-                "load_average": os.getloadavg()}
+                "load_average_start": load_at_start, "load_average_end": os.getloadavg()}
         if args.output_file:
             with open(args.output_file, "w") as f:
                 json.dump({"meta": meta, "results": records}, f, indent=1)
@@ -617,6 +635,7 @@ def plot(records: list[dict], meta: dict, path: str) -> None:
             ax.set_xlabel("size (bytes)")
             ax.grid(True, which="both", alpha=0.3)
         ax_t.set_yscale("log")
+        ax_bw.set_yscale("log")
         ax_bw.set_ylabel("busbw (GB/s)")
         ax_t.set_ylabel("time (us)")
         ax_bw.set_title(f"{c}: bus bandwidth")
