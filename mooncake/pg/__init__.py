@@ -56,7 +56,7 @@ def get_num_synced_ranks(backend) -> int:
     """Number of ranks in this rank's current view (collective among the active ranks:
     the MIN over them of their view size, so every caller returns the same number)."""
     group = _backend(backend)
-    count = torch.tensor([len(group.view.active)], dtype=torch.int64)
+    count = torch.tensor([len(group.view.active)], dtype=torch.int64, device=group._device())
     opts = dist.AllreduceOptions()
     opts.reduceOp = dist.ReduceOp.MIN
     group.allreduce([count], opts).wait()

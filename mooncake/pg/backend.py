@@ -272,7 +272,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                                 "joining (call join_group)")
         with self._store_access("get_peer_state"):
             local = [1 if self.view.is_active(r) or self._join_request(r) is not None else 0 for r in ranks]
-        state = torch.tensor(local or [1], dtype=torch.int32)
+        state = torch.tensor(local or [1], dtype=torch.int32, device=self._device())
         opts = c10d.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
         self.allreduce([state], opts).wait()
@@ -372,6 +372,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if self._mask_tensor.numel() != mask.numel():  # extend_group_size_to: in place, as upstream
                 self._mask_tensor.resize_(mask.numel())
             self._mask_tensor.copy_(mask.to(self._mask_tensor.device))
+
+    def _device(self) -> torch.device:
+        """Where this backend's tensors live: CPU, or the current CUDA device."""
+        return torch.device("cuda", torch.cuda.current_device()) if self._device_type == "cuda" else torch.device("cpu")
 
     def active_ranks_tensor(self) -> torch.Tensor:
         """The group's mask as int32 [capacity] on the backend's device (the user's tensor if given)."""
