@@ -65,6 +65,7 @@ SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
 SLEEP_AFTER_S = float(os.environ.get("MOONCAKE_FAST_CPU_SLEEP_AFTER_US", 20)) * 1e-6  # blocked this long: ring me
 LIVENESS_PERIOD_S = 0.002
 MIN_SEGMENT = 64 * 1024
+YIELD = os.environ.get("MOONCAKE_FAST_CPU_YIELD", "1") != "0"  # progress() yields while blocked
 
 SEQ_BITS = 40
 
@@ -553,6 +554,8 @@ class ShmOp:
     def progress(self) -> None:
         if self.state < COMMITTED:
             self.g.pump()
+            if YIELD and self.state < COMMITTED:
+                os.sched_yield()  # still waiting on peers: let a runnable peer (or anyone) have the core
 
     def wait(self, timeout_s: float) -> bool:
         """Block until committed (True), a peer of this op is newly found dead, or ``timeout_s``
