@@ -2,9 +2,10 @@
 hands CUDA tensors to the CUDA plane (``mooncake/fast/cuda/pg.py``) instead of staging them through host
 memory.  The files involved (``mooncake/impl.py``, ``mooncake/pg/backend.py``, ``mooncake/pg/work.py``)
 belong to other owners; this module applies the same change in a worker process so the plane can be run
-and measured end to end before it lands.  The change, as it should be made in those files:
+and measured end to end before it lands.  The change, as it should be made in those files (as a diff:
+tests/fast_cuda/pg_face.patch):
 
-1. ``impl.fast_unavailable_reason("cuda")`` returns ``mooncake.fast.cuda.pg_unavailable_reason()``.
+1. ``impl.fast_unavailable_reason("cuda", what="pg")`` returns ``mooncake.fast.cuda.pg_unavailable_reason()``.
 2. ``MooncakeProcessGroup._stage`` returns the caller's tensor itself when it is on the group's device,
    contiguous, and the plane has ``takes_device_tensors`` (P2P keeps staging: it always goes through ref);
    a non-contiguous one is staged into a contiguous copy on its own device.
@@ -34,14 +35,18 @@ def apply(wait: bool = False, emulate: bool = False) -> None:
         original = impl.fast_unavailable_reason
         plane_device = "cpu" if emulate else "cuda"
 
-        def fast_unavailable_reason(device: str):
-            return pg_unavailable_reason() if device == plane_device else original(device)
+        def fast_unavailable_reason(device: str, *args, **kwargs):
+            what = args[0] if args else kwargs.get("what", "pg")
+            if device == plane_device and what == "pg":
+                return pg_unavailable_reason()
+            return original(device, *args, **kwargs)
 
         impl.fast_unavailable_reason = fast_unavailable_reason
         impl.select.cache_clear()
         _applied["reason"] = original
 
-    if "stage" not in _applied:
+    if "stage" not in _applied and isinstance(backend.MooncakeProcessGroup.__dict__["_stage"], staticmethod):
+        # (a PG face with the change of tests/fast_cuda/pg_face.patch has a method here: nothing to do)
         cls = backend.MooncakeProcessGroup
         original_stage = cls.__dict__["_stage"].__func__
 
