@@ -501,7 +501,22 @@ def measure_all(cases: dict, args, device) -> dict:
     return out
 
 
+def _exit_with_parent() -> None:
+    """Spawned ranks end when the launcher dies (mp.spawn leaves orphans running otherwise)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pgbench-orphan-watch", daemon=True).start()
+
+
 def worker(local_rank: int, args) -> None:
+    _exit_with_parent()
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
