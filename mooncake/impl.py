@@ -32,6 +32,9 @@ def fast_unavailable_reason(device: str, what: str = "pg") -> str | None:
     if device == "cpu":  # shared memory between the ranks of a host (mooncake.fast.cpu)
         from .fast import cpu as fast_cpu
         return fast_cpu.unavailable_reason()
+    if device == "cuda":  # CUDA IPC between the ranks of a host (mooncake.fast.cuda.pg)
+        from .fast.cuda import pg_unavailable_reason
+        return pg_unavailable_reason()
     return f"the fast data plane for {device} tensors is not part of this release yet"
 
 

@@ -473,12 +473,19 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._in_flight.add(work)
         return work
 
-    @staticmethod
-    def _stage(t: torch.Tensor, staged: list, is_output: bool) -> torch.Tensor:
-        """A contiguous CPU tensor to work on; outputs are copied back on completion."""
-        if t.device.type == "cpu" and t.is_contiguous():
+    def _stage(self, t: torch.Tensor, staged: list, is_output: bool, p2p: bool = False) -> torch.Tensor:
+        """A contiguous tensor to work on: the caller's own when it is a contiguous CPU tensor, or a
+        contiguous device tensor and the collective's data plane takes device tensors (the CUDA fast
+        plane: ``takes_device_tensors``); else a contiguous copy (on the device for such a plane, on the
+        CPU otherwise; P2P always goes through ref, on the CPU).  Outputs are copied back on completion."""
+        on_device = (not p2p and t.device.type != "cpu"
+                     and getattr(self._plane, "takes_device_tensors", False))
+        if (on_device or t.device.type == "cpu") and t.is_contiguous():
             return t
-        stage = t.detach().to("cpu", copy=True).contiguous()
+        if on_device:
+            stage = t.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            stage = t.detach().to("cpu", copy=True).contiguous()
         if is_output:
             staged.append((t, stage))
         return stage
@@ -718,7 +725,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_peer(dstRank, tag, "send")
         self._check_open()
         staged: list = []
-        x = self._stage(t, staged, False).clone()
+        x = self._stage(t, staged, False, p2p=True).clone()
         with self._lock:
             seq = self._p2p_seq(self._p2p_send_seq, dstRank, tag)
             op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
@@ -731,7 +738,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_peer(srcRank, tag, "recv")
         self._check_open()
         staged: list = []
-        y = self._stage(t, staged, True)
+        y = self._stage(t, staged, True, p2p=True)
         with self._lock:
             seq = self._p2p_seq(self._p2p_recv_seq, srcRank, tag)
             op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
@@ -746,7 +753,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"P2P recv: tag {tag} out of range [0, {MAX_P2P_TAG}]")
         self._check_open()
         staged: list = []
-        y = self._stage(t, staged, True)
+        y = self._stage(t, staged, True, p2p=True)
         sources = [r for r in self.view.active if r != self._rank]
         if not sources:
             raise ArgumentError("P2P recv from any source: this rank has no active peer")

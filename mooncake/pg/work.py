@@ -187,7 +187,12 @@ class MooncakeWork(dist.Work):
             now = time.monotonic()
             if limit is not None and now >= limit:
                 return False
-            self._engine.wait_until(self._advance, min(limit or now + _WAIT_SLICE_S, now + _WAIT_SLICE_S))
+            slice_end = min(limit or now + _WAIT_SLICE_S, now + _WAIT_SLICE_S)
+            op_wait = getattr(self._op, "wait", None)  # shared-memory / CUDA IPC planes: UCX never wakes us
+            if op_wait is not None and not self._awaiting_decision:
+                op_wait(max(0.0, slice_end - now))
+            else:
+                self._engine.wait_until(self._advance, slice_end)
         if self._state == _FAILED:
             raise self._error
         return True

@@ -3,7 +3,7 @@ hands CUDA tensors to the CUDA plane (``mooncake/fast/cuda/pg.py``) instead of s
 memory.  The files involved (``mooncake/impl.py``, ``mooncake/pg/backend.py``, ``mooncake/pg/work.py``)
 belong to other owners; this module applies the same change in a worker process so the plane can be run
 and measured end to end before it lands.  The change, as it should be made in those files (as a diff:
-tests/fast_cuda/pg_face.patch):
+the PG-face change, now applied):
 
 1. ``impl.fast_unavailable_reason("cuda", what="pg")`` returns ``mooncake.fast.cuda.pg_unavailable_reason()``.
 2. ``MooncakeProcessGroup._stage`` returns the caller's tensor itself when it is on the group's device,
@@ -46,7 +46,7 @@ def apply(wait: bool = False, emulate: bool = False) -> None:
         _applied["reason"] = original
 
     if "stage" not in _applied and isinstance(backend.MooncakeProcessGroup.__dict__["_stage"], staticmethod):
-        # (a PG face with the change of tests/fast_cuda/pg_face.patch has a method here: nothing to do)
+        # (the PG face stages device tensors for planes that take them: nothing to do)
         cls = backend.MooncakeProcessGroup
         original_stage = cls.__dict__["_stage"].__func__
 
