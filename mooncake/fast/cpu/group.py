@@ -27,9 +27,8 @@ cache), and each owner folds its part, in ascending rank order, into its lane's 
 
 Waiting: a rank whose head operation stays blocked on its peers for ``SLEEP_AFTER_S`` sets its
 SLEEPING word; a peer that then changes a word it waits on rings its *doorbell* (an abstract-
-namespace datagram socket, named in the control segment).  The doorbell's fd sits in the UCX
-engine's epoll set, so the control plane's waiting loop, which sleeps on UCX events, wakes on it;
-``wait`` (spin, then sleep on the doorbell) is there for control planes that call it directly.
+namespace datagram socket, named in the control segment).  ``PlaneOp.wait`` (which the control
+plane's ``Work.wait`` calls) spins for ``SPIN_S``, yielding the core, then sleeps on the doorbell.
 Liveness: a pidfd per peer (a dead process makes it readable) and the peer's CLOSED word.
 """
 
@@ -307,10 +306,13 @@ class ShmGroup:
     # ---- doorbells ---------------------------------------------------------------------------
     def _open_bell(self, engine) -> None:
         """This rank's doorbell: an abstract-namespace datagram socket (nothing in the file system)
-        that peers ring when this rank is blocked on them.  Its fd is also put in the UCX
-        engine's epoll set, so the control plane's waits (which sleep on UCX events) wake on it."""
+        that peers ring when this rank is blocked on them; ``wait`` sleeps on it.
+
+        With ``MOONCAKE_FAST_CPU_BELL_IN_EPOLL=1`` its fd also joins the UCX engine's epoll set, for
+        control planes that sleep on UCX events instead of calling ``PlaneOp.wait`` (off by
+        default: it would also wake the engine's background thread on every ring)."""
         self.bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        name = b"\0mcfc-" + os.urandom(12).hex().encode()  # 31 bytes
+        name = b"\0mcfc-" + os.urandom(12).hex().encode()  # 30 bytes
         self.bell.bind(name)
         self.bell.setblocking(False)
         self.ctrl.bytes[W_BELL * 8:W_BELL * 8 + len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
@@ -319,10 +321,9 @@ class ShmGroup:
         self.sender.setblocking(False)
         self.engine = engine
         self._epoll_fd = None
+        self._watching = False
         worker = getattr(engine, "worker", None)
-        if hasattr(engine, "add_wake_fd"):
-            engine.add_wake_fd(self.bell.fileno())
-        elif worker is not None and hasattr(worker, "epoll_file_descriptor"):
+        if os.environ.get("MOONCAKE_FAST_CPU_BELL_IN_EPOLL", "0") == "1" and worker is not None:
             try:
                 dup = os.dup(worker.epoll_file_descriptor)
                 ep = select.epoll.fromfd(dup)  # owns (and closes) the dup, not UCX's fd
@@ -331,16 +332,15 @@ class ShmGroup:
                 self._epoll_fd = worker.epoll_file_descriptor
             except OSError:
                 self._epoll_fd = None
-        if engine is not None and hasattr(engine, "add_watch"):
-            engine.add_watch(self._drain)  # the engine's thread drains a bell rung while idle
+            if hasattr(engine, "add_watch"):
+                engine.add_watch(self._drain)  # the engine's thread drains a bell rung while idle
+                self._watching = True
 
     def _close_bell(self) -> None:
         engine = self.engine
-        if engine is not None and hasattr(engine, "remove_watch"):
+        if self._watching:
             engine.remove_watch(self._drain)
-        if hasattr(engine, "remove_wake_fd"):
-            engine.remove_wake_fd(self.bell.fileno())
-        elif self._epoll_fd is not None:
+        if self._epoll_fd is not None:
             try:
                 dup = os.dup(self._epoll_fd)
                 ep = select.epoll.fromfd(dup)
@@ -441,10 +441,12 @@ class ShmGroup:
         with self.lock:
             if self.ctl is None:
                 return
-            for _ in range(2):
-                blocked = self._advance_queue()
-                if not self._set_blocked(blocked):
-                    return
+            blocked = self._advance_queue()
+            if self._epoll_fd is not None:  # epoll mode: ask to be rung once blocked a while
+                for _ in range(2):
+                    if not self._set_blocked(blocked):
+                        return
+                    blocked = self._advance_queue()
 
     def _advance_queue(self) -> bool:
         """One pass over the queue; True if an operation is left waiting on peers."""
@@ -463,28 +465,38 @@ class ShmGroup:
 
     def wait(self, op: "ShmOp", timeout_s: float) -> bool:
         """Block until ``op`` is committed (True), a peer of it is found dead that was not known
-        dead when the call began, or ``timeout_s`` passed (False).  Spins (yielding the CPU) for
-        ``SPIN_S``, then sleeps on this rank's doorbell, which peers ring when they change a word
-        this rank waits on."""
+        dead when the call began, or ``timeout_s`` passed (False).  Spins (yielding the core) for
+        ``SPIN_S``, then sets SLEEPING and sleeps on this rank's doorbell, which peers ring when
+        they change a word while SLEEPING is set."""
         now = time.monotonic()
         deadline = now + max(timeout_s, 0.0)
         spin_end = now + SPIN_S
         known_dead = self.failed(op.others)
         bell = [self.bell]
-        while True:
-            self.pump()
-            if op.state >= COMMITTED:
-                return op.state != ABANDONED
-            if self.failed(op.others) - known_dead:
-                return False
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            if now < spin_end or not self.ctl[W_SLEEPING]:
-                os.sched_yield()
-                continue
-            select.select(bell, [], [], min(deadline - now, SLEEP_SLICE_S))
-            spin_end = time.monotonic() + SPIN_S / 4
+        asleep = False
+        try:
+            while True:
+                self.pump()
+                if op.state >= COMMITTED:
+                    return op.state != ABANDONED
+                if self.failed(op.others) - known_dead:
+                    return False
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now < spin_end:
+                    os.sched_yield()
+                    continue
+                if not asleep:  # ask to be rung, then look once more before sleeping
+                    asleep = True
+                    native.store_fence(self.sleeping_addr, 1)
+                    continue
+                select.select(bell, [], [], min(deadline - now, SLEEP_SLICE_S))
+                self._drain()
+        finally:
+            if asleep and self.ctl is not None:
+                self.ctl[W_SLEEPING] = 0
+                self._drain()
 
     def close(self) -> None:
         with self.lock:
@@ -668,7 +680,7 @@ class ShmOp:
         if self in g.queue:
             g.queue.remove(self)
         self._free_lanes()
-        if not g.queue and g.ctl is not None:
+        if not g.queue and g.ctl is not None and g._epoll_fd is not None:
             g._set_blocked(False)
 
     def _free_lanes(self) -> None:
