@@ -198,6 +198,7 @@ class ShmGroup:
         self.ctl[W_MAGIC] = _MAGIC
         self.sleeping_addr = self.ctrl.addr + W_SLEEPING * 8
         self.blocked_since: float | None = None
+        self.moves = 0  # bumped whenever an operation moves (wait() keeps spinning while they do)
         self._open_bell(info.engine)
         self.lanes: dict[int, tuple[int, Segment]] = {}
         self.ring: Segment | None = None
@@ -474,9 +475,16 @@ class ShmGroup:
         known_dead = self.failed(op.others)
         bell = [self.bell]
         asleep = False
+        moves = self.moves
         try:
             while True:
                 self.pump()
+                if self.moves != moves:  # progress: keep spinning (a pipelined op hands chunks over)
+                    moves = self.moves
+                    spin_end = time.monotonic() + SPIN_S
+                    if asleep:
+                        asleep = False
+                        self.ctl[W_SLEEPING] = 0
                 if op.state >= COMMITTED:
                     return op.state != ABANDONED
                 if self.failed(op.others) - known_dead:
@@ -632,6 +640,7 @@ class ShmOp:
                 return False
         self.publish()
         self.state = POSTED
+        self.g.moves += 1
         self.g.wake(self.others)
         return True
 
@@ -655,6 +664,7 @@ class ShmOp:
         self.held = True
         ctl[base + L_DONE] = self.key
         self.state = DATA
+        g.moves += 1
         g.wake(self.others)
         return True
 
@@ -664,6 +674,7 @@ class ShmOp:
             if self.g.peer(r).ctl[at] != key:
                 return False
         self.state = COMMITTED
+        self.g.moves += 1
         return True
 
     def stash_outputs(self) -> None:
@@ -1044,6 +1055,7 @@ class _RingAllReduce(_AllReduce):
             self.w_next[r] = j + 1
             g.wake((r,))
             moved = True
+            g.moves += 1
         j = self.f_next
         if j < self.n_in:
             for r in self.others:
@@ -1081,6 +1093,7 @@ class _RingAllReduce(_AllReduce):
             self.f_next = j + 1
             g.wake(self.others)
             moved = True
+            g.moves += 1
         return moved
 
     def gathered(self) -> bool:
@@ -1123,6 +1136,8 @@ class FastCpuGroup:
 
     def __init__(self, info):
         self.info = info
+        # read per group (tests and benchmarks compare settings within one process)
+        self.pipeline_min = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", PIPELINE_MIN_BYTES))
         self.shm = ShmGroup(info)
         try:
             self.shm.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
@@ -1144,7 +1159,7 @@ class FastCpuGroup:
     def all_reduce(self, ctx, tensor, op):
         if self.shm.delegate:
             return self._ref().all_reduce(ctx, tensor, op)
-        big = _nbytes(tensor) >= PIPELINE_MIN_BYTES and len(ctx.view.active) > 1
+        big = _nbytes(tensor) >= self.pipeline_min and len(ctx.view.active) > 1
         return self._run((_RingAllReduce if big else _AllReduce)(self.shm, ctx, tensor, op))
 
     def broadcast(self, ctx, tensor, root):
