@@ -28,7 +28,8 @@ cache), and each owner folds its part, in ascending rank order, into its lane's 
 Waiting: a rank whose head operation stays blocked on its peers for ``SLEEP_AFTER_S`` sets its
 SLEEPING word; a peer that then changes a word it waits on rings its *doorbell* (an abstract-
 namespace datagram socket, named in the control segment).  ``PlaneOp.wait`` (which the control
-plane's ``Work.wait`` calls) spins for ``SPIN_S``, yielding the core, then sleeps on the doorbell.
+plane's ``Work.wait`` calls) spins for ``SPIN_S`` after the last progress, then sleeps on the
+doorbell: an idle or long-blocked rank uses no CPU, and a woken sleeper is scheduled promptly.
 Liveness: a pidfd per peer (a dead process makes it readable) and the peer's CLOSED word.
 """
 
@@ -59,12 +60,15 @@ CHUNK_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_CHUNK", 256 * 1024))
 RING_DEPTH = 4
 PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 20))
 NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
-SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 100)) * 1e-6
+SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 50)) * 1e-6  # then sleep on the doorbell
 SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
 SLEEP_AFTER_S = float(os.environ.get("MOONCAKE_FAST_CPU_SLEEP_AFTER_US", 20)) * 1e-6  # blocked this long: ring me
 LIVENESS_PERIOD_S = 0.002
 MIN_SEGMENT = 64 * 1024
-YIELD = os.environ.get("MOONCAKE_FAST_CPU_YIELD", "1") != "0"  # progress() yields while blocked
+# sched_yield while spinning: off by default.  On a loaded machine a yield can hand the core away
+# for a whole time slice (measured: ~150 us per yield at load 4 on 2 cores), while a short spin
+# followed by a blocking sleep gets the woken rank scheduled at once.
+YIELD = os.environ.get("MOONCAKE_FAST_CPU_YIELD", "0") == "1"
 
 SEQ_BITS = 40
 
@@ -466,9 +470,9 @@ class ShmGroup:
 
     def wait(self, op: "ShmOp", timeout_s: float) -> bool:
         """Block until ``op`` is committed (True), a peer of it is found dead that was not known
-        dead when the call began, or ``timeout_s`` passed (False).  Spins (yielding the core) for
-        ``SPIN_S``, then sets SLEEPING and sleeps on this rank's doorbell, which peers ring when
-        they change a word while SLEEPING is set."""
+        dead when the call began, or ``timeout_s`` passed (False).  Spins for ``SPIN_S`` after
+        the last progress, then sets SLEEPING and sleeps on this rank's doorbell, which peers
+        ring when they change a word while SLEEPING is set."""
         now = time.monotonic()
         deadline = now + max(timeout_s, 0.0)
         spin_end = now + SPIN_S
@@ -493,7 +497,8 @@ class ShmGroup:
                 if now >= deadline:
                     return False
                 if now < spin_end:
-                    os.sched_yield()
+                    if YIELD:
+                        os.sched_yield()
                     continue
                 if not asleep:  # ask to be rung, then look once more before sleeping
                     asleep = True
@@ -575,7 +580,7 @@ class ShmOp:
         if self.state < COMMITTED:
             self.g.pump()
             if YIELD and self.state < COMMITTED:
-                os.sched_yield()  # still waiting on peers: let a runnable peer (or anyone) have the core
+                os.sched_yield()  # still waiting on peers: let a runnable peer have the core
 
     def wait(self, timeout_s: float) -> bool:
         """Block until committed (True), a peer of this op is newly found dead, or ``timeout_s``
