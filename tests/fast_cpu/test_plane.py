@@ -17,7 +17,8 @@ from mooncake.model.reduce import ReduceOp, check_reducible
 from mooncake.testing.compare import bitwise_equal
 
 # small ring chunks and a low pipeline threshold: the pipelined all_reduce runs on small tensors
-ENV = {"MOONCAKE_FAST_CPU_PIPELINE_MIN": "2048", "MOONCAKE_FAST_CPU_CHUNK": "1024"}
+ENV = {"MOONCAKE_FAST_CPU_PIPELINE_MIN": "2048", "MOONCAKE_FAST_CPU_CHUNK": "1024",
+       "MOONCAKE_FAST_CPU_RING_MIN_RANKS": "2"}
 TIMEOUT_S = 120
 
 

@@ -1,13 +1,13 @@
 """The shared-memory data plane: one ``ShmGroup`` per process group, one ``ShmOp`` per collective.
 
-Protocol (docs/fast-cpu.md has the picture).  Each rank owns, per group, a small *control* segment
+Protocol (benchmarks/results/cpu/README.md has an overview).  Each rank owns, per group, a small *control* segment
 (words only it writes, except the doorbell's RUNG word) and *lane* segments it fills; peers map them
 read-only in practice.  An operation numbered ``seq`` under view epoch ``e`` has the key
 ``(e << 40) | seq`` and uses lane ``seq % 2``, so two consecutive operations never share buffers.
 
 1. **post**: once every active peer has released (FREE) this lane of the previous operation that
-   used it (or already holds this operation), a rank copies its payload into its lane segment, writes the slot table and the
-   operation's description, then the lane's PUB word = key.
+   used it (or already holds this operation), a rank copies its payload into its lane segment,
+   writes the slot table and the operation's description, then the lane's PUB word = key.
 2. **data complete**: every peer whose payload this rank needs has PUB = key (large reductions:
    every owner of a part has folded it, RED = key, see below).  The rank records that it now
    reads this lane of its peers (HOLD) and writes DONE = key.
@@ -19,18 +19,19 @@ read-only in practice.  An operation numbered ``seq`` under view epoch ``e`` has
    ops), its outputs are computed into private memory ("stash") and its lanes freed at once, so
    peers never wait on this rank's control plane.
 
-Large all_reduce (``PIPELINE_MIN_BYTES`` and up) is a pipelined reduce-scatter: the tensor is cut
-into one part per active rank; every rank streams its slices of the other ranks' parts through a
-small ring per (writer, reader) pair (``RING_DEPTH`` chunks of ``CHUNK_BYTES``, which stay in
-cache), and each owner folds its part, in ascending rank order, into its lane's result region
-(RED = key when done).  ``finish`` copies every part from its owner's result region.
+Large all_reduce (``PIPELINE_MIN_BYTES`` and up, with ``RING_MIN_RANKS`` ranks or more) is a
+pipelined reduce-scatter: the tensor is cut into one part per active rank; every rank streams its
+slices of the other ranks' parts through a small ring per (writer, reader) pair (``RING_DEPTH``
+chunks of ``CHUNK_BYTES``, which stay in cache), and each owner folds its part, in ascending rank
+order, into its lane's result region (RED = key when done).  ``finish`` copies every part from its
+owner's result region.
 
-Waiting: a rank whose head operation stays blocked on its peers for ``SLEEP_AFTER_S`` sets its
-SLEEPING word; a peer that then changes a word it waits on rings its *doorbell* (an abstract-
-namespace datagram socket, named in the control segment).  ``PlaneOp.wait`` (which the control
-plane's ``Work.wait`` calls) spins for ``SPIN_S`` after the last progress, then sleeps on the
-doorbell: an idle or long-blocked rank uses no CPU, and a woken sleeper is scheduled promptly.
-Liveness: a pidfd per peer (a dead process makes it readable) and the peer's CLOSED word.
+Waiting: ``PlaneOp.wait`` (which the control plane's ``Work.wait`` calls) spins for ``SPIN_S``
+after the last progress, then sets this rank's SLEEPING word and sleeps on its *doorbell*, an
+abstract-namespace datagram socket named in the control segment; a peer that changes a word while
+SLEEPING is set rings it.  An idle or long-blocked rank uses no CPU, and a woken sleeper is
+scheduled at once.  Liveness: a pidfd per peer (a dead process makes it readable) and the peer's
+CLOSED word.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ from .segment import Segment, SegmentError, host_identity
 CHUNK_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_CHUNK", 256 * 1024))
 RING_DEPTH = 4
 PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 20))
+# With 2 ranks the eager all_reduce moves about as many bytes per core as the ring (5N against
+# 4.5N) and needs one synchronisation instead of one per chunk: measured equal or faster at
+# 256 KiB - 64 MiB.  From 3 ranks on, the eager fold reads every rank's full input, the ring
+# only 1/n of it.
+RING_MIN_RANKS = 3
 NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 50)) * 1e-6  # then sleep on the doorbell
 SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
@@ -1143,6 +1149,7 @@ class FastCpuGroup:
         self.info = info
         # read per group (tests and benchmarks compare settings within one process)
         self.pipeline_min = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", PIPELINE_MIN_BYTES))
+        self.ring_min_ranks = int(os.environ.get("MOONCAKE_FAST_CPU_RING_MIN_RANKS", RING_MIN_RANKS))
         self.shm = ShmGroup(info)
         try:
             self.shm.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
@@ -1164,7 +1171,7 @@ class FastCpuGroup:
     def all_reduce(self, ctx, tensor, op):
         if self.shm.delegate:
             return self._ref().all_reduce(ctx, tensor, op)
-        big = _nbytes(tensor) >= self.pipeline_min and len(ctx.view.active) > 1
+        big = _nbytes(tensor) >= self.pipeline_min and len(ctx.view.active) >= self.ring_min_ranks
         return self._run((_RingAllReduce if big else _AllReduce)(self.shm, ctx, tensor, op))
 
     def broadcast(self, ctx, tensor, root):
