@@ -65,7 +65,10 @@ PIPELINE_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", 1 << 2
 # 256 KiB - 64 MiB.  From 3 ranks on, the eager fold reads every rank's full input, the ring
 # only 1/n of it.
 RING_MIN_RANKS = 3
-NT_MIN_BYTES = 2 << 20  # copies at least this big use non-temporal stores
+# Copies and folds at least this big write with non-temporal stores (past the cache anyway).
+# Measured on the 2-core machine (2 ranks, eager all_reduce): regular stores win up to 16 MiB
+# (4.3 against 3.0 GB/s), non-temporal ones from 32 MiB on (3.5 against 2.8-3.0 GB/s).
+NT_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CPU_NT_MIN", 32 << 20))
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CPU_SPIN_US", 50)) * 1e-6  # then sleep on the doorbell
 SLEEP_SLICE_S = 0.002  # longest sleep of wait() before re-checking liveness
 SLEEP_AFTER_S = float(os.environ.get("MOONCAKE_FAST_CPU_SLEEP_AFTER_US", 20)) * 1e-6  # blocked this long: ring me
