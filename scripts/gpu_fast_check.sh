@@ -7,7 +7,16 @@
 #   5. failure case: one rank exits before dispatch; survivors finish within timeout_us, active_ranks[dead] = 0
 #   6. integration: the same grid through
 #      mooncake.ep.Buffer with MOONCAKE_IMPL=fast
-# STEPS (default "unit grid bench fail integration") picks steps; RANKS, BENCH_RANKS, FAIL_RANKS the sizes.
+#   7. pg, pgx: the PG conformance suite (tests/pg) on CUDA tensors, backend "mooncake", MOONCAKE_IMPL=fast and ref,
+#      2/3/4/8 ranks and the masked / reserved-slot configurations: every output bitwise vs mooncake.model, fast
+#      vs ref case by case, and vs gloo where exact (pg); the PG face on CUDA (Work.wait stream ordering, graph
+#      capture refused); the CUDA plane driven directly for PG_RANKS; then pg_check.py's failure cases
+#      (ranks SIGKILLed inside an all_reduce: survivors agree, bitwise) with FAIL_PG_RANKS ranks and its
+#      all_reduce benchmark against the HBM floor for PG_BENCH_RANKS (pgx).  PG_CONFIGS picks conformance
+#      configurations (tests/pg/test_conformance.py names; default all, which takes longer than one 600 s call).
+#      Needs the ucxx wheels carried in .whl/ (the ref plane and the PG face use UCX).
+# STEPS (default "unit grid bench fail integration pg pgx") picks steps (each run must fit the device's 600 s
+# command limit: pg alone takes most of it); RANKS, BENCH_RANKS, FAIL_RANKS the sizes.
 # Logs go to $OUT (or ./gpu-out).  Notes of what each run showed: docs/gpu-runs.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +26,7 @@ export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
 ranks=${RANKS:-1,2,4,8}
 bench_ranks=${BENCH_RANKS:-2,4,8}
 rc=0
-steps=" ${STEPS:-unit grid bench fail integration} "
+steps=" ${STEPS:-unit grid bench fail integration pg pgx} "
 has() { [[ "$steps" == *" $1 "* ]]; }
 step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failures
   local name=$1 t=$2; shift 2
@@ -31,6 +40,12 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failur
   return $code
 }
 
+if ls .whl/*.whl >/dev/null 2>&1; then  # ucxx for the PG steps
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$out/wheels.txt" 2>&1 || echo "wheel install failed: $(tail -n 3 "$out/wheels.txt")" | tee -a "$out/summary.txt"
+  rm -f "$out/wheels.txt"
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
   nvcc --version | tail -2; } > "$out/machine.txt" 2>&1
@@ -62,6 +77,16 @@ done
 has fail && step fail 200 python3 tests/fast_cuda/fcuda_grid.py --ranks "${FAIL_RANKS:-4,8}" --fail --out "$out/fail" --timeout 120
 has integration && MOONCAKE_IMPL=fast step integration 300 python3 tests/fast_cuda/fcuda_grid.py --via-buffer \
   --ranks "${INTEG_RANKS:-2,8}" --out "$out/integ" --timeout 120
+has pg && MOONCAKE_TEST_DEVICE=cuda MOONCAKE_TEST_CONFIGS=${PG_CONFIGS:-} step "pg-conformance${PG_CONFIGS:+-${PG_CONFIGS//,/-}}" \
+  480 python3 -m pytest -q -p no:cacheprovider --maxfail=20 --timeout 450 --durations=12 tests/pg/test_conformance.py \
+  -k "initial_view or matches_model or impls_agree or matches_gloo" -rfEs
+if has pgx; then
+  step pg-face 240 python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_cuda_pg_face.py -rfEs
+  MOONCAKE_FAST_CUDA_RANKS=${PG_RANKS:-2,8} step pg-plane 300 python3 -m pytest -q -p no:cacheprovider \
+    tests/fast_cuda/test_fast_cuda_pg.py -k test_cuda_ -rfEs
+  step pg-check 240 python3 tests/fast_cuda/pg_check.py --steps fail,bench --ranks "${PG_BENCH_RANKS:-2,4,8}" \
+    --fail-ranks "${FAIL_PG_RANKS:-4}" --deadline 180 --out "$out"
+fi
 grep -h "PASS\|FAIL" "$out"/grid.txt "$out"/fail.txt "$out"/integration.txt 2>/dev/null | tail -n 20 >> "$out/summary.txt"
 # what comes back is at most 8 files: summary, setup, grid, bench, fail logs and one archive
 if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
@@ -72,7 +97,8 @@ cat "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt > "$out/
 cat "$out"/bench-R*.txt > "$out/bench.txt" 2>/dev/null
 [ -f "$out/grid-nomps.txt" ] && cat "$out/grid-nomps.txt" >> "$out/grid.txt"
 rm -f "$out"/machine.txt "$out"/build.txt "$out"/load.txt "$out"/unit.txt "$out"/bench-R*.txt "$out/grid-nomps.txt"
-tar czf "$out/details.tgz" -C "$out" $(cd "$out" && ls -d grid grid-nomps fail bench integ mps-log 2>/dev/null) \
-  2>/dev/null && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench "$out"/integ "$out"/mps-log
+details=$(cd "$out" && ls -d grid grid-nomps fail bench integ 2>/dev/null)
+[ -n "$details" ] && tar czf "$out/details.tgz" -C "$out" $details mps-log 2>/dev/null && rm -rf "$out"/grid "$out"/grid-nomps "$out"/fail "$out"/bench "$out"/integ "$out"/mps-log
+rm -rf "$out/mps-log"
 echo "gpu_fast_check rc=$rc" | tee -a "$out/summary.txt"
 exit $rc

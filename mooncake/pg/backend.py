@@ -403,6 +403,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if t.device.type != want:
             raise ArgumentError(f"{what} is on {t.device}, but backend {self._backend_name} takes "
                                 f"{want} tensors")
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ArgumentError(f"{what}: CUDA graph capture of mooncake process-group operations is not "
+                                "supported (every operation commits through host-side control words, which a "
+                                "graph cannot replay); issue it outside the captured region. "
+                                "mooncake.ep.Buffer dispatch/combine can be captured.")
 
     def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str) -> None:
         self._check_tensor(t, what)

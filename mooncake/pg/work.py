@@ -3,6 +3,7 @@ raised while completing reach ``wait()`` and finite wait timeouts are honoured).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -15,6 +16,11 @@ from ..control.errors import MooncakeError, OpTimeoutError, PeerFailureError
 
 _PENDING, _DONE, _FAILED = range(3)
 _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
+
+
+def _on_stream(stream) -> contextlib.AbstractContextManager:
+    """Make ``stream`` current (a CUDA stream) or do nothing (None)."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
 class Collective:
@@ -31,6 +37,10 @@ class MooncakeWork(dist.Work):
     expires first returns ``False`` and leaves the operation running (its own deadline, the group
     timeout, still applies).  ``failed_ranks`` lists the group ranks a failed operation lost, or
     that the survivors agreed had failed while it ran.
+
+    CUDA outputs are written on the stream that was current when the operation was issued; a
+    successful ``wait()`` also makes the stream current at the time of the call wait for those
+    writes (as NCCL's ``Work.wait`` does), so the outputs may be used on any stream after it.
 
     A collective (``collective`` given) commits only through its group's membership: if it cannot
     commit it waits for the survivors' decision, then finishes, is re-posted under the new view
@@ -56,6 +66,9 @@ class MooncakeWork(dist.Work):
         self._source_rank_value = source_rank
         self._collective = collective
         self._awaiting_decision = False
+        cuda_out = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
+        self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.device)
+        self._written = None  # CUDA event: the outputs' last write on self._stream
         self.failed_ranks: tuple[int, ...] = ()
         if op is None:
             self._complete()
@@ -157,8 +170,12 @@ class MooncakeWork(dist.Work):
 
     def _complete(self) -> None:
         try:
-            if self._after is not None:
-                self._after()
+            with _on_stream(self._stream):
+                if self._after is not None:
+                    self._after()
+                if self._stream is not None:
+                    self._written = torch.cuda.Event()
+                    self._written.record(self._stream)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
             return
@@ -195,6 +212,10 @@ class MooncakeWork(dist.Work):
                 self._engine.wait_until(self._advance, slice_end)
         if self._state == _FAILED:
             raise self._error
+        if self._written is not None:
+            current = torch.cuda.current_stream(self._stream.device)
+            if current != self._stream:
+                current.wait_event(self._written)
         return True
 
     def is_completed(self) -> bool:

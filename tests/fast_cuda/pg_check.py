@@ -6,8 +6,8 @@ Steps (``--steps``, default all), for each R in ``--ranks`` (all ranks share the
 * ``plane``: the plane driven directly (tests/fast_cuda/pg_harness.py): every collective x every dtype x
   every valid reduce op, slot counts R and R + 1 (a reserved slot), sizes 1 / 37 / 5000, an inactive
   middle rank, async posting with large all_reduce; every output bitwise vs ``mooncake.model``.
-* ``pg``: torch.distributed on backend ``mooncake`` with CUDA tensors, ``MOONCAKE_IMPL=fast`` (with the
-  PG-face change of pg_integration.py applied in the workers) and ``MOONCAKE_IMPL=ref``: every collective
+* ``pg``: torch.distributed on backend ``mooncake`` with CUDA tensors, ``MOONCAKE_IMPL=fast`` and
+  ``MOONCAKE_IMPL=ref``: every collective
   form (incl. *_into_tensor / *_tensor, ragged all_to_all_single), every output bitwise vs the model and
   fast vs ref.
 * ``fail``: R ranks, fast: rank 1 is killed inside all_reduce after it holds every payload but before its
@@ -15,7 +15,7 @@ Steps (``--steps``, default all), for each R in ``--ranks`` (all ranks share the
   survivors must return the model's result over the survivors with the mask showing the failure, and the
   next all_reduce must work.
 * ``bench``: all_reduce SUM float32 of 64 / 128 / 256 MiB: the plane alone (``op.wait``), dist.all_reduce
-  with today's ``Work.wait`` and with ``op.wait`` in it; and the device-to-device copy of the same size
+  (``Work.wait``); and the device-to-device copy of the same size
   (one process, and R processes at once) for the HBM floor = R x (one copy): every rank's input read once and
   its output written once.
 
@@ -239,9 +239,9 @@ def dist_expected(case: dict, world: int):
     return [None] * world
 
 
-def dist_cluster(world: int, impl: str, timeout_s: float = 60.0, wait: bool = False) -> Cluster:
+def dist_cluster(world: int, impl: str, timeout_s: float = 60.0) -> Cluster:
     emulate = EMULATE["on"]
-    options = ("pg_integration.options", (), {"wait": wait, "emulate": emulate}) if impl == "fast" else None
+    options = ("pg_integration.options", (), {}) if impl == "fast" and emulate else None
     env = {"MOONCAKE_IMPL": impl, **(EMU_ENV if emulate else {})}
     return Cluster(world, "mooncake-cpu" if emulate else "mooncake", device="cpu" if emulate else "cuda",
                    env=env, timeout_s=timeout_s, options=options)
@@ -288,13 +288,9 @@ def pg_compare(world: int):
 
 
 def pg_bench(c: Cluster, world: int, sizes, iters: int, floors):
-    for wait in (False, True):
-        c.run(J.set_wait, wait)
-        for size in sizes:
-            times = c.run(J.bench_dist_all_reduce, size // 4, iters)
-            _bench_row("dist, op.wait in Work.wait" if wait else "dist, Work.wait as today", world, size, times,
-                       floors.get(size))
-    c.run(J.set_wait, False)
+    for size in sizes:
+        times = c.run(J.bench_dist_all_reduce, size // 4, iters)
+        _bench_row("dist (Work.wait)", world, size, times, floors.get(size))
     return True, "see BENCH lines"
 
 

@@ -140,11 +140,6 @@ def allreduce_after(seed: int, numel: int = 4099):
     return x, pg.get_active_ranks(dist.group.WORLD).clone()
 
 
-def set_wait(on: bool):
-    import pg_integration
-    return pg_integration.set_wait(on)
-
-
 def bench_dist_all_reduce(numel: int, iters: int, warmup: int = 3):
     """Per-iteration seconds of dist.all_reduce SUM of ``numel`` float32 on CUDA (GPU synchronised
     around each call), after a barrier."""
@@ -189,3 +184,46 @@ def copy_time(nbytes: int, iters: int = 10, barrier_store_key: str | None = None
 
 def reduce_op_name(op) -> str:
     return ReduceOp(op).name
+
+
+def wait_on_other_stream(numel: int, iters: int):
+    """Issue all_reduce SUM on a side stream, wait() on the main stream and read the result there at
+    once; returns, per iteration, how many elements the main stream saw wrong (the work is issued right
+    after a long side-stream kernel, so without the ordering the read races the result's write)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = _dev()
+    side = torch.cuda.Stream(dev)
+    want = float(world * (world + 1) // 2)
+    wrong = []
+    for i in range(iters):
+        x = torch.full((numel,), float(rank + 1), device=dev)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time on the side stream before the operation
+            work = dist.all_reduce(x, async_op=True)
+        work.wait()  # main stream now ordered after the side stream's writes
+        seen = x.clone()  # on the main stream
+        wrong.append(int((seen != want).sum()))
+        torch.cuda.synchronize()
+    return wrong
+
+
+def capture_refused():
+    """A collective issued while a CUDA graph is being captured is refused before it communicates; the
+    group then still works.  Returns (error type, message, the following all_reduce's value)."""
+    rank = dist.get_rank()
+    dev = _dev()
+    x = torch.ones(16, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(dev)
+    err = None
+    with torch.cuda.stream(stream):
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                dist.all_reduce(x)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            err = (type(exc).__name__, str(exc))
+    torch.cuda.synchronize()
+    y = torch.full((4,), float(rank + 1), device=dev)
+    dist.all_reduce(y)
+    return err, y.cpu().tolist()

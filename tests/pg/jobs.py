@@ -38,10 +38,11 @@ ROWS = SLOT_SHAPE[0]
 
 # ----------------------------------------------------------------------------- options factories
 
-def make_options(rank, world_size, mask, capacity=None, extension_ranks=()):
-    """pg_options factory for Cluster(options=("pg.jobs.make_options", (mask, cap, ext), {}))."""
+def make_options(rank, world_size, mask, capacity=None, extension_ranks=(), device="cpu"):
+    """pg_options factory for Cluster(options=("pg.jobs.make_options", (mask, cap, ext), {"device": d}));
+    the mask lives on the backend's device."""
     import mooncake.pg as pg
-    return pg.MooncakeBackendOptions(torch.tensor(list(mask), dtype=torch.int32),
+    return pg.MooncakeBackendOptions(torch.tensor(list(mask), dtype=torch.int32, device=device),
                                      is_extension=rank in tuple(extension_ranks),
                                      max_world_size=capacity)
 
@@ -134,7 +135,7 @@ def noncontig_copy(values: torch.Tensor) -> torch.Tensor:
     """A transposed (non-contiguous) tensor holding ``values``."""
     if values.dim() != 2:
         return values.clone()
-    buf = torch.empty(values.shape[::-1], dtype=values.dtype).t()
+    buf = torch.empty(values.shape[::-1], dtype=values.dtype, device=values.device).t()
     buf.copy_(values)
     assert not buf.is_contiguous() or values.numel() <= 1 or 1 in values.shape
     return buf
@@ -144,9 +145,9 @@ class StridedOut:
     """An output that is every second column of a wider buffer; ``guard_ok`` checks that the
     columns in between were left alone."""
 
-    def __init__(self, dtype_name, shape, seed, rank):
+    def __init__(self, dtype_name, shape, seed, rank, device="cpu"):
         rows, cols = shape
-        self.buf = garbage(dtype_name, (rows, 2 * cols), seed, rank + 1000)
+        self.buf = garbage(dtype_name, (rows, 2 * cols), seed, rank + 1000).to(device)
         self.before = self.buf.clone()
         self.view = self.buf[:, ::2]
 
@@ -160,20 +161,25 @@ def _red(name: str):
 
 # ----------------------------------------------------------------------------- one grid case
 
-def run_case(case, rank: int):
-    """Run ``case`` on this rank; returns the output tensor(s) (None where the op has none here)."""
+def run_case(case, rank: int, device: str = "cpu"):
+    """Run ``case`` on this rank with tensors on ``device``; returns the output tensor(s) as CPU
+    tensors (None where the op has none here)."""
     op, dt, k, variant, seed = case["op"], case["dtype"], case["k"], case["variant"], case["seed"]
     vals = case_inputs(case, rank)
+    if isinstance(vals, torch.Tensor):
+        vals = vals.to(device)
+    elif vals is not None:
+        vals = [v.to(device) for v in vals]
     nc = variant == "noncontig"
     inplace = variant == "inplace"
     guards: list[StridedOut] = []
 
     def out_tensor(shape, salt=0):
         if nc and len(shape) == 2:
-            s = StridedOut(dt, shape, seed + salt, rank)
+            s = StridedOut(dt, shape, seed + salt, rank, device)
             guards.append(s)
             return s.view
-        return garbage(dt, shape, seed + salt, rank)
+        return garbage(dt, shape, seed + salt, rank).to(device)
 
     def inp(v):
         return noncontig_copy(v) if nc else v.clone()
@@ -182,8 +188,8 @@ def run_case(case, rank: int):
         if not all(g.guard_ok() for g in guards):
             raise AssertionError("a strided output view's neighbouring memory was overwritten")
         if isinstance(result, list):
-            return [t.clone() for t in result]
-        return None if result is None else result.clone()
+            return [t.to("cpu", copy=True) for t in result]
+        return None if result is None else result.to("cpu", copy=True)
 
     if op == "all_reduce":
         x = inp(vals)
@@ -205,7 +211,7 @@ def run_case(case, rank: int):
         dist.all_gather(outs, x)
         return done(outs)
     if op == "all_gather_into_tensor":
-        out = garbage(dt, (ROWS * k, SLOT_SHAPE[1]), seed, rank)
+        out = garbage(dt, (ROWS * k, SLOT_SHAPE[1]), seed, rank).to(device)
         if inplace:
             x = out.narrow(0, rank * ROWS, ROWS)
             x.copy_(vals)
@@ -264,15 +270,16 @@ def run_case(case, rank: int):
     raise ValueError(f"unknown op {op}")
 
 
-def run_grid(cases, skip_ranks=()):
-    """Run every case in order; per case the output(s) or ("error", type, message)."""
+def run_grid(cases, skip_ranks=(), device="cpu"):
+    """Run every case in order on ``device`` tensors; per case the output(s) (CPU tensors) or
+    ("error", type, message)."""
     rank = dist.get_rank()
     if rank in tuple(skip_ranks):
         return None
     results = []
     for case in cases:
         try:
-            results.append(run_case(case, rank))
+            results.append(run_case(case, rank, device))
         except Exception as exc:  # noqa: BLE001 - reported per case
             results.append(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
     return results

@@ -29,10 +29,17 @@ from mooncake.testing.compare import bitwise_equal
 from pg import jobs
 from pg.conftest import PYTHONPATH
 
-# MOONCAKE_IMPL values to run the whole suite under; append "fast" once it serves CPU tensors.
+# MOONCAKE_IMPL values to run the whole suite under.
 IMPLS = ["ref", "fast"]
 
-BACKEND = "mooncake-cpu"
+# MOONCAKE_TEST_DEVICE=cuda runs the grid on CUDA tensors through backend "mooncake" (the GPU machine,
+# scripts/gpu_pg_conformance.sh), with an 8-rank configuration added; the rest of the suite is CPU-only.
+DEVICE = os.environ.get("MOONCAKE_TEST_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"MOONCAKE_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
+TAG = DEVICE.upper()
+BACKEND = "mooncake" if DEVICE == "cuda" else "mooncake-cpu"
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only (MOONCAKE_TEST_DEVICE=cuda runs the grid)")
 TIMEOUT_S = 60  # cluster run deadline and process-group timeout
 DTYPE_NAMES = list(jobs.DTYPES)
 REDUCTIONS = [op.name for op in ReduceOp]
@@ -75,7 +82,7 @@ class Config:
     def options(self):
         if self.mask is None:
             return None
-        return ("pg.jobs.make_options", (self.mask, self.capacity, self.extension), {})
+        return ("pg.jobs.make_options", (self.mask, self.capacity, self.extension), {"device": DEVICE})
 
 
 CONFIGS = [
@@ -92,14 +99,16 @@ CONFIGS = [
     Config("w2zeros", 2, (0, 0)),
     # inactive highest rank: dist.get_world_size() (3) < number of processes (4)
     Config("w4tail3", 4, (1, 1, 1, 0), None, (3,)),
-]
+] + ([Config("w8", 8)] if DEVICE == "cuda" else [])
+if os.environ.get("MOONCAKE_TEST_CONFIGS"):  # a comma-separated subset of the names above (GPU runs in parts)
+    CONFIGS = [c for c in CONFIGS if c.name in os.environ["MOONCAKE_TEST_CONFIGS"].split(",")]
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
-FULL = ["w1", "w2", "w3", "w4"]  # compared with gloo as well
+FULL = [n for n in ("w1", "w2", "w3", "w4") if n in CONFIG_BY_NAME]  # compared with gloo as well
 
 
 def mooncake_cluster(cluster_factory, cfg: Config, impl: str):
     return cluster_factory(cfg.world, BACKEND, options=cfg.options(), env={"MOONCAKE_IMPL": impl},
-                           timeout_s=TIMEOUT_S)
+                           timeout_s=TIMEOUT_S, device=DEVICE)
 
 
 # ============================================================================= the grid
@@ -185,11 +194,11 @@ def _grid_results(cluster_factory, impl: str, cfg_name: str, backend: str) -> li
         cfg = CONFIG_BY_NAME[cfg_name]
         if backend == "gloo":
             cluster = cluster_factory(cfg.world, "gloo", timeout_s=TIMEOUT_S)
-            cases = GLOO_CASES[cfg_name]
+            cases, device = GLOO_CASES[cfg_name], "cpu"
         else:
             cluster = mooncake_cluster(cluster_factory, cfg, impl)
-            cases = CASES[cfg_name]
-        _RESULTS[key] = cluster.run(jobs.run_grid, cases, cfg.extension, timeout_s=240)
+            cases, device = CASES[cfg_name], DEVICE
+        _RESULTS[key] = cluster.run(jobs.run_grid, cases, cfg.extension, device, timeout_s=240)
     return _RESULTS[key]
 
 
@@ -253,15 +262,15 @@ def assert_same(got, want, where: str) -> None:
     assert bitwise_equal(got, want), f"{where}: got {_describe(got)}, expected {_describe(want)}"
 
 
-GRID_PARAMS = [pytest.param(impl, cfg.name, i, id=f"CPU-{impl}-{cfg.name}-{case['id']}")
+GRID_PARAMS = [pytest.param(impl, cfg.name, i, id=f"{TAG}-{impl}-{cfg.name}-{case['id']}")
                for impl in IMPLS for cfg in CONFIGS for i, case in enumerate(CASES[cfg.name])]
-GLOO_PARAMS = [pytest.param(impl, name, i, id=f"CPU-{impl}-{name}-{case['id']}")
+GLOO_PARAMS = [pytest.param(impl, name, i, id=f"{TAG}-{impl}-{name}-{case['id']}")
                for impl in IMPLS for name in FULL for i, case in enumerate(GLOO_CASES[name])]
 
 
 class TestViewCPU:
     @pytest.mark.timeout(180)
-    @pytest.mark.parametrize("impl,cfg_name", [pytest.param(i, c.name, id=f"CPU-{i}-{c.name}")
+    @pytest.mark.parametrize("impl,cfg_name", [pytest.param(i, c.name, id=f"{TAG}-{i}-{c.name}")
                                                for i in IMPLS for c in CONFIGS])
     def test_initial_view(self, cluster_factory, impl, cfg_name):
         cfg = CONFIG_BY_NAME[cfg_name]
@@ -290,6 +299,24 @@ class TestGridCPU:
                 continue
             assert_same(results[rank][index], want[rank], f"{case['id']} rank {rank}")
 
+    @pytest.mark.timeout(300)
+    @pytest.mark.skipif(len(IMPLS) < 2, reason="needs two implementations")
+    @pytest.mark.parametrize("cfg_name", [pytest.param(c.name, id=f"{TAG}-{c.name}") for c in CONFIGS])
+    def test_impls_agree(self, cluster_factory, cfg_name):
+        """Every implementation gives the same bits (and the same errors) as the first, case by case."""
+        cfg = CONFIG_BY_NAME[cfg_name]
+        first, *others = [_grid_results(cluster_factory, impl, cfg_name, BACKEND) for impl in IMPLS]
+        for impl, results in zip(IMPLS[1:], others):
+            for rank in range(cfg.world):
+                if rank in cfg.extension:
+                    continue
+                for case, got, want in zip(CASES[cfg_name], results[rank], first[rank]):
+                    if isinstance(want, tuple) and want and want[0] == "error":
+                        assert isinstance(got, tuple) and got[:2] == want[:2], \
+                            f"{case['id']} rank {rank}: {IMPLS[0]} raised {want[1]}, {impl} gave {_describe(got)}"
+                        continue
+                    assert_same(got, want, f"{case['id']} rank {rank} ({impl} vs {IMPLS[0]})")
+
 
 class TestGlooOracleCPU:
     @pytest.mark.timeout(300)
@@ -315,6 +342,7 @@ def _model_all_reduce(values, op=ReduceOp.SUM):
     return M.all_reduce(values, op, [1] * len(values))[0]
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestAsyncCPU:
     @pytest.mark.timeout(180)
@@ -347,6 +375,7 @@ class TestAsyncCPU:
 
 # ============================================================================= P2P
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestP2PCPU:
     @pytest.mark.timeout(180)
@@ -381,6 +410,7 @@ class TestP2PCPU:
 
 # ============================================================================= subgroups
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestSubgroupsCPU:
     @pytest.mark.timeout(180)
@@ -459,6 +489,7 @@ def _check_error(outcome, kind: str, fragments: list[str], where: str) -> None:
         assert fragment in outcome["msg"], f"{where}: {fragment!r} not in the message {outcome['msg']!r}"
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestBadInputsCPU:
     @pytest.mark.timeout(180)
@@ -486,6 +517,7 @@ class TestBadInputsCPU:
         assert r0["follow_up"] == r1["follow_up"] == 3
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestDirectCallsCPU:
     @pytest.mark.timeout(180)
@@ -501,6 +533,7 @@ class TestDirectCallsCPU:
 
 # ============================================================================= options at init
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestOptionsCPU:
     @pytest.mark.timeout(180)
@@ -550,6 +583,7 @@ def _launch(argv: list[str], impl: str, timeout_s: float = 120) -> str:
     return out
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
 class TestLaunchersCPU:
     @pytest.mark.timeout(180)

@@ -66,9 +66,12 @@ Measured (one H100, R ranks under MPS; benchmarks/results/cuda/pg): every collec
 model and to ref for R = 2, 4; all_reduce of 64-256 MiB at 5.8-9.5x the HBM floor (about 9 N bytes moved
 per rank where 2 N would do, and three host-observed phase boundaries per operation).
 
-Not done: CUDA-graph capture (the protocol runs on the host), ordering a ``Work.wait()`` made on another
-stream than the one the operation was posted on, peers on other GPUs of the host (torch would need the
-fold's inputs on one device; untested), zero-copy from the caller's tensors.
+Streams and devices.  The PG face's ``Work.wait()`` orders the caller's current stream after the stream the
+outputs were written on.  A peer on another GPU of the host is served too: its lanes are opened with peer
+access and viewed as tensors of this rank's device, so this rank's fold and copies read them over NVLink / PCIe.
+
+Not done: CUDA-graph capture (the protocol runs on the host: the PG face refuses an operation issued while
+capturing), zero-copy from the caller's tensors.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
@@ -236,7 +239,13 @@ class _CudaMemory:
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32).pin_memory()
 
-    def _view(self, buf: _Buffer) -> torch.Tensor:
+    def _view(self, buf: _Buffer, owner_device: int | None = None) -> torch.Tensor:
+        """A uint8 tensor over ``buf`` on this rank's device.  A lane of a peer on another GPU of the host
+        (opened with peer access) gets a view labelled with this device too, so that the fold and the copies
+        run here and read the peer's memory over NVLink / PCIe."""
+        if owner_device is not None and owner_device != self.index:
+            storage = torch._C._construct_storage_from_data_pointer(buf.addr, self.device, buf.size)
+            return torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
         t = torch.as_tensor(_DevicePointer(buf.addr, buf.size), device=self.device)
         if t.data_ptr() != buf.addr or t.dtype is not torch.uint8 or t.numel() != buf.size:
             raise MooncakeError(f"CUDA PG plane: viewing device memory at {buf.addr:#x} gave a tensor at "
@@ -259,7 +268,7 @@ class _CudaMemory:
             raise
         return buf
 
-    def attach(self, handle: bytes, size: int, owner: str) -> _Buffer:
+    def attach(self, handle: bytes, size: int, owner: str, owner_device: int) -> _Buffer:
         lib, check = self.lib, self._check
         check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
         raw = (ctypes.c_uint8 * 64).from_buffer_copy(handle[:64].ljust(64, b"\0"))
@@ -272,7 +281,7 @@ class _CudaMemory:
         addr = ptr.value
         buf = _Buffer(addr, size, handle, lambda: lib.mc_ipc_close(addr))
         try:
-            buf.view = self._view(buf)
+            buf.view = self._view(buf, owner_device)
         except BaseException:
             buf.close()
             raise
@@ -332,7 +341,7 @@ class _EmulatedMemory:
         buf.view = seg.bytes[:size]
         return buf
 
-    def attach(self, handle: bytes, size: int, owner: str) -> _Buffer:
+    def attach(self, handle: bytes, size: int, owner: str, owner_device: int = 0) -> _Buffer:
         pid, fd, seg_size = struct.unpack_from("<qqq", handle)
         seg = Segment.attach(pid, fd, seg_size)
         buf = _Buffer(seg.addr, size, handle, seg.close, seg)
@@ -385,7 +394,7 @@ class _Peer:
             have[1].close()
         size = int(self.ctl[base + L_SIZE])
         handle = b"".join(struct.pack("<q", int(self.ctl[base + L_HANDLE + i])) for i in range(8))
-        buf = mem.attach(handle, size, f"rank {self.rank}")
+        buf = mem.attach(handle, size, f"rank {self.rank}", int(self.ctl[W_DEVICE]))
         self.lanes[lane] = (gen, buf)
         return buf.view
 

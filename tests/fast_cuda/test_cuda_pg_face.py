@@ -1,0 +1,38 @@
+"""The PG face (backend ``mooncake``) on CUDA tensors: stream ordering of ``Work.wait`` and refusing CUDA
+graph capture, for ref and fast.  Skipped where no CUDA device is usable.  On a machine with several GPUs the
+ranks spread over them (rank % device_count), so the fast plane's cross-GPU lanes are exercised as well."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pg_jobs as J  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+IMPLS = ["ref", "fast"]
+
+
+def _dist(cluster_factory, world, impl):
+    return cluster_factory(world, "mooncake", device="cuda", env={"MOONCAKE_IMPL": impl}, timeout_s=120)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wait_orders_the_callers_stream(cluster_factory, impl):
+    wrong = _dist(cluster_factory, 2, impl).run(J.wait_on_other_stream, 1 << 24, 5, timeout_s=240)
+    assert wrong == [[0] * 5] * 2
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
+    results = _dist(cluster_factory, 2, impl).run(J.capture_refused, timeout_s=120)
+    for err, after in results:
+        assert err is not None and err[0] == "ArgumentError" and "CUDA graph capture" in err[1], err
+        assert after == [3.0] * 4
