@@ -167,3 +167,28 @@ void mc_sum_f64(double *out, const double *const *ins, int k, size_t n, int nt) 
     for (size_t i = 0; i < n; i++) { double a = ins[0][i]; for (int j = 1; j < k; j++) a = a + ins[j][i]; out[i] = a; }
 }
 #endif
+
+/* ---- cross-process reads (P2P) ------------------------------------------------------------ */
+
+#include <sys/uio.h>
+
+/* Copy n bytes at address src of process pid into dst with process_vm_readv (cross-memory attach:
+ * one copy, no shared mapping), looping over partial reads.  Returns 0, or the errno of the failing
+ * call (EFAULT for a read that stopped short: the remote range is no longer mapped). */
+int mc_vm_read(int pid, void *dst, uint64_t src, size_t n) {
+    char *d = (char *)dst;
+    while (n > 0) {
+        struct iovec local = {d, n};
+        struct iovec remote = {(void *)(uintptr_t)src, n};
+        ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (got == 0) return EFAULT;
+        d += got;
+        src += (uint64_t)got;
+        n -= (size_t)got;
+    }
+    return 0;
+}

@@ -16,11 +16,14 @@ Helpers:
 * ``Futex``: process-shared futex wait / wake on an int32 word of a shared mapping.
 * ``store_fence(addr, value)``: a store followed by a full fence.
 * ``copy_ptr`` / ``sum_ptr``: the same on raw addresses (no tensor objects on the small-message path).
+* ``vm_read(pid, dst, src, nbytes)``: copy out of another process's memory (``process_vm_readv``),
+  for point-to-point messages (``p2p.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import subprocess
@@ -88,6 +91,8 @@ def _declare(cdll: ctypes.CDLL) -> None:
     cdll.mc_copy.argtypes = [c.c_void_p, c.c_void_p, c.c_size_t, c.c_int]
     for name in ("mc_sum_f32", "mc_sum_f64"):
         getattr(cdll, name).argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_size_t, c.c_int]
+    cdll.mc_vm_read.argtypes = [c.c_int, c.c_void_p, c.c_uint64, c.c_size_t]
+    cdll.mc_vm_read.restype = c.c_int
 
 
 def load() -> ctypes.CDLL | None:
@@ -189,3 +194,41 @@ def futex_bump_wake(addr: int) -> None:
     else:
         word = ctypes.c_int32.from_address(addr)
         word.value = (word.value + 1) & 0x7FFFFFFF
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = None
+
+
+def vm_read(pid: int, dst: int, src: int, nbytes: int) -> int:
+    """Copy ``nbytes`` from address ``src`` of process ``pid`` to ``dst`` in this process
+    (``process_vm_readv``, partial reads continued).  Returns 0, or the errno of the failure
+    (``ESRCH``: no such process; ``EPERM``: not permitted; ``EFAULT``: the remote range is not
+    mapped).  Without the compiled library, libc is called through ctypes."""
+    if nbytes <= 0:
+        return 0
+    if lib is not None:
+        return lib.mc_vm_read(pid, dst, src, nbytes)
+    global _libc
+    if _libc is None:
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.process_vm_readv.restype = ctypes.c_ssize_t
+        libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                          ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+        _libc = libc
+    while nbytes > 0:
+        local, remote = _IoVec(dst, nbytes), _IoVec(src, nbytes)
+        got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            return err
+        if got == 0:
+            return errno.EFAULT
+        dst, src, nbytes = dst + got, src + got, nbytes - got
+    return 0
