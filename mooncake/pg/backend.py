@@ -731,9 +731,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_open()
         staged: list = []
         x = self._stage(t, staged, False, p2p=True).clone()
+        plane_send = getattr(self._plane, "p2p_send", None)  # the fast CPU plane: shared memory
         with self._lock:
             seq = self._p2p_seq(self._p2p_send_seq, dstRank, tag)
-            op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
+            op = plane_send(x, dstRank, tag, seq) if plane_send is not None else None
+            if op is None:
+                op = ref_p2p.send(self._p2p_context(), x, dstRank, tag, seq)
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
                                         name=f"send to rank {dstRank}"))
 
@@ -744,9 +747,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_open()
         staged: list = []
         y = self._stage(t, staged, True, p2p=True)
+        plane_recv = getattr(self._plane, "p2p_recv", None)
         with self._lock:
             seq = self._p2p_seq(self._p2p_recv_seq, srcRank, tag)
-            op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
+            op = plane_recv(y, srcRank, tag, seq) if plane_recv is not None else None
+            if op is None:
+                op = ref_p2p.recv(self._p2p_context(), y, srcRank, tag, seq)
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
                                         (lambda: t.copy_(y)) if staged else None, source_rank=srcRank,
                                         name=f"recv from rank {srcRank}"))
@@ -762,10 +768,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         sources = [r for r in self.view.active if r != self._rank]
         if not sources:
             raise ArgumentError("P2P recv from any source: this rank has no active peer")
+        take_seq = lambda src: self._p2p_seq(self._p2p_recv_seq, src, tag)  # noqa: E731
+        peek_seq = lambda src: self._p2p_recv_seq.get((src, tag), 0)  # noqa: E731
+        plane_recv_any = getattr(self._plane, "p2p_recv_any", None)
         with self._lock:
-            op = ref_p2p.recv_any(self._p2p_context(), y, sources, tag,
-                                  lambda src: self._p2p_seq(self._p2p_recv_seq, src, tag),
-                                  lambda src: self._p2p_recv_seq.get((src, tag), 0))
+            op = plane_recv_any(y, sources, tag, take_seq, peek_seq) if plane_recv_any is not None else None
+            if op is None:
+                op = ref_p2p.recv_any(self._p2p_context(), y, sources, tag, take_seq, peek_seq)
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],
                                         (lambda: t.copy_(y)) if staged else None,
                                         source_rank=op.source_rank,

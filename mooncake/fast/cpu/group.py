@@ -88,6 +88,7 @@ W_RUNG = 8  # set by a peer that rang this rank's doorbell (cleared by this rank
 W_SLEEPING = 9  # this rank is blocked on its peers and may be asleep: ring its doorbell
 W_BELL = 10  # 4 words: the doorbell's abstract socket name (32 bytes)
 W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
+W_P2P_GEN, W_P2P_FD, W_P2P_SIZE = 19, 20, 21  # this rank's P2P segment (p2p.py); GEN 0: none
 LANE0 = 24
 (L_PUB, L_META, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE, L_RED, L_DONE, L_HOLD, L_FREE,
  L_RESULT_OFF) = range(12)  # L_META: opcode | dtype code << 8 | reduce op << 16 | (root + 1) << 24
@@ -1154,15 +1155,44 @@ class FastCpuGroup:
         self.pipeline_min = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", PIPELINE_MIN_BYTES))
         self.ring_min_ranks = int(os.environ.get("MOONCAKE_FAST_CPU_RING_MIN_RANKS", RING_MIN_RANKS))
         self.shm = ShmGroup(info)
+        self.p2p = None
+        from . import p2p
+        self._p2p_reason = p2p.unavailable_reason()
         try:
-            self.shm.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
+            if self._p2p_reason is None:
+                self.p2p = p2p.ShmP2P(self.shm)
+            self.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
         except BaseException:
+            if self.p2p is not None:
+                self.p2p.close()
             self.shm.close()
             raise
 
     @property
     def delegate(self) -> str | None:
         return self.shm.delegate
+
+    @property
+    def p2p_delegate(self) -> str | None:
+        """Why P2P goes through the ref plane (UCX) instead of shared memory, or None."""
+        return self.shm.delegate or self._p2p_reason
+
+    # ---- point to point (p2p.py): None means "use the ref plane" ----------------------------------
+    def p2p_send(self, tensor, dst, tag, seq):
+        """Post message ``seq`` of (this rank, ``dst``, ``tag``) through shared memory; ``tensor`` is
+        contiguous and unchanged until the op completes.  None when ``p2p_delegate`` is set."""
+        return None if self.p2p_delegate else self.p2p.send(tensor, dst, tag, seq)
+
+    def p2p_recv(self, tensor, src, tag, seq):
+        """Post the receive of message ``seq`` of (``src``, this rank, ``tag``) into the contiguous
+        ``tensor``.  None when ``p2p_delegate`` is set."""
+        return None if self.p2p_delegate else self.p2p.recv(tensor, src, tag, seq)
+
+    def p2p_recv_any(self, tensor, sources, tag, take_seq, peek_seq):
+        """Post a receive of the next message with ``tag`` from any of ``sources`` (each one's FIFO
+        kept: ``peek_seq(src)`` / ``take_seq(src)`` read / consume the seq expected next from it); the
+        op's ``source_rank()`` names the sender.  None when ``p2p_delegate`` is set."""
+        return None if self.p2p_delegate else self.p2p.recv_any(tensor, sources, tag, take_seq, peek_seq)
 
     def _ref(self):
         from ...ref import collectives as ref
@@ -1219,6 +1249,14 @@ class FastCpuGroup:
 
     def add_ranks(self, addresses: dict[int, bytes]) -> None:
         self.shm.add_ranks(addresses)
+        if self.p2p is not None:
+            if self.shm.delegate:  # a rank on another host: P2P goes through ref from now on
+                self.p2p.close()
+                self.p2p = None
+            else:
+                self.p2p.attach()
 
     def close(self) -> None:
+        if self.p2p is not None:
+            self.p2p.close()
         self.shm.close()
