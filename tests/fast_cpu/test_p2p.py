@@ -16,12 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mooncake.fast.cpu.p2p import unavailable_reason
 from mooncake.testing.cluster import ClusterError
 
 ENV = {"MOONCAKE_IMPL": "fast"}
 TIMEOUT_S = 60  # as test_backend.py: the same 3-rank clusters serve both files
 KILL_TIMEOUT_S = 20  # group timeout of the kill cases: failures must be seen well before it
 KILL_BOUND_S = 5.0
+
+
+needs_shm_p2p = pytest.mark.skipif(unavailable_reason() is not None,
+                                   reason=f"P2P cannot go through shared memory here: {unavailable_reason()}")
 
 
 def _cluster(cluster_factory, n, **kwargs):
@@ -220,6 +225,7 @@ def _join_and_recv():
 
 # ------------------------------------------------------------------------------------------ tests
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_fifo_tags_any_source_noncontiguous(cluster_factory):
     res = _cluster(cluster_factory, 3).run(_ordering)
@@ -233,6 +239,7 @@ def test_fifo_tags_any_source_noncontiguous(cluster_factory):
         assert [v for s, v in got if s == src] == [[src, i] for i in range(3)]
 
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_payload_sizes_up_to_64mib(cluster_factory):
     from mooncake.fast.cpu.p2p import EAGER_MAX
@@ -241,11 +248,13 @@ def test_payload_sizes_up_to_64mib(cluster_factory):
         assert all(ok.values()), (rank, ok)
 
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_many_messages_in_flight(cluster_factory):
     assert _cluster(cluster_factory, 2).run(_many, 3000) == [True, True]
 
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_idle_waiter_sleeps_and_deadlines(cluster_factory):
     r0, r1 = _cluster(cluster_factory, 2).run(_idle_and_timeout)
@@ -260,6 +269,7 @@ def test_idle_waiter_sleeps_and_deadlines(cluster_factory):
     assert r0["after"].tolist() == [2.0] * 3 and r1["after"].tolist() == [1.0] * 3
 
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_killed_peer_fails_send_and_recv(cluster_factory):
     cluster = _cluster(cluster_factory, 2, timeout_s=KILL_TIMEOUT_S)
@@ -271,6 +281,7 @@ def test_killed_peer_fails_send_and_recv(cluster_factory):
     assert out["seconds"] < 0.5 + KILL_BOUND_S, out
 
 
+@needs_shm_p2p
 @pytest.mark.timeout(300)
 def test_replaced_peer_never_gets_predecessor_messages(cluster_factory):
     options = (f"{__name__}.make_options", (), {"capacity": 3})
