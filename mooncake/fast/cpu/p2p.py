@@ -39,7 +39,8 @@ record slot ``serial % SLOTS``, reusable once the previous occupant is acknowled
 3. **recv from any source** takes, among the active peers in rank order, the first whose *next*
    message with that tag (the receiver's next seq for that peer) has arrived: each peer's FIFO is kept.
 4. **abandon** (deadline or peer failure): a queued send is dropped; a published one is revoked
-   (``REVOKE = serial``) and its buffer stays referenced until acknowledged or the peer is gone.  A
+   (``REVOKE = serial``) and its buffer released (a receiver may still be copying it: reading
+   another process's freed memory harms nothing, and the re-check below discards what it read).  A
    receiver that reads a revoked record, or sees the revocation after its copy, discards the data
    and its receive fails ("withdrew"); so nothing of an abandoned send is ever delivered, and an
    abandoned receive is never written to (copies run under the P2P lock, which ``abandon`` takes).
@@ -610,9 +611,9 @@ class _Send(_Op):
             if self.state == QUEUED:
                 if self in link.queue:
                     link.queue.remove(self)
-                self.tensor = None
-            elif not link.gone:  # POSTED: withdraw it; the tensor stays referenced until acknowledged
+            elif not link.gone:  # POSTED: withdraw it (its slot stays taken until acknowledged)
                 self.p2p.w[link.rec_out + (self.serial % SLOTS) * RW + R_REVOKE] = self.serial
+            self.tensor = None
             self.state = ABANDONED
 
 
