@@ -567,6 +567,9 @@ class _Op:
 
 
 class _Send(_Op):
+    """One send: QUEUED until its record slot is free, then DONE at once (eager payload, copied into
+    the ring) or POSTED until the receiver acknowledges it (payload read in place)."""
+
     def __init__(self, p2p, link, tensor, tag, seq):
         super().__init__(p2p, tensor, tag)
         self.link, self.seq = link, seq
@@ -618,6 +621,9 @@ class _Send(_Op):
 
 
 class _Recv(_Op):
+    """One receive from a known source: WAITING until its message is read into ``tensor``, then DONE
+    (``error`` set, raised by ``finish``, for a withdrawn or mismatched message)."""
+
     def __init__(self, p2p, tensor, tag):
         super().__init__(p2p, tensor, tag)
         self.state = WAITING
