@@ -50,8 +50,8 @@ record slot ``serial % SLOTS``, reusable once the previous occupant is acknowled
    predecessor's messages (nor a removed process its successor's).
 
 Waiting: ``wait`` pumps every P2P operation of the group (a send's wait also drives this rank's
-pending receives, so paired isend / irecv never wait on each other), spins ``SPIN_S`` after the last
-progress, then sets the group's SLEEPING word and sleeps on its doorbell plus the pidfds of the peers
+pending receives, so paired isend / irecv never wait on each other), spins the group's ``spin_s`` after
+the last progress (none when the host has more ranks than cores), then sets the group's SLEEPING word and sleeps on its doorbell plus the pidfds of the peers
 involved; peers ring the doorbell after publishing or acknowledging.  A dead peer (pidfd readable,
 CLOSED word) makes ``failed_peers()`` non-empty; the Work's deadline bounds everything else.
 """
@@ -73,7 +73,7 @@ from ...control.errors import MooncakeError, WireError
 from ...control.wire import MAX_RANKS
 from ...model.reduce import DTYPE_CODES
 from . import native
-from .group import SPIN_S, W_CLOSED, W_P2P_FD, W_P2P_GEN, W_P2P_SIZE, W_SLEEPING, ShmGroup, _Peer
+from .group import W_CLOSED, W_P2P_FD, W_P2P_GEN, W_P2P_SIZE, W_SLEEPING, ShmGroup, _Peer
 from .segment import Segment, SegmentError
 
 SLOTS = 1024  # records per (sender, destination): messages published and not yet acknowledged
@@ -282,18 +282,19 @@ class ShmP2P:
 
     def wait(self, op: "_Op", timeout_s: float) -> bool:
         """Block until ``op`` completes (True), fails or is abandoned, a peer of it is newly found
-        dead, or ``timeout_s`` passes (False).  Spins ``SPIN_S`` after the last progress, then sleeps
-        on the group's doorbell and the peers' pidfds."""
+        dead, or ``timeout_s`` passes (False).  Spins the group's ``spin_s`` after the last progress
+        (none when the host has more ranks than cores), then sleeps on the group's doorbell and the
+        peers' pidfds."""
         g = self.g
         now = time.monotonic()
         deadline = now + max(timeout_s, 0.0)
-        spin_end = now + SPIN_S
+        spin_end = now + g.spin_s
         known_dead = op.failed_peers()
         asleep = False
         try:
             while True:
                 if self.pump():
-                    spin_end = time.monotonic() + SPIN_S
+                    spin_end = time.monotonic() + g.spin_s
                     if asleep and g.ctl is not None:
                         asleep = False
                         g.ctl[W_SLEEPING] = 0
