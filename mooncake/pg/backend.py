@@ -210,7 +210,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return bytes(record[_HELLO.size + capacity:])
 
     def _open_plane(self):
-        """The data plane serving this group's collectives (P2P always goes through ref)."""
+        """The data plane serving this group's collectives, and its P2P where it offers it (the fast CPU
+        plane between ranks of one host; everything else goes through ref)."""
         info = GroupInfo(self._store, f"mooncake/{self._index}", self._rank, self._capacity,
                          self._group_key, self._timeout_s, self._engine, self._addresses,
                          self._device_type)
@@ -482,7 +483,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         """A contiguous tensor to work on: the caller's own when it is a contiguous CPU tensor, or a
         contiguous device tensor and the collective's data plane takes device tensors (the CUDA fast
         plane: ``takes_device_tensors``); else a contiguous copy (on the device for such a plane, on the
-        CPU otherwise; P2P always goes through ref, on the CPU).  Outputs are copied back on completion."""
+        CPU otherwise; P2P tensors are always staged on the CPU).  Outputs are copied back on completion."""
         on_device = (not p2p and t.device.type != "cpu"
                      and getattr(self._plane, "takes_device_tensors", False))
         if (on_device or t.device.type == "cpu") and t.is_contiguous():
