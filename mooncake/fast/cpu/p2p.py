@@ -50,9 +50,10 @@ record slot ``serial % SLOTS``, reusable once the previous occupant is acknowled
    predecessor's messages (nor a removed process its successor's).
 
 Waiting: ``wait`` pumps every P2P operation of the group (a send's wait also drives this rank's
-pending receives, so paired isend / irecv never wait on each other), spins the group's ``spin_s`` after
-the last progress (none when the host has more ranks than cores), then sets the group's SLEEPING word and sleeps on its doorbell plus the pidfds of the peers
-involved; peers ring the doorbell after publishing or acknowledging.  A dead peer (pidfd readable,
+pending receives, so paired isend / irecv never wait on each other), spins the group's ``spin_s``
+after the last progress (none when the host has more ranks than cores), then sets the group's
+SLEEPING word and sleeps on its doorbell plus the pidfds of the peers involved; peers ring the
+doorbell after publishing or acknowledging.  A dead peer (pidfd readable,
 CLOSED word) makes ``failed_peers()`` non-empty; the Work's deadline bounds everything else.
 """
 
