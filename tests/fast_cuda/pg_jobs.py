@@ -227,3 +227,26 @@ def capture_refused():
     y = torch.full((4,), float(rank + 1), device=dev)
     dist.all_reduce(y)
     return err, y.cpu().tolist()
+
+
+def p2p_ring(numel: int):
+    """Each rank sends a CUDA tensor to the next rank and receives one from the previous (batch_isend_irecv
+    issued on a side stream, results read on the main stream after wait()); then a blocking send/recv pair
+    between ranks 0 and 1.  Returns what was received, on the CPU."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = _dev()
+    side = torch.cuda.Stream(dev)
+    send = torch.full((numel,), float(rank + 1), device=dev)
+    recv = torch.zeros(numel, device=dev)
+    with torch.cuda.stream(side):
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, (rank + 1) % world),
+                                       dist.P2POp(dist.irecv, recv, (rank - 1) % world)])
+    for req in reqs:
+        req.wait()
+    ring = recv.clone()
+    pair = torch.full((3,), -1.0, device=dev)
+    if rank == 0:
+        dist.send(torch.arange(3, dtype=torch.float32, device=dev), dst=1, tag=7)
+    elif rank == 1:
+        dist.recv(pair, src=0, tag=7)
+    return ring.cpu(), pair.cpu()

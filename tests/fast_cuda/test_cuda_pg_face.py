@@ -1,6 +1,7 @@
-"""The PG face (backend ``mooncake``) on CUDA tensors: stream ordering of ``Work.wait`` and refusing CUDA
-graph capture, for ref and fast.  Skipped where no CUDA device is usable.  On a machine with several GPUs the
-ranks spread over them (rank % device_count), so the fast plane's cross-GPU lanes are exercised as well."""
+"""The PG face (backend ``mooncake``) on CUDA tensors, for ref and fast: stream ordering of ``Work.wait``,
+refusing CUDA graph capture, P2P of CUDA tensors.  Skipped where no CUDA device is usable.  On a machine
+with several GPUs the ranks spread over them (rank % device_count), so the fast plane's cross-GPU lanes are
+exercised as well."""
 
 from __future__ import annotations
 
@@ -36,3 +37,14 @@ def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
     for err, after in results:
         assert err is not None and err[0] == "ArgumentError" and "CUDA graph capture" in err[1], err
         assert after == [3.0] * 4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p2p_of_cuda_tensors(cluster_factory, impl):
+    world = 3
+    results = _dist(cluster_factory, world, impl).run(J.p2p_ring, 1 << 20, timeout_s=120)
+    for rank, (ring, pair) in enumerate(results):
+        assert torch.equal(ring, torch.full((1 << 20,), float((rank - 1) % world + 1)))
+        want = torch.arange(3, dtype=torch.float32) if rank == 1 else torch.full((3,), -1.0)
+        assert torch.equal(pair, want)
