@@ -11,15 +11,16 @@ Points:
     after_data        every payload of a collective arrived, before its DONEs go out
     during_agreement  a failure agreement is about to write this rank's report
     during_join       ``join_group`` published its request, before it waits to be admitted
-Actions: ``kill`` (SIGKILL, no cleanup: like a crash) and ``stall`` (sleep ``stall_s``, default
-an hour: like a hung process).
+Actions: ``kill`` (SIGKILL, no cleanup: like a crash) and ``stall`` (SIGSTOP for ``stall_s``, default
+an hour, then SIGCONT: like a hung process.  Every thread stops, so the rank is alive but silent
+whichever thread reached the point; sleeping in that thread alone would leave the others answering).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
+import subprocess
 
 POINTS = ("before_send", "mid_transfer", "after_data", "during_agreement", "during_join")
 ACTIONS = ("kill", "stall")
@@ -51,7 +52,16 @@ def hit(point: str) -> None:
     del _armed[point]
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(stall_s)
+    if stall_s > 0:
+        _freeze(stall_s)
+
+
+def _freeze(stall_s: float) -> None:
+    """Stop this whole process for ``stall_s`` seconds: a detached shell sends the SIGCONT."""
+    subprocess.Popen(["/bin/sh", "-c", f"sleep {stall_s:.3f}; kill -CONT {os.getpid()}"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _arm_from_env() -> None:
