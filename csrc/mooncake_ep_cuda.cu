@@ -29,7 +29,7 @@
 #include <string.h>
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 3
+#define MC_ABI_VERSION 4
 
 namespace {
 

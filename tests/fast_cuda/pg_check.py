@@ -158,8 +158,11 @@ def plane_bench(c: Cluster, world: int, sizes, iters: int):
     c.run(H.open_plane, prefix, world, active)
     try:
         floors = copy_floor(c, world, sizes)
-        for label, parts_min in (("plane, parts", 1 << 20), ("plane, every rank folds all", 1 << 62)):
+        for label, parts_min, fold in (("plane, parts", 1 << 20, "kernel"),
+                                       ("plane, parts, torch fold", 1 << 20, "torch"),
+                                       ("plane, every rank folds all", 1 << 62, "kernel")):
             c.run(H.set_parts_min, parts_min)
+            c.run(H.set_fold, prefix, fold)
             for size in sizes:
                 times = c.run(H.bench_all_reduce, prefix, size // 4, iters)
                 _bench_row(label, world, size, times, floors[size])

@@ -186,6 +186,19 @@ def post_and_abandon(prefix: str, case: dict, wait_s: float = 0.3):
     return "committed" if committed else "abandoned"
 
 
+def commit_and_abandon(prefix: str, case: dict, timeout_s: float = 60.0):
+    """Post ``case``, wait until it is committed here, abandon it instead of finishing it; returns
+    (committed, this rank's tensor afterwards)."""
+    op, out = post_case(prefix, case)
+    deadline = time.monotonic() + timeout_s
+    while not op.committed and time.monotonic() < deadline:
+        op.wait(0.05)
+    committed = op.committed
+    op.abandon()
+    _sync()
+    return committed, out
+
+
 def mismatch(prefix: str, cases: list[dict]):
     """Run ``cases`` (which disagree across ranks); returns each outcome as text."""
     msgs = []
@@ -256,6 +269,13 @@ def set_parts_min(nbytes: int):
     """Set the two-phase all_reduce threshold of this worker (bench: parts vs every rank folding all)."""
     from mooncake.fast.cuda import pg
     pg.PARTS_MIN_BYTES = int(nbytes)
+    return True
+
+
+def set_fold(prefix: str, mode: str):
+    """Pick the plane's GPU fold in this worker: "kernel" (csrc's one pass) or "torch" (bench)."""
+    mem = _state[prefix]["plane"].g.mem
+    mem.fold_kernel = mode == "kernel"
     return True
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +119,30 @@ def test_emulated_repost_under_new_epoch(cluster_factory):
         results = c.run(H.run_cases, prefix, cases, ranks=[0, 1])
         bad = C.mismatches(cases, results, [0, 1], 3)
         assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_abandoned_all_reduce_gives_the_input_back(cluster_factory):
+    """all_reduce writes the caller's tensor before its commit round; abandoning the op (committed
+    here, then not agreed on) restores the input bit for bit, one-phase and two-phase alike, and the
+    same tensors re-posted give the model's result."""
+    c = _emu(cluster_factory, 2)
+    prefix = C.prefix("emu-restore")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        for numel in (7, 3000):  # below / above MOONCAKE_FAST_CUDA_PARTS_MIN (100 bytes here)
+            case = C.case("all_reduce", "float32", numel, red="SUM", salt=f"restore{numel}")
+            out = c.run(H.commit_and_abandon, prefix, case)
+            for rank in (0, 1):
+                committed, tensor = out[rank]
+                assert committed
+                want = H.case_inputs(case, rank)
+                assert torch.equal(tensor.view(torch.int32), want.view(torch.int32)), (numel, rank)
+            results = c.run(H.run_cases, prefix, [case])
+            bad = C.mismatches([case], results, [0, 1], 2)
+            assert not bad, bad[:5]
     finally:
         c.run(H.close_plane, prefix)
 

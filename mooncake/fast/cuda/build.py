@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 LIB_NAME = "libmooncake_ep_cuda.so"
-SOURCES = ("mooncake_ep_cuda.cu",)
+SOURCES = ("mooncake_ep_cuda.cu", "mooncake_pg_cuda.cu")
 BASE_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-shared", "-lineinfo")
 
 

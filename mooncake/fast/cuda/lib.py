@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 class McEpArgs(ctypes.Structure):
@@ -47,6 +47,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_quantize_fp8": ([i64, i64, i64, i64, i64, i64], i32),
         "mc_ep_skip": ([i64, i32, i64], i32),
+        "mc_pg_fold_max_inputs": ([], i32),
+        "mc_pg_fold": ([i32, i32, pi64, i32, i64, i64, i64, i64], i32),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)

@@ -32,25 +32,32 @@ with one block of int64 words per lane; only its owner writes them (except the w
    ``DONE = key``.
 4. **committed**: every other active rank has ``DONE = key``.  ``finish()`` enqueues the copies of the
    stash into the user's tensors on ``S``; ``abandon()`` drops the stash.  The user's tensors are written
-   by ``finish`` only, so a failed operation leaves them untouched and may be re-posted with them.
+   by ``finish`` only, so a failed operation leaves them untouched and may be re-posted with them.  The
+   one exception keeps that promise: all_reduce writes a contiguous tensor in place as soon as its result
+   is computed, and ``abandon()`` copies this rank's input back from its lane.
 
 Operations advance in order of ``seq``: one starts posting once the previous one is committed here (a
 committed operation holds its results in its stash, so it never blocks its peers while unfinished).
 
 Large all_reduce (``PARTS_MIN_BYTES`` and up, 2+ ranks) has two phases: in step 2 each active rank folds
 only its part (a contiguous range of elements) from every lane into a result region of its own lane and
-announces it (``RED = key``); once every part is announced each rank copies all parts into its stash.  Per
+announces it (``RED = key``); once every part is announced each rank copies all parts into its tensor.  Per
 rank that reads the tensor about once for the fold, whatever the number of ranks.
 
+The fold.  Floating-point SUM / AVG / PRODUCT / MIN / MAX fold in one kernel (``csrc/mooncake_pg_cuda.cu``:
+every input read once, the output written once, the host-fold flag below computed on the way); other
+reductions run the model's torch ops (``MOONCAKE_FAST_CUDA_FOLD=torch`` forces those everywhere).
+
 Same bits as the CPU.  Elementwise IEEE additions, multiplications, divisions and comparisons of finite
-values give the same bits on the GPU as on the CPU (no FMA: the fold is separate torch ops).  Two things may
+values give the same bits on the GPU as on the CPU (no FMA: the kernel's operations are explicitly rounded,
+the torch fold is separate ops).  Two things may
 not: NaN encodings (GPU arithmetic may write a canonical NaN where the CPU propagates an operand's payload,
 and the CPU's own vector and scalar loops differ) and MIN/MAX of ``+0.0`` against ``-0.0`` (the CPU's vector
 loop returns the second operand, its scalar loop the first).  So a floating-point reduction whose result holds a
 NaN (or, for MIN/MAX, a zero) is folded again on the host from the same held inputs, exactly as the ref
 plane folds (``MOONCAKE_FAST_CUDA_EXACT_HOST=auto``; ``always`` / ``never`` for tests).  The check is one
 extra read of the result on the GPU (a float64 sum: NaN iff some element is NaN, or an inf - inf, which only
-costs a needless host fold).
+costs a needless host fold), or none where the fold kernel checks its outputs as it writes them.
 
 Waiting.  ``progress()`` never blocks.  ``op.wait(timeout_s)`` blocks until the operation is committed, a
 peer is newly found dead or the timeout passes: it sleeps on a blocking-sync CUDA event while this rank's
@@ -63,8 +70,8 @@ Groups with a rank on another host use the ref plane (UCX) over host copies of t
 handed over on the CPU (a PG face that stages through host memory) also goes to the ref plane.
 
 Measured (one H100, R ranks under MPS; benchmarks/results/cuda/pg): every collective bitwise equal to the
-model and to ref for R = 2, 4; all_reduce of 64-256 MiB at 5.8-9.5x the HBM floor (about 9 N bytes moved
-per rank where 2 N would do, and three host-observed phase boundaries per operation).
+model and to ref for R = 1..8; all_reduce of 256 MiB at 2.85x the HBM floor for R = 8, 4.58x for R = 2
+(about 5 N bytes moved per rank where 2 N would do, and three host-observed phase boundaries per operation).
 
 Streams and devices.  The PG face's ``Work.wait()`` orders the caller's current stream after the stream the
 outputs were written on.  A peer on another GPU of the host is served too: its lanes are opened with peer
@@ -101,6 +108,7 @@ from ..cpu.segment import Segment, SegmentError, host_identity
 
 EMULATE_ENV = "MOONCAKE_FAST_CUDA_EMULATE"
 EXACT_HOST_ENV = "MOONCAKE_FAST_CUDA_EXACT_HOST"
+FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold; "torch": one torch op per input
 
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 SLEEP_SLICE_S = 0.002
@@ -127,6 +135,8 @@ _RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd
 
 QUEUED, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(10)
 _GPU_BUSY = (PUBLISHING, FOLDING, READING)  # states that wait for this rank's own GPU work
+_KERNEL_FOLD_OPS = (ReduceOp.SUM, ReduceOp.PRODUCT, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG)
+_KERNEL_FOLD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Layout:
@@ -210,6 +220,9 @@ class _CudaMemory:
         self.lib, self._check = lib, check
         self.index = torch.cuda.current_device()
         self.device = torch.device("cuda", self.index)
+        self.fold_kernel = os.environ.get(FOLD_ENV, "kernel").strip().lower() != "torch"
+        self.fold_max_inputs = lib.mc_pg_fold_max_inputs()
+        self.device_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     def accepts(self, t: torch.Tensor) -> bool:
         return t.is_cuda
@@ -238,6 +251,24 @@ class _CudaMemory:
 
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32).pin_memory()
+
+    def can_fold(self, op: ReduceOp, inputs: list[torch.Tensor]) -> bool:
+        """The one-pass fold kernel takes this reduction (floating dtypes, arithmetic and MIN / MAX ops,
+        contiguous inputs of one dtype and size)."""
+        x = inputs[0]
+        return (self.fold_kernel and op in _KERNEL_FOLD_OPS and x.dtype in _KERNEL_FOLD_DTYPES
+                and len(inputs) <= self.fold_max_inputs
+                and all(t.dtype is x.dtype and t.numel() == x.numel() and t.is_contiguous() for t in inputs))
+
+    def fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor, check: bool) -> None:
+        """Enqueue ``out <- fold(op, inputs)`` on the current stream in one kernel (``can_fold`` said yes);
+        with ``check``, ``device_flag`` becomes 1 where the result needs the host fold."""
+        ptrs = (ctypes.c_int64 * len(inputs))(*(t.data_ptr() for t in inputs))
+        flag = self.device_flag.data_ptr() if check else 0
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        rc = self.lib.mc_pg_fold(int(op), DTYPE_CODES[out.dtype], ptrs, len(inputs), out.data_ptr(), out.numel(),
+                                 flag, stream)
+        self._check(self.lib, rc, f"fold kernel ({ReduceOp(op).name}, {out.dtype}, {len(inputs)} inputs)")
 
     def _view(self, buf: _Buffer, owner_device: int | None = None) -> torch.Tensor:
         """A uint8 tensor over ``buf`` on this rank's device.  A lane of a peer on another GPU of the host
@@ -334,6 +365,10 @@ class _EmulatedMemory:
 
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32)
+
+    @staticmethod
+    def can_fold(op: ReduceOp, inputs: list[torch.Tensor]) -> bool:
+        return False  # CPU tensors: torch ops
 
     def allocate(self, size: int, tag: str) -> _Buffer:
         seg = Segment.create(tag, size)
@@ -709,6 +744,7 @@ class _Op:
         self.fold_out: torch.Tensor | None = None
         self.fold_dst: torch.Tensor | None = None
         self.fold_slice: tuple[int, int] | None = None
+        self.kernel_flag = False  # the fold kernel computes the host-fold flag itself
         self.two_phase = False  # large all_reduce: fold one part per rank, then gather the parts
 
     # -- the PlaneOp interface -------------------------------------------------------------------
@@ -754,12 +790,13 @@ class _Op:
                                     f"(state {self.state})")
             try:
                 if self.error is not None:
+                    self._restore()
                     raise self.error
                 with g.mem.on(self.stream):
                     for out, val in zip(self.outputs, self.stash):
                         if val is None:
                             out.zero_()
-                        else:
+                        elif val is not out:
                             out.copy_(val)
             finally:
                 self.state = FINISHED
@@ -771,6 +808,7 @@ class _Op:
                 return
             if self.state in _GPU_BUSY and self.ev is not None:
                 self.g.mem.sync(self.ev)  # nothing of this op may still touch a lane
+            self._restore()
             self._free()
             self.state = ABANDONED
             self._release()
@@ -889,10 +927,14 @@ class _Op:
             return
         if self.exact_mode == "always":
             return
-        bad = torch.isnan(out.sum(dtype=torch.float64))
-        if op in (ReduceOp.MIN, ReduceOp.MAX):
-            bad = bad | (out == 0).any()
-        self.g.flag.copy_(bad.to(torch.int32).reshape(1), non_blocking=True)
+        if self.kernel_flag:
+            bad = self.g.mem.device_flag
+        else:
+            bad = torch.isnan(out.sum(dtype=torch.float64))
+            if op in (ReduceOp.MIN, ReduceOp.MAX):
+                bad = bad | (out == 0).any()
+            bad = bad.to(torch.int32).reshape(1)
+        self.g.flag.copy_(bad, non_blocking=True)
 
     @property
     def exact_mode(self) -> str:
@@ -964,6 +1006,9 @@ class _Op:
         """(two-phase) bytes of this rank's result region after its payload in its lane."""
         return 0
 
+    def _restore(self) -> None:
+        """Give the caller's tensors back their inputs where this op wrote them before its commit."""
+
     # -- reading ---------------------------------------------------------------------------------
     def check(self, r: int) -> None:
         """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
@@ -1014,11 +1059,19 @@ class _Op:
             raise WireError(f"{self.name}: rank {r}'s block for slot {slot} lies outside its lane")
         return view[off:off + nb].view(like.dtype).view(like.shape)
 
-    def reduced(self, op: ReduceOp, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The model's fold of ``inputs`` on the device (kept for the host fold when flagged)."""
-        out = device_fold(op, inputs)
-        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst, self.fold_slice = op, inputs, out, out, None
-        return out
+    def reduced(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out`` (fresh when None) <- the model's fold of ``inputs`` on the op's stream, returned: one kernel
+        where it applies (it also computes the host-fold flag), else torch ops.  Kept for the host fold."""
+        mem = self.g.mem
+        self.kernel_flag = mem.can_fold(op, inputs)
+        if self.kernel_flag:
+            res = dst = out if out is not None else torch.empty_like(inputs[0])
+            mem.fold(op, inputs, dst, check=self.exact_mode == "auto")
+        else:
+            res = device_fold(op, inputs)
+            dst = res if out is None else out.copy_(res.view(out.shape))
+        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst, self.fold_slice = op, inputs, res, dst, None
+        return dst
 
 
 def device_fold(op: ReduceOp, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -1049,7 +1102,12 @@ class _AllReduce(_Op):
     """Small: every rank folds the whole tensor from every lane.  Large (``PARTS_MIN_BYTES``): every
     active rank folds one part (a contiguous range of elements, in active-rank order) from every lane into
     its lane's result region and announces it (RED); then every rank copies all parts into its stash.
-    Per rank that reads about the tensor once for the fold, whatever the number of ranks."""
+    Per rank that reads about the tensor once for the fold, whatever the number of ranks.
+
+    A contiguous tensor is written in place as soon as its result is computed (the fold's output, or
+    the gather of the parts), not by ``finish``: this rank's input stays in its lane until the next
+    operation on that lane, and ``abandon`` (or a failed ``finish``) copies it back, so a failed
+    operation still leaves the caller's tensor as it was."""
 
     opcode = OpCode.ALL_REDUCE
 
@@ -1058,6 +1116,8 @@ class _AllReduce(_Op):
         self.tensor, self.op = tensor, ReduceOp(op)
         self.outputs = [tensor]
         self.needs = self.others
+        self.in_place = type(self) is _AllReduce and tensor.is_contiguous()
+        self.wrote = False  # the caller's tensor holds (part of) the result
         n, numel = len(self.active), tensor.numel()
         if type(self) is _AllReduce and n > 1 and _nbytes(tensor) >= PARTS_MIN_BYTES:
             self.two_phase = True
@@ -1069,7 +1129,17 @@ class _AllReduce(_Op):
         return [(0, self.tensor)]
 
     def compute(self):
-        return [self.reduced(self.op, [self.src(r, 0, self.tensor) for r in self.active])]
+        inputs = [self.src(r, 0, self.tensor) for r in self.active]
+        if not self.in_place:
+            return [self.reduced(self.op, inputs)]
+        self.wrote = True
+        return [self.reduced(self.op, inputs, out=self.tensor)]
+
+    def _restore(self):
+        if self.wrote:
+            self.wrote = False
+            with self.g.mem.on(self.stream):
+                self.tensor.copy_(self.src(self.me, 0, self.tensor))
 
     def result_bytes(self):
         if not self.two_phase:
@@ -1100,22 +1170,21 @@ class _AllReduce(_Op):
     def fold_part(self):
         inputs = [self.src(r, 0, self.tensor) for r in self.active]
         lo, hi = self.parts[self.me]
-        res = self.region(self.me)
-        part = res
-        if hi > lo:
-            part = device_fold(self.op, [x.reshape(-1)[lo:hi] for x in inputs])
-            res.copy_(part)
-        self.fold_op, self.fold_inputs, self.fold_out, self.fold_dst = self.op, inputs, part, res
-        self.fold_slice = (lo, hi)
+        self.reduced(self.op, [x.reshape(-1)[lo:hi] for x in inputs], out=self.region(self.me))
+        self.fold_inputs, self.fold_slice = inputs, (lo, hi)
 
     def gather(self):
-        stash = torch.empty_like(self.tensor, memory_format=torch.contiguous_format)
-        flat = stash.view(-1)
+        if self.in_place:
+            self.wrote = True
+            result = self.tensor
+        else:
+            result = torch.empty_like(self.tensor, memory_format=torch.contiguous_format)
+        flat = result.view(-1)
         for r in self.active:
             lo, hi = self.parts[r]
             if hi > lo:
                 flat[lo:hi].copy_(self.region(r))
-        return [stash]
+        return [result]
 
 
 class _Reduce(_AllReduce):
