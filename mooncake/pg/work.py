@@ -3,7 +3,6 @@ raised while completing reach ``wait()`` and finite wait timeouts are honoured).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -13,14 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..control.errors import MooncakeError, OpTimeoutError, PeerFailureError
+from ..control.streams import is_current, on_stream
 
 _PENDING, _DONE, _FAILED = range(3)
 _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
-
-
-def _on_stream(stream) -> contextlib.AbstractContextManager:
-    """Make ``stream`` current (a CUDA stream) or do nothing (None)."""
-    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
 class Collective:
@@ -67,7 +62,7 @@ class MooncakeWork(dist.Work):
         self._collective = collective
         self._awaiting_decision = False
         cuda_out = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
-        self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.device)
+        self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.get_device())
         self._written = None  # CUDA event: the outputs' last write on self._stream
         self.failed_ranks: tuple[int, ...] = ()
         if op is None:
@@ -170,7 +165,7 @@ class MooncakeWork(dist.Work):
 
     def _complete(self) -> None:
         try:
-            with _on_stream(self._stream):
+            with on_stream(self._stream):
                 if self._after is not None:
                     self._after()
                 if self._stream is not None:
@@ -212,7 +207,7 @@ class MooncakeWork(dist.Work):
                 self._engine.wait_until(self._advance, slice_end)
         if self._state == _FAILED:
             raise self._error
-        if self._written is not None:
+        if self._written is not None and not is_current(self._stream):
             current = torch.cuda.current_stream(self._stream.device)
             if current != self._stream:
                 current.wait_event(self._written)

@@ -60,9 +60,10 @@ extra read of the result on the GPU (a float64 sum: NaN iff some element is NaN,
 costs a needless host fold), or none where the fold kernel checks its outputs as it writes them.
 
 Waiting.  ``progress()`` never blocks.  ``op.wait(timeout_s)`` blocks until the operation is committed, a
-peer is newly found dead or the timeout passes: it sleeps on a blocking-sync CUDA event while this rank's
-own GPU work is pending, else spins ``SPIN_S`` and sleeps on a process-shared futex in the control segment
-that peers bump when they change a word.  No GPU kernel ever waits for a peer (the GPU only gets work once
+peer is newly found dead or the timeout passes: while this rank's own GPU work is pending it polls that
+CUDA event for up to ``SPIN_S`` (a small operation's work is done by then) and then sleeps on it
+(blocking-sync); else it spins ``SPIN_S`` and sleeps on a process-shared futex in the control segment that
+peers bump when they change a word.  No GPU kernel ever waits for a peer (the GPU only gets work once
 its inputs are published), so a dead peer can never leave a stuck kernel.  Liveness: a pidfd per peer
 (``/proc/<pid>/stat`` where ``pidfd_open`` fails) and its CLOSED word.  An idle group runs nothing.
 
@@ -100,6 +101,7 @@ from typing import Sequence
 import torch
 
 from ...control import faults
+from ...control.streams import is_current
 from ...control.errors import MooncakeError, WireError
 from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
@@ -228,9 +230,11 @@ class _CudaMemory:
         return t.is_cuda
 
     def caller_stream(self):
-        return torch.cuda.current_stream(self.device)
+        return torch.cuda.current_stream(self.index)
 
     def on(self, stream):
+        if is_current(stream):  # the usual case: the caller's stream on this rank's device
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.cuda.device(self.device))
         stack.enter_context(torch.cuda.stream(stream))
@@ -260,14 +264,13 @@ class _CudaMemory:
                 and len(inputs) <= self.fold_max_inputs
                 and all(t.dtype is x.dtype and t.numel() == x.numel() and t.is_contiguous() for t in inputs))
 
-    def fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor, check: bool) -> None:
-        """Enqueue ``out <- fold(op, inputs)`` on the current stream in one kernel (``can_fold`` said yes);
-        with ``check``, ``device_flag`` becomes 1 where the result needs the host fold."""
+    def fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor, check: bool, stream) -> None:
+        """Enqueue ``out <- fold(op, inputs)`` on ``stream`` in one kernel (``can_fold`` said yes); with
+        ``check``, ``device_flag`` becomes 1 where the result needs the host fold."""
         ptrs = (ctypes.c_int64 * len(inputs))(*(t.data_ptr() for t in inputs))
         flag = self.device_flag.data_ptr() if check else 0
-        stream = torch.cuda.current_stream(self.device).cuda_stream
         rc = self.lib.mc_pg_fold(int(op), DTYPE_CODES[out.dtype], ptrs, len(inputs), out.data_ptr(), out.numel(),
-                                 flag, stream)
+                                 flag, stream.cuda_stream)
         self._check(self.lib, rc, f"fold kernel ({ReduceOp(op).name}, {out.dtype}, {len(inputs)} inputs)")
 
     def _view(self, buf: _Buffer, owner_device: int | None = None) -> torch.Tensor:
@@ -669,8 +672,11 @@ class CudaGroup:
             if now >= deadline:
                 return False
             ev = self._own_event(op)
-            if ev is not None:
-                self.mem.sync(ev)  # this rank's own copies / fold: bounded, and no CPU spinning
+            if ev is not None:  # this rank's own copies / fold: short for small operations, else bounded
+                spin_end = now + SPIN_S
+                while not self.mem.done(ev) and time.monotonic() < spin_end:
+                    pass
+                self.mem.sync(ev)
                 spin_end = time.monotonic() + SPIN_S
                 continue
             if now < spin_end:
@@ -1066,7 +1072,7 @@ class _Op:
         self.kernel_flag = mem.can_fold(op, inputs)
         if self.kernel_flag:
             res = dst = out if out is not None else torch.empty_like(inputs[0])
-            mem.fold(op, inputs, dst, check=self.exact_mode == "auto")
+            mem.fold(op, inputs, dst, self.exact_mode == "auto", self.stream)
         else:
             res = device_fold(op, inputs)
             dst = res if out is None else out.copy_(res.view(out.shape))

@@ -1,0 +1,31 @@
+"""The current CUDA stream, cheaply: the PG face and the CUDA plane switch streams on every operation.
+
+``torch.cuda.stream(s)`` and ``torch.cuda.current_stream()`` cost microseconds each in Python (device
+parsing, a new Stream object, the previous stream saved and restored); on the hot path the stream asked
+for is almost always current already, which ``is_current`` tells from torch's C accessors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_current_stream = getattr(torch._C, "_cuda_getCurrentStream", None)  # (stream id, device, type)
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def is_current(stream) -> bool:
+    """``stream`` (a ``torch.cuda.Stream``) is the current stream and its device the current device."""
+    index = stream.device_index
+    if _current_stream is None or _current_device is None:
+        return torch.cuda.current_device() == index and torch.cuda.current_stream(index) == stream
+    return _current_device() == index and _current_stream(index)[0] == stream.stream_id
+
+
+def on_stream(stream) -> contextlib.AbstractContextManager:
+    """Make ``stream`` current for the block (``torch.cuda.stream``); nothing to do when it already is,
+    or when ``stream`` is None."""
+    if stream is None or is_current(stream):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)
