@@ -199,6 +199,21 @@ def commit_and_abandon(prefix: str, case: dict, timeout_s: float = 60.0):
     return committed, out
 
 
+def reuse_lane_then_abandon_first(prefix: str, cases: list[dict], timeout_s: float = 60.0):
+    """Post ``cases`` (3+), finish all but the first (so the third reuses the first one's lane while the
+    first is committed but unfinished), then abandon the first; returns every case's outputs."""
+    posted = [post_case(prefix, case) for case in cases]
+    for op, _ in reversed(posted[1:]):
+        drive(op, timeout_s)
+    first = posted[0][0]
+    deadline = time.monotonic() + timeout_s
+    while not first.committed and time.monotonic() < deadline:
+        first.wait(0.05)
+    first.abandon()
+    _sync()
+    return [out for _, out in posted]
+
+
 def mismatch(prefix: str, cases: list[dict]):
     """Run ``cases`` (which disagree across ranks); returns each outcome as text."""
     msgs = []

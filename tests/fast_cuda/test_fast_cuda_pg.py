@@ -148,6 +148,26 @@ def test_emulated_abandoned_all_reduce_gives_the_input_back(cluster_factory):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("numel", [7, 3000], ids=["one-phase", "two-phase"])
+def test_emulated_lane_reuse_saves_the_input_first(cluster_factory, numel):
+    """The op two later reuses the lane of an all_reduce that wrote its tensor, is committed but not
+    finished: the all_reduce saves its input first, so abandoning it afterwards still restores it."""
+    c = _emu(cluster_factory, 2)
+    prefix = C.prefix(f"emu-reuse{numel}")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        cases = [C.case("all_reduce", "float32", numel, red="SUM", salt=f"reuse{i}") for i in range(3)]
+        out = c.run(H.reuse_lane_then_abandon_first, prefix, cases)
+        for rank in (0, 1):
+            want = H.case_inputs(cases[0], rank)
+            assert torch.equal(out[rank][0].view(torch.int32), want.view(torch.int32)), rank
+        bad = C.mismatches(cases[1:], {r: out[r][1:] for r in (0, 1)}, [0, 1], 2)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
 def test_emulated_wire_errors_then_group_works(cluster_factory):
     c = _emu(cluster_factory, 2)
     prefix = C.prefix("emu-wire")

@@ -34,7 +34,8 @@ with one block of int64 words per lane; only its owner writes them (except the w
    stash into the user's tensors on ``S``; ``abandon()`` drops the stash.  The user's tensors are written
    by ``finish`` only, so a failed operation leaves them untouched and may be re-posted with them.  The
    one exception keeps that promise: all_reduce writes a contiguous tensor in place as soon as its result
-   is computed, and ``abandon()`` copies this rank's input back from its lane.
+   is computed, and ``abandon()`` copies this rank's input back from its lane (or from a copy of it, saved
+   when a later operation took the lane before this one was finished).
 
 Operations advance in order of ``seq``: one starts posting once the previous one is committed here (a
 committed operation holds its results in its stash, so it never blocks its peers while unfinished).
@@ -253,16 +254,23 @@ class _CudaMemory:
     def sync(ev) -> None:
         ev.synchronize()
 
+    @staticmethod
+    def wait_event(stream, ev) -> None:
+        stream.wait_event(ev)
+
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32).pin_memory()
 
-    def can_fold(self, op: ReduceOp, inputs: list[torch.Tensor]) -> bool:
-        """The one-pass fold kernel takes this reduction (floating dtypes, arithmetic and MIN / MAX ops,
-        contiguous inputs of one dtype and size)."""
+    def can_fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
+        """The one-pass fold kernel takes this reduction: floating dtypes, arithmetic and MIN / MAX ops,
+        contiguous inputs of one dtype and size, and ``out`` (None: a fresh tensor) likewise, on this
+        rank's device."""
         x = inputs[0]
         return (self.fold_kernel and op in _KERNEL_FOLD_OPS and x.dtype in _KERNEL_FOLD_DTYPES
                 and len(inputs) <= self.fold_max_inputs
-                and all(t.dtype is x.dtype and t.numel() == x.numel() and t.is_contiguous() for t in inputs))
+                and all(t.dtype is x.dtype and t.numel() == x.numel() and t.is_contiguous() for t in inputs)
+                and (out is None or (out.device == self.device and out.dtype is x.dtype
+                                     and out.numel() == x.numel() and out.is_contiguous())))
 
     def fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor, check: bool, stream) -> None:
         """Enqueue ``out <- fold(op, inputs)`` on ``stream`` in one kernel (``can_fold`` said yes); with
@@ -366,11 +374,15 @@ class _EmulatedMemory:
     def sync(ev) -> None:
         ev.synchronize()
 
+    @staticmethod
+    def wait_event(stream, ev) -> None:
+        pass  # CPU: copies are done when they return
+
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32)
 
     @staticmethod
-    def can_fold(op: ReduceOp, inputs: list[torch.Tensor]) -> bool:
+    def can_fold(op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
         return False  # CPU tensors: torch ops
 
     def allocate(self, size: int, tag: str) -> _Buffer:
@@ -796,7 +808,10 @@ class _Op:
                                     f"(state {self.state})")
             try:
                 if self.error is not None:
-                    self._restore()
+                    try:
+                        self._restore()
+                    except BaseException as exc:  # noqa: BLE001 - the op's own error is the one to report
+                        raise self.error from exc
                     raise self.error
                 with g.mem.on(self.stream):
                     for out, val in zip(self.outputs, self.stash):
@@ -812,12 +827,14 @@ class _Op:
         with self.g.lock:
             if self.state in (FINISHED, ABANDONED):
                 return
-            if self.state in _GPU_BUSY and self.ev is not None:
-                self.g.mem.sync(self.ev)  # nothing of this op may still touch a lane
-            self._restore()
-            self._free()
-            self.state = ABANDONED
-            self._release()
+            try:
+                if self.state in _GPU_BUSY and self.ev is not None:
+                    self.g.mem.sync(self.ev)  # nothing of this op may still touch a lane
+                self._restore()
+            finally:
+                self._free()
+                self.state = ABANDONED
+                self._release()
 
     # -- state machine (under the group lock) --------------------------------------------------
     def _released(self, r: int) -> bool:
@@ -833,6 +850,13 @@ class _Op:
         for r in self.others:
             if not self._released(r):
                 return False
+        for op in g.queue:  # earlier ops on this lane that may still need their input from it save it first
+            if op is self:
+                break
+            if op.lane == self.lane:
+                saved = op.vacate_lane()
+                if saved is not None:
+                    g.mem.wait_event(self.stream, saved)
         ctl, base = g.ctl, self.base
         sends = self.sends()
         table = []  # (slot, offset, nbytes)
@@ -1013,7 +1037,13 @@ class _Op:
         return 0
 
     def _restore(self) -> None:
-        """Give the caller's tensors back their inputs where this op wrote them before its commit."""
+        """Give the caller's tensors back their inputs where this op wrote them before its commit (the
+        host waits for that copy: the caller may read the tensor on any stream once the op failed)."""
+
+    def vacate_lane(self):
+        """A later operation is about to overwrite this op's lane: save what ``_restore`` would read from
+        it; returns the event the overwrite must wait for (None: nothing to save)."""
+        return None
 
     # -- reading ---------------------------------------------------------------------------------
     def check(self, r: int) -> None:
@@ -1069,7 +1099,7 @@ class _Op:
         """``out`` (fresh when None) <- the model's fold of ``inputs`` on the op's stream, returned: one kernel
         where it applies (it also computes the host-fold flag), else torch ops.  Kept for the host fold."""
         mem = self.g.mem
-        self.kernel_flag = mem.can_fold(op, inputs)
+        self.kernel_flag = mem.can_fold(op, inputs, out)
         if self.kernel_flag:
             res = dst = out if out is not None else torch.empty_like(inputs[0])
             mem.fold(op, inputs, dst, self.exact_mode == "auto", self.stream)
@@ -1112,8 +1142,9 @@ class _AllReduce(_Op):
 
     A contiguous tensor is written in place as soon as its result is computed (the fold's output, or
     the gather of the parts), not by ``finish``: this rank's input stays in its lane until the next
-    operation on that lane, and ``abandon`` (or a failed ``finish``) copies it back, so a failed
-    operation still leaves the caller's tensor as it was."""
+    operation on that lane (which first has it saved, ``vacate_lane``, if this op is not finished yet),
+    and ``abandon`` (or a failed ``finish``) copies it back, so a failed operation still leaves the
+    caller's tensor as it was."""
 
     opcode = OpCode.ALL_REDUCE
 
@@ -1122,8 +1153,9 @@ class _AllReduce(_Op):
         self.tensor, self.op = tensor, ReduceOp(op)
         self.outputs = [tensor]
         self.needs = self.others
-        self.in_place = type(self) is _AllReduce and tensor.is_contiguous()
+        self.in_place = type(self) is _AllReduce and tensor.is_contiguous() and tensor.device == g.mem.device
         self.wrote = False  # the caller's tensor holds (part of) the result
+        self.saved_input: torch.Tensor | None = None  # this rank's input, once a later op needs the lane
         n, numel = len(self.active), tensor.numel()
         if type(self) is _AllReduce and n > 1 and _nbytes(tensor) >= PARTS_MIN_BYTES:
             self.two_phase = True
@@ -1139,13 +1171,29 @@ class _AllReduce(_Op):
         if not self.in_place:
             return [self.reduced(self.op, inputs)]
         self.wrote = True
-        return [self.reduced(self.op, inputs, out=self.tensor)]
+        out = self.reduced(self.op, inputs, out=self.tensor)
+        if self.kernel_flag:  # written through its pointer: tell autograd, as an in-place torch op would
+            torch.autograd.graph.increment_version(self.tensor)
+        return [out]
 
     def _restore(self):
         if self.wrote:
             self.wrote = False
             with self.g.mem.on(self.stream):
-                self.tensor.copy_(self.src(self.me, 0, self.tensor))
+                saved = self.saved_input if self.saved_input is not None else self.src(self.me, 0, self.tensor)
+                self.tensor.copy_(saved.view(self.tensor.shape))
+                self.g.mem.sync(self.g.mem.record(self.stream))
+
+    def _release(self):
+        self.saved_input = None
+        super()._release()
+
+    def vacate_lane(self):
+        if not self.wrote or self.saved_input is not None:
+            return None
+        with self.g.mem.on(self.stream):
+            self.saved_input = self.src(self.me, 0, self.tensor).clone()
+            return self.g.mem.record(self.stream)
 
     def result_bytes(self):
         if not self.two_phase:
