@@ -103,10 +103,12 @@ class MooncakeWork(dist.Work):
             return
         op = self._op
         op.progress()
-        if op.committed and c.membership.try_commit(c.seq, c.epoch):
+        # committed only after the deadline: the others may have given this rank up meanwhile (it was
+        # stalled), and whether they did is in the agreement, not yet in this rank's view
+        late = time.monotonic() >= self._deadline
+        if op.committed and not late and c.membership.try_commit(c.seq, c.epoch):
             self._finish_op()
-        elif op.committed or op.failed_peers() or time.monotonic() >= self._deadline \
-                or c.membership.under_agreement(c.epoch):
+        elif op.committed or op.failed_peers() or late or c.membership.under_agreement(c.epoch):
             self._awaiting_decision = True
             c.membership.trouble(c.epoch, op.failed_peers())
 

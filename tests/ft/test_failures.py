@@ -140,14 +140,17 @@ def test_stalled_rank_is_removed(cluster_factory, impl, point):
     cluster = _cluster(cluster_factory, impl, 3, timeout_s=STALL_TIMEOUT_S)
     stall_s = 4 * STALL_TIMEOUT_S
     try:
-        results = cluster.run(jobs.op_under_fault, "all_reduce", 9, 3, 2, point, "stall", 0, stall_s,
-                              timeout_s=10 * STALL_TIMEOUT_S)
-        raise AssertionError(f"the stalled rank returned {results[2]}")
-    except ClusterError as exc:
-        assert list(exc.errors) == [2] and "was removed from the group" in exc.errors[2].detail, str(exc)
-        results = exc.results
-    survivors_agree(results, [0, 1], "all_reduce", 9, 3, 4 * STALL_TIMEOUT_S + 2)
-    cluster.kill(2)  # it is out of the group: the next test gets a fresh cluster
+        try:
+            results = cluster.run(jobs.op_under_fault, "all_reduce", 9, 3, 2, point, "stall", 0, stall_s,
+                                  timeout_s=10 * STALL_TIMEOUT_S)
+            raise AssertionError("the stalled rank returned; (mask, seconds) by rank: "
+                                 f"{[(r[1].tolist(), round(r[2], 2)) for r in results]}")
+        except ClusterError as exc:
+            assert list(exc.errors) == [2] and "was removed from the group" in exc.errors[2].detail, str(exc)
+            results = exc.results
+        survivors_agree(results, [0, 1], "all_reduce", 9, 3, 4 * STALL_TIMEOUT_S + 2)
+    finally:
+        cluster.kill(2)  # out of the group (or the test failed): the next test gets a fresh cluster
 
 
 def test_framework_managed_mode_raises(cluster_factory, impl):
