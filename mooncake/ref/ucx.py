@@ -84,6 +84,13 @@ class Peer:
         self._engine.peer_closed(self)
 
 
+def _failed(peer: "Peer | UnreachablePeer", buffer: np.ndarray) -> FailedRequest:
+    """A request to a peer known gone fails at once, never touching its endpoint: UCX must not be asked
+    to post on an endpoint it has failed (a survivor once aborted in UCX, stubs.c, in a kill test)."""
+    error = getattr(peer, "error", None) or ConnectionResetError("UCX closed the endpoint: the peer is gone")
+    return FailedRequest(buffer, peer.address, error)
+
+
 class UnreachablePeer:
     """A peer UCX could not connect to (it is gone): every request to it fails at once."""
 
@@ -169,15 +176,15 @@ class Engine:
 
     # -- posting -------------------------------------------------------------------------------
     def send(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
-        if isinstance(peer, UnreachablePeer):
-            return FailedRequest(buffer, peer.address, peer.error)
+        if not peer.alive:
+            return _failed(peer, buffer)
         with self.lock:
             handle = peer.endpoint.tag_send(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
 
     def recv(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
-        if isinstance(peer, UnreachablePeer):
-            return FailedRequest(buffer, peer.address, peer.error)
+        if not peer.alive:
+            return _failed(peer, buffer)
         with self.lock:
             handle = peer.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
