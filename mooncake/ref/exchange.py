@@ -9,6 +9,7 @@ header is validated against the expected one before its payload is handed out.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class Exchange:
         self._commit_peers = commit_peers or {}
         self.data_complete = False
         self.committed = False
+        self._progress_lock = threading.Lock()
         for rank, header in self._commit_peers.items():
             self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(HEADER_BYTES, np.uint8))
         for rank, header in recvs.items():
@@ -77,7 +79,13 @@ class Exchange:
                 *self._done_out.values()]
 
     def progress(self) -> None:
-        """Send the DONEs once every payload is in; mark the operation committed when it is."""
+        """Send the DONEs once every payload is in; mark the operation committed when it is.  Callers on
+        several threads (the caller's wait, the engine's background thread) take turns: the DONEs go out
+        once, and only after the ``after_data`` fault point has returned."""
+        with self._progress_lock:
+            self._progress()
+
+    def _progress(self) -> None:
         if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
             if self._commit_peers:
                 faults.hit("after_data")
