@@ -79,9 +79,9 @@ class Exchange:
                 *self._done_out.values()]
 
     def progress(self) -> None:
-        """Send the DONEs once every payload is in; mark the operation committed when it is.  Callers on
-        several threads (the caller's wait, the engine's background thread) take turns: the DONEs go out
-        once, and only after the ``after_data`` fault point has returned."""
+        """Send the DONEs once every payload is in; mark the operation committed when it is.  Callers
+        take turns (the constructor and ``Work._advance`` today), so the DONEs go out once and only after
+        the ``after_data`` fault point has returned, whichever thread calls."""
         with self._progress_lock:
             self._progress()
 
