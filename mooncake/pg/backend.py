@@ -13,6 +13,7 @@ import importlib
 import os
 import struct
 import threading
+import time
 import weakref
 import zlib
 from datetime import timedelta
@@ -452,6 +453,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         """Post ``build(ctx)`` as the group's next collective and wrap it; ``staged`` pairs (user
         tensor, staging copy) are written back to the user's tensors when it completes."""
         self._check_open()
+        issued_at = time.monotonic()
         membership = self._membership
         with membership.lock:
             seq = membership.begin()
@@ -473,7 +475,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
                                         write_back if staged else None, name=name,
-                                        collective=Collective(membership, seq, view.epoch, repost)))
+                                        collective=Collective(membership, seq, view.epoch, repost),
+                                        issued_at=issued_at))
 
     def _track(self, work: MooncakeWork) -> MooncakeWork:
         self._in_flight.add(work)

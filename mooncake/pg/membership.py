@@ -67,8 +67,12 @@ class Membership:
             return seq
 
     def try_commit(self, seq: int, epoch: int) -> bool:
-        """A collective may return its result unless its epoch is under agreement."""
+        """A collective may return its result unless its epoch is under agreement, or a peer's NACK
+        for it has arrived and the progress thread has not acted on it yet (the peer may be
+        removing this rank: only the agreement can say)."""
         with self.lock:
+            if not self._frozen and epoch == self.view.epoch and self._nacked():
+                self.trouble(epoch)
             if self._frozen or epoch != self.view.epoch:
                 return False
             self._pending.discard(seq)
@@ -190,17 +194,22 @@ class Membership:
         with self.lock:
             if self._closed:
                 return
-            nacked = False
-            for r, req in self._nacks.items():
-                if req.completed:
-                    if req.error() is None:
-                        nacked = True
-                    else:
-                        self._seen_dead.add(r)
-            self._suspects |= self._seen_dead
+            nacked = self._nacked()
             epoch, frozen = self.view.epoch, self._frozen
         if nacked and not frozen:
             self.trouble(epoch)
+
+    def _nacked(self) -> bool:
+        """Whether a peer's NACK of this epoch arrived; records peers whose NACK channel broke."""
+        nacked = False
+        for r, req in self._nacks.items():
+            if req.completed:
+                if req.error() is None:
+                    nacked = True
+                else:
+                    self._seen_dead.add(r)
+        self._suspects |= self._seen_dead
+        return nacked
 
     def close(self) -> None:
         with self.lock:

@@ -45,7 +45,7 @@ class MooncakeWork(dist.Work):
     def __init__(self, engine, op, timeout_s: float, outputs: list[torch.Tensor],
                  after: Callable[[], None] | None = None,
                  source_rank: int | Callable[[], int] = -1, name: str = "operation",
-                 collective: "Collective | None" = None):
+                 collective: "Collective | None" = None, issued_at: float | None = None):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -53,7 +53,9 @@ class MooncakeWork(dist.Work):
         self._after = after
         self._outputs = outputs
         self._timeout_s = timeout_s
-        self._deadline = time.monotonic() + timeout_s
+        # the deadline counts from the issue, before anything was posted: building ``op`` may
+        # already have moved data (and a stall there must still count against this operation)
+        self._deadline = (time.monotonic() if issued_at is None else issued_at) + timeout_s
         self._lock = threading.Lock()
         self._state = _PENDING
         self._error: BaseException | None = None
@@ -141,12 +143,11 @@ class MooncakeWork(dist.Work):
                 decision.failed))
         else:
             self._op.abandon()
+            self._deadline = time.monotonic() + self._timeout_s
             try:
                 self._op, c.epoch = c.repost()
             except BaseException as exc:  # noqa: BLE001 - e.g. the root is among the failed
                 self._settle_fail(exc)
-                return
-            self._deadline = time.monotonic() + self._timeout_s
 
     def _settle_fail(self, exc: BaseException) -> None:
         self._collective.membership.settle(self._collective.seq)
