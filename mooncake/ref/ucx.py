@@ -86,7 +86,7 @@ class Peer:
 
 def _failed(peer: "Peer | UnreachablePeer", buffer: np.ndarray) -> FailedRequest:
     """A request to a peer known gone fails at once, never touching its endpoint: UCX must not be asked
-    to post on an endpoint it has failed (a survivor once aborted in UCX, stubs.c, in a kill test)."""
+    to post on an endpoint it has failed."""
     error = getattr(peer, "error", None) or ConnectionResetError("UCX closed the endpoint: the peer is gone")
     return FailedRequest(buffer, peer.address, error)
 
@@ -120,7 +120,7 @@ class Engine:
         self.worker.init_blocking_progress_mode()
         self.address: bytes = bytes(self.worker.address)
         self.lock = threading.RLock()
-        self._peers: dict[bytes, Peer] = {}
+        self._peers: dict[bytes, Peer | UnreachablePeer] = {}
         self._close_listeners: list[Callable[[bytes], None]] = []
         self._in_flight = 0
         self._waiters = 0
@@ -134,14 +134,19 @@ class Engine:
         self._thread.start()
 
     # -- endpoints ---------------------------------------------------------------------------
-    def peer(self, address: bytes) -> Peer:
+    def peer(self, address: bytes) -> Peer | UnreachablePeer:
+        """The endpoint to the worker at ``address``, created on first use.  A peer found gone
+        stays gone: a worker address belongs to one process, so reconnecting could only reach a
+        dead one, and UCX must not be asked to wire up to it again and again (a survivor that
+        re-created endpoints to a killed peer on every call aborted inside UCX, stubs.c:107)."""
         with self.lock:
             peer = self._peers.get(address)
-            if peer is None or not peer.alive:
+            if peer is None:
                 try:
-                    peer = self._peers[address] = Peer(self, address)
+                    peer = Peer(self, address)
                 except Exception as exc:  # ucxx raises UCXUnreachableError & co.
-                    return UnreachablePeer(address, exc)
+                    peer = UnreachablePeer(address, exc)
+                self._peers[address] = peer
             return peer
 
     def peer_alive(self, address: bytes) -> bool:

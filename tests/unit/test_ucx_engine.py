@@ -1,0 +1,67 @@
+"""The UCX engine's view of a peer that dies: it stays dead, and nothing is posted to it again."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+ucx = pytest.importorskip("mooncake.ref.ucx")
+
+TAG = 77
+
+
+def _child(conn) -> None:
+    from mooncake.ref import ucx as child_ucx
+    engine = child_ucx.engine()
+    conn.send(engine.address)
+    parent = engine.peer(conn.recv())
+    buffer = np.zeros(8, np.uint8)
+    request = engine.recv(parent, TAG, buffer)
+    engine.wait_until(lambda: request.completed, time.monotonic() + 20)
+    conn.send(bytes(buffer))
+    time.sleep(60)  # until killed
+
+
+def _wait(engine, done, limit_s: float = 10.0) -> bool:
+    return engine.wait_until(done, time.monotonic() + limit_s)
+
+
+def _answer(engine, conn, limit_s: float = 30.0):
+    """The child's next message, progressing this engine meanwhile (the wire-up needs both sides)."""
+    assert _wait(engine, lambda: conn.poll(0.001), limit_s), "the child did not answer"
+    return conn.recv()
+
+
+def test_dead_peer_stays_dead():
+    engine = ucx.engine()
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child, args=(there,), daemon=True)
+    child.start()
+    try:
+        assert here.poll(60), "the child did not start its UCX engine"
+        address = here.recv()
+        here.send(engine.address)
+        peer = engine.peer(address)
+        sent = engine.send(peer, TAG, np.arange(8, dtype=np.uint8))
+        assert _answer(engine, here) == bytes(range(8))
+        assert _wait(engine, lambda: sent.completed) and sent.error() is None
+
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        probe = engine.recv(peer, TAG + 1, np.zeros(8, np.uint8))  # fails once UCX sees the close
+        assert _wait(engine, lambda: not engine.peer_alive(address)), "UCX never reported the peer gone"
+        assert probe.completed and probe.error() is not None
+
+        again = engine.peer(address)
+        assert again is peer and not again.alive  # no new endpoint (UCX would wire up to a dead process)
+        request = engine.send(again, TAG, np.zeros(8, np.uint8))
+        assert request.completed and isinstance(request.error(), ConnectionResetError)
+        assert not engine.reachable(address)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
