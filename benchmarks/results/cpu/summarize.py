@@ -2,6 +2,7 @@
 """Markdown tables for README.md from the pgbench JSON files that run.sh writes.
 
 Usage: python benchmarks/results/cpu/summarize.py [dir]   (default: this file's directory)
+       python benchmarks/results/cpu/summarize.py --goals RUN.json...   (the goals table of each run)
 
 * ``goals``: all_reduce float32 with 2 ranks, mooncake-cpu fast against gloo, per size: time (best and
   median round) and the goal's ratio: latency (fast / gloo) up to 4 KiB, bus bandwidth (fast / gloo)
@@ -101,6 +102,10 @@ def scaling(paths: dict[int, str]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--goals"]:
+        for path in sys.argv[2:]:
+            print(f"#### {os.path.basename(path)}\n\n{goals(load(path))}\n")
+        return
     d = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     print("### all_reduce float32, 2 ranks: the goals\n")
     print(goals(load(os.path.join(d, "all_reduce_2ranks.json"))))
