@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 
 POINTS = ("before_send", "mid_transfer", "after_data", "during_agreement", "during_join")
 ACTIONS = ("kill", "stall")
@@ -51,17 +52,22 @@ def hit(point: str) -> None:
         return
     del _armed[point]
     if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+        signal.pthread_kill(threading.get_ident(), signal.SIGKILL)
     if stall_s > 0:
         _freeze(stall_s)
 
 
 def _freeze(stall_s: float) -> None:
-    """Stop this whole process for ``stall_s`` seconds: a detached shell sends the SIGCONT."""
+    """Stop this whole process for ``stall_s`` seconds: a detached shell sends the SIGCONT.
+
+    The SIGSTOP is aimed at the calling thread.  Every thread stops either way, but a signal sent
+    to the process is taken by whichever thread the kernel picks (often the main one), and until
+    that thread stops the group the caller runs on: it would write the very message the fault is
+    meant to hold back."""
     subprocess.Popen(["/bin/sh", "-c", f"sleep {stall_s:.3f}; kill -CONT {os.getpid()}"],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def _arm_from_env() -> None:
