@@ -1,5 +1,7 @@
 """Wire headers, tags, views and implementation selection (in-process, no communication)."""
 
+import os
+
 import pytest
 
 from mooncake import impl
@@ -79,3 +81,13 @@ def test_impl_selection_CPU(monkeypatch):
     with pytest.raises(ArgumentError, match="MOONCAKE_IMPL='turbo'"):
         impl.select("cpu")
     impl.select.cache_clear()
+
+
+def test_process_state_tells_live_from_exited():
+    import subprocess
+    from mooncake.control.procs import exited, process_state
+    assert process_state(os.getpid()) in ("R", "S") and exited(process_state(os.getpid())) is False
+    child = subprocess.Popen(["true"])
+    child.wait(10)
+    assert process_state(child.pid) == "X" and exited("X") and exited("Z")
+    assert exited(None) is None

@@ -4,6 +4,7 @@ import multiprocessing as mp
 import time
 
 from mooncake.control import faults
+from mooncake.control.procs import process_state
 
 STALL_S = 0.8
 ROUNDS = 4
@@ -24,11 +25,6 @@ def _child(reached, passed) -> None:
     worker.join()  # the main thread waits in the kernel, as a rank's main thread often does
 
 
-def _proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def _wait_for(condition, limit_s: float) -> bool:
     deadline = time.monotonic() + limit_s
     while not condition():
@@ -47,7 +43,7 @@ def test_stall_holds_the_calling_thread_back():
         for n in range(1, ROUNDS + 1):
             assert _wait_for(lambda: reached.value == n, 30), f"round {n}: the child never reached the point"
             time.sleep(STALL_S / 3)
-            assert _proc_state(child.pid) == "T", f"round {n}: the child is not stopped"
+            assert process_state(child.pid) == "T", f"round {n}: the child is not stopped"
             assert passed.value == n - 1, f"round {n}: the stalled thread ran past the fault point"
             assert _wait_for(lambda: passed.value == n, 10 * STALL_S), f"round {n}: the child never woke"
         child.join(10)

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ...control.errors import ArgumentError, MooncakeError
+from ...control.procs import exited, process_state
 from ...model import ep as model
 from .lib import McEpArgs, check, load
 
@@ -86,14 +87,8 @@ class FastHandle(tuple):
 
 def _pid_alive(pid: int) -> bool | None:
     """True / False for a process of this PID namespace, None if it cannot be told (no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return None
-    return state not in ("Z", "X")  # a zombie has exited
+    gone = exited(process_state(pid))
+    return None if gone is None else not gone
 
 
 class _Watchdog:

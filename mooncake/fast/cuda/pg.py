@@ -103,6 +103,7 @@ import torch
 
 from ...control import faults
 from ...control.streams import is_current
+from ...control.procs import exited, process_state
 from ...control.errors import MooncakeError, WireError
 from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
@@ -423,13 +424,7 @@ class _Peer:
         """Without a pidfd: the process is gone or a zombie (as seen in /proc)."""
         if self.gone:
             return True
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                self.gone = f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except FileNotFoundError:
-            self.gone = True
-        except (OSError, IndexError):
-            pass
+        self.gone = bool(exited(process_state(self.pid)))
         return self.gone
 
     def lane_view(self, mem, lane: int, base: int) -> torch.Tensor | None:
