@@ -43,3 +43,15 @@ class WireError(MooncakeError):
 
 class NotApplicableError(MooncakeError, NotImplementedError):
     """An upstream API that has no meaning in this implementation; the message says why."""
+
+
+class MismatchError(WireError, ValueError):
+    """The ranks called one operation with different arguments (op, dtype, size, root, reduce op,
+    slots, split sizes).  Raised on every rank with the same message, naming each side; the
+    operation moved no data into any output, and the group stays usable."""
+
+
+class RemovedError(PeerFailureError):
+    """This rank was removed from the group by the survivors (it did not answer the failure
+    agreement in time: dead, stalled, or blocked in a call that held the GIL); ``failed_ranks``
+    names it.  Every later call on the group raises it; a replacement joins as a new rank."""
