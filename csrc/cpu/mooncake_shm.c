@@ -1,14 +1,17 @@
 /* Hot loops of the shared-memory CPU data plane (mooncake.fast.cpu).
  *
- * Plain C with no Python or torch headers: mooncake/fast/cpu/native.py compiles it with the system
- * C compiler on first use (cached by source hash) and loads it with ctypes.  Every function has a
- * pure-Python/torch fallback in native.py, so a machine without a compiler still works.
+ * Plain C with no Python or torch headers, loaded with ctypes by mooncake/fast/cpu/native.py.  A
+ * wheel ships it prebuilt (setup.py compiles it with mooncake._nativebuild.CPU_FLAGS: no -march, so
+ * it runs on any CPU of the architecture; the folds pick their vector width at run time); in a source
+ * checkout native.py compiles it on first use into the user's cache, keyed by source hash, compiler
+ * and flags.  Every function has a pure-Python/torch fallback in native.py, so a machine without
+ * the library still works.
  *
  * Bitwise contract: mc_sum_* compute, per element, the left fold ((x0 + x1) + x2) + ... in the
  * inputs' own dtype, which is what mooncake.model.reduce.fold does for SUM over float32/float64
  * (IEEE addition is exact per element; vector and scalar lanes give the same bits, and the
  * accumulator is always the first operand, as in torch.add(acc, x), so NaN payloads match too).
- * tests/fast_cpu/test_native.py checks them against the model.
+ * tests/fast_cpu/test_fold.py and test_native.py check them against the model, at each width.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#define MC_ABI 3
+#define MC_ABI 4
 
 int mc_abi(void) { return MC_ABI; }
 
@@ -117,9 +120,23 @@ void mc_copy(void *dst, const void *src, size_t n, int nt) {
 /* ---- folds -------------------------------------------------------------------------------- */
 
 /* out[i] = ((ins[0][i] + ins[1][i]) + ins[2][i]) + ...  for k >= 1 inputs of n elements.
- * With nt != 0 and an aligned bulk, results go out through non-temporal stores. */
-#define MC_SUM(NAME, T, VEC_T, LOADU, ADD, STREAM, LANES)                                          \
-    void NAME(T *out, const T *const *ins, int k, size_t n, int nt) {                              \
+ * The bulk goes through vector lanes (non-temporal stores with nt != 0 once out is 64-byte
+ * aligned), the rest through the same additions one element at a time: IEEE addition per element
+ * gives the same bits either way.
+ *
+ * The file is built without -march (a wheel's library runs on any x86-64), so each vector width is
+ * compiled into its own function with a target attribute and the widest one the CPU (and OS) has
+ * is picked on first use: AVX-512F, else AVX, else SSE2 (the x86-64 baseline).  Other machines get
+ * the scalar loop, which the compiler vectorizes for its own baseline. */
+#define MC_SUM_SCALAR(T)                                                                           \
+    for (; i < n; i++) {                                                                           \
+        T acc = ins[0][i];                                                                         \
+        for (int j = 1; j < k; j++) acc = acc + ins[j][i];                                         \
+        out[i] = acc;                                                                              \
+    }
+
+#define MC_SUM(NAME, ATTR, T, VEC_T, LOADU, ADD, STOREU, STREAM, LANES)                            \
+    ATTR static void NAME(T *out, const T *const *ins, int k, size_t n, int nt) {                  \
         size_t i = 0;                                                                              \
         if (nt) {                                                                                  \
             while (i < n && ((uintptr_t)(out + i) & 63)) {                                         \
@@ -134,38 +151,83 @@ void mc_copy(void *dst, const void *src, size_t n, int nt) {
                 STREAM(out + i, acc);                                                              \
             }                                                                                      \
             _mm_sfence();                                                                          \
+        } else {                                                                                   \
+            for (; i + LANES <= n; i += LANES) {                                                   \
+                VEC_T acc = LOADU(ins[0] + i);                                                     \
+                for (int j = 1; j < k; j++) acc = ADD(acc, LOADU(ins[j] + i));                     \
+                STOREU(out + i, acc);                                                              \
+            }                                                                                      \
         }                                                                                          \
-        if (k == 2) {                                                                              \
-            const T *a = ins[0], *b = ins[1];                                                      \
-            for (; i < n; i++) out[i] = a[i] + b[i];                                               \
-            return;                                                                                \
-        }                                                                                          \
-        for (; i < n; i++) {                                                                       \
-            T acc = ins[0][i];                                                                     \
-            for (int j = 1; j < k; j++) acc = acc + ins[j][i];                                     \
-            out[i] = acc;                                                                          \
-        }                                                                                          \
+        MC_SUM_SCALAR(T)                                                                           \
     }
 
-#if defined(__AVX512F__)
-MC_SUM(mc_sum_f32, float, __m512, _mm512_loadu_ps, _mm512_add_ps, _mm512_stream_ps, 16)
-MC_SUM(mc_sum_f64, double, __m512d, _mm512_loadu_pd, _mm512_add_pd, _mm512_stream_pd, 8)
-#elif defined(__AVX__)
-MC_SUM(mc_sum_f32, float, __m256, _mm256_loadu_ps, _mm256_add_ps, _mm256_stream_ps, 8)
-MC_SUM(mc_sum_f64, double, __m256d, _mm256_loadu_pd, _mm256_add_pd, _mm256_stream_pd, 4)
-#elif defined(__SSE2__)
-MC_SUM(mc_sum_f32, float, __m128, _mm_loadu_ps, _mm_add_ps, _mm_stream_ps, 4)
-MC_SUM(mc_sum_f64, double, __m128d, _mm_loadu_pd, _mm_add_pd, _mm_stream_pd, 2)
-#else
-#define _mm_sfence() ((void)0)
+typedef void (*mc_sum_f32_fn)(float *, const float *const *, int, size_t, int);
+typedef void (*mc_sum_f64_fn)(double *, const double *const *, int, size_t, int);
+
+#if defined(__x86_64__)
+#define MC_AVX512 __attribute__((target("avx512f")))
+#define MC_AVX __attribute__((target("avx")))
+#define MC_SSE2
+MC_SUM(sum_f32_avx512, MC_AVX512, float, __m512, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps,
+       _mm512_stream_ps, 16)
+MC_SUM(sum_f64_avx512, MC_AVX512, double, __m512d, _mm512_loadu_pd, _mm512_add_pd, _mm512_storeu_pd,
+       _mm512_stream_pd, 8)
+MC_SUM(sum_f32_avx, MC_AVX, float, __m256, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps, _mm256_stream_ps, 8)
+MC_SUM(sum_f64_avx, MC_AVX, double, __m256d, _mm256_loadu_pd, _mm256_add_pd, _mm256_storeu_pd,
+       _mm256_stream_pd, 4)
+MC_SUM(sum_f32_sse2, MC_SSE2, float, __m128, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps, _mm_stream_ps, 4)
+MC_SUM(sum_f64_sse2, MC_SSE2, double, __m128d, _mm_loadu_pd, _mm_add_pd, _mm_storeu_pd, _mm_stream_pd, 2)
+
+static int mc_isa_level = -1; /* 0 sse2, 1 avx, 2 avx512f */
+
+static int mc_isa_pick(void) {
+    int level = __atomic_load_n(&mc_isa_level, __ATOMIC_RELAXED);
+    if (level < 0) {
+        __builtin_cpu_init();
+        level = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
+        __atomic_store_n(&mc_isa_level, level, __ATOMIC_RELAXED);
+    }
+    return level;
+}
+
+static const mc_sum_f32_fn mc_sum_f32_impl[3] = {sum_f32_sse2, sum_f32_avx, sum_f32_avx512};
+static const mc_sum_f64_fn mc_sum_f64_impl[3] = {sum_f64_sse2, sum_f64_avx, sum_f64_avx512};
+
 void mc_sum_f32(float *out, const float *const *ins, int k, size_t n, int nt) {
-    (void)nt;
-    for (size_t i = 0; i < n; i++) { float a = ins[0][i]; for (int j = 1; j < k; j++) a = a + ins[j][i]; out[i] = a; }
+    mc_sum_f32_impl[mc_isa_pick()](out, ins, k, n, nt);
 }
 void mc_sum_f64(double *out, const double *const *ins, int k, size_t n, int nt) {
-    (void)nt;
-    for (size_t i = 0; i < n; i++) { double a = ins[0][i]; for (int j = 1; j < k; j++) a = a + ins[j][i]; out[i] = a; }
+    mc_sum_f64_impl[mc_isa_pick()](out, ins, k, n, nt);
 }
+
+/* The vector width the folds use here: "sse2", "avx" or "avx512f" (reported by the doctor). */
+const char *mc_isa(void) {
+    static const char *names[3] = {"sse2", "avx", "avx512f"};
+    return names[mc_isa_pick()];
+}
+
+/* Use at most this width from now on (0 sse2, 1 avx, 2 avx512f; tests and benchmarks compare them);
+ * never more than the CPU has.  Returns the level in effect. */
+int mc_isa_limit(int level) {
+    __builtin_cpu_init();
+    int have = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
+    level = level < 0 ? 0 : level > have ? have : level;
+    __atomic_store_n(&mc_isa_level, level, __ATOMIC_RELAXED);
+    return level;
+}
+#else
+void mc_sum_f32(float *out, const float *const *ins, int k, size_t n, int nt) {
+    size_t i = 0;
+    (void)nt;
+    MC_SUM_SCALAR(float)
+}
+void mc_sum_f64(double *out, const double *const *ins, int k, size_t n, int nt) {
+    size_t i = 0;
+    (void)nt;
+    MC_SUM_SCALAR(double)
+}
+const char *mc_isa(void) { return "scalar"; }
+int mc_isa_limit(int level) { (void)level; return 0; }
 #endif
 
 /* ---- cross-process reads (P2P) ------------------------------------------------------------ */

@@ -1,11 +1,21 @@
 """The compiled helpers of the shared-memory plane (``csrc/cpu/mooncake_shm.c``), with fallbacks.
 
-The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a cache
-directory keyed by the source's hash and the compiler flags (``$MOONCAKE_CACHE_DIR``, else
-``~/.cache/mooncake``), then loaded with ctypes.  Concurrent ranks compiling at once each write a
-private temporary file and rename it into place.  If there is no compiler, the build fails, or
-``MOONCAKE_FAST_CPU_NATIVE=0``, every helper falls back to torch / Python code with the same
-results (only slower): ``native.lib`` is then None and ``native.reason`` says why.
+Where the library comes from (``origin``), first match wins:
+
+* ``package``: the copy a wheel ships (``mooncake/fast/cpu/libmooncake_shm.so``, built by setup.py
+  with portable flags, no compiler needed at install or run time).  In a source checkout it is used
+  only while its recorded source hash (``libmooncake_shm.json``) matches ``csrc/``, so an edited C
+  file is never shadowed by a stale build;
+* ``cache``: compiled on first use with the system C compiler (``$CC``, else ``cc``) and the same
+  portable flags, into the user's cache (``mooncake._nativebuild``: ``$MOONCAKE_CACHE_DIR``, else
+  ``~/.cache/mooncake``, sub-directory ``cpu``; created 0700, refused when owned by someone else or
+  writable by others), keyed by the source's hash, the compiler and its version, the flags and the
+  machine.  Concurrent ranks compiling at once each write a private temporary file and rename it
+  into place.
+
+If neither works, or ``MOONCAKE_FAST_CPU_NATIVE=0``, every helper falls back to torch / Python code
+with the same results (only slower): ``native.lib`` is then None, ``native.reason`` says why,
+``native.problem`` / ``native.fix`` name the cause (a ``_nativebuild.NativeProblem`` code) and its fix.
 
 Helpers:
 
@@ -24,55 +34,68 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
+import json
 import os
-import subprocess
 import sys
-import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "csrc", "cpu", "mooncake_shm.c")
-_ABI = 3
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+from ... import _nativebuild as nb
+
+_ABI = 4
 
 lib: ctypes.CDLL | None = None
 reason: str | None = None
+#: why the library is not in use: a NativeProblem code (``source-missing``, ``cache-not-owned``,
+#: ``cache-writable-by-others``, ``cache-not-writable``, ``no-compiler``, ``compiler-failed``,
+#: ``library-unsafe``), ``load-failed``, ``disabled`` or ``unsupported-os``; None when loaded
+problem: str | None = None
+fix: str | None = None
+#: ``package`` (prebuilt, from the wheel) or ``cache`` (compiled on first use); path of the library
+origin: str | None = None
+path: str | None = None
+#: the vector width the folds use (``sse2``, ``avx``, ``avx512f``, ``scalar``)
+isa: str | None = None
 _lock = threading.Lock()
 _loaded = False
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("MOONCAKE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mooncake")
-    return os.path.join(base, "native")
-
-
-def _build() -> str:
-    """Path of the compiled library for this source and these flags (compiling it if needed)."""
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    compiler = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()
-                            + os.uname().machine.encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    target = os.path.join(out_dir, f"libmooncake_shm-{digest}.so")
-    if os.path.exists(target):
-        return target
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
+def _prebuilt_matches() -> bool:
+    """Whether the packaged library may be used: always in an installed package, and in a checkout (or
+    with ``MOONCAKE_CSRC``) only while it was built from the source that is there now."""
+    if not nb.CPU_PREBUILT.is_file():
+        return False
+    root, source_origin = nb.csrc_root()
+    if source_origin == "package":
+        return True
+    source = root / nb.CPU_SOURCE
     try:
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        built = json.loads(nb.CPU_PREBUILT_INFO.read_text()).get("source_sha256")
+        return source.is_file() and built == nb.sha256_file(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _compile_cached() -> Path:
+    """The first-use build: compile the source into the user's cache unless it is there already."""
+    source = nb.source_path(nb.CPU_SOURCE)
+    cc = nb.c_compiler()
+    key = nb.cpu_key(source.read_bytes(), cc, nb.compiler_version(cc))
+    out_dir = nb.secure_dir(nb.cache_dir("cpu"))
+    target = out_dir / f"libmooncake_shm-{key}.so"
+    if not target.exists():
+        nb.compile_c(source, target, cc)
+    nb.check_file(target)
     return target
+
+
+def _locate() -> tuple[Path, str]:
+    if _prebuilt_matches():
+        nb.check_file(nb.CPU_PREBUILT, allow_root=True)
+        return nb.CPU_PREBUILT, "package"
+    return _compile_cached(), "cache"
 
 
 def _declare(cdll: ctypes.CDLL) -> None:
@@ -93,30 +116,48 @@ def _declare(cdll: ctypes.CDLL) -> None:
         getattr(cdll, name).argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_size_t, c.c_int]
     cdll.mc_vm_read.argtypes = [c.c_int, c.c_void_p, c.c_uint64, c.c_size_t]
     cdll.mc_vm_read.restype = c.c_int
+    cdll.mc_isa.restype = c.c_char_p
+    cdll.mc_isa_limit.argtypes = [c.c_int]
+    cdll.mc_isa_limit.restype = c.c_int
+
+
+def _fail(code: str, why: str, how: str | None) -> None:
+    global reason, problem, fix
+    reason, problem, fix = why, code, how
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library, or None (``reason`` says why); built and loaded once per process."""
-    global lib, reason, _loaded
+    """The compiled library, or None (``reason`` says why); located and loaded once per process."""
+    global lib, origin, path, isa, _loaded
     with _lock:
         if _loaded:
             return lib
         _loaded = True
         if os.environ.get("MOONCAKE_FAST_CPU_NATIVE", "1").strip() == "0":
-            reason = "MOONCAKE_FAST_CPU_NATIVE=0"
+            _fail("disabled", "MOONCAKE_FAST_CPU_NATIVE=0", None)
             return None
         if not sys.platform.startswith("linux"):
-            reason = f"the shared-memory plane's helpers need Linux (futex), not {sys.platform}"
+            _fail("unsupported-os", f"the shared-memory plane's helpers need Linux (futex), not {sys.platform}", None)
             return None
         try:
-            cdll = ctypes.CDLL(_build())
+            where, came_from = _locate()
+        except nb.NativeProblem as exc:
+            _fail(exc.code, f"no compiled helpers for csrc/cpu/mooncake_shm.c: {exc}", exc.fix)
+            return None
+        except OSError as exc:
+            _fail("cache-not-writable", f"no compiled helpers for csrc/cpu/mooncake_shm.c: {exc}",
+                  "make the cache writable or set MOONCAKE_CACHE_DIR to a directory of your own")
+            return None
+        try:
+            cdll = ctypes.CDLL(str(where))
             _declare(cdll)
             if cdll.mc_abi() != _ABI:
                 raise RuntimeError(f"ABI {cdll.mc_abi()} != {_ABI}")
         except Exception as exc:  # noqa: BLE001 - any failure means: use the fallbacks
-            reason = f"could not build csrc/cpu/mooncake_shm.c ({type(exc).__name__}: {exc})"
+            _fail("load-failed", f"could not load {where} ({type(exc).__name__}: {exc})",
+                  f"remove {where} so that it is rebuilt, or reinstall mooncake")
             return None
-        lib = cdll
+        lib, origin, path, isa = cdll, came_from, str(where), cdll.mc_isa().decode()
         return lib
 
 
