@@ -4,7 +4,9 @@
     mooncake-doctor ...                      (the same, as a console script)
 
 Checks, in order: Python, the mooncake package (version, location, git commit), torch and its CUDA build,
-the native extension (built for this torch/CUDA or not), ``import mooncake.pg`` (backend registration), the
+the native extension (built for this torch/CUDA or not), the shared-memory plane's compiled helpers
+(prebuilt in the wheel or built on first use; the cache's ownership; the compiler), the CUDA kernels' build
+(sources, architectures, cache, nvcc; with a GPU), ``import mooncake.pg`` (backend registration), the
 implementation ``MOONCAKE_IMPL`` / ``auto`` picks per device and why, UCX (version, transports, CUDA support,
 bounded in time), the host address and network-device filter, RDMA devices, CUDA devices, peer access,
 CUDA IPC and MPS (when CUDA exists), and the c10d Store given with ``--store`` (bounded in time).
@@ -161,12 +163,15 @@ def check_torch() -> Check:
 
 
 def _native_extensions() -> list[Path]:
+    """Python extension modules in the package (not the ``lib*.so`` libraries loaded with ctypes, such as
+    the CPU plane's prebuilt helper: the ``native.cpu`` line covers those)."""
     import mooncake
 
     package = Path(mooncake.__file__).resolve().parent
     found = []
     for pattern in ("**/*.so", "**/*.pyd"):
-        found += [Path(p) for p in glob.glob(str(package / pattern), recursive=True)]
+        found += [Path(p) for p in glob.glob(str(package / pattern), recursive=True)
+                  if not os.path.basename(p).startswith("lib")]
     return sorted(found)
 
 
@@ -178,11 +183,13 @@ def check_native(timeout_s: float) -> Check:
 
     package = Path(mooncake.__file__).resolve().parent
     extensions = _native_extensions()
-    sources = sorted(p.name for p in (package.parent / "csrc").glob("*") if p.suffix in (".cu", ".cpp", ".cc"))
+    from mooncake import _nativebuild as nb
+
+    sources = sorted(p.name for p in nb.csrc_root()[0].glob("*") if p.suffix in (".cu", ".cpp", ".cc"))
     details: dict[str, Any] = {"extensions": [str(p) for p in extensions], "csrc_sources": sources,
                                "torch": torch.__version__, "cuda": torch.version.cuda}
     if not extensions:
-        note = f" (csrc/ has sources: {', '.join(sources)})" if sources else ""
+        note = f" (CUDA sources, compiled on first use: {', '.join(sources)})" if sources else ""
         return Check("native", "ok", "not built: no compiled extension module in the package" + note +
                      "; the ref implementation needs none", details=details)
     problems, loaded = [], []
@@ -215,18 +222,40 @@ def check_native(timeout_s: float) -> Check:
 _FAST_CPU_PROBE = r"""
 import json
 from mooncake.fast import cpu
-native = getattr(cpu, "native_reason", None)
+native_reason = getattr(cpu, "native_reason", None)
 plane = getattr(cpu, "unavailable_reason", None)
-print(json.dumps({"has_native": native is not None, "native_reason": native() if native else None,
-                  "plane_reason": plane() if plane else None}))
+out = {"has_native": native_reason is not None, "native_reason": native_reason() if native_reason else None,
+       "plane_reason": plane() if plane else None}
+if native_reason is not None:
+    from mooncake.fast.cpu import native
+    from mooncake import _nativebuild as nb
+    root, origin = nb.csrc_root()
+    out.update(problem=getattr(native, "problem", None), fix=getattr(native, "fix", None),
+               origin=getattr(native, "origin", None), path=getattr(native, "path", None),
+               isa=getattr(native, "isa", None), sources=str(root), sources_from=origin,
+               cache=str(nb.cache_dir("cpu")), prebuilt=str(nb.CPU_PREBUILT) if nb.CPU_PREBUILT.is_file() else None)
+print(json.dumps(out))
 """
+
+#: what each ``native.problem`` code means, for the summary line (the fix comes from mooncake itself)
+_NATIVE_PROBLEMS = {
+    "source-missing": "the C source is missing",
+    "cache-not-owned": "the build cache is not yours",
+    "cache-writable-by-others": "the build cache is writable by others",
+    "cache-not-writable": "the build cache is not writable",
+    "no-compiler": "no C compiler",
+    "compiler-failed": "the C compiler failed",
+    "library-unsafe": "the compiled library is writable by others",
+    "load-failed": "the compiled library does not load",
+}
 
 
 def check_native_fast_cpu(timeout_s: float) -> list[Check]:
-    """The compiled helpers of the shared-memory CPU plane (built on first use), if this install has that plane.
+    """The compiled helpers of the shared-memory CPU plane, if this install has that plane.
 
-    Runs in a child process: the first call compiles ``csrc/cpu`` with the system C compiler, as the first
-    mooncake group would.
+    A wheel ships them prebuilt (``origin`` ``package``); a source checkout compiles them on first use
+    into the user's cache (``cache``).  Runs in a child process: that first use happens there, as in the
+    first mooncake group.
     """
     import importlib.util
 
@@ -248,15 +277,77 @@ def check_native_fast_cpu(timeout_s: float) -> list[Check]:
                       details=details)]
     reason = result["native_reason"]
     if reason is None:
-        return [Check("native.cpu", "ok", "compiled helpers of the shared-memory CPU plane (csrc/cpu) built and "
-                      "loaded", details=details)]
-    if "=0" in reason:
+        where = {"package": "prebuilt, shipped with the package", "cache": "compiled on first use into the cache"}
+        isa = f"; folds use {result['isa']}" if result.get("isa") else ""
+        return [Check("native.cpu", "ok", f"compiled helpers of the shared-memory CPU plane loaded "
+                      f"({where.get(result.get('origin'), result.get('origin') or 'built')}: {result.get('path')}{isa})",
+                      details=details)]
+    code = result.get("problem")
+    if code in ("disabled",) or "=0" in reason:
         return [Check("native.cpu", "ok", f"compiled helpers switched off ({reason}): torch fallbacks, same "
                       "results, slower", details=details)]
-    return [Check("native.cpu", "warn", f"compiled helpers not in use, torch fallbacks instead (same results, "
-                  f"slower): {reason}",
-                  fix="install a C compiler (`cc`, or set CC) and make the cache directory writable "
-                      "(MOONCAKE_CACHE_DIR, default ~/.cache/mooncake)", details=details)]
+    what = _NATIVE_PROBLEMS.get(code, "compiled helpers not in use")
+    fix = result.get("fix") or ("install a C compiler (`cc`, or set CC) and make the cache directory yours and "
+                                "writable (MOONCAKE_CACHE_DIR, default ~/.cache/mooncake)")
+    return [Check("native.cpu", "warn", f"{what}: torch fallbacks instead of the compiled helpers (same results, "
+                  f"slower): {reason}", fix=fix, details=details)]
+
+
+_NATIVE_CUDA_PROBLEMS = {
+    "source-missing": "the CUDA sources are missing",
+    "cache-not-owned": "the CUDA build cache is not yours",
+    "cache-writable-by-others": "the CUDA build cache is writable by others",
+    "cache-not-writable": "the CUDA build cache is not writable",
+    "library-unsafe": "the cached CUDA library is writable by others",
+    "no-nvcc": "no nvcc and no cached CUDA library",
+    "arch": "unsupported GPU architecture",
+}
+
+
+def check_native_cuda() -> list[Check]:
+    """Whether the CUDA kernels can be built (or are cached) for the GPUs present: sources, architectures,
+    cache, nvcc.  Only with a CUDA build of torch that sees a GPU (the ``cuda`` line covers the rest).
+    Builds nothing: the first CUDA group compiles (minutes), the doctor only looks."""
+    import torch
+
+    if not torch.version.cuda or not torch.cuda.is_available():
+        return []
+    from mooncake import _nativebuild as nb
+    from mooncake.fast.cuda import build
+
+    root, origin = nb.csrc_root()
+    details: dict[str, Any] = {"sources": str(root), "sources_from": origin, "cache": str(build.cache_root()),
+                               "MOONCAKE_CUDA_LIB": os.environ.get("MOONCAKE_CUDA_LIB")}
+    if details["MOONCAKE_CUDA_LIB"]:
+        return [Check("native.cuda", "ok", f"CUDA library given by MOONCAKE_CUDA_LIB={details['MOONCAKE_CUDA_LIB']} "
+                      "(not built here)", details=details)]
+    try:
+        details["archs"] = build.archs()
+        digest = build.source_hash()
+        cache = build.cache_root()
+        if cache.exists():
+            nb.check_dir(cache)
+        cached = build.find_cached(digest)
+        if cached is not None:
+            nb.check_file(cached)
+    except (build.BuildError, nb.NativeProblem) as exc:
+        what = _NATIVE_CUDA_PROBLEMS.get(exc.code, "the CUDA kernels cannot be built")
+        details.update(problem=exc.code, error=str(exc))
+        return [Check("native.cuda", "warn", f"{what}: the CUDA fast path falls back to ref ({exc})",
+                      fix=exc.fix or "see docs/troubleshooting.md", details=details)]
+    nvcc = build.nvcc_path()
+    details.update(cached=str(cached) if cached else None, nvcc=nvcc)
+    sm = "/".join("sm_" + a for a in details["archs"])
+    if cached is not None:
+        return [Check("native.cuda", "ok", f"CUDA kernels for {sm} cached: {cached}", details=details)]
+    if nvcc is None:
+        details["problem"] = "no-nvcc"
+        return [Check("native.cuda", "warn", f"{_NATIVE_CUDA_PROBLEMS['no-nvcc']} for {sm} (sources: {root}, "
+                      f"{origin}): the CUDA fast path falls back to ref",
+                      fix="install a CUDA toolkit (nvcc) whose release the driver supports and set CUDA_HOME or "
+                          "put nvcc on PATH; or point MOONCAKE_CUDA_LIB at a built library", details=details)]
+    return [Check("native.cuda", "ok", f"CUDA kernels for {sm} are compiled on first use with {nvcc} from {root} "
+                  f"({origin}) into {cache}", details=details)]
 
 
 def check_pg_import() -> Check:
@@ -264,8 +355,8 @@ def check_pg_import() -> Check:
         importlib.import_module("mooncake.pg")
     except Exception as exc:  # noqa: BLE001
         return Check("pg", "fail", f"import mooncake.pg failed: {type(exc).__name__}: {exc}",
-                     fix="install the dependencies in this environment: pip install -e '.[test]' "
-                         "(torch, numpy, ucxx-cu13)")
+                     fix="install mooncake with one UCX flavour: pip install 'mooncake-ft[cu13]' (or [cu12] for a "
+                         "CUDA 12 driver; either works without a GPU); from a checkout: pip install -e '.[cu13]'")
     import torch.distributed as dist
 
     registered = [b for b in ("mooncake-cpu", "mooncake") if b in dist.Backend.backend_list
@@ -362,7 +453,7 @@ def check_ucx(timeout_s: float) -> tuple[Check, dict | None]:
     user_env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
     if result is None:
         return Check("ucx", "fail", f"UCX could not start a context with mooncake's settings ({why})",
-                     fix="check `pip show ucxx-cu13 libucx-cu13`; unset UCX_* variables that restrict transports "
+                     fix="check `pip show ucxx-cu13 libucx-cu13` (or the -cu12 pair); unset UCX_* variables that restrict transports "
                          f"({', '.join(user_env) or 'none set'}); if it hangs, a broken RDMA driver is a common "
                          "cause: try UCX_TLS=tcp,self to confirm",
                      details={"net_devices": net, "env": user_env, "error": why}), None
@@ -653,6 +744,7 @@ def run_checks(store: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
     checks += _safe("torch", check_torch)
     checks += _safe("native", lambda: check_native(timeout_s))
     checks += _safe("native.cpu", lambda: check_native_fast_cpu(timeout_s))
+    checks += _safe("native.cuda", check_native_cuda)
     checks += _safe("pg", check_pg_import)
     checks += _safe("impl", check_impl)
     ucx_holder: list[dict | None] = [None]

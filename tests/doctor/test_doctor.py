@@ -181,19 +181,61 @@ def test_native_extension_built_for_another_torch(monkeypatch):
     assert check.verdict == "fail" and "does not load" in check.summary
 
 
-@pytest.mark.parametrize("answer,verdict,needle", [
-    ({"has_native": True, "native_reason": None, "plane_reason": None}, "ok", "built and loaded"),
-    ({"has_native": True, "native_reason": "could not build csrc/cpu/mooncake_shm.c (FileNotFoundError: cc)",
-      "plane_reason": None}, "warn", "torch fallbacks instead"),
-    ({"has_native": True, "native_reason": "MOONCAKE_FAST_CPU_NATIVE=0", "plane_reason": None}, "ok", "switched off"),
+@pytest.mark.parametrize("answer,verdict,needle,fix", [
+    ({"has_native": True, "native_reason": None, "plane_reason": None, "origin": "package", "isa": "avx",
+      "path": "/x/libmooncake_shm.so"}, "ok", "prebuilt, shipped with the package", None),
+    ({"has_native": True, "native_reason": None, "plane_reason": None, "origin": "cache", "isa": "sse2",
+      "path": "/c/libmooncake_shm-1.so"}, "ok", "compiled on first use into the cache", None),
+    ({"has_native": True, "native_reason": "no compiled helpers for csrc/cpu/mooncake_shm.c: no C compiler: `cc` is "
+      "not on PATH", "problem": "no-compiler", "fix": "install one (e.g. `apt-get install gcc`) or set CC",
+      "plane_reason": None}, "warn", "no C compiler: torch fallbacks", "apt-get install gcc"),
+    ({"has_native": True, "native_reason": "no compiled helpers ...: source /s/_csrc/cpu/mooncake_shm.c not found "
+      "(package)", "problem": "source-missing", "fix": "reinstall the package from a wheel built by `pip wheel .`",
+      "plane_reason": None}, "warn", "the C source is missing", "pip wheel"),
+    ({"has_native": True, "native_reason": "... cache directory /c belongs to bob", "problem": "cache-not-owned",
+      "fix": "set MOONCAKE_CACHE_DIR to a directory of your own", "plane_reason": None}, "warn",
+     "the build cache is not yours", "MOONCAKE_CACHE_DIR"),
+    ({"has_native": True, "native_reason": "... cache directory /c is writable by group", "fix": "chmod go-w /c",
+      "problem": "cache-writable-by-others", "plane_reason": None}, "warn", "writable by others", "chmod go-w"),
+    ({"has_native": True, "native_reason": "... `cc -O3` failed (exit 1): boom", "problem": "compiler-failed",
+      "fix": "fix the compiler (try the command by hand) or set CC", "plane_reason": None}, "warn",
+     "the C compiler failed", "set CC"),
+    ({"has_native": True, "native_reason": "MOONCAKE_FAST_CPU_NATIVE=0", "problem": "disabled", "plane_reason": None},
+     "ok", "switched off", None),
 ])
-def test_fast_cpu_native_helpers(monkeypatch, answer, verdict, needle):
+def test_fast_cpu_native_helpers(monkeypatch, answer, verdict, needle, fix):
     if not _has_fast_cpu_plane():
         pytest.skip("this install has no shared-memory CPU plane")
     monkeypatch.setattr(doctor, "_probe", lambda code, timeout_s, env=None: (answer, ""))
     [check] = doctor.check_native_fast_cpu(5.0)
-    assert check.name == "native.cpu" and check.verdict == verdict and needle in check.summary
-    assert verdict == "ok" or "C compiler" in check.fix
+    assert check.name == "native.cpu" and check.verdict == verdict and needle in check.summary, check.summary
+    assert fix is None or fix in check.fix
+
+
+def test_fast_cpu_native_helpers_really_named(capsys, monkeypatch, tmp_path):
+    """Not mocked: a cache directory others can write is named with its fix (this checkout compiles the
+    helper on first use, so it needs the cache)."""
+    if not _has_fast_cpu_plane():
+        pytest.skip("this install has no shared-memory CPU plane")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("MOONCAKE_CACHE_DIR", str(shared / "mc"))
+    [check] = doctor.check_native_fast_cpu(20.0)
+    if check.details.get("origin") == "package":
+        pytest.skip("a prebuilt helper is in use: no cache involved")
+    assert check.verdict == "warn" and check.details["problem"] == "cache-writable-by-others", check
+    assert str(shared) in check.summary and f"chmod go-w {shared}" in check.fix
+
+
+def test_ctypes_libraries_are_not_taken_for_extension_modules(monkeypatch, tmp_path):
+    import mooncake
+
+    monkeypatch.setattr(mooncake, "__file__", str(tmp_path / "mooncake" / "__init__.py"))
+    (tmp_path / "mooncake" / "fast" / "cpu").mkdir(parents=True)
+    (tmp_path / "mooncake" / "fast" / "cpu" / "libmooncake_shm.so").write_bytes(b"")
+    (tmp_path / "mooncake" / "_ext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert [p.name for p in doctor._native_extensions()] == ["_ext.cpython-311-x86_64-linux-gnu.so"]
 
 
 def test_native_extension_that_does_not_import_really_fails(monkeypatch):
@@ -370,3 +412,64 @@ def test_ipc_probe_plumbing_on_cpu():
     """The CUDA IPC probe's two-process exchange, run with a shared-memory CPU tensor."""
     ok, result, why = doctor.probe_ipc("cpu", 60.0)
     assert ok, (result, why)
+
+
+# ------------------------------------------------------------------------------------------ native.cuda
+
+
+def test_native_cuda_line_only_with_a_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert doctor.check_native_cuda() == []
+
+
+@pytest.fixture
+def cuda_build_env(fake_cuda, monkeypatch, tmp_path):
+    """A fake GPU (sm_90) and a private CUDA cache; no library built, nvcc found."""
+    from mooncake.fast.cuda import build
+
+    for name in ("MOONCAKE_CSRC", "MOONCAKE_CUDA_ARCHS", "MOONCAKE_CUDA_LIB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MOONCAKE_CUDA_CACHE", str(tmp_path / "cuda-cache"))
+    monkeypatch.setattr(build, "device_archs", lambda: ["90"])
+    monkeypatch.setattr(build, "nvcc_path", lambda: "/usr/local/cuda/bin/nvcc")
+    return tmp_path
+
+
+def test_native_cuda_compiles_on_first_use(cuda_build_env):
+    [check] = doctor.check_native_cuda()
+    assert check.verdict == "ok" and "sm_90" in check.summary and "compiled on first use" in check.summary
+    assert check.details["archs"] == ["90"] and check.details["sources_from"] == "checkout"
+
+
+def test_native_cuda_missing_sources(cuda_build_env, monkeypatch):
+    monkeypatch.setenv("MOONCAKE_CSRC", str(cuda_build_env / "nowhere"))
+    [check] = doctor.check_native_cuda()
+    assert check.verdict == "warn" and "CUDA sources are missing" in check.summary
+    assert check.details["problem"] == "source-missing" and "MOONCAKE_CSRC" in check.fix
+
+
+def test_native_cuda_old_gpu(cuda_build_env, monkeypatch):
+    from mooncake.fast.cuda import build
+
+    monkeypatch.setattr(build, "device_archs", lambda: ["75"])
+    [check] = doctor.check_native_cuda()
+    assert check.verdict == "warn" and "sm_75" in check.summary and check.details["problem"] == "arch"
+
+
+def test_native_cuda_no_nvcc(cuda_build_env, monkeypatch):
+    from mooncake.fast.cuda import build
+
+    monkeypatch.setattr(build, "nvcc_path", lambda: None)
+    [check] = doctor.check_native_cuda()
+    assert check.verdict == "warn" and "no nvcc" in check.summary and "CUDA_HOME" in check.fix
+
+
+def test_native_cuda_cache_writable_by_others(cuda_build_env):
+    cache = cuda_build_env / "cuda-cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    [check] = doctor.check_native_cuda()
+    assert check.verdict == "warn" and check.details["problem"] == "cache-writable-by-others"
+    assert f"chmod go-w {cache}" in check.fix
