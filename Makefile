@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the CPU build (a bare `torch` may pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,mpi,fast]'
+	# the distribution is now mooncake-ft (same `mooncake` import): drop an editable install of the old name
+	$(PY) -m pip uninstall -q -y mooncake 2>/dev/null || true
+	# UCX from the CUDA 13 wheels (they work without a GPU); '.[test,cu12]' for a CUDA 12 driver instead
+	$(PY) -m pip install -q -e '.[test,cu13]'
 	touch $(STAMP)
 
 demo: $(STAMP)
