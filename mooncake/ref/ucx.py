@@ -6,19 +6,26 @@ with ``UCXConnectionResetError`` within tens of milliseconds, and the endpoint's
 marks the peer dead.  Receives are always posted on the endpoint, never on the worker, so a dead
 peer's receive can never steal a replacement's message.
 
-Threads: callers post and progress under one lock; a single named background thread progresses
-only while requests are in flight and nobody else is waiting, and sleeps on the worker's event fd
-(``arm`` + ``select``) otherwise, so an idle rank uses no CPU.
+Threads: callers post and progress under one lock; a single named background thread drives the
+registered operations (pollers) while nobody else is waiting on one, and otherwise sleeps, with no
+timeout when idle, on one ``select`` over: the worker's event fd (``arm``), its own *kick* eventfd
+(``kick()``: an operation whose caller will not wait on it, a future somebody waits on, a decision),
+and, while operations are pending, the doorbells of the shared-memory planes (``add_sleeper``).  It
+wakes at the earliest deadline of a pending operation, never on a timer, so an idle rank uses no CPU
+and an operation nobody waits on completes (its Work, its future and the callbacks chained on it)
+as soon as the event that commits it arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import select
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -26,11 +33,28 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_
 import ucxx._lib.libucxx as ucx_api  # import before mpi4py: both ship libucp, ucxx's must load first
 from ucxx._lib.arr import Array
 
+from .. import log as _log  # noqa: F401 - applies MOONCAKE_LOG_LEVEL before the first group logs
 from ..control.errors import MooncakeError
 
 _SPIN_S = 50e-6  # busy-progress this long before sleeping on the event fd
-_IDLE_SLEEP_S = 1.0  # with only watches registered, sleep on the event fd up to this long
-_PARKED_S = 0.005  # while a caller waits, the background thread re-checks this often
+# A poller registered without a deadline (an older caller) is re-run at least this often while
+# pending, as before; pollers that give their deadline are woken only by events and that deadline.
+_NO_DEADLINE_SLICE_S = 0.002
+# A pending plane operation with its own blocking wait and no doorbell here (CUDA IPC futex, P2P):
+# the background thread sleeps in that wait for at most this long, then looks at its other work.
+_BLOCKER_SLICE_S = 0.002
+
+
+class _Poller(NamedTuple):
+    poll: Callable[[], None]
+    deadline: Callable[[], float] | None  # monotonic time by which it must run again (inf: only on events)
+    blocker: Callable[[float], object] | None  # the plane's own wait(timeout_s), when no fd covers it
+
+
+class _Sleeper(NamedTuple):
+    fd: int
+    arm: Callable[[], bool]  # before sleeping: ask to be rung; False if something moved (do not sleep)
+    disarm: Callable[[], None]  # after waking
 
 
 class Request:
@@ -124,11 +148,15 @@ class Engine:
         self._close_listeners: list[Callable[[bytes], None]] = []
         self._in_flight = 0
         self._waiters = 0
-        self._parked_idle = False  # the background thread sleeps until notified (nothing registered)
-        self._pollers: list[Callable[[], None]] = []
+        self._parked = False  # the background thread waits on ``_wake`` (nothing to do, or a caller waits)
+        self._sleeping = False  # the background thread is in (or about to enter) its select
+        self._kicked = False  # woken while running: look again before sleeping
+        self._pollers: dict[Callable[[], None], _Poller] = {}
         self._watches: list[Callable[[], None]] = []
+        self._sleepers: dict[int, _Sleeper] = {}
         self._abandoned: list[Request] = []
         self._wake = threading.Condition(threading.Lock())
+        self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._background, name="mooncake-ucx-progress",
                                         daemon=True)
         self._thread.start()
@@ -205,36 +233,83 @@ class Engine:
             self._abandoned = [r for r in self._abandoned if not r.completed] + list(requests)
 
     # -- progress ------------------------------------------------------------------------------
-    def add_poller(self, poll: Callable[[], None]) -> None:
-        """Register work the background thread should drive (called with no lock held).  A thread
-        that is parked while a caller waits picks it up within ``_PARKED_S``; it is not woken here,
-        because a caller usually waits on the new operation at once, and a woken thread would only
-        fight it for the GIL (measured: 2x the latency of a small send/recv pair on 2 cores; waking it
-        from its sleep on the event fd through an eventfd cost as much).  So an operation nobody
-        waits on moves within ``_PARKED_S`` of being registered, or at the next UCX event, or within
-        ``_IDLE_SLEEP_S`` (as before: a sleep on the event fd never was cut short for it)."""
+    def add_poller(self, poll: Callable[[], None], *, deadline: Callable[[], float] | None = None,
+                   urgent: bool = False, blocker: Callable[[float], object] | None = None) -> None:
+        """Register an operation for the background thread to drive until it is removed (called with
+        no lock held).  ``poll()`` advances it; ``deadline()`` is the monotonic time by which it must
+        run again even if no event comes (its timeout; ``math.inf`` while only an event can move it);
+        ``blocker(timeout_s)`` is the plane's own wait, for planes whose progress no fd here announces.
+
+        ``urgent`` wakes the background thread now: pass it when the caller may not wait on the
+        operation itself (``async_op``, a DDP bucket).  Otherwise the thread is not woken, because a
+        caller usually waits at once, and a woken thread would only fight it for the GIL (measured:
+        2x the latency of a small send/recv pair on 2 cores); it then picks the operation up at its next
+        wake-up, at the latest when that caller stops waiting or someone asks for the future (``kick``)."""
         with self._wake:
-            self._pollers.append(poll)
-            if self._parked_idle:
-                self._wake.notify()
+            self._pollers[poll] = _Poller(poll, deadline, blocker)
+            if urgent or deadline is None:  # a caller that gives no deadline gets the old, safe wake-up
+                self._kick_locked()
 
     def remove_poller(self, poll: Callable[[], None]) -> None:
         with self._wake:
-            if poll in self._pollers:
-                self._pollers.remove(poll)
+            self._pollers.pop(poll, None)
 
     def add_watch(self, watch: Callable[[], None]) -> None:
         """Register a check to run after every wake-up of the background thread, even when no
         operation is in flight (incoming control messages wake it: no timer, no CPU when idle)."""
         with self._wake:
             self._watches.append(watch)
-            if self._parked_idle:
-                self._wake.notify()
+            self._kick_locked()
 
     def remove_watch(self, watch: Callable[[], None]) -> None:
         with self._wake:
             if watch in self._watches:
                 self._watches.remove(watch)
+
+    def add_sleeper(self, fd: int, arm: Callable[[], bool], disarm: Callable[[], None]) -> None:
+        """A doorbell fd the background thread also sleeps on while operations are pending (a
+        shared-memory plane: peers ring it when they move and this rank asked to be rung).
+        ``arm()`` runs before each such sleep: it asks to be rung and returns False if an operation
+        moved meanwhile (the thread then runs its pollers again); ``disarm()`` runs after waking."""
+        with self._wake:
+            self._sleepers[fd] = _Sleeper(fd, arm, disarm)
+
+    def remove_sleeper(self, fd: int) -> None:
+        with self._wake:
+            self._sleepers.pop(fd, None)
+
+    def kick(self) -> None:
+        """Make the background thread run its pollers now (a future somebody waits on, an agreement
+        decision, an operation nobody waits on).  Cheap when it is already awake."""
+        with self._wake:
+            self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        if self._parked:
+            self._wake.notify()
+        elif self._sleeping:
+            self._sleeping = False  # one write is enough until it sleeps again
+            try:
+                os.eventfd_write(self._kick_fd, 1)
+            except BlockingIOError:  # the counter is saturated: it is readable anyway
+                pass
+        else:
+            self._kicked = True
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """A caller blocks on an operation itself (a plane's own wait): the background thread stays
+        parked meanwhile, so the two never fight for the GIL; when the last caller stops waiting and
+        operations are still pending, the thread is woken to drive them."""
+        with self._wake:
+            self._waiters += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._waiters -= 1
+                if not self._waiters and self._pollers:
+                    self._kick_locked()
 
     def progress(self) -> None:
         with self.lock:
@@ -242,9 +317,7 @@ class Engine:
 
     def wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Progress until ``done()`` or the monotonic ``deadline``; returns ``done()``."""
-        with self._wake:
-            self._waiters += 1
-        try:
+        with self.waiting():
             spin_until = time.monotonic() + _SPIN_S
             while True:
                 self.progress()
@@ -255,9 +328,6 @@ class Engine:
                     return done()
                 if now >= spin_until:
                     self._sleep_on_events(min(deadline - now, 0.005))
-        finally:
-            with self._wake:
-                self._waiters -= 1
 
     def _sleep_on_events(self, timeout_s: float) -> None:
         with self.lock:
@@ -269,15 +339,58 @@ class Engine:
         while True:
             with self._wake:
                 while self._waiters or not (self._pollers or self._watches):
-                    self._parked_idle = not (self._pollers or self._watches)
-                    self._wake.wait(timeout=None if self._parked_idle else _PARKED_S)
-                    self._parked_idle = False
-                pollers = list(self._pollers)
+                    self._parked = True
+                    self._wake.wait()  # notified by a kick, a registration or the last waiter leaving
+                    self._parked = False
+                self._kicked = False
+                pollers = list(self._pollers.values())
                 watches = list(self._watches)
             self.progress()
-            for poll in pollers + watches:
-                poll()
-            self._sleep_on_events(0.002 if pollers else _IDLE_SLEEP_S)
+            for p in pollers:
+                p.poll()
+            for watch in watches:
+                watch()
+            self._sleep()
+
+    def _sleep(self) -> None:
+        """Sleep until an event, a kick, a doorbell of a pending operation, or the earliest deadline."""
+        with self._wake:
+            pollers = list(self._pollers.values())
+            if self._kicked or self._waiters:
+                return  # new work came while running, or a caller now waits (the loop parks)
+            sleepers = list(self._sleepers.values()) if pollers else []
+            self._sleeping = True
+        now = time.monotonic()
+        timeout = math.inf
+        blocker = None
+        for p in pollers:
+            if p.deadline is None:
+                timeout = min(timeout, _NO_DEADLINE_SLICE_S)
+            else:
+                timeout = min(timeout, max(p.deadline() - now, 0.0))
+            if p.blocker is not None and blocker is None:
+                blocker = p.blocker
+        try:
+            for sleeper in sleepers:
+                if not sleeper.arm():
+                    return  # an operation moved while asking to be rung: run the pollers again
+            with self.lock:
+                if not self.worker.arm():
+                    return  # UCX has events to process
+            if blocker is not None:  # sleep in the plane's own wait, woken by its peers
+                blocker(min(timeout, _BLOCKER_SLICE_S))
+            else:
+                fds = [self.worker.epoll_file_descriptor, self._kick_fd] + [s.fd for s in sleepers]
+                select.select(fds, [], [], None if timeout == math.inf else timeout)
+        finally:
+            with self._wake:
+                self._sleeping = False
+            try:
+                os.eventfd_read(self._kick_fd)
+            except BlockingIOError:
+                pass
+            for s in sleepers:
+                s.disarm()
 
 
 _ENGINE: Engine | None = None
