@@ -1,10 +1,22 @@
-"""Exception types every layer raises; users catch these (or their builtin bases)."""
+"""Exception types every layer raises; users catch these (or their builtin bases).
+
+Every one derives from ``torch.distributed.DistBackendError`` (itself a ``DistError`` and a
+``RuntimeError``), so handlers written for torch's own backends (torchelastic's, a training loop's
+``except DistBackendError``) catch them; ``ArgumentError`` is also a ``ValueError`` and
+``OpTimeoutError`` a ``TimeoutError``.
+"""
 
 from __future__ import annotations
 
+try:
+    from torch.distributed import DistBackendError as _Base
+except ImportError:  # torch without distributed support: keep the RuntimeError contract
+    _Base = RuntimeError
 
-class MooncakeError(RuntimeError):
-    """Base class of mooncake's runtime errors (a RuntimeError, as upstream raises)."""
+
+class MooncakeError(_Base):
+    """Base class of mooncake's runtime errors: a ``torch.distributed.DistBackendError`` (so a
+    ``RuntimeError``, as upstream raises)."""
 
 
 class ArgumentError(MooncakeError, ValueError):
