@@ -6,6 +6,13 @@ lowest active rank's tensor.  Integers, bool, float32 and float64 accumulate in 
 float16 and bfloat16 accumulate in float32 and are rounded once at the end.  AVG divides the SUM
 accumulator by the number of inputs (a true IEEE division for floats, truncation toward zero for
 integers) before that single rounding.
+
+``PREMUL_SUM(factor)`` (torch's ``dist._make_nccl_premul_sum``, which FSDP2 uses for reduce-scatter)
+is NCCL's definition: every input is first multiplied by ``factor`` -- in the accumulator dtype,
+rounded once back to the input dtype (``premul``, which is what ``x * factor`` computes in torch,
+and what NCCL's pre-multiply does per element) -- then the scaled inputs are SUM-folded as above
+(``premul_sum``).  Floating dtypes only.  It is not a wire op: the PG face scales each rank's input
+and the data planes run SUM, so ref and fast give the same bits.
 """
 
 from __future__ import annotations
@@ -104,3 +111,40 @@ def fold(op: ReduceOp, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         else:
             acc = torch.div(acc, torch.tensor(n, dtype=acc_dtype, device=acc.device))
     return acc.to(dtype)
+
+
+PREMUL_SUM = "PREMUL_SUM"  # torch's name; not a ReduceOp member (it carries a factor and never goes on the wire)
+
+
+def check_premul(dtype: torch.dtype) -> str | None:
+    """Why PREMUL_SUM cannot reduce ``dtype`` tensors, or None when it can."""
+    if dtype not in _FLOAT:
+        return f"PREMUL_SUM needs a floating dtype ({', '.join(map(str, _FLOAT))}), got {dtype}"
+    return None
+
+
+def premul_factor(factor) -> float:
+    """The scalar of a PREMUL_SUM: a Python number, or a one-element tensor (torch accepts both)."""
+    if isinstance(factor, torch.Tensor):
+        if factor.numel() != 1:
+            raise ValueError(f"PREMUL_SUM factor must be a scalar, got a tensor of {factor.numel()} elements")
+        return float(factor.item())
+    return float(factor)
+
+
+def premul(x: torch.Tensor, factor) -> torch.Tensor:
+    """``x`` multiplied by ``factor`` in the accumulator dtype and rounded once to ``x``'s dtype
+    (a new contiguous tensor): bitwise what ``x * factor`` gives in torch."""
+    acc_dtype = accumulator_dtype(x.dtype)
+    scale = torch.tensor(premul_factor(factor), dtype=acc_dtype, device=x.device)
+    return torch.mul(x.to(acc_dtype), scale).to(x.dtype).contiguous()
+
+
+def premul_sum(inputs: Sequence[torch.Tensor], factor) -> torch.Tensor:
+    """PREMUL_SUM over ``inputs`` (ordered by ascending rank): SUM fold of the ``premul``-ed inputs."""
+    if not inputs:
+        raise ValueError("premul_sum needs at least one input")
+    reason = check_premul(inputs[0].dtype)
+    if reason:
+        raise ValueError(reason)
+    return fold(ReduceOp.SUM, [premul(x, factor) for x in inputs])
