@@ -37,8 +37,9 @@ import time
 import traceback
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.append(_REPO)
+if _REPO not in sys.path:  # this checkout's mooncake, also in the spawned ranks
+    sys.path.insert(0, _REPO)
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 MODES = ("ddp", "ddp_nosync", "ddp_bf16", "fsdp2")
 BACKENDS = ("gloo", "mooncake-cpu:fast", "mooncake-cpu:ref")
