@@ -137,7 +137,15 @@ def _train(mode: str, args, rank: int, world: int) -> tuple[list[float], dict]:
     return times[args.warmup:], params if rank == 0 else {}
 
 
-def worker(rank: int, world: int, spec: str, port: int, args, queue) -> None:
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def worker(rank: int, world: int, spec: str, port: int, args, queue, parent: int) -> None:
+    import threading
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()  # no rank outlives us
     if ":" in spec:
         os.environ["MOONCAKE_IMPL"] = spec.split(":", 1)[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -178,7 +186,7 @@ def run_pair(spec: str, world: int, args) -> dict:
     store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=args.timeout),
                           wait_for_workers=False)
     q = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, world, spec, store.port, args, q), daemon=True)
+    procs = [ctx.Process(target=worker, args=(r, world, spec, store.port, args, q, os.getpid()), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -1,0 +1,34 @@
+"""benchmarks/trainbench.py at a small size, for correctness only: 2 ranks, DDP and FSDP2, on
+mooncake-cpu fast and ref, every final parameter bitwise equal to gloo's (with 2 ranks every
+reduction is exact whatever its order), plus the table, JSON and plot it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINBENCH = os.path.join(REPO, "benchmarks", "trainbench.py")
+
+
+@pytest.mark.timeout(400)
+def test_trainbench_parameters_match_gloo(tmp_path):
+    cmd = [sys.executable, TRAINBENCH, "--ranks", "2", "--modes", "ddp,ddp_nosync,ddp_bf16,fsdp2",
+           "--backends", "gloo,mooncake-cpu:fast,mooncake-cpu:ref", "--width", "64", "--layers", "3",
+           "--batch", "8", "--steps", "2", "--warmup", "1", "--timeout", "150", "--check", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "trainbench.json").read_text())["results"]
+    assert len(rows) == 4 * 3
+    for row in rows:
+        assert not row.get("error"), row
+        if row["backend"] != "gloo":
+            assert row["equal"], row
+            assert row["impl"] == row["backend"].split(":")[1]
+    assert "equal (bitwise)" in (tmp_path / "trainbench.txt").read_text()
+    assert (tmp_path / "trainbench.png").stat().st_size > 10_000
