@@ -12,7 +12,7 @@ each mode in turn:
 * ``fsdp2``       ``torch.distributed.fsdp.fully_shard`` on every Linear and on the root.
 
 Reported per (mode, backend, ranks): median step time (rank 0, one optimizer step, after
-``--warmup`` steps), samples/s (global batch / median step), its ratio to gloo, and whether the final
+``--warmup`` steps; with ``--rounds N`` the backends run N times in turn and the fastest median counts), samples/s (global batch / median step), its ratio to gloo, and whether the final
 parameters equal gloo's: bitwise (``equal``), or the largest absolute difference otherwise.  With
 two ranks every reduction here is exact whatever its order (a + b), so anything but bitwise equality
 is a bug; with more ranks the float sums may round differently (the fold order differs).
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=2, help="micro-batches per step in ddp_nosync")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every backend this many times, alternating, and keep each one's fastest median "
+                        "(a shared machine's load then hits every backend alike)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for one (backend, ranks) run")
     p.add_argument("--out", default=None, help="directory for trainbench.txt / .json / .png")
     p.add_argument("--check", action="store_true",
@@ -254,7 +257,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['mode']:<11} {r['ranks']:>5} {r['backend']:<18} ERROR: {r['error'].splitlines()[-1]}")
             continue
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        if r["backend"] == "gloo":
+        if r["equal"] is None:
             verdict = "(baseline)"
         else:
             verdict = "equal (bitwise)" if r["equal"] else f"max |diff| {r['max_abs_diff']:.3g}"
@@ -295,34 +298,43 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     rows: list[dict] = []
     for world in args.ranks:
-        baseline = None
+        outs: dict[str, list[dict]] = {spec: [] for spec in args.backends}
+        for _ in range(max(args.rounds, 1)):
+            for spec in args.backends:
+                t0 = time.monotonic()
+                outs[spec].append(run_pair(spec, world, args))
+                print(f"# {spec} x{world}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        baseline: dict[str, tuple] = {}
         for spec in args.backends:
-            t0 = time.monotonic()
-            out = run_pair(spec, world, args)
-            print(f"# {spec} x{world}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
             for mode in args.modes:
-                row = {"mode": mode, "ranks": world, "backend": spec, "impl": out.get("impl")}
-                res = out.get(mode) or {"error": out.get("error", "not run (an earlier mode failed)")}
-                if "error" in res:
-                    row["error"] = res["error"]
+                row = {"mode": mode, "ranks": world, "backend": spec}
+                good = [o for o in outs[spec] if "error" not in (o.get(mode) or {"error": 1})]
+                if not good:
+                    last = outs[spec][-1]
+                    row["impl"] = last.get("impl")
+                    row["error"] = (last.get(mode) or {}).get("error") or last.get("error") or \
+                        "not run (an earlier mode failed)"
                     rows.append(row)
                     continue
+                best = min(good, key=lambda o: statistics.median(o[mode]["times"]))
+                res = best[mode]
                 step = statistics.median(res["times"])
-                row.update(step_ms=step * 1e3, samples_per_s=args.batch * world * (args.accum if mode == "ddp_nosync" else 1) / step,
+                micro = args.accum if mode == "ddp_nosync" else 1
+                row.update(impl=best.get("impl"), step_ms=step * 1e3,
+                           samples_per_s=args.batch * world * micro / step,
+                           round_medians_ms=[statistics.median(o[mode]["times"]) * 1e3 for o in good],
                            times_ms=[t * 1e3 for t in res["times"]], ratio=None, equal=None, max_abs_diff=None)
                 if spec == args.backends[0]:
-                    baseline = baseline or {}
                     baseline[mode] = (step, res["params"])
-                elif baseline and mode in baseline:
+                    row["ratio"] = 1.0
+                elif mode in baseline:
                     row["ratio"] = step / baseline[mode][0]
-                    row["equal"], row["max_abs_diff"] = compare(res["params"], baseline[mode][1])
+                    equal = [compare(o[mode]["params"], baseline[mode][1]) for o in good]
+                    row["equal"] = all(e for e, _ in equal)
+                    row["max_abs_diff"] = max(d for _, d in equal)
                 rows.append(row)
-            if spec == args.backends[0] and baseline:
-                for row in rows:
-                    if row["ranks"] == world and row["backend"] == spec and not row.get("error"):
-                        row["ratio"] = 1.0
     rows.sort(key=lambda r: (r["ranks"], args.modes.index(r["mode"]), args.backends.index(r["backend"])))
-    meta = {"argv": sys.argv, "width": args.width, "layers": args.layers, "batch": args.batch,
+    meta = {"argv": sys.argv, "rounds": args.rounds, "width": args.width, "layers": args.layers, "batch": args.batch,
             "accum": args.accum, "steps": args.steps, "warmup": args.warmup, "machine": machine(),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

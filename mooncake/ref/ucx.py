@@ -151,6 +151,9 @@ class Engine:
         self._parked = False  # the background thread waits on ``_wake`` (nothing to do, or a caller waits)
         self._sleeping = False  # the background thread is in (or about to enter) its select
         self._kicked = False  # woken while running: look again before sleeping
+        self._sleep_armed = False  # its select covers UCX, the kick fd and the doorbells in _sleep_fds
+        self._sleep_fds: frozenset[int] = frozenset()
+        self._sleep_until = math.inf  # its select's timeout, as a monotonic time
         self._pollers: dict[Callable[[], None], _Poller] = {}
         self._watches: list[Callable[[], None]] = []
         self._sleepers: dict[int, _Sleeper] = {}
@@ -240,15 +243,27 @@ class Engine:
         run again even if no event comes (its timeout; ``math.inf`` while only an event can move it);
         ``blocker(timeout_s)`` is the plane's own wait, for planes whose progress no fd here announces.
 
-        ``urgent`` wakes the background thread now: pass it when the caller may not wait on the
-        operation itself (``async_op``, a DDP bucket).  Otherwise the thread is not woken, because a
-        caller usually waits at once, and a woken thread would only fight it for the GIL (measured:
-        2x the latency of a small send/recv pair on 2 cores); it then picks the operation up at its next
-        wake-up, at the latest when that caller stops waiting or someone asks for the future (``kick``)."""
+        ``urgent`` makes sure the background thread will drive it: pass it when the caller may not wait
+        on the operation itself (``async_op``, a DDP bucket).  If the thread already sleeps on every
+        doorbell and UCX's events with an earlier deadline (another operation is pending: DDP's second
+        bucket), it is not woken: this thread asks the doorbells to ring instead (``arm``), which costs
+        no wake-up and no GIL hand-over; else it is kicked.  Without ``urgent`` the thread is not woken,
+        because a caller usually waits at once, and a woken thread would only fight it for the GIL
+        (measured: 2x the latency of a small send/recv pair on 2 cores); it then picks the operation up
+        at its next wake-up, at the latest when that caller stops waiting or someone asks for the future
+        (``kick``)."""
+        ride = False
         with self._wake:
             self._pollers[poll] = _Poller(poll, deadline, blocker)
-            if urgent or deadline is None:  # a caller that gives no deadline gets the old, safe wake-up
+            if deadline is None:  # a caller that gives no deadline gets the old, safe wake-up
                 self._kick_locked()
+            elif urgent:
+                ride = (self._sleeping and self._sleep_armed and blocker is None
+                        and self._sleep_fds == frozenset(self._sleepers) and deadline() >= self._sleep_until)
+                if not ride:
+                    self._kick_locked()
+        if ride and not all(s.arm() for s in list(self._sleepers.values())):
+            self.kick()  # it moved while asking to be rung: the thread must look now
 
     def remove_poller(self, poll: Callable[[], None]) -> None:
         with self._wake:
@@ -308,7 +323,7 @@ class Engine:
         finally:
             with self._wake:
                 self._waiters -= 1
-                if not self._waiters and self._pollers:
+                if not self._waiters and (self._pollers or self._watches):  # watches: a NACK may come
                     self._kick_locked()
 
     def progress(self) -> None:
@@ -380,11 +395,16 @@ class Engine:
             if blocker is not None:  # sleep in the plane's own wait, woken by its peers
                 blocker(min(timeout, _BLOCKER_SLICE_S))
             else:
+                with self._wake:  # what add_poller may rely on without waking it
+                    self._sleep_armed = bool(pollers)
+                    self._sleep_fds = frozenset(s.fd for s in sleepers)
+                    self._sleep_until = now + timeout
                 fds = [self.worker.epoll_file_descriptor, self._kick_fd] + [s.fd for s in sleepers]
                 select.select(fds, [], [], None if timeout == math.inf else timeout)
         finally:
             with self._wake:
                 self._sleeping = False
+                self._sleep_armed = False
             try:
                 os.eventfd_read(self._kick_fd)
             except BlockingIOError:
