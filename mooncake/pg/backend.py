@@ -9,6 +9,7 @@ today) moves bytes and does the math defined in ``mooncake.model``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import struct
@@ -28,7 +29,8 @@ from ..control import faults, join
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError
 from ..control.plane import GroupInfo
 from ..control.view import View, initial_view
-from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION
+from ..control.fingerprint import Fingerprint
+from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION, OpCode
 from ..model import collectives as _model
 from ..model.reduce import DTYPE_CODES, ReduceOp, check_reducible
 from ..ref import collectives as ref
@@ -36,22 +38,28 @@ from ..ref import p2p as ref_p2p
 from ..ref import ucx
 from . import options as _options
 from .membership import Membership
-from .work import Collective, ComposedWork, MooncakeWork
+from .work import Collective, ComposedWork, MooncakeWork, NotPosted
 
 class RootInactiveError(ArgumentError, _model.RootInactiveError):
     """The root of broadcast / reduce / gather / scatter is not active; raised on every caller."""
 
 
 _HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
-_backend_index = 0
+_backend_counts: dict[tuple[str, tuple[int, ...]], int] = {}
 _backend_index_lock = threading.Lock()
 
 
-def _next_backend_index() -> int:
-    global _backend_index
+def _next_backend_index(group_id: str, global_ranks: Sequence[int]) -> str:
+    """This group's key prefix index, the same on every member: how many times this process created
+    a group of this torch name and these global ranks before.  A per-process count of every group
+    created would differ between ranks as soon as one of them skipped a subgroup it is not a member
+    of (torch creates no backend there), and the next group's ranks would wait for each other's Store
+    records under different keys until the timeout."""
+    key = (str(group_id), tuple(int(r) for r in global_ranks))
     with _backend_index_lock:
-        _backend_index += 1
-        return _backend_index - 1
+        n = _backend_counts.get(key, 0)
+        _backend_counts[key] = n + 1
+    return f"{zlib.crc32(repr(key).encode()) & 0xFFFFFFFF:08x}.{n}"
 
 
 def _reduce_op(opts) -> ReduceOp:
@@ -67,6 +75,43 @@ def _one(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.Tensor
     if len(tensors) != 1:
         raise ArgumentError(f"Expecting one tensor only but got multiple. ({what}: {len(tensors)} tensors)")
     return tensors[0]
+
+
+def _fp(op: OpCode, t: torch.Tensor, reduce_op: ReduceOp = ReduceOp.SUM, **fields) -> Fingerprint:
+    """The fingerprint of a call on tensors of ``t``'s dtype (see control/fingerprint.py)."""
+    return Fingerprint(op, DTYPE_CODES[t.dtype], int(reduce_op) if op in _REDUCING else 0, **fields)
+
+
+_REDUCING = (OpCode.ALL_REDUCE, OpCode.REDUCE, OpCode.REDUCE_SCATTER)
+_calls = threading.local()  # the collective call being validated on this thread (see _collective)
+
+
+def _collective(name: str, list_arg: int | None = None):
+    """Decorate a collective: a call rejected locally (``ArgumentError``) still takes the sequence
+    numbers the call would have taken (one, or one per tensor of argument ``list_arg`` for the
+    coalesced forms) and tells the peers, which fail the same ops with the same error
+    (docs/semantics.md, "One verdict per operation").  Nested calls count in the outermost."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            if getattr(_calls, "issued", None) is not None:
+                return method(self, *args, **kwargs)
+            _calls.issued = 0
+            try:
+                return method(self, *args, **kwargs)
+            except ArgumentError as exc:
+                count = 1
+                if list_arg is not None and list_arg < len(args):
+                    with contextlib.suppress(TypeError):
+                        count = max(1, len(args[list_arg]))
+                if count > _calls.issued:
+                    self._reject(name, exc, count - _calls.issued)
+                raise
+            finally:
+                _calls.issued = None
+        return call
+    return wrap
 
 
 class MooncakeProcessGroup(dist.ProcessGroup):
@@ -96,7 +141,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._initial_view = view
         self._timeout_s = timeout.total_seconds()
         self._global_ranks = list(global_ranks) or list(range(world_size))
-        self._index = _next_backend_index()
+        self._index = _next_backend_index(group_id, self._global_ranks)
         self._prefix = f"mooncake/{self._index}"
         self._incarnation = int.from_bytes(os.urandom(8), "little")
         self._admitted: dict[int, int] = {}  # rank -> incarnation last admitted by recover_ranks
@@ -391,7 +436,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._closed:
             raise MooncakeError("this mooncake process group was shut down")
         if self._membership.evicted:
-            raise MooncakeError(self._membership.evicted)
+            raise self._membership.removed_error(self._backend_name)
 
     def _check_tensor(self, t: torch.Tensor, what: str) -> None:
         if not isinstance(t, torch.Tensor):
@@ -434,13 +479,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"Unsupported reduce op/dtype: {reason}")
 
     # -- issuing -------------------------------------------------------------------------------
-    def _post(self, name: str, build, seq: int, view: View, root: int | None):
+    def _post(self, name: str, build, seq: int, view: View, root: int | None,
+              fingerprint: Fingerprint | None = None):
         """Post ``build`` as operation ``seq`` under ``view`` (first time, or again after a failure)."""
         if root is not None and not view.is_active(root):
             raise PeerFailureError(f"{name}: root rank {root} failed; the survivors {list(view.active)} "
                                    "agreed on it, so this operation cannot complete", (root,))
         faults.hit("before_send")
-        return build(ref.OpContext(self._engine, self._peers, self._group_key, self._rank, view, seq, name))
+        return build(ref.OpContext(self._engine, self._peers, self._group_key, self._rank, view, seq, name,
+                                   fingerprint))
 
     def _timeout_of(self, opts) -> float:
         timeout = getattr(opts, "timeout", None)
@@ -449,25 +496,37 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._timeout_s
 
     def _issue(self, name: str, opts, build, outputs: list[torch.Tensor],
-               staged: list[tuple[torch.Tensor, torch.Tensor]] = (), root: int | None = None) -> MooncakeWork:
-        """Post ``build(ctx)`` as the group's next collective and wrap it; ``staged`` pairs (user
-        tensor, staging copy) are written back to the user's tensors when it completes."""
+               staged: list[tuple[torch.Tensor, torch.Tensor]] = (), root: int | None = None,
+               fingerprint: Fingerprint | None = None) -> MooncakeWork:
+        """Number ``build(ctx)`` as the group's next collective, post it and wrap it; ``staged``
+        pairs (user tensor, staging copy) are written back to the user's tensors when it completes.
+
+        Nothing is posted while the group's view is under agreement, nor for an op the members
+        already settled while this rank had not called it (it is late): such an op takes the
+        agreement's verdict first (docs/semantics.md, "One verdict per operation")."""
         self._check_open()
         issued_at = time.monotonic()
         membership = self._membership
+        membership.poll()
         with membership.lock:
             seq = membership.begin()
+            if getattr(_calls, "issued", None) is not None:
+                _calls.issued += 1
             view = membership.view
-            try:
-                op = self._post(name, build, seq, view, root)
-            except BaseException:
-                membership.settle(seq)
-                raise
+            late = membership.late_decision(seq)
+            posted = late is None and not membership.under_agreement(view.epoch)
+            op = NotPosted()
+            if posted:
+                try:
+                    op = self._post(name, build, seq, view, root, fingerprint)
+                except BaseException as exc:
+                    membership.reject(seq, f"rank {self._rank} could not post this call: {exc}")
+                    raise
 
         def repost():
             with membership.lock:
                 view = membership.view
-                return self._post(name, build, seq, view, root), view.epoch
+                return self._post(name, build, seq, view, root, fingerprint), view.epoch
 
         def write_back() -> None:
             for user, stage in staged:
@@ -475,8 +534,22 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
                                         write_back if staged else None, name=name,
-                                        collective=Collective(membership, seq, view.epoch, repost),
+                                        collective=Collective(membership, seq, view.epoch, repost, posted, late),
                                         issued_at=issued_at))
+
+    def _reject(self, name: str, exc: BaseException, count: int) -> None:
+        """This rank rejected a call that takes ``count`` sequence numbers: take them and tell the
+        members (an op the members already settled while this rank was late needs no telling)."""
+        membership = self._membership
+        with membership.lock:
+            for _ in range(count):
+                seq = membership.begin()
+                late = membership.late_decision(seq)
+                if late is not None and (late.verdict(seq) is not None or
+                                         (late.failed and membership.failure_mode == "raise")):
+                    membership.settle(seq)
+                else:
+                    membership.reject(seq, f"rank {self._rank} rejected this call: {exc}")
 
     def _track(self, work: MooncakeWork) -> MooncakeWork:
         self._in_flight.add(work)
@@ -500,6 +573,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return stage
 
     # -- collectives ---------------------------------------------------------------------------
+    @_collective("all_reduce")
     def allreduce(self, tensors, opts=None):
         opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
@@ -508,12 +582,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_reduce(op, t)
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged)
+        return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged,
+                           fingerprint=_fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()))
 
+    @_collective("all_reduce_coalesced", list_arg=0)
     def allreduce_coalesced(self, tensors, opts=None):
         opts = opts or c10d.AllreduceCoalescedOptions()
         return self._coalesced([self.allreduce([t], opts) for t in self._checked_list(tensors)], tensors)
 
+    @_collective("broadcast")
     def broadcast(self, tensors, opts=None):
         opts = opts or c10d.BroadcastOptions()
         t = _one(tensors)
@@ -522,8 +599,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "broadcast src")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged, root)
+        return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged, root,
+                           _fp(OpCode.BROADCAST, t, root=root, numel=t.numel()))
 
+    @_collective("reduce")
     def reduce(self, tensors, opts=None):
         opts = opts or c10d.ReduceOptions()
         t = _one(tensors)
@@ -534,8 +613,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_root(root, "reduce dst")
         staged: list = []
         x = self._stage(t, staged, True)
-        return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged, root)
+        return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged, root,
+                           _fp(OpCode.REDUCE, t, op, root=root, numel=t.numel()))
 
+    @_collective("all_gather")
     def allgather(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.AllgatherOptions()
         t = _one(input_tensors, "input_tensors")
@@ -547,8 +628,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         staged: list = []
         x = self._stage(t, staged, False)
         ys = [self._stage(o, staged, True) for o in outs]
-        return self._issue("all_gather", opts, lambda ctx: self._plane.all_gather(ctx, ys, x), outs, staged)
+        return self._issue("all_gather", opts, lambda ctx: self._plane.all_gather(ctx, ys, x), outs, staged,
+                           fingerprint=_fp(OpCode.ALL_GATHER, t, numel=t.numel(), slots=len(outs)))
 
+    @_collective("all_gather_coalesced", list_arg=1)
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         opts = opts or c10d.AllgatherOptions()
         if len(output_lists) != len(input_list):
@@ -557,6 +640,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         works = [self.allgather([outs], [t], opts) for outs, t in zip(output_lists, input_list)]
         return self._coalesced(works, [o for outs in output_lists for o in outs])
 
+    @_collective("all_gather_into_tensor")
     def all_gather_single(self, output, input, opts=None):
         opts = opts or c10d.AllgatherOptions()
         self._check_tensor(input, "input_tensor")
@@ -570,10 +654,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         slots = list(y.reshape(k, -1).unbind(0))
         xs = x.reshape(-1)
         return self._issue("all_gather_into_tensor", opts,
-                           lambda ctx: self._plane.all_gather(ctx, slots, xs), [output], staged)
+                           lambda ctx: self._plane.all_gather(ctx, slots, xs), [output], staged,
+                           fingerprint=_fp(OpCode.ALL_GATHER, input, numel=input.numel(), slots=k))
 
     _allgather_base = all_gather_single
 
+    @_collective("all_gather_into_tensor_coalesced", list_arg=1)
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts or c10d.AllgatherOptions()
         works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs)]
@@ -581,6 +667,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
+    @_collective("gather")
     def gather(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.GatherOptions()
         t = _one(input_tensors, "input_tensors")
@@ -599,8 +686,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if output_tensors and any(len(o) for o in output_tensors):
                 raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
             outs, ys = [], None
-        return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged, root)
+        return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged, root,
+                           _fp(OpCode.GATHER, t, root=root, numel=t.numel()))
 
+    @_collective("scatter")
     def scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ScatterOptions()
         t = _one(output_tensors, "output_tensors")
@@ -619,8 +708,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             if input_tensors and any(len(i) for i in input_tensors):
                 raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
             xs = None
-        return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged, root)
+        return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged, root,
+                           _fp(OpCode.SCATTER, t, root=root, numel=t.numel()))
 
+    @_collective("reduce_scatter")
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
         t = _one(output_tensors, "output_tensors")
@@ -635,8 +726,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         y = self._stage(t, staged, True)
         xs = [self._stage(s, staged, False) for s in ins]
         return self._issue("reduce_scatter", opts, lambda ctx: self._plane.reduce_scatter(ctx, y, xs, op),
-                           [t], staged)
+                           [t], staged, fingerprint=_fp(OpCode.REDUCE_SCATTER, t, op, numel=t.numel(),
+                                                        slots=len(ins)))
 
+    @_collective("reduce_scatter_tensor")
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
         self._check_tensor(input, "input_tensor")
@@ -651,10 +744,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         xs = list(self._stage(input, staged, False).reshape(k, -1).unbind(0))
         ys = y.reshape(-1)
         return self._issue("reduce_scatter_tensor", opts,
-                           lambda ctx: self._plane.reduce_scatter(ctx, ys, xs, op), [output], staged)
+                           lambda ctx: self._plane.reduce_scatter(ctx, ys, xs, op), [output], staged,
+                           fingerprint=_fp(OpCode.REDUCE_SCATTER, output, op, numel=output.numel(), slots=k))
 
     _reduce_scatter_base = reduce_scatter_single
 
+    @_collective("reduce_scatter_tensor_coalesced", list_arg=1)
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
         works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
@@ -662,6 +757,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
+    @_collective("all_to_all")
     def alltoall(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.AllToAllOptions()
         self._check_slots(len(input_tensors), "the all_to_all input list")
@@ -682,9 +778,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         staged: list = []
         xs = [self._stage(s, staged, False) for s in input_tensors]
         ys = [self._stage(o, staged, True) for o in output_tensors]
+        fingerprint = _fp(OpCode.ALL_TO_ALL, input_tensors[0], slots=len(input_tensors),
+                          sends=tuple(s.numel() for s in input_tensors),
+                          recvs=tuple(o.numel() for o in output_tensors))
         return self._issue("all_to_all", opts, lambda ctx: self._plane.all_to_all(ctx, ys, xs),
-                           list(output_tensors), staged)
+                           list(output_tensors), staged, fingerprint=fingerprint)
 
+    @_collective("all_to_all_single")
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         opts = opts or c10d.AllToAllOptions()
         self._check_tensor(input, "input")
@@ -702,12 +802,16 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         y = self._stage(output, staged, True)
         xs = list(x.split(in_splits)) if x.dim() else [x]
         ys = list(y.split(out_splits)) if y.dim() else [y]
+        fingerprint = _fp(OpCode.ALL_TO_ALL, input, slots=k, sends=tuple(x.numel() for x in xs),
+                          recvs=tuple(y.numel() for y in ys))
         return self._issue("all_to_all_single", opts, lambda ctx: self._plane.all_to_all(ctx, ys, xs),
-                           [output], staged)
+                           [output], staged, fingerprint=fingerprint)
 
+    @_collective("barrier")
     def barrier(self, opts=None):
         opts = opts or c10d.BarrierOptions()
-        return self._issue("barrier", opts, lambda ctx: self._plane.barrier(ctx), [])
+        return self._issue("barrier", opts, lambda ctx: self._plane.barrier(ctx), [],
+                           fingerprint=Fingerprint(OpCode.BARRIER))
 
     # -- point to point ------------------------------------------------------------------------
     def _check_peer(self, peer: int, tag: int, what: str) -> None:

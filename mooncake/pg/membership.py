@@ -8,6 +8,7 @@ their next advance.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 import time
@@ -16,12 +17,41 @@ from typing import Callable
 import numpy as np
 
 from ..control import faults
-from ..control.agreement import Decision, Report, StoreAgreement
-from ..control.errors import MooncakeError
+from ..control.agreement import Decision, Report, StoreAgreement, VerdictKind
+from ..control.errors import MooncakeError, RemovedError
 from ..control.view import View
 from ..control.wire import HEADER_BYTES, Header, Kind, OpCode
 
 FAILURE_MODES = ("complete", "raise")
+_MAX_FAILED_LOCAL = 256   # local verdicts kept for this epoch's report (a slow peer needs only recent ones)
+
+
+def _add_to_runs(runs: list[list[int]], seq: int) -> None:
+    """Add ``seq`` to ascending, disjoint [start, end) ``runs`` (commits come mostly in order)."""
+    if runs and runs[-1][1] == seq:
+        runs[-1][1] = seq + 1
+        return
+    i = bisect.bisect_left(runs, [seq + 1])  # first run starting after seq
+    if i and runs[i - 1][1] > seq:
+        return  # already in
+    if i and runs[i - 1][1] == seq:
+        runs[i - 1][1] = seq + 1
+        if i < len(runs) and runs[i][0] == seq + 1:
+            runs[i - 1][1] = runs.pop(i)[1]
+    elif i < len(runs) and runs[i][0] == seq + 1:
+        runs[i][0] = seq
+    else:
+        runs.insert(i, [seq, seq + 1])
+
+
+def _private_connection(store):
+    """A Store client of the agreement's own: torch's TCPStore serves one request at a time per
+    client, so an agreement sharing the user's client would wait behind any ``store.wait`` the
+    user's thread makes (and the rank would be removed for being silent)."""
+    try:
+        return store.clone()
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return store  # a Store without clone() (HashStore, FileStore): no network client to share
 
 
 def agreement_window_s(timeout_s: float) -> float:
@@ -41,8 +71,9 @@ class Membership:
         self.failure_mode = failure_mode
         self.lock = threading.RLock()
         self.next_seq = 0
-        self.evicted: str | None = None
-        self._store = StoreAgreement(store, prefix)
+        self.evicted: str | None = None            # why this rank can no longer take part
+        self._agreement_failed = False             # ...because the agreement itself failed
+        self._store = StoreAgreement(_private_connection(store), prefix)
         self._engine, self._peers, self._group_key = engine, peers, group_key
         self._addresses = addresses
         self._timeout_s = timeout_s
@@ -53,6 +84,12 @@ class Membership:
         self._suspects: set[int] = set()
         self._seen_dead: set[int] = set()          # members whose NACK channel broke
         self._nacks: dict[int, object] = {}       # peer -> posted NACK receive of this epoch
+        self._timed_out: set[int] = set()          # ops of this epoch whose deadline passed here
+        self._slow: set[int] = set()               # peers those ops still waited on
+        # ops that failed here for a reason every member must share: seq -> (kind, message, reported)
+        self._failed_local: dict[int, tuple[VerdictKind, str, bool]] = {}
+        self._late: dict[int, Decision] = {}       # seqs not called here yet -> the decision that covered them
+        self._committed: list[list[int]] = []      # [start, end) runs of the ops committed in this epoch
         self._closed = False
         self._watch_nacks()
         engine.add_watch(self._check_nacks)
@@ -66,6 +103,18 @@ class Membership:
             self._pending.add(seq)
             return seq
 
+    def late_decision(self, seq: int) -> Decision | None:
+        """The decision that already settled op ``seq`` while this rank had not called it (it was
+        late): the op takes that decision's verdict instead of being posted."""
+        with self.lock:
+            return self._late.pop(seq, None)
+
+    def poll(self) -> None:
+        """Act on control messages that have arrived (a peer's NACK) before posting: a rank that
+        comes late learns that its peers are in the agreement before it sends anything."""
+        self._engine.progress()
+        self._check_nacks()
+
     def try_commit(self, seq: int, epoch: int) -> bool:
         """A collective may return its result unless its epoch is under agreement, or a peer's NACK
         for it has arrived and the progress thread has not acted on it yet (the peer may be
@@ -76,12 +125,34 @@ class Membership:
             if self._frozen or epoch != self.view.epoch:
                 return False
             self._pending.discard(seq)
+            _add_to_runs(self._committed, seq)
             return True
 
     def settle(self, seq: int) -> None:
         """A collective ended another way (failed, or resolved by a decision)."""
         with self.lock:
             self._pending.discard(seq)
+
+    def fail_local(self, seq: int, kind: VerdictKind, message: str) -> None:
+        """Op ``seq`` failed on this rank with a verdict every member reaches on its own (ranks that
+        disagree on a call all see every fingerprint); remembered so that a report of this epoch
+        never counts it as committed and carries the verdict to a member that did not see it."""
+        with self.lock:
+            self._pending.discard(seq)
+            self._failed_local[seq] = (kind, message, True)
+            shared = [s for s, v in self._failed_local.items() if v[2]]
+            if len(shared) > _MAX_FAILED_LOCAL:
+                del self._failed_local[min(shared)]
+
+    def reject(self, seq: int, message: str) -> None:
+        """This rank rejected op ``seq`` locally: the members learn it through the agreement and
+        fail the op with the same error (``message`` names this rank and its reason)."""
+        with self.lock:
+            self._pending.discard(seq)
+            self._failed_local[seq] = (VerdictKind.REJECTED, message, False)
+            epoch, frozen = self.view.epoch, self._frozen
+        if not frozen:
+            self.trouble(epoch)
 
     def has_pending(self) -> bool:
         with self.lock:
@@ -95,24 +166,40 @@ class Membership:
         with self.lock:
             return epoch in self._decisions or (epoch == self.view.epoch and self._frozen)
 
+    def removed_error(self, name: str) -> MooncakeError:
+        """What every call raises once this rank is out of the group."""
+        if self._agreement_failed:
+            return MooncakeError(f"{name}: {self.evicted}")
+        return RemovedError(f"{name}: {self.evicted}", (self.rank,))
+
     # -- failures ------------------------------------------------------------------------------
-    def trouble(self, epoch: int, suspects: frozenset[int] | set[int] = frozenset()) -> None:
-        """A collective of ``epoch`` cannot commit: freeze the epoch and start the agreement."""
+    def trouble(self, epoch: int, suspects: frozenset[int] | set[int] = frozenset(),
+                timed_out: int | None = None, slow: frozenset[int] | set[int] = frozenset()) -> None:
+        """A collective of ``epoch`` cannot commit (op ``timed_out`` passed its deadline waiting on
+        ``slow``; ``suspects`` were seen failing): freeze the epoch and start the agreement."""
         with self.lock:
             if self._closed or epoch != self.view.epoch or epoch in self._decisions:
                 return
             self._suspects |= set(suspects) & set(self.view.active)
             if self._frozen:
                 return
+            if timed_out is not None:
+                self._timed_out.add(timed_out)
+                self._slow |= set(slow) & set(self.view.active)
             self._frozen = True
-            pending = sorted(self._pending)
-            low = pending[0] if pending else self.next_seq
-            extra = frozenset(s for s in range(low, self.next_seq) if s not in self._pending)
-            report = Report(epoch, self.rank, low, extra, frozenset(self._suspects - {self.rank}))
+            report = self._report(epoch)
             members = self.view.active
             self._send_nacks()
         threading.Thread(target=self._agree, args=(report, members), daemon=True,
                          name=f"mooncake-agree-{epoch}").start()
+
+    def _report(self, epoch: int) -> Report:
+        """This rank's evidence for ``epoch`` (under the lock)."""
+        committed = tuple((a, b) for a, b in self._committed)
+        failures = tuple((s, kind, message) for s, (kind, message, _) in sorted(self._failed_local.items()))
+        self._failed_local = {s: (k, m, True) for s, (k, m, _) in self._failed_local.items()}
+        return Report(epoch, self.rank, committed, self.next_seq, frozenset(self._suspects - {self.rank}),
+                      frozenset(self._timed_out), frozenset(self._slow - {self.rank}), failures)
 
     def _agree(self, report: Report, members: tuple[int, ...]) -> None:
         faults.hit("during_agreement")
@@ -123,10 +210,12 @@ class Membership:
         except MooncakeError as exc:
             decision = None
             error = exc
+        retrouble = None
         with self.lock:
             if decision is None:
                 self.evicted = str(error)
-                self._decisions[report.epoch] = Decision(report.epoch + 1, (), members, 0, frozenset())
+                self._agreement_failed = True
+                self._decisions[report.epoch] = Decision(report.epoch + 1, (), members)
                 return
             self._decisions[report.epoch] = decision
             if self.view.epoch != report.epoch:
@@ -136,13 +225,25 @@ class Membership:
             if self.rank not in decision.active:
                 self.evicted = (f"rank {self.rank} was removed from the group by the survivors at "
                                 f"epoch {report.epoch} (failed ranks {list(decision.failed)}): it did "
-                                "not answer the failure agreement in time")
+                                "not answer the failure agreement in time (dead, stalled, or blocked "
+                                "in a call that held the GIL)")
                 return
+            for seq in range(self.next_seq, decision.high):   # ops this rank has not called yet
+                self._late[seq] = decision
             self._adopt(View(decision.epoch, self.capacity, decision.active))
+            # a rejection made while this epoch's report was already out still has to reach the others
+            if any(not reported for _, _, reported in self._failed_local.values()):
+                retrouble = self.view.epoch
+        if retrouble is not None:
+            self.trouble(retrouble)
 
     def _adopt(self, view: View) -> None:
         self.view = view
         self._seen_dead.clear()
+        self._timed_out.clear()
+        self._slow.clear()
+        self._failed_local = {s: v for s, v in self._failed_local.items() if not v[2]}
+        self._committed = []
         self._watch_nacks()
         self._on_view(view)
 
@@ -212,6 +313,17 @@ class Membership:
         return nacked
 
     def close(self) -> None:
+        """Leave: report this view's commits first, naming this rank among the suspects (it leaves),
+        so that a slower peer whose agreement finds this rank gone still learns which ops stand
+        instead of counting it silent and re-running an op it committed."""
+        report = None
         with self.lock:
+            if not self._closed and not self._frozen and self.evicted is None and len(self.view.active) > 1:
+                report = dataclasses.replace(self._report(self.view.epoch), suspects=frozenset({self.rank}))
             self._closed = True
         self._engine.remove_watch(self._check_nacks)
+        if report is not None:
+            try:
+                self._store.report(report)
+            except Exception:  # noqa: BLE001 - the Store may be gone already; leaving goes on
+                pass

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..control.errors import MooncakeError, OpTimeoutError, PeerFailureError
+from ..control.agreement import Verdict, VerdictKind
+from ..control.errors import ArgumentError, MismatchError, MooncakeError, OpTimeoutError, PeerFailureError
 from ..control.streams import is_current, on_stream
 
 _PENDING, _DONE, _FAILED = range(3)
@@ -19,10 +20,45 @@ _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
 
 
 class Collective:
-    """What a collective's Work needs from its group: its number, its epoch, how to re-post it."""
+    """What a collective's Work needs from its group: its number, its epoch, how to (re-)post it,
+    and, for an op that was not posted at issue, the decision it waits for (``epoch``'s) or
+    already has (``decision``: it was called late)."""
 
-    def __init__(self, membership, seq: int, epoch: int, repost: Callable[[], tuple[object, int]]):
+    def __init__(self, membership, seq: int, epoch: int, repost: Callable[[], tuple[object, int]],
+                 posted: bool = True, decision=None):
         self.membership, self.seq, self.epoch, self.repost = membership, seq, epoch, repost
+        self.posted, self.decision = posted, decision
+
+
+class NotPosted:
+    """The ``PlaneOp`` of a collective that waits for the agreement before posting anything."""
+
+    data_complete = committed = False
+    error = None
+
+    def progress(self) -> None:
+        pass
+
+    def failed_peers(self) -> frozenset[int]:
+        return frozenset()
+
+    def pending_ranks(self) -> tuple[int, ...]:
+        return ()
+
+    def abandon(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        raise MooncakeError("finish() of an operation that was never posted")
+
+
+def verdict_error(name: str, seq: int, verdict: Verdict) -> MooncakeError:
+    """The exception every member raises for op ``seq`` failed with ``verdict``."""
+    if verdict.kind is VerdictKind.REJECTED:
+        return ArgumentError(f"{name} (op {seq}): {verdict.message}")
+    if verdict.kind is VerdictKind.MISMATCH:
+        return MismatchError(verdict.message)
+    return OpTimeoutError(f"{name} (op {seq}) timed out: {verdict.message}", verdict.ranks)
 
 
 class MooncakeWork(dist.Work):
@@ -62,13 +98,18 @@ class MooncakeWork(dist.Work):
         self._future: torch.futures.Future = torch.futures.Future()
         self._source_rank_value = source_rank
         self._collective = collective
-        self._awaiting_decision = False
+        self._awaiting_decision = collective is not None and not collective.posted
         cuda_out = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
         self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.get_device())
         self._written = None  # CUDA event: the outputs' last write on self._stream
         self.failed_ranks: tuple[int, ...] = ()
         if op is None:
             self._complete()
+        elif collective is not None and collective.decision is not None:
+            with self._lock:
+                self._resolve(collective.decision)   # called late: the verdict is already known
+            if self._state == _PENDING:
+                engine.add_poller(self._advance)
         else:
             engine.add_poller(self._advance)
 
@@ -105,6 +146,11 @@ class MooncakeWork(dist.Work):
             return
         op = self._op
         op.progress()
+        if op.error is not None:  # the ranks disagree on the call: every one of them sees it
+            op.abandon()
+            c.membership.fail_local(c.seq, VerdictKind.MISMATCH, str(op.error))
+            self._fail(op.error)
+            return
         # committed only after the deadline: the others may have given this rank up meanwhile (it was
         # stalled), and whether they did is in the agreement, not yet in this rank's view
         late = time.monotonic() >= self._deadline
@@ -112,36 +158,38 @@ class MooncakeWork(dist.Work):
             self._finish_op()
         elif op.committed or op.failed_peers() or late or c.membership.under_agreement(c.epoch):
             self._awaiting_decision = True
-            c.membership.trouble(c.epoch, op.failed_peers())
+            timed_out = late and not op.committed
+            c.membership.trouble(c.epoch, op.failed_peers(), c.seq if timed_out else None,
+                                 op.pending_ranks() if timed_out else ())
 
     def _resolve(self, decision) -> None:
-        """Apply the survivors' decision about this collective's epoch."""
+        """Apply the members' decision about this collective's epoch (docs/semantics.md, "One
+        verdict per operation")."""
         c = self._collective
+        membership = c.membership
         self._awaiting_decision = False
         self.failed_ranks = decision.failed
-        if c.membership.evicted:
+        verdict = decision.verdict(c.seq)
+        if membership.evicted:
             self._op.abandon()
-            self._settle_fail(MooncakeError(f"{self._name}: {c.membership.evicted}"))
+            self._settle_fail(membership.removed_error(self._name))
         elif decision.committed(c.seq):
             if self._op.data_complete:
-                c.membership.settle(c.seq)
+                membership.settle(c.seq)
                 self._finish_op()
             else:  # a commit elsewhere proves every rank had its data: the protocol was broken
                 self._settle_fail(MooncakeError(f"{self._name}: committed by a peer but this rank lacks "
                                                 "data (a bug: please report it)"))
-        elif not decision.failed:  # everyone is alive: some rank did not call this collective in time
+        elif verdict is not None:
             self._op.abandon()
-            self._settle_fail(OpTimeoutError(
-                f"{self._name} did not complete within {self._timeout_s:.3g} s although every rank "
-                f"of {list(decision.active)} is alive: some rank did not call it (every rank must "
-                "issue the same collectives in the same order) or is too slow", ()))
-        elif c.membership.failure_mode == "raise":
+            self._settle_fail(verdict_error(self._name, c.seq, verdict))
+        elif decision.failed and c.seq < decision.high and membership.failure_mode == "raise":
             self._op.abandon()
             self._settle_fail(PeerFailureError(
                 f"{self._name}: rank(s) {list(decision.failed)} failed; the survivors "
                 f"{list(decision.active)} agreed on it and the group continues without them",
                 decision.failed))
-        else:
+        else:  # run it (again) under the new view
             self._op.abandon()
             self._deadline = time.monotonic() + self._timeout_s
             try:

@@ -31,6 +31,7 @@ class OpContext:
     view: View
     seq: int
     name: str
+    fingerprint: object = None   # control.fingerprint.Fingerprint of this rank's call (collectives)
 
 
 class Op:
@@ -46,6 +47,10 @@ class Op:
     @property
     def committed(self) -> bool:
         return self.exchange.committed
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.exchange.error
 
     def progress(self) -> None:
         self.exchange.progress()
@@ -74,14 +79,21 @@ def _header(ctx: OpContext, op: OpCode, src: int, dst: int, t: torch.Tensor | No
 def _post(ctx: OpContext, op: OpCode, sends: dict[int, torch.Tensor | None],
           recvs: dict[int, torch.Tensor | None], finish, reduce_op: int = 0) -> Op:
     """Post ``sends`` (peer -> payload) and ``recvs`` (peer -> a tensor shaped like the payload);
-    the commit round runs with every other active rank."""
+    every other active rank not named gets (and sends) a header-only message, so each ordered pair
+    of ranks exchanges exactly one message whatever each believes the call to be (ranks that
+    disagree on a root or an op still reach the commit round, where the fingerprints tell).  The
+    commit round runs with every other active rank."""
     empty = torch.empty(0, dtype=torch.uint8)
+    others = _others(ctx)
+    sends = {**{p: None for p in others}, **sends}
+    recvs = {**{p: None for p in others}, **recvs}
     send_msgs = {p: (_header(ctx, op, ctx.rank, p, t, reduce_op), empty if t is None else t)
                  for p, t in sends.items()}
     recv_msgs = {p: _header(ctx, op, p, ctx.rank, t, reduce_op) for p, t in recvs.items()}
-    commit = {p: _header(ctx, op, p, ctx.rank, None, kind=Kind.DONE) for p in _others(ctx)}
+    commit = {p: _header(ctx, op, p, ctx.rank, None, kind=Kind.DONE) for p in others}
     peers = ctx.peers(sorted(set(sends) | set(recvs) | set(commit)))
-    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs, commit), finish)
+    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs, commit, ctx.fingerprint,
+                            ctx.rank), finish)
 
 
 def _others(ctx: OpContext) -> list[int]:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..control import faults
-from ..control.errors import PeerFailureError, WireError
-from ..control.wire import HEADER_BYTES, Header
+from ..control import fingerprint as fp
+from ..control.errors import MismatchError, PeerFailureError, WireError
+from ..control.wire import HEADER_BYTES, Header, Kind
 from .ucx import Engine, Peer, Request
 
 try:
@@ -38,14 +39,17 @@ def payload_tensor(buffer: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...
 class Exchange:
     """Posts ``sends`` (peer rank -> header, payload tensor) and ``recvs`` (peer rank -> expected
     header) at once, then the commit round with ``commit_peers`` (peer rank -> the DONE header
-    this rank expects from it): once every payload is in, a DONE goes to each of them.
+    this rank expects from it): once every payload is in, a DONE carrying this rank's
+    ``fingerprint`` goes to each of them.  With every DONE in, the op is committed if every
+    fingerprint agrees; otherwise ``error`` holds the ``MismatchError`` every rank computes alike.
 
     Implements ``PlaneOp`` (control/plane.py) except ``finish``, which the operation adds.
     """
 
     def __init__(self, engine: Engine, peers: dict[int, Peer], op_name: str,
                  sends: dict[int, tuple[Header, torch.Tensor]], recvs: dict[int, Header],
-                 commit_peers: dict[int, Header] | None = None):
+                 commit_peers: dict[int, Header] | None = None, fingerprint: "fp.Fingerprint | None" = None,
+                 me: int = -1):
         self.op_name = op_name
         self._engine = engine
         self._peers = peers
@@ -55,11 +59,16 @@ class Exchange:
         self._done_in: dict[int, Request] = {}
         self._done_out: dict[int, Request] = {}
         self._commit_peers = commit_peers or {}
+        self._fingerprint = fingerprint
+        self._me = me
+        self._garbage: set[int] = set()  # peers whose messages are not mooncake's: failed
         self.data_complete = False
         self.committed = False
+        self.error: BaseException | None = None
         self._progress_lock = threading.Lock()
+        done_bytes = HEADER_BYTES + (fp.MAX_BYTES if fingerprint is not None else 0)
         for rank, header in self._commit_peers.items():
-            self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(HEADER_BYTES, np.uint8))
+            self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(done_bytes, np.uint8))
         for rank, header in recvs.items():
             buffer = np.empty(HEADER_BYTES + header.num_bytes, np.uint8)
             self._recv_reqs[rank] = engine.recv(peers[rank], header.tag(), buffer)
@@ -79,28 +88,79 @@ class Exchange:
                 *self._done_out.values()]
 
     def progress(self) -> None:
-        """Send the DONEs once every payload is in; mark the operation committed when it is.  Callers
-        take turns (the constructor and ``Work._advance`` today), so the DONEs go out once and only after
-        the ``after_data`` fault point has returned, whichever thread calls."""
+        """Send the DONEs once every payload is in; mark the operation committed (or failed by a
+        mismatch) when every DONE is.  Callers take turns (the constructor and ``Work._advance``
+        today), so the DONEs go out once and only after the ``after_data`` fault point has
+        returned, whichever thread calls."""
         with self._progress_lock:
             self._progress()
 
     def _progress(self) -> None:
         if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
+            self._check_senders()
+            if self._garbage:
+                return  # no DONE: nobody commits; failed_peers() names them for the agreement
             if self._commit_peers:
                 faults.hit("after_data")
             self.data_complete = True
+            payload = b"" if self._fingerprint is None else self._fingerprint.encode()
             for rank, expected in self._commit_peers.items():
-                header = dataclasses.replace(expected, src=expected.dst, dst=rank)
-                buffer = np.empty(HEADER_BYTES, np.uint8)
+                header = dataclasses.replace(expected, src=expected.dst, dst=rank, num_bytes=len(payload))
+                buffer = np.empty(HEADER_BYTES + len(payload), np.uint8)
                 header.pack_into(memoryview(buffer))
+                buffer[HEADER_BYTES:] = np.frombuffer(payload, np.uint8)
                 self._done_out[rank] = self._engine.send(self._peers[rank], header.tag(), buffer)
-        if self.data_complete and not self.committed:
-            self.committed = all(r.completed and r.error() is None for r in self._done_in.values()) \
-                and all(r.completed for r in self._send_reqs.values())
+        if self.data_complete and not self.committed and self.error is None \
+                and all(r.completed and r.error() is None for r in self._done_in.values()) \
+                and all(r.completed for r in self._send_reqs.values()):
+            mismatch = self._verdict()
+            if mismatch is not None:
+                self.error = MismatchError(mismatch)
+            elif not self._garbage:
+                self.committed = True
+
+    def _check_senders(self) -> None:
+        """A received message whose header is not a mooncake header at all (bad magic, version,
+        kind, source) comes from a broken or foreign sender: that peer counts as failed.  Headers
+        that merely disagree (another op, size or dtype) are a mismatch the fingerprints name."""
+        for rank, req in self._recv_reqs.items():
+            if req.error() is not None:
+                continue  # truncated (a mismatch) or lost (failed_peers)
+            try:
+                header = Header.unpack(memoryview(req.buffer))
+            except WireError:
+                self._garbage.add(rank)
+                continue
+            want = self._expected[rank]
+            if (header.kind, header.src, header.dst, header.epoch, header.seq) != \
+                    (want.kind, want.src, want.dst, want.epoch, want.seq):
+                self._garbage.add(rank)
+
+    def _verdict(self) -> str | None:
+        """Compare every rank's fingerprint (from the DONEs); a DONE that does not decode marks its
+        sender failed."""
+        if self._fingerprint is None or not self._commit_peers:
+            return None
+        prints = {self._me: self._fingerprint}
+        for rank, req in self._done_in.items():
+            try:
+                header = Header.unpack(memoryview(req.buffer))
+                if header.kind is not Kind.DONE or header.src != rank or header.num_bytes > fp.MAX_BYTES:
+                    raise WireError(f"rank {rank} sent a malformed DONE")
+                prints[rank] = fp.Fingerprint.decode(
+                    bytes(req.buffer[HEADER_BYTES:HEADER_BYTES + header.num_bytes]), f"rank {rank}'s DONE")
+            except WireError:
+                self._garbage.add(rank)
+        if self._garbage:
+            return None
+        return fp.mismatch(self._expected_seq(), prints)
+
+    def _expected_seq(self) -> int:
+        header = next(iter(self._commit_peers.values()))
+        return header.seq
 
     def failed_peers(self) -> frozenset[int]:
-        failed = set()
+        failed = set(self._garbage)
         for table in (self._recv_reqs, self._send_reqs, self._done_in, self._done_out):
             for rank, req in table.items():
                 if req.completed and req.error() is not None and not isinstance(req.error(), _Truncated):

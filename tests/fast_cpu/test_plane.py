@@ -207,8 +207,11 @@ def test_wire_errors_then_group_works(cluster_factory):
     c.run(H.open_plane, prefix, 2, [0, 1])
     try:
         outcomes = c.run_each({0: (_mismatch, (prefix, 0), {}), 1: (_mismatch, (prefix, 1), {})})
-        for msg in outcomes:
-            assert "sizes must agree" in msg[0] and "all_gather" in msg[1] and "dtype" in msg[2], msg
+        assert outcomes[0] == outcomes[1], outcomes  # one verdict: the same message on both ranks
+        msg = outcomes[0]
+        assert "MismatchError" in msg[0] and "10 elements" in msg[0] and "11 elements" in msg[0], msg
+        assert "called all_reduce" in msg[1] and "called all_gather" in msg[1], msg
+        assert "float32" in msg[2] and "int32" in msg[2], msg
         cases = [_case("all_reduce", "float32", 100, red="SUM", salt="after")]
         _check(cases, c.run(H.run_cases, prefix, cases), [0, 1], 2, "after errors")
     finally:

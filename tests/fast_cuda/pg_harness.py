@@ -19,6 +19,7 @@ from mooncake.control.plane import GroupInfo
 from mooncake.control.view import View
 from mooncake.model.reduce import ReduceOp
 from mooncake.ref.collectives import OpContext
+from mooncake.testing import fingerprints
 
 _state: dict = {}
 
@@ -63,20 +64,23 @@ def set_view(prefix: str, epoch: int, active, seq: int | None = None):
     return True
 
 
-def context(prefix: str, name: str = "op", seq: int | None = None):
+def context(prefix: str, name: str = "op", seq: int | None = None, fingerprint=None):
     from mooncake.testing.cluster import worker_context
     st = _state[prefix]
     if seq is None:
         seq = st["seq"]
         st["seq"] += 1
     view = View(st["epoch"], st["capacity"], tuple(st["active"]))
-    return OpContext(None, None, 7, worker_context().rank, view, seq, name)
+    return OpContext(None, None, 7, worker_context().rank, view, seq, name, fingerprint)
 
 
 def drive(op, timeout_s: float = 60.0) -> None:
     """Wait for commit (raising on a dead peer or timeout), then finish."""
     deadline = time.monotonic() + timeout_s
     while not op.committed:
+        if op.error is not None:
+            op.abandon()
+            raise op.error
         if op.failed_peers():
             raise RuntimeError(f"peers failed: {sorted(op.failed_peers())}")
         if time.monotonic() > deadline:
@@ -117,7 +121,7 @@ def post_case(prefix: str, case: dict):
     from mooncake.testing.cluster import worker_context
     rank = worker_context().rank
     plane = _state[prefix]["plane"]
-    ctx = context(prefix, case["op"])
+    ctx = context(prefix, case["op"], fingerprint=fingerprints.of_case(case))
     op, numel, k = case["op"], case["numel"], case.get("k")
     dtype = DTYPES[case["dtype"]]
     dev = device()

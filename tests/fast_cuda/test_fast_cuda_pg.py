@@ -178,8 +178,11 @@ def test_emulated_wire_errors_then_group_works(cluster_factory):
                     C.case("all_reduce", "float32", 10, red="SUM") if rank == 0 else C.case("all_gather", "float32", 10, k=2),
                     C.case("all_reduce", "float32" if rank == 0 else "int32", 10, red="SUM")]
         outcomes = c.run_each({r: (H.mismatch, (prefix, cases(r)), {}) for r in (0, 1)})
-        for msgs in outcomes:
-            assert "sizes must agree" in msgs[0] and "all_gather" in msgs[1] and "dtype" in msgs[2], msgs
+        assert outcomes[0] == outcomes[1], outcomes  # one verdict: the same message on both ranks
+        msgs = outcomes[0]
+        assert "10 elements" in msgs[0] and "11 elements" in msgs[0], msgs
+        assert "called all_reduce" in msgs[1] and "called all_gather" in msgs[1], msgs
+        assert "float32" in msgs[2] and "int32" in msgs[2], msgs
         after = [C.case("all_reduce", "float32", 100, red="SUM", salt="after")]
         bad = C.mismatches(after, c.run(H.run_cases, prefix, after), [0, 1], 2)
         assert not bad, bad

@@ -470,10 +470,10 @@ BAD_INPUTS = {
     "p2p_self": ("w2", ARG, ["send", "this rank"], None),
     "p2p_out_of_range": ("w2", ARG, ["rank 7", "out of range"], None),
     "p2p_tag": ("w2", ARG, ["tag 16384", "out of range"], None),
-    "size_mismatch": ("w2", WIRE, ["sizes must agree"], None),
+    "size_mismatch": ("w2", WIRE, ["rank 0 called all_reduce(float32, 4 elements", "rank 1 called all_reduce(float32, 5 elements"], None),
     "op_mismatch": ("w2", WIRE, ["all_reduce", "all_gather"], None),
-    "dtype_mismatch": ("w2", WIRE, ["dtype"], None),
-    "redop_mismatch": ("w2", WIRE, ["reduce op"], None),
+    "dtype_mismatch": ("w2", WIRE, ["all_reduce(float32", "all_reduce(int32"], None),
+    "redop_mismatch": ("w2", WIRE, ["SUM", "MAX"], None),
 }
 
 
@@ -508,12 +508,13 @@ class TestBadInputsCPU:
 
     @pytest.mark.timeout(180)
     def test_op_mismatch_against_a_root(self, cluster_factory, impl):
-        """Rank 0 broadcasts (it only sends), rank 1 all_reduces: rank 1 gets a WireError naming
-        both collectives; rank 0 cannot notice (nothing comes back to it); the group goes on."""
+        """Rank 0 broadcasts (it only sends), rank 1 all_reduces: both get the same MismatchError
+        naming both collectives (the fingerprints travel in the commit round); the group goes on."""
         r0, r1 = mooncake_cluster(cluster_factory, CONFIG_BY_NAME["w2"], impl).run(
             jobs.bad_input, "op_mismatch_broadcast")
-        _check_error(r1["outcome"], WIRE, ["broadcast", "all_reduce"], "rank 1")
-        assert r0["outcome"] == "ok" or r0["outcome"]["wire_error"], r0
+        for rank, res in enumerate((r0, r1)):
+            _check_error(res["outcome"], WIRE, ["rank 0 called broadcast", "rank 1 called all_reduce"], f"rank {rank}")
+        assert r0["outcome"]["msg"] == r1["outcome"]["msg"]
         assert r0["follow_up"] == r1["follow_up"] == 3
 
 

@@ -3,9 +3,8 @@
 torch creates no backend on the ranks outside a subgroup, so a per-process count of the groups
 created differs between ranks afterwards; mooncake's Store keys used that count, and the next
 group's ranks waited for each other under different keys until the timeout.  The correctness soak
-found it (its subgroups are partitions, so that it can run past it).  The fix is in
-mooncake/pg/backend.py (``_next_backend_index``), kept as a patch until that file's current edits
-land; this test is strict-xfail until then.
+found it (its subgroups are partitions, so that it can run past it).  Now the key counts the groups
+of one torch name and member list (``_next_backend_index`` in mooncake/pg/backend.py).
 """
 
 import pytest
@@ -29,7 +28,6 @@ def subgroup_then_world():
     return int(t.item())
 
 
-@pytest.mark.xfail(strict=True, reason="needs the mooncake/pg/backend.py prefix fix (see module docstring)")
 @pytest.mark.parametrize("which", ["ref", "fast"])
 def test_group_after_partial_subgroup(which):
     with Cluster(3, backend="mooncake-cpu", env={"MOONCAKE_IMPL": which}, timeout_s=30) as c:

@@ -25,6 +25,7 @@ class CommittedOp:
     """An operation whose data and DONE round are all in."""
 
     committed = data_complete = True
+    error = None
 
     def progress(self):
         pass
@@ -99,7 +100,7 @@ class Watch:
         self.commits.append(seq)
         return True
 
-    def trouble(self, epoch, suspects=frozenset()):
+    def trouble(self, epoch, suspects=frozenset(), timed_out=None, slow=frozenset()):
         self.troubles.append(epoch)
 
     def under_agreement(self, epoch):
@@ -110,6 +111,10 @@ class Watch:
 
     def settle(self, seq):
         pass
+
+    def removed_error(self, name):
+        from mooncake.control.errors import RemovedError
+        return RemovedError(f"{name}: {self.evicted}", (2,))
 
 
 def work_of(watch, issued_at=None, timeout_s=2.0):
@@ -130,7 +135,7 @@ def test_stall_while_posting_counts_against_the_deadline():
     assert not work.wait(timeout=timedelta(seconds=0.2))
     assert watch.commits == [] and watch.troubles == [0]
     watch.evicted = "rank 2 was removed from the group by the survivors at epoch 0"
-    watch.decisions[0] = Decision(1, (0, 1), (2,), 1, frozenset())
+    watch.decisions[0] = Decision(1, (0, 1), (2,), ((0, 1),), 1)
     with pytest.raises(MooncakeError, match="was removed from the group"):
         work.wait()
 
@@ -148,7 +153,7 @@ def test_arrived_nack_blocks_the_commit():
     store = dist.HashStore()
     engine = Engine()
     m = membership(store, engine)
-    survivors = Decision(1, (0, 1), (2,), 0, frozenset())
+    survivors = Decision(1, (0, 1), (2,))
     store.set("t/agree/0/decision", survivors.encode())
     seq = m.begin()
     m._nacks[0].completed = True  # rank 0's NACK arrived; no watch has run

@@ -49,7 +49,8 @@ from typing import Sequence
 import torch
 
 from ...control import faults
-from ...control.errors import MooncakeError, WireError
+from ...control.errors import MismatchError, MooncakeError, WireError
+from ...control.fingerprint import Fingerprint, LaneWords, mismatch, variant_mismatch
 from ...control.wire import MAX_RANKS, OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, accumulator_dtype
 from . import native
@@ -92,12 +93,15 @@ W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
 W_P2P_GEN, W_P2P_FD, W_P2P_SIZE = 19, 20, 21  # this rank's P2P segment (p2p.py); GEN 0: none
 LANE0 = 24
 (L_PUB, L_META, L_NSLOTS, L_NBYTES, L_SEG_GEN, L_SEG_FD, L_SEG_SIZE, L_RED, L_DONE, L_HOLD, L_FREE,
- L_RESULT_OFF) = range(12)  # L_META: opcode | dtype code << 8 | reduce op << 16 | (root + 1) << 24
-L_SLOTS = 16  # (offset, nbytes) per slot
+ L_RESULT_OFF, L_NUMEL, L_FP_SLOTS) = range(14)
+# L_META: opcode | dtype code << 8 | reduce op << 16 | (root + 1) << 24 | variant << 40, then
+# L_NUMEL and L_FP_SLOTS: with the per-slot element counts below, the call's fingerprint
+L_SLOTS = 16  # (offset, nbytes) per slot, then fingerprint sends[capacity], recvs[capacity]
+VARIANT_RING = 1  # the pipelined all_reduce (ranks must agree on the algorithm, not only the call)
 
 
 def _lane_words(capacity: int) -> int:
-    return (L_SLOTS + 2 * capacity + 7) // 8 * 8
+    return (L_SLOTS + 4 * capacity + 7) // 8 * 8
 
 
 def spin_seconds(num_ranks: int) -> float:
@@ -205,6 +209,7 @@ class ShmGroup:
         self.prefix = info.key_prefix
         self.timeout_s = info.timeout_s
         self.layout = Layout(MAX_RANKS)  # every possible rank: capacity can grow (extend_group_size_to)
+        self.fp_words = LaneWords(L_META, L_NUMEL, L_FP_SLOTS, L_SLOTS + 2 * MAX_RANKS, MAX_RANKS)
         self.lock = threading.RLock()
         self.queue: list[ShmOp] = []
         self.peers: dict[int, _Peer] = {}
@@ -231,6 +236,7 @@ class ShmGroup:
         self.gen = 0
         self.scratch = torch.empty(0, dtype=torch.float32)
         self._dead: set[int] = set()
+        self.broken: dict[int, str] = {}  # peers found writing malformed words: why
         self._live_checked = 0.0
         self.host = host_identity()
         record = _RECORD.pack(_MAGIC, 1, self.capacity, os.getpid(), self.ctrl.fd, self.ctrl.size, self.host)
@@ -281,9 +287,11 @@ class ShmGroup:
         while pending:
             for r in list(pending):
                 raw = store.get(keys[r])
-                rec = _RECORD.unpack_from(raw)
-                if rec[0] != _MAGIC:
-                    raise MooncakeError(f"fast CPU plane: rank {r} published a malformed record")
+                rec = _RECORD.unpack_from(raw) if len(raw) >= _RECORD.size else None
+                if rec is None or rec[0] != _MAGIC or rec[3] <= 0 or rec[4] < 0 or rec[5] <= 0:
+                    raise MooncakeError(f"fast CPU plane: rank {r}'s shared-memory record in the Store "
+                                        f"({keys[r]!r}) is malformed ({len(raw)} bytes); was the Store "
+                                        "written by another job?")
                 address = bytes(raw[_RECORD.size:])
                 if not pending[r] or address == pending[r]:
                     out[r] = rec
@@ -431,6 +439,13 @@ class ShmGroup:
             return True
         return False
 
+    def mark_broken(self, rank: int, reason: str) -> None:
+        """A peer whose shared memory holds what no mooncake rank writes counts as failed (the
+        agreement then removes it); nothing of it is read."""
+        if rank not in self._dead:
+            self._dead.add(rank)
+            self.broken[rank] = reason
+
     def peer(self, rank: int) -> _Peer:
         p = self.peers.get(rank)
         if p is None:
@@ -477,16 +492,14 @@ class ShmGroup:
 
     def _advance_queue(self) -> bool:
         """One pass over the queue; True if an operation is left waiting on peers."""
-        queue = self.queue
-        last = len(queue) - 1
-        for i, op in enumerate(queue):
+        for op in list(self.queue):  # an op that fails on a mismatch leaves the queue
             if op.state == QUEUED and not op.try_post():
                 return True
             if op.state == POSTED and not op.try_data():
                 return True
             if op.state == DATA and not op.try_commit():
                 return True
-            if i < last and op.state == COMMITTED and op.stash is None:
+            if op.state == COMMITTED and op.stash is None and op is not self.queue[-1]:
                 op.stash_outputs()
         return False
 
@@ -580,7 +593,11 @@ class ShmOp:
         self.dtype_code = 255 if dtype is None else DTYPE_CODES[dtype]
         self.redop = int(redop)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        # the call as the control plane describes it (planes driven directly get the bare minimum)
+        self.fp: Fingerprint = ctx.fingerprint or Fingerprint(self.opcode, self.dtype_code, self.redop, root)
+        self.variant = 0
+        self.error: BaseException | None = None  # a verdict every rank reaches alike (mismatch)
+        self.verified = False
         self.state = QUEUED
         self.needs: tuple[int, ...] = ()
         self.outputs: list[torch.Tensor] = []
@@ -617,6 +634,8 @@ class ShmOp:
         with self.g.lock:
             if self.state == QUEUED:
                 return tuple(r for r in self.others if not self._released(r))
+            if self.state == POSTED and not self.verified:
+                return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_PUB] != self.key)
             if self.state == POSTED:
                 return self._missing()
             if self.state == DATA:
@@ -672,6 +691,11 @@ class ShmOp:
         return True
 
     def try_data(self) -> bool:
+        """Every rank's fingerprint agrees and every payload this rank needs is in: hold the
+        peers' lanes and say DONE.  Returns False while waiting; a mismatch ends the op (not
+        waiting)."""
+        if not self.verified and not self.verify():
+            return self.error is not None
         if not self.gathered():
             return False
         g, base = self.g, self.base
@@ -694,6 +718,53 @@ class ShmOp:
         g.moves += 1
         g.wake(self.others)
         return True
+
+    def verify(self) -> bool:
+        """Once every other active rank has published this op: compare every rank's fingerprint
+        (all ranks read the same words, so all reach the same verdict) and check that what this
+        rank will read lies inside the peers' segments (a peer whose words do not is broken: it
+        counts as failed).  Nothing of a peer is read before this returns True."""
+        g, key, at = self.g, self.key, self.base + L_PUB
+        for r in self.others:
+            if g.peer(r).ctl[at] != key:
+                return False
+        prints, variants = {self.me: self.fp}, {self.me: self.variant}
+        for r in self.others:
+            prints[r], variants[r] = g.fp_words.read(g.peer(r).ctl, self.base)
+        problem = mismatch(self.seq, prints) or variant_mismatch(self.seq, variants)
+        if problem is not None:
+            self.error = MismatchError(problem)
+            self.state = ABANDONED
+            g.moves += 1
+            self._release()
+            return False
+        for r in self.needs:
+            broken = self._bounds_problem(r)
+            if broken:
+                g.mark_broken(r, f"{self.name}: rank {r}'s shared-memory record is malformed ({broken})")
+                return False
+        self.verified = True
+        return True
+
+    def _bounds_problem(self, r: int) -> str | None:
+        """Why rank ``r``'s published slot table points outside its lane segment, or None."""
+        p, base = self.g.peer(r), self.base
+        ctl = p.ctl
+        nslots = int(ctl[base + L_NSLOTS])
+        if not 0 <= nslots <= self.g.layout.capacity:
+            return f"{nslots} slots"
+        if nslots == 0:
+            return None
+        try:
+            size = p.lane_segment(self.lane, base).size
+        except SegmentError as exc:
+            return f"its lane cannot be mapped: {exc}"
+        for slot in range(nslots):
+            at = base + L_SLOTS + 2 * slot
+            off, nb = int(ctl[at]), int(ctl[at + 1])
+            if off < 0 or nb < 0 or off + nb > size:
+                return f"slot {slot} at offset {off}, {nb} bytes, in a segment of {size} bytes"
+        return None
 
     def try_commit(self) -> bool:
         key, at = self.key, self.base + L_DONE
@@ -759,7 +830,7 @@ class ShmOp:
 
     def _describe(self, nslots: int, nbytes: int) -> None:
         ctl, base = self.g.ctl, self.base
-        ctl[base + L_META] = self.meta
+        self.g.fp_words.write(ctl, base, self.fp, self.variant)
         ctl[base + L_NSLOTS] = nslots
         ctl[base + L_NBYTES] = nbytes
 
@@ -775,35 +846,12 @@ class ShmOp:
         return tuple(r for r in self.needs if self.g.peer(r).ctl[self.base + L_PUB] != self.key)
 
     # -- reading -------------------------------------------------------------------------------------
-    def check(self, r: int) -> None:
-        """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
-        if r in self.checked:
-            return
-        meta = int(self.g.peer(r).ctl[self.base + L_META])
-        if meta != self.meta:
-            opcode, dtype, redop, root = meta & 0xFF, meta >> 8 & 0xFF, meta >> 16 & 0xFF, (meta >> 24) - 1
-            if opcode != int(self.opcode):
-                name = OpCode(opcode).name.lower() if opcode in OpCode._value2member_map_ else f"operation {opcode}"
-                raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
-                                f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
-                                "the same order")
-            if dtype != self.dtype_code:
-                raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(dtype)}, this rank "
-                                f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
-            if redop != self.redop:
-                raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(redop)}, this rank "
-                                f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
-            raise WireError(f"{self.name}: rank {r} used root {root}, this rank {self.root}: the root must "
-                            "agree across ranks")
-        self.checked.add(r)
-
     def src(self, r: int, slot: int, nbytes: int) -> tuple[Segment, int]:
         """Where rank ``r`` published ``slot`` (segment, offset), checked to hold ``nbytes``."""
         g, base = self.g, self.base
         if r == self.me:
             ctl, seg = g.ctl, g.lanes[self.lane][1]
         else:
-            self.check(r)
             p = g.peer(r)
             ctl = p.ctl
             seg = p.lane_segment(self.lane, base)
@@ -811,25 +859,14 @@ class ShmOp:
             raise WireError(f"{self.name}: rank {r} published no block for slot {slot}: the ranks disagree "
                             "on the number of slots")
         at = base + L_SLOTS + 2 * slot
-        nb = ctl[at + 1]
-        if nb != nbytes:
-            raise WireError(f"{self.name}: rank {r} sent {nb} bytes for slot {slot}, this rank expects "
-                            f"{nbytes}: tensor sizes must agree across ranks")
-        return seg, ctl[at]
+        off, nb = ctl[at], ctl[at + 1]
+        if nb != nbytes or off < 0 or off + nb > seg.size:
+            raise WireError(f"{self.name}: rank {r} published {nb} bytes at offset {off} for slot {slot}, "
+                            f"this rank expects {nbytes} inside a segment of {seg.size} bytes")
+        return seg, off
 
     def write(self, outs: list[torch.Tensor]) -> None:
         """Write the outputs into ``outs`` (the user's tensors, or a stash shaped like them)."""
-
-
-def _dtype_name(code: int) -> str:
-    for dtype, c in DTYPE_CODES.items():
-        if c == code:
-            return str(dtype)
-    return f"code {code}"
-
-
-def _redop_name(code: int) -> str:
-    return ReduceOp(code).name if code in ReduceOp._value2member_map_ else f"code {code}"
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -885,7 +922,8 @@ class _Reduce(_AllReduce):
     def __init__(self, g, ctx, tensor, op, root):
         super().__init__(g, ctx, tensor, op)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if ctx.fingerprint is None:
+            self.fp = Fingerprint(self.opcode, self.dtype_code, self.redop, root)
         if self.me != root:
             self.outputs, self.needs = [], ()
         else:
@@ -945,7 +983,8 @@ class _Gather(_AllGather):
     def __init__(self, g, ctx, outputs, tensor, root):
         super().__init__(g, ctx, outputs or [], tensor)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if ctx.fingerprint is None:
+            self.fp = Fingerprint(self.opcode, self.dtype_code, self.redop, root)
         if self.me != root:
             self.outputs, self.needs = [], ()
 
@@ -1036,6 +1075,16 @@ class _RingAllReduce(_AllReduce):
         self.red = False
         self.mid_hit = False
         self.ring_stride = RING_DEPTH * self.chunk_bytes
+        self.variant = VARIANT_RING
+
+    def _bounds_problem(self, r: int) -> str | None:
+        """Rank ``r``'s ring must hold a ring per reader (the result region is checked when read)."""
+        try:
+            size = self.g.peer(r).ring_segment().size
+        except SegmentError as exc:
+            return f"its ring cannot be mapped: {exc}"
+        need = len(self.others) * self.ring_stride
+        return None if size >= need else f"a ring segment of {size} bytes, {need} needed"
 
     def _ring_index(self, writer: int, reader: int) -> int:
         """Where the ring (writer -> reader) sits among the writer's rings."""
@@ -1150,8 +1199,11 @@ class _RingAllReduce(_AllReduce):
             if r == self.me:
                 src = g.lanes[self.lane][1].addr
             else:
-                self.check(r)
-                src = g.peer(r).lane_segment(self.lane, self.base).addr
+                seg = g.peer(r).lane_segment(self.lane, self.base)
+                if nb > seg.size:
+                    raise WireError(f"{self.name}: rank {r}'s result region holds {seg.size} bytes, "
+                                    f"its part {nb}")
+                src = seg.addr
             native.copy_ptr(out_ptr + lo * elt, src, nb, nb >= NT_MIN_BYTES)
 
 

@@ -104,7 +104,8 @@ import torch
 from ...control import faults
 from ...control.streams import is_current
 from ...control.procs import exited, process_state
-from ...control.errors import MooncakeError, WireError
+from ...control.errors import MismatchError, MooncakeError, WireError
+from ...control.fingerprint import Fingerprint, LaneWords, mismatch, variant_mismatch
 from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
 from ..cpu import native
@@ -133,7 +134,8 @@ W_SLEEPING = 9
 LANE0 = 16
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
 L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
-L_SLOTS = 19  # (offset, nbytes) per slot
+L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
+L_SLOTS = 21  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
 
 _RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
 
@@ -146,7 +148,7 @@ _KERNEL_FOLD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float
 class Layout:
     def __init__(self, capacity: int):
         self.capacity = capacity
-        lw = (L_SLOTS + 2 * capacity + 7) // 8 * 8
+        lw = (L_SLOTS + 4 * capacity + 7) // 8 * 8
         self.lane = (LANE0, LANE0 + lw)
         self.words = LANE0 + 2 * lw
         self.nbytes = (self.words * 8 + 4095) // 4096 * 4096
@@ -466,6 +468,7 @@ class CudaGroup:
         self.timeout_s = info.timeout_s
         self.mem = _EmulatedMemory() if emulated() else _CudaMemory()
         self.layout = Layout(info.capacity)
+        self.fp_words = LaneWords(L_META, L_META_NUMEL, L_META_SLOTS, L_SLOTS + 2 * info.capacity, info.capacity)
         self.lock = threading.RLock()
         self.queue: list[_Op] = []
         self.peers: dict[int, _Peer] = {}
@@ -642,6 +645,8 @@ class CudaGroup:
                 if op.state == PUBLISHING and not op.try_pub():
                     return
                 if op.state == POSTED and not op.try_read():
+                    if op.state == ABANDONED:  # the ranks disagree on the call: it left the queue
+                        continue
                     return
                 if op.state == FOLDING and not op.try_reduced():
                     return
@@ -741,12 +746,15 @@ class _Op:
         self.dtype_code = 255 if dtype is None else DTYPE_CODES[dtype]
         self.redop = int(redop)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        # the call as the control plane describes it (planes driven directly get the bare minimum)
+        self.fp: Fingerprint = ctx.fingerprint or Fingerprint(self.opcode, self.dtype_code, self.redop, root)
+        self.verified = False
         self.state = QUEUED
         self.needs: tuple[int, ...] = ()
         self.outputs: list[torch.Tensor] = []
         self.stash: list[torch.Tensor | None] | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # a verdict every rank reaches alike (mismatch)
+        self.finish_error: BaseException | None = None  # raised by finish() on this rank
         self.stream = group.stream_for(seq)
         self.ev = None
         self.held = False
@@ -802,12 +810,12 @@ class _Op:
                 raise MooncakeError(f"{self.name}: finish() on an operation that is not complete "
                                     f"(state {self.state})")
             try:
-                if self.error is not None:
+                if self.finish_error is not None:
                     try:
                         self._restore()
                     except BaseException as exc:  # noqa: BLE001 - the op's own error is the one to report
-                        raise self.error from exc
-                    raise self.error
+                        raise self.finish_error from exc
+                    raise self.finish_error
                 with g.mem.on(self.stream):
                     for out, val in zip(self.outputs, self.stash):
                         if val is None:
@@ -873,7 +881,7 @@ class _Op:
         for slot, off, nb in table:
             ctl[base + L_SLOTS + 2 * slot] = off
             ctl[base + L_SLOTS + 2 * slot + 1] = nb
-        ctl[base + L_META] = self.meta
+        g.fp_words.write(ctl, base, self.fp, int(self.two_phase))
         ctl[base + L_NSLOTS] = nslots
         ctl[base + L_NBYTES] = total
         ctl[base + L_RESULT] = result_off
@@ -891,8 +899,31 @@ class _Op:
         self.g.wake(self.others)
         return self.try_read()
 
+    def verify(self) -> bool:
+        """Once every other active rank has published this op: compare every rank's fingerprint
+        (all ranks read the same words, so all reach the same verdict).  Nothing of a peer is read
+        before this returns True; a mismatch ends the op with ``error``."""
+        g, key, at = self.g, self.key, self.base + L_PUB
+        for r in self.others:
+            if g.peer(r).ctl[at] != key:
+                return False
+        prints, variants = {self.me: self.fp}, {self.me: int(self.two_phase)}
+        for r in self.others:
+            prints[r], variants[r] = g.fp_words.read(g.peer(r).ctl, self.base)
+        problem = mismatch(self.seq, prints) or variant_mismatch(self.seq, variants)
+        if problem is not None:
+            self.error = MismatchError(problem)
+            self.state = ABANDONED
+            self._release()
+            g.wake(self.others)
+            return False
+        self.verified = True
+        return True
+
     def try_read(self) -> bool:
         g, base, key = self.g, self.base, self.key
+        if not self.verified and not self.verify():
+            return False
         for r in self.needs:
             if g.peer(r).ctl[base + L_PUB] != key:
                 return False
@@ -906,7 +937,7 @@ class _Op:
                     self.stash = self.compute()
                 self._flag_inexact()
             except BaseException as exc:  # noqa: BLE001 - raised again by finish()
-                self.error, self.stash = exc, None
+                self.finish_error, self.stash = exc, None
                 self.fold_op = None
             self.ev = g.mem.record(self.stream)
         if self.two_phase:
@@ -934,11 +965,11 @@ class _Op:
             if g.peer(r).ctl[at] != key:
                 return False
         with g.mem.on(self.stream):
-            if self.error is None:
+            if self.finish_error is None:
                 try:
                     self.stash = self.gather()
                 except BaseException as exc:  # noqa: BLE001 - raised again by finish()
-                    self.error, self.stash = exc, None
+                    self.finish_error, self.stash = exc, None
             self.ev = g.mem.record(self.stream)
         self.state = READING
         return self.try_data()
@@ -971,7 +1002,7 @@ class _Op:
             try:
                 self._host_fold()
             except BaseException as exc:  # noqa: BLE001 - raised again by finish()
-                self.error, self.stash = exc, None
+                self.finish_error, self.stash = exc, None
         self.fold_op, self.fold_inputs, self.fold_out = None, [], None
 
     def try_data(self) -> bool:
@@ -1041,28 +1072,6 @@ class _Op:
         return None
 
     # -- reading ---------------------------------------------------------------------------------
-    def check(self, r: int) -> None:
-        """Rank ``r`` posted the same operation (opcode, dtype, reduce op, root) as this rank."""
-        if r in self.checked:
-            return
-        meta = int(self.g.peer(r).ctl[self.base + L_META])
-        if meta != self.meta:
-            opcode, dtype, redop, root = meta & 0xFF, meta >> 8 & 0xFF, meta >> 16 & 0xFF, (meta >> 24) - 1
-            if opcode != int(self.opcode):
-                name = OpCode(opcode).name.lower() if opcode in OpCode._value2member_map_ else f"operation {opcode}"
-                raise WireError(f"{self.name}: rank {r} called {name} while this rank called "
-                                f"{self.opcode.name.lower()}: every rank must issue the same collectives in "
-                                "the same order")
-            if dtype != self.dtype_code:
-                raise WireError(f"{self.name}: rank {r} used dtype {_dtype_name(dtype)}, this rank "
-                                f"{_dtype_name(self.dtype_code)}: dtypes must agree across ranks")
-            if redop != self.redop:
-                raise WireError(f"{self.name}: rank {r} used reduce op {_redop_name(redop)}, this rank "
-                                f"{_redop_name(self.redop)}: reduce ops must agree across ranks")
-            raise WireError(f"{self.name}: rank {r} used root {root}, this rank {self.root}: the root must "
-                            "agree across ranks")
-        self.checked.add(r)
-
     def src(self, r: int, slot: int, like: torch.Tensor) -> torch.Tensor:
         """Rank ``r``'s published block ``slot`` as a tensor shaped like ``like`` (a view of its lane)."""
         g, base = self.g, self.base
@@ -1072,7 +1081,6 @@ class _Op:
             lane = g.lanes.get(self.lane)
             view = None if lane is None else lane.view
         else:
-            self.check(r)
             p = g.peer(r)
             ctl = p.ctl
             view = p.lane_view(g.mem, self.lane, base)
@@ -1116,17 +1124,6 @@ def device_fold(op: ReduceOp, inputs: list[torch.Tensor]) -> torch.Tensor:
     for x in inputs[2:]:
         acc = _combine(op, acc, x)
     return acc
-
-
-def _dtype_name(code: int) -> str:
-    for dtype, c in DTYPE_CODES.items():
-        if c == code:
-            return str(dtype)
-    return f"code {code}"
-
-
-def _redop_name(code: int) -> str:
-    return ReduceOp(code).name if code in ReduceOp._value2member_map_ else f"code {code}"
 
 
 class _AllReduce(_Op):
@@ -1205,7 +1202,6 @@ class _AllReduce(_Op):
             ctl, lane = g.ctl, g.lanes.get(self.lane)
             view = None if lane is None else lane.view
         else:
-            self.check(r)
             p = g.peer(r)
             ctl, view = p.ctl, p.lane_view(g.mem, self.lane, base)
         if nb == 0:
@@ -1242,7 +1238,8 @@ class _Reduce(_AllReduce):
     def __init__(self, g, ctx, tensor, op, root):
         super().__init__(g, ctx, tensor, op)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if ctx.fingerprint is None:
+            self.fp = Fingerprint(self.opcode, self.dtype_code, self.redop, root)
         if self.me != root:
             self.outputs, self.needs = [], ()
 
@@ -1288,7 +1285,8 @@ class _Gather(_AllGather):
     def __init__(self, g, ctx, outputs, tensor, root):
         super().__init__(g, ctx, outputs or [], tensor)
         self.root = root
-        self.meta = int(self.opcode) | self.dtype_code << 8 | self.redop << 16 | (root + 1) << 24
+        if ctx.fingerprint is None:
+            self.fp = Fingerprint(self.opcode, self.dtype_code, self.redop, root)
         if self.me != root:
             self.outputs, self.needs = [], ()
 
