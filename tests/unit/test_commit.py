@@ -172,3 +172,29 @@ def test_commit_without_nack_is_immediate():
     assert m.try_commit(seq, 0) and not m.has_pending()
     assert not m.under_agreement(0)
     m.close()
+
+
+def test_a_leaving_rank_reports_what_it_committed():
+    """Rank 1 commits op 0 and leaves (destroy_process_group); rank 0 has not seen rank 1's DONE yet,
+    finds rank 1 gone and asks the agreement: the decision must say op 0 stands (rank 0 finishes it
+    with everyone's data) and rank 1 left, instead of counting rank 1 silent and re-running op 0 over
+    rank 0 alone — which returned rank 0's own contribution as the result."""
+    store = dist.HashStore()
+    leaver = Membership(rank=1, capacity=2, view=View(0, 2, (0, 1)), store=store, prefix="t", engine=Engine(),
+                        peers=lambda ranks: {r: r for r in ranks}, addresses={0: b"0", 1: b"1"}, group_key=7,
+                        timeout_s=lambda: 2.0, failure_mode="complete", on_view=lambda view: None)
+    seq = leaver.begin()
+    assert leaver.try_commit(seq, 0)
+    leaver.close()
+    stayer = Membership(rank=0, capacity=2, view=View(0, 2, (0, 1)), store=store, prefix="t", engine=Engine(),
+                        peers=lambda ranks: {r: r for r in ranks}, addresses={0: b"0", 1: b"1"}, group_key=7,
+                        timeout_s=lambda: 2.0, failure_mode="complete", on_view=lambda view: None)
+    assert stayer.begin() == seq
+    stayer.trouble(0, {1})
+    deadline = time.monotonic() + 10
+    while stayer.decision(0) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    decision = stayer.decision(0)
+    assert decision is not None and decision.committed(seq), decision
+    assert decision.failed == (1,) and decision.active == (0,)
+    stayer.close()
