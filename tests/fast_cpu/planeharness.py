@@ -230,3 +230,32 @@ def call(prefix: str, method: str, *args):
     op = getattr(_state[prefix]["plane"], method)(context(prefix, method), *args)
     drive(op)
     return op
+
+
+def corrupt_next_slot_table(prefix: str) -> bool:
+    """This rank's next published op points its slot 0 far outside its lane segment (a broken or
+    hostile peer): readers must refuse it without touching the memory."""
+    from mooncake.fast.cpu import group as G
+    original = G.ShmOp._describe
+
+    def describe(op, nslots, nbytes):
+        original(op, nslots, nbytes)
+        op.g.ctl[op.base + G.L_SLOTS] = 1 << 40
+        G.ShmOp._describe = original
+    G.ShmOp._describe = describe
+    return True
+
+
+def drive_outcome(prefix: str, case: dict, timeout_s: float):
+    """Post and drive ``case``; returns what happened as text (no exception escapes)."""
+    op, _ = post_case(prefix, case)
+    try:
+        drive(op, timeout_s)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001
+        op.abandon()
+        return f"{type(exc).__name__}: {exc}"
+
+
+def broken_reasons(prefix: str) -> dict:
+    return dict(_state[prefix]["plane"].shm.broken)

@@ -269,3 +269,22 @@ def test_without_compiled_helpers(cluster_factory):
 def _native_reason():
     from mooncake.fast.cpu import native_reason
     return native_reason()
+
+
+@pytest.mark.timeout(300)
+def test_malformed_peer_slot_table_is_refused(cluster_factory):
+    """A peer whose published slot offset lies outside its segment counts as failed for the reader
+    (the agreement then removes it); nothing of its memory is read, so the reader cannot crash."""
+    c = _cluster(cluster_factory, 2)
+    prefix = _prefix("badslot")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        c.run(H.corrupt_next_slot_table, prefix, ranks=[1])
+        case = _case("all_gather", "float32", 16, k=2)
+        outcomes = c.run(H.drive_outcome, prefix, case, 3.0)
+        assert outcomes[0] == "RuntimeError: peers failed: [1]", outcomes
+        assert c.run(H.broken_reasons, prefix, ranks=[0])[0] == {1: "all_gather: rank 1's shared-memory record is "
+                                                                  f"malformed (slot 0 at offset {1 << 40}, 64 bytes, "
+                                                                  "in a segment of 65536 bytes)"}
+    finally:
+        c.run(H.close_plane, prefix)
