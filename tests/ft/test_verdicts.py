@@ -239,3 +239,29 @@ def test_a_missing_caller_catches_up(cluster_factory, impl):
     messages = {results[0][1], results[1][1], later[2][1]}
     assert kinds == {"OpTimeoutError"} and len(messages) == 1, (results, later)
     next_ops_agree(cluster, world, 460)
+
+
+def test_async_ops_waited_in_different_orders(cluster_factory, impl):
+    """Ranks wait on their in-flight ops in different orders: whoever waits drives every pending
+    op of the rank, so no rank waits for a peer that waits for it."""
+    world, seed, count = 2, 470, 4
+    cluster = _cluster(cluster_factory, impl, world)
+    got = cluster.run(vj.waits_out_of_order, seed, count, timeout_s=RUN_S)
+    for i in range(count):
+        want = model.all_reduce([jobs.input_of(seed + i, r)[0] for r in range(world)], ReduceOp.SUM, [1] * world)
+        assert all(bitwise_equal(got[r][i], want[r]) for r in range(world)), i
+    next_ops_agree(cluster, world, seed + 10)
+
+
+def test_a_rank_waiting_in_an_op_answers_the_agreement(cluster_factory, impl):
+    """Rank 0 calls at once, rank 1 just before rank 0's deadline, rank 2 far too late.  Rank 0's
+    agreement reaches rank 1 while rank 1 waits inside the op (its deadline is still far): rank 1
+    answers from there, so it is not counted silent, and all three raise the same OpTimeoutError
+    naming rank 2."""
+    timeout_s = 6.0
+    cluster = _cluster(cluster_factory, impl, 3)
+    delays = {0: 0.0, 1: timeout_s - 1.0, 2: timeout_s + agreement_window_s(timeout_s) + 3.0}
+    results = cluster.run(vj.staggered, 480, delays, timeout_s, timeout_s=RUN_S)
+    message = one_error(results, "OpTimeoutError")
+    assert "rank(s) [2] had not called it" in message, message
+    next_ops_agree(cluster, 3, 490)

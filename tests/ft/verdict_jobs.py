@@ -225,3 +225,23 @@ def garbage_decision(seed: int, epoch_offset: int, garbage: bytes):
 
 def outcome_of_all_reduce(seed: int):
     return outcome(lambda: family("all_reduce", seed))
+
+
+def waits_out_of_order(seed: int, count: int):
+    """``count`` async all_reduces, waited in an order that differs by rank (reversed on odd ranks)."""
+    xs = [jobs.input_of(seed + i, _rank())[0].clone() for i in range(count)]
+    works = [dist.all_reduce(x, async_op=True) for x in xs]
+    order = range(count) if _rank() % 2 == 0 else reversed(range(count))
+    for i in order:
+        works[i].wait()
+    return xs
+
+
+def staggered(seed: int, delays: dict, timeout_s: float):
+    """Each rank calls all_reduce after its own delay, under a group timeout of ``timeout_s``."""
+    jobs.set_group_timeout(timeout_s)
+    try:
+        time.sleep(delays.get(_rank(), 0.0))
+        return outcome(lambda: family("all_reduce", seed))
+    finally:
+        jobs.set_group_timeout(1.5)
