@@ -9,8 +9,10 @@
  *
  * Bitwise contract: mc_sum_* compute, per element, the left fold ((x0 + x1) + x2) + ... in the
  * inputs' own dtype, which is what mooncake.model.reduce.fold does for SUM over float32/float64
- * (IEEE addition is exact per element; vector and scalar lanes give the same bits, and the
- * accumulator is always the first operand, as in torch.add(acc, x), so NaN payloads match too).
+ * (IEEE addition is exact per element; vector and scalar lanes give the same bits).  NaN payloads
+ * too: where the input being added is a NaN, the sum is that NaN, quieted, as torch.add(acc, x)
+ * returns on x86 (which of two NaN operands an add returns depends on operand order, which the
+ * compiler may swap, so each step states it: MC_ADD_* below).
  * tests/fast_cpu/test_fold.py and test_native.py check them against the model, at each width.
  */
 #define _GNU_SOURCE
@@ -128,10 +130,34 @@ void mc_copy(void *dst, const void *src, size_t n, int nt) {
  * compiled into its own function with a target attribute and the widest one the CPU (and OS) has
  * is picked on first use: AVX-512F, else AVX, else SSE2 (the x86-64 baseline).  Other machines get
  * the scalar loop, which the compiler vectorizes for its own baseline. */
+/* acc + x, except that a NaN x gives x (quieted) whatever acc is: the model's NaN. */
+static inline float mc_add_f32(float acc, float x) {
+    if (x != x) {
+        uint32_t u;
+        memcpy(&u, &x, 4);
+        u |= 0x00400000u;
+        memcpy(&x, &u, 4);
+        return x;
+    }
+    return acc + x;
+}
+static inline double mc_add_f64(double acc, double x) {
+    if (x != x) {
+        uint64_t u;
+        memcpy(&u, &x, 8);
+        u |= 0x0008000000000000ull;
+        memcpy(&x, &u, 8);
+        return x;
+    }
+    return acc + x;
+}
+#define mc_add_float mc_add_f32
+#define mc_add_double mc_add_f64
+
 #define MC_SUM_SCALAR(T)                                                                           \
     for (; i < n; i++) {                                                                           \
         T acc = ins[0][i];                                                                         \
-        for (int j = 1; j < k; j++) acc = acc + ins[j][i];                                         \
+        for (int j = 1; j < k; j++) acc = mc_add_##T(acc, ins[j][i]);                              \
         out[i] = acc;                                                                              \
     }
 
@@ -141,7 +167,7 @@ void mc_copy(void *dst, const void *src, size_t n, int nt) {
         if (nt) {                                                                                  \
             while (i < n && ((uintptr_t)(out + i) & 63)) {                                         \
                 T acc = ins[0][i];                                                                 \
-                for (int j = 1; j < k; j++) acc = acc + ins[j][i];                                 \
+                for (int j = 1; j < k; j++) acc = mc_add_##T(acc, ins[j][i]);                      \
                 out[i] = acc;                                                                      \
                 i++;                                                                               \
             }                                                                                      \
@@ -168,15 +194,47 @@ typedef void (*mc_sum_f64_fn)(double *, const double *const *, int, size_t, int)
 #define MC_AVX512 __attribute__((target("avx512f")))
 #define MC_AVX __attribute__((target("avx")))
 #define MC_SSE2
-MC_SUM(sum_f32_avx512, MC_AVX512, float, __m512, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps,
+/* acc + x per lane, then every lane where x is a NaN takes x quieted (see the contract above). */
+MC_AVX512 static inline __m512 mc_add512_ps(__m512 acc, __m512 x) {
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    __m512 quiet = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x00400000)));
+    return _mm512_mask_mov_ps(_mm512_add_ps(acc, x), nan, quiet);
+}
+MC_AVX512 static inline __m512d mc_add512_pd(__m512d acc, __m512d x) {
+    __mmask8 nan = _mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q);
+    __m512d quiet = _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(x),
+                                                        _mm512_set1_epi64(0x0008000000000000ll)));
+    return _mm512_mask_mov_pd(_mm512_add_pd(acc, x), nan, quiet);
+}
+MC_AVX static inline __m256 mc_add256_ps(__m256 acc, __m256 x) {
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 quiet = _mm256_or_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x00400000)));
+    return _mm256_blendv_ps(_mm256_add_ps(acc, x), quiet, nan);
+}
+MC_AVX static inline __m256d mc_add256_pd(__m256d acc, __m256d x) {
+    __m256d nan = _mm256_cmp_pd(x, x, _CMP_UNORD_Q);
+    __m256d quiet = _mm256_or_pd(x, _mm256_castsi256_pd(_mm256_set1_epi64x(0x0008000000000000ll)));
+    return _mm256_blendv_pd(_mm256_add_pd(acc, x), quiet, nan);
+}
+static inline __m128 mc_add128_ps(__m128 acc, __m128 x) {
+    __m128 nan = _mm_cmpunord_ps(x, x);
+    __m128 quiet = _mm_or_ps(x, _mm_castsi128_ps(_mm_set1_epi32(0x00400000)));
+    return _mm_or_ps(_mm_and_ps(nan, quiet), _mm_andnot_ps(nan, _mm_add_ps(acc, x)));
+}
+static inline __m128d mc_add128_pd(__m128d acc, __m128d x) {
+    __m128d nan = _mm_cmpunord_pd(x, x);
+    __m128d quiet = _mm_or_pd(x, _mm_castsi128_pd(_mm_set1_epi64x(0x0008000000000000ll)));
+    return _mm_or_pd(_mm_and_pd(nan, quiet), _mm_andnot_pd(nan, _mm_add_pd(acc, x)));
+}
+MC_SUM(sum_f32_avx512, MC_AVX512, float, __m512, _mm512_loadu_ps, mc_add512_ps, _mm512_storeu_ps,
        _mm512_stream_ps, 16)
-MC_SUM(sum_f64_avx512, MC_AVX512, double, __m512d, _mm512_loadu_pd, _mm512_add_pd, _mm512_storeu_pd,
+MC_SUM(sum_f64_avx512, MC_AVX512, double, __m512d, _mm512_loadu_pd, mc_add512_pd, _mm512_storeu_pd,
        _mm512_stream_pd, 8)
-MC_SUM(sum_f32_avx, MC_AVX, float, __m256, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps, _mm256_stream_ps, 8)
-MC_SUM(sum_f64_avx, MC_AVX, double, __m256d, _mm256_loadu_pd, _mm256_add_pd, _mm256_storeu_pd,
+MC_SUM(sum_f32_avx, MC_AVX, float, __m256, _mm256_loadu_ps, mc_add256_ps, _mm256_storeu_ps, _mm256_stream_ps, 8)
+MC_SUM(sum_f64_avx, MC_AVX, double, __m256d, _mm256_loadu_pd, mc_add256_pd, _mm256_storeu_pd,
        _mm256_stream_pd, 4)
-MC_SUM(sum_f32_sse2, MC_SSE2, float, __m128, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps, _mm_stream_ps, 4)
-MC_SUM(sum_f64_sse2, MC_SSE2, double, __m128d, _mm_loadu_pd, _mm_add_pd, _mm_storeu_pd, _mm_stream_pd, 2)
+MC_SUM(sum_f32_sse2, MC_SSE2, float, __m128, _mm_loadu_ps, mc_add128_ps, _mm_storeu_ps, _mm_stream_ps, 4)
+MC_SUM(sum_f64_sse2, MC_SSE2, double, __m128d, _mm_loadu_pd, mc_add128_pd, _mm_storeu_pd, _mm_stream_pd, 2)
 
 static int mc_isa_level = -1; /* 0 sse2, 1 avx, 2 avx512f */
 

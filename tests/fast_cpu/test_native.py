@@ -43,10 +43,17 @@ def test_sum_every_vector_width_matches_model(dtype):
             for k in (1, 2, 3, 4):
                 for n in (1, 15, 16, 17, 257, 4099):
                     xs = [(torch.randn(n, generator=g, dtype=torch.float64) * 1e3).to(dtype) for _ in range(k)]
-                    for x in xs:
+                    for j, x in enumerate(xs):
                         x[:: 7] = float("nan")
                         x[3:: 11] = float("inf")
                         x[5:: 13] = -0.0
+                        # NaNs of different payloads (quiet and signalling) where several inputs
+                        # meet: which of two NaN operands an addition returns is part of the bits
+                        bits = x.view(torch.int32 if dtype is torch.float32 else torch.int64)
+                        quiet, signalling = (0x7FC00000, 0x7F800000) if dtype is torch.float32 else \
+                            (0x7FF8000000000000, 0x7FF0000000000000)
+                        bits[j % 2:: 5] = quiet | (j + 1)
+                        bits[2 + j:: 9] = signalling | (j + 1)
                     want = fold(ReduceOp.SUM, xs)
                     for nt in (0, 1):
                         big = torch.empty(n + 16, dtype=dtype)

@@ -21,10 +21,9 @@ def test_soak_slice(which, tmp_path):
         if reason:
             pytest.skip(f"fast CPU plane unavailable: {reason}")
     out = tmp_path / "soak.json"
-    # ref waits in issue order: out-of-order waits can deadlock it (the soak's README)
     rc = correctness_soak.main(["--seed", "20261206", "--duration", "40", "--round-s", "20", "--impls", which,
                                 "--world-sizes", "2,3,4", "--segment-ops", "80", "--timeout", "30",
-                                "--in-order-impls", "ref", "--out", str(out), "--quiet"])
+                                "--out", str(out), "--quiet"])
     report = json.loads(out.read_text())
     totals = report["totals"]
     assert totals["wrong"] == 0, report["details"]
