@@ -30,8 +30,16 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, unused here
-import ucxx._lib.libucxx as ucx_api  # import before mpi4py: both ship libucp, ucxx's must load first
-from ucxx._lib.arr import Array
+try:
+    import ucxx._lib.libucxx as ucx_api  # import before mpi4py: both ship libucp, ucxx's must load first
+    from ucxx._lib.arr import Array
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
+    if exc.name is None or not exc.name.startswith("ucxx"):
+        raise
+    raise ModuleNotFoundError(
+        "mooncake needs UCX (the ucxx module), which comes from one of its extras: "
+        "pip install 'mooncake-ft[cu13]' (or 'mooncake-ft[cu12]' for a CUDA 12 driver; either works without a GPU)",
+        name=exc.name) from exc
 
 from .. import log as _log  # noqa: F401 - applies MOONCAKE_LOG_LEVEL before the first group logs
 from ..control.errors import MooncakeError
