@@ -17,6 +17,8 @@ from ..control.errors import (ArgumentError, MooncakeError, NotApplicableError, 
 from .backend import MooncakeProcessGroup, RootInactiveError, create_cpu, create_cuda
 from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip
 from .work import MooncakeWork
+from . import elastic  # noqa: E402 - training through failures (mooncake-run, DDP hook, catch-up)
+from .elastic import ddp_comm_hook, is_replacement
 
 __all__ = [
     "MooncakeBackendOptions", "MooncakeProcessGroup", "MooncakeWork",
@@ -25,6 +27,7 @@ __all__ = [
     "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
     "get_implementation", "extend_group_size_to", "get_peer_state", "recover_ranks", "join_group",
+    "elastic", "ddp_comm_hook", "is_replacement",
 ]
 
 dist.Backend.register_backend("mooncake-cpu", create_cpu, extended_api=True, devices=["cpu"])
