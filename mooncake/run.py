@@ -42,12 +42,16 @@ def _log(message: str) -> None:
 
 
 _OUT_LOCK = threading.Lock()
+_READY = b"\x00mooncake-run: standby ready\n"   # a spare's one line before it takes a rank
 
 
 def _pump(stream, sink, worker) -> None:
     """Copy a worker's pipe to ``sink`` line by line, each line prefixed with its rank."""
     out = sink.buffer if hasattr(sink, "buffer") else sink
     for line in iter(stream.readline, b""):
+        if line == _READY:
+            _log(f"standby ready (pid {worker.proc.pid})")
+            continue
         if not line.endswith(b"\n"):
             line += b"\n"
         with _OUT_LOCK:
@@ -297,8 +301,11 @@ def _standby(argv: list[str]) -> None:
     if os.getppid() != launcher:
         os._exit(128 + signal.SIGKILL)
     import importlib
-    for name in ("torch", "torch.distributed", "mooncake.pg", *preload):
+    # torch._dynamo: the first optimizer a process builds imports it (a second or more)
+    for name in ("torch", "torch.distributed", "torch._dynamo", "torch.nn.parallel", "mooncake.pg", *preload):
         importlib.import_module(name)
+    sys.stdout.buffer.write(_READY)
+    sys.stdout.flush()
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)
