@@ -45,17 +45,18 @@ class RootInactiveError(ArgumentError, _model.RootInactiveError):
 
 
 _HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
-_backend_counts: dict[tuple[str, tuple[int, ...]], int] = {}
+_backend_counts: dict[str, int] = {}
 _backend_index_lock = threading.Lock()
 
 
-def _next_backend_index(group_id: str, global_ranks: Sequence[int]) -> str:
+def _next_backend_index(group_id: str) -> str:
     """This group's key prefix index, the same on every member: how many times this process created
-    a group of this torch name and these global ranks before.  A per-process count of every group
-    created would differ between ranks as soon as one of them skipped a subgroup it is not a member
-    of (torch creates no backend there), and the next group's ranks would wait for each other's Store
-    records under different keys until the timeout."""
-    key = (str(group_id), tuple(int(r) for r in global_ranks))
+    a group of this torch name before.  torch names groups the same on every rank (every rank calls
+    ``new_group``), but creates a backend only on a subgroup's members, so a per-process count of
+    the backends created would differ between ranks as soon as one skipped a subgroup, and the next
+    group's ranks would wait for each other's Store records under different keys until the timeout.
+    The member list is not part of the key: a rank joining later declares a larger world."""
+    key = str(group_id)
     with _backend_index_lock:
         n = _backend_counts.get(key, 0)
         _backend_counts[key] = n + 1
@@ -141,7 +142,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._initial_view = view
         self._timeout_s = timeout.total_seconds()
         self._global_ranks = list(global_ranks) or list(range(world_size))
-        self._index = _next_backend_index(group_id, self._global_ranks)
+        self._index = _next_backend_index(group_id)
         self._prefix = f"mooncake/{self._index}"
         self._incarnation = int.from_bytes(os.urandom(8), "little")
         self._admitted: dict[int, int] = {}  # rank -> incarnation last admitted by recover_ranks
