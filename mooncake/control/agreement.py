@@ -42,10 +42,15 @@ from .wire import MAX_RANKS
 
 _REPORT = struct.Struct("<IIHIIHH")      # magic, epoch, rank, high, #committed runs, #timed out, #failures
 _DECISION = struct.Struct("<IIIIH")      # magic, new epoch, high, #committed runs, #verdicts
+_MEMBERSHIP = struct.Struct("<BQI")      # flags, winning proposal's nonce (0: none), joiners' first seq
+_PROPOSAL = struct.Struct("<IIHBQIH")    # magic, epoch, proposer, kind, nonce, proposer's next seq, #ranks
+_PROPOSED = struct.Struct("<HQ")         # rank, incarnation of its join request (0: a member of the view)
 _FAILURE = struct.Struct("<IBH")         # seq, kind, message length (then the message, UTF-8)
 _VERDICT = struct.Struct("<IBH")         # seq, kind, message length (then a rank mask and the message)
 _MAGIC_REPORT = 0x52455033               # "REP3"
-_MAGIC_DECISION = 0x44454333             # "DEC3"
+_MAGIC_DECISION = 0x44454334             # "DEC4"
+_MAGIC_PROPOSAL = 0x50524f31             # "PRO1"
+KEEP_FAILED = 1                          # manual mode: failed members stay in the view, suspended
 MAX_MESSAGE_BYTES = 1024
 MAX_SEQ = (1 << 32) - 1
 POLL_S = 0.005
@@ -140,6 +145,63 @@ class Report:
         return cls(epoch, rank, committed, high, suspects, timed_out, slow, tuple(failures))
 
 
+class ProposalKind(enum.IntEnum):
+    """What a membership proposal asks for (``deactivate_ranks`` / ``activate_ranks``)."""
+
+    DEACTIVATE = 1
+    ACTIVATE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """One rank's request to change the view of ``epoch``: written once per epoch with
+    ``compare_set`` (the first proposal wins; the next agreement applies it), then carried out by
+    that epoch's agreement like a failure, so every member adopts it at the same op boundary.
+    ``incarnations`` pairs each activated rank outside the view with its join request (0 for a
+    member: a suspended rank taken back in place)."""
+
+    epoch: int
+    rank: int
+    kind: ProposalKind
+    ranks: tuple[int, ...]
+    nonce: int
+    high: int = 0
+    incarnations: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.incarnations:
+            object.__setattr__(self, "incarnations", (0,) * len(self.ranks))
+
+    def same_change(self, other: "Proposal") -> bool:
+        return self.kind == other.kind and set(self.ranks) == set(other.ranks)
+
+    def describe(self) -> str:
+        verb = "deactivate" if self.kind is ProposalKind.DEACTIVATE else "activate"
+        return f"rank {self.rank}'s proposal to {verb} rank(s) {list(self.ranks)} at epoch {self.epoch}"
+
+    def encode(self) -> bytes:
+        incarnations = self.incarnations or (0,) * len(self.ranks)
+        return (_PROPOSAL.pack(_MAGIC_PROPOSAL, self.epoch, self.rank, int(self.kind), self.nonce, self.high,
+                               len(self.ranks))
+                + b"".join(_PROPOSED.pack(r, i) for r, i in zip(self.ranks, incarnations)))
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "proposal") -> "Proposal":
+        r = _Reader(data, what)
+        magic, epoch, rank, kind, nonce, high, count = r.struct(_PROPOSAL)
+        if magic != _MAGIC_PROPOSAL:
+            raise WireError(f"membership {what} has bad magic 0x{magic:08x}")
+        try:
+            kind = ProposalKind(kind)
+        except ValueError:
+            raise WireError(f"membership {what} names an unknown kind {kind}") from None
+        pairs = [r.struct(_PROPOSED) for _ in range(count)]
+        r.end()
+        if rank >= MAX_RANKS or any(p >= MAX_RANKS for p, _ in pairs):
+            raise WireError(f"membership {what} names a rank out of range")
+        return cls(epoch, rank, kind, tuple(p for p, _ in pairs), nonce, high, tuple(i for _, i in pairs))
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """The members' verdict on one epoch: the next view, which of the epoch's ops stand
@@ -153,6 +215,13 @@ class Decision:
     committed_runs: Runs = ()
     high: int = 0
     verdicts: tuple[tuple[int, Verdict], ...] = ()   # (seq, verdict), ascending seq
+    # membership changes (docs/semantics.md, "Manual membership and proposals")
+    left: tuple[int, ...] = ()        # members deactivated by the winning proposal
+    joined: tuple[int, ...] = ()      # ranks outside the view activated by it
+    suspended: tuple[int, ...] = ()   # manual mode: failed ranks kept in the next view, every op fails
+    proposal: int = 0                 # nonce of the proposal this decision applied (0: none)
+    join_seq: int = 0                 # the first op of the joined ranks
+    keep_failed: bool = False         # manual mode: ``failed`` stay in ``active``
 
     def committed(self, seq: int) -> bool:
         return in_runs(self.committed_runs, seq)
@@ -170,6 +239,8 @@ class Decision:
         for seq, v in self.verdicts:
             text = _text(v.message)
             out.append(_VERDICT.pack(seq, int(v.kind), len(text)) + _mask(v.ranks) + text)
+        out += [_MEMBERSHIP.pack(KEEP_FAILED if self.keep_failed else 0, self.proposal, self.join_seq),
+                _mask(self.left), _mask(self.joined), _mask(self.suspended)]
         return b"".join(out)
 
     @classmethod
@@ -187,13 +258,23 @@ class Decision:
             seq, kind, length = r.struct(_VERDICT)
             ranks = tuple(sorted(r.mask()))
             verdicts.append((seq, Verdict(_kind(kind, what), ranks, r.text(length))))
+        flags, proposal, join_seq = r.struct(_MEMBERSHIP)
+        left, joined, suspended = (tuple(sorted(r.mask())) for _ in range(3))
         r.end()
+        if flags & ~KEEP_FAILED:
+            raise WireError(f"agreement {what} has unknown flags 0x{flags:02x}")
+        keep = bool(flags & KEEP_FAILED)
+        if not set(suspended) <= set(active) or set(left) & set(joined):
+            raise WireError(f"agreement {what} holds inconsistent membership changes")
         if members is not None:
             members = set(members)
-            if set(active) & set(failed) or set(active) | set(failed) != members:
+            gone = set(left) | (set() if keep else set(failed))
+            if (not set(failed) | set(left) <= members or set(joined) & members
+                    or set(active) != (members - gone) | set(joined)):
                 raise WireError(f"agreement {what} names active ranks {list(active)} and failed ranks "
                                 f"{list(failed)}, which do not split the view's members {sorted(members)}")
-        return cls(epoch, active, failed, committed, high, tuple(verdicts))
+        return cls(epoch, active, failed, committed, high, tuple(verdicts), left, joined, suspended, proposal,
+                   join_seq, keep)
 
 
 def _suspects(reports: dict[int, Report], seen_dead: Iterable[int]) -> set[int]:
@@ -201,11 +282,36 @@ def _suspects(reports: dict[int, Report], seen_dead: Iterable[int]) -> set[int]:
 
 
 def decide(epoch: int, members: Iterable[int], reports: dict[int, Report],
-           seen_dead: Iterable[int] = ()) -> Decision:
-    """The verdict from the reports in hand (and the deciding rank's own evidence ``seen_dead``)."""
+           seen_dead: Iterable[int] = (), proposal: Proposal | None = None,
+           suspended: Iterable[int] = (), keep_failed: bool = False) -> Decision:
+    """The verdict from the reports in hand (and the deciding rank's own evidence ``seen_dead``).
+
+    ``proposal`` (the epoch's winning membership proposal, if any) is applied on top of the
+    failures: its deactivated ranks leave; its activated ranks join (those outside the view) or,
+    suspended members that reported, are taken back.  With ``keep_failed`` (manual mode) failed
+    members stay in the view, suspended (with ``suspended``, those already suspended), until a
+    proposal removes or takes them back."""
     members = set(members)
     failed = (members - set(reports)) | (_suspects(reports, seen_dead) & members)
-    alive = tuple(sorted(members - failed))
+    left: set[int] = set()
+    joined: set[int] = set()
+    retake: set[int] = set()
+    join_seq = applied = 0
+    if proposal is not None and proposal.epoch == epoch:
+        applied = proposal.nonce
+        if proposal.kind is ProposalKind.DEACTIVATE:
+            left = set(proposal.ranks) & members
+        elif proposal.rank in reports:   # a proposer that vanished cannot vouch for its joiners
+            joined = set(proposal.ranks) - members
+            retake = (set(proposal.ranks) & members) - failed
+            join_seq = reports[proposal.rank].high
+        else:
+            applied = 0
+        if not members - left - (set() if keep_failed else failed):
+            left, joined, retake, applied = set(), set(), set(), 0   # never an empty view: it lapses
+    gone = left | (set() if keep_failed else failed)
+    alive = tuple(sorted((members - gone) | joined))
+    still = ((set(suspended) | failed) - retake - left) & set(alive) if keep_failed else set()
     committed = merge_runs(*(r.committed for r in reports.values()))
     high = max((r.high for r in reports.values()), default=0)
     verdicts = []
@@ -216,7 +322,8 @@ def decide(epoch: int, members: Iterable[int], reports: dict[int, Report],
         verdict = _failure_verdict(seq, reports) or (None if failed else _timeout_verdict(seq, members, reports))
         if verdict is not None:
             verdicts.append((seq, verdict))
-    return Decision(epoch + 1, alive, tuple(sorted(failed)), committed, high, tuple(verdicts))
+    return Decision(epoch + 1, alive, tuple(sorted(failed)), committed, high, tuple(verdicts), tuple(sorted(left)),
+                    tuple(sorted(joined)), tuple(sorted(still)), applied, join_seq, keep_failed)
 
 
 def _failure_verdict(seq: int, reports: dict[int, Report]) -> Verdict | None:
@@ -260,11 +367,34 @@ class StoreAgreement:
     def __init__(self, store, prefix: str):
         self._store, self._prefix = store, prefix
 
+    @property
+    def raw(self):
+        """The Store client itself (the agreement's own connection)."""
+        return self._store
+
     def _key(self, epoch: int, what: str) -> str:
         return f"{self._prefix}/agree/{epoch}/{what}"
 
     def report(self, report: Report) -> None:
         self._store.set(self._key(report.epoch, f"report/{report.rank}"), report.encode())
+
+    def propose(self, proposal: Proposal) -> Proposal:
+        """Write ``proposal`` for its epoch unless one is there already; returns the one that won."""
+        key = self._key(proposal.epoch, "proposal")
+        record = proposal.encode()
+        won = self._store.compare_set(key, "", record)
+        return proposal if won == record else Proposal.decode(won, what=f"proposal in the Store at {key!r}")
+
+    def proposal(self, epoch: int) -> Proposal | None:
+        """The epoch's winning proposal; a malformed record counts as none (it never decides)."""
+        key = self._key(epoch, "proposal")
+        if not self._store.check([key]):
+            return None
+        try:
+            proposal = Proposal.decode(self._store.get(key), what=f"proposal in the Store at {key!r}")
+        except WireError:
+            return None
+        return proposal if proposal.epoch == epoch else None
 
     def _decode_decision(self, epoch: int, data: bytes, members) -> Decision:
         key = self._key(epoch, "decision")
@@ -293,7 +423,8 @@ class StoreAgreement:
         return report if report.epoch == epoch and report.rank == member else None
 
     def run(self, epoch: int, members: tuple[int, ...], window_s: float,
-            seen_dead: Callable[[], Iterable[int]] = tuple) -> Decision:
+            seen_dead: Callable[[], Iterable[int]] = tuple, suspended: Iterable[int] = (),
+            keep_failed: bool = False) -> Decision:
         """Wait for the reports (at most ``window_s``; members ``seen_dead()`` reports dead are not
         waited for), then propose a decision; returns the one that won.  Raises MooncakeError
         when the Store itself is gone or holds a malformed decision."""
@@ -311,7 +442,8 @@ class StoreAgreement:
                             reports[m] = report
                 dead = tuple(seen_dead())
                 if ready_to_decide(members, reports, dead) or time.monotonic() >= deadline:
-                    proposal = decide(epoch, members, reports, dead).encode()
+                    proposal = decide(epoch, members, reports, dead, self.proposal(epoch), suspended,
+                                      keep_failed).encode()
                     won = self._store.compare_set(self._key(epoch, "decision"), "", proposal)
                     return self._decode_decision(epoch, won, members)
                 time.sleep(POLL_S)

@@ -16,7 +16,9 @@ from ..control.errors import (ArgumentError, MooncakeError, NotApplicableError, 
                               PeerFailureError, WireError)
 from .backend import MooncakeProcessGroup, RootInactiveError, create_cpu, create_cuda
 from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip
-from .work import MooncakeWork
+from .membership import (ProposalResponse, ProposalStatus, SyncAfterFailureResponse, SyncAfterFailureStatus,
+                         ViewUpdateStatus)
+from .work import ComposedWork, MooncakeWork
 from . import elastic  # noqa: E402 - training through failures (mooncake-run, DDP hook, catch-up)
 from .elastic import ddp_comm_hook, is_replacement
 
@@ -27,6 +29,9 @@ __all__ = [
     "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
     "get_implementation", "extend_group_size_to", "get_peer_state", "recover_ranks", "join_group",
+    "activate_ranks", "deactivate_ranks", "sync_after_failure", "get_current_epoch", "get_local_success",
+    "get_failed_ranks_hint", "ProposalStatus", "ViewUpdateStatus", "ProposalResponse", "SyncAfterFailureStatus",
+    "SyncAfterFailureResponse",
     "elastic", "ddp_comm_hook", "is_replacement",
 ]
 
@@ -80,10 +85,69 @@ def get_peer_state(backend, ranks: list[int]) -> list[bool]:
     return _backend(backend).get_peer_state(ranks)
 
 
-def recover_ranks(backend, ranks: list[int]) -> None:
-    """Admit ranks that called ``join_group``: every active rank calls it with the same ranks at
-    the same op boundary (no collective in flight); the next collective includes them."""
-    _backend(backend).recover_ranks(ranks)
+def recover_ranks(backend, ranks: list[int]) -> ProposalResponse:
+    """Alias of ``activate_ranks`` (upstream keeps both names)."""
+    return _backend(backend).recover_ranks(ranks)
+
+
+def activate_ranks(backend, ranks: list[int]) -> ProposalResponse:
+    """Propose that ``ranks`` enter the view: ranks that called ``join_group`` (joiners,
+    replacements, a removed rank rejoining in place) or, in manual mode, suspended members that are
+    reachable again.  Call it at an op boundary (no collective of this group in flight).  One call
+    from any member suffices (the others adopt the change at the same op boundary through the
+    agreement); several members may call it with the same ranks.  Returns a ``ProposalResponse``:
+    ``status`` Applied / AppliedWithDroppedRanks (``dropped_ranks``: ranks found failed meanwhile or
+    whose join request was left by a dead process) / Rejected (``reject_reason``: another
+    proposal won the epoch), and ``new_epoch``."""
+    return _backend(backend).activate_ranks(ranks)
+
+
+def deactivate_ranks(backend, ranks: list[int]) -> ProposalResponse:
+    """Propose that ``ranks`` leave the view (a rank may name itself to leave gracefully, then
+    destroy its group).  Same rules and response as ``activate_ranks``; a deactivated rank's later
+    calls raise ``RemovedError`` until it rejoins with ``join_group``."""
+    return _backend(backend).deactivate_ranks(ranks)
+
+
+def sync_after_failure(backend) -> SyncAfterFailureResponse:
+    """Settle what this rank knows of failed peers through the failure agreement and adopt its
+    decision before returning: ``Reconciled`` (an agreement ran, or was awaited), ``NoPending``
+    (nothing to settle), ``Rejected`` (this rank was removed, or the Store is gone; see
+    ``reject_reason``).  In manual mode the view keeps the failed ranks (suspended) afterwards."""
+    return _backend(backend).sync_after_failure()
+
+
+def get_current_epoch(backend) -> int:
+    """The epoch of this rank's current view (increases by one at every view change)."""
+    return _backend(backend).view.epoch
+
+
+def _work(work):
+    if not isinstance(work, (MooncakeWork, ComposedWork)):
+        raise ArgumentError(f"expected a Work returned by a mooncake operation, got {type(work).__name__}")
+    return work
+
+
+def get_failed_ranks_hint(work) -> torch.Tensor:
+    """Evidence, not a verdict: int32 0/1 per group rank (length: the group's capacity when the
+    work belongs to a collective, else the highest rank named + 1), 1 for the peers this rank saw
+    fail during the op (connection closed, still waited on at the deadline) or that the agreement
+    found failed while it ran.  All zeros for an op that met no failure."""
+    work = _work(work)
+    ranks = work.failed_ranks_hint
+    collective = getattr(work, "_collective", None)
+    size = collective.membership.capacity if collective is not None else (max(ranks) + 1 if ranks else 0)
+    mask = torch.zeros(max(size, max(ranks) + 1 if ranks else 0), dtype=torch.int32)
+    for r in ranks:
+        mask[r] = 1
+    return mask
+
+
+def get_local_success(work) -> bool:
+    """True iff the op completed successfully on this rank and met no failed peer on the way
+    (a result re-run over the survivors is correct but not a local success)."""
+    work = _work(work)
+    return bool(work.is_completed() and work.is_success() and not work.failed_ranks_hint)
 
 
 def join_group(backend, timeout: timedelta | None = None) -> None:

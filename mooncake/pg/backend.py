@@ -37,8 +37,18 @@ from ..ref import collectives as ref
 from ..ref import p2p as ref_p2p
 from ..ref import ucx
 from . import options as _options
+from . import membership as _membership
+from ..control.agreement import ProposalKind
 from .membership import Membership
 from .work import Collective, ComposedWork, MooncakeWork, NotPosted
+
+class _Settled(Exception):
+    """A proposal found its change already made (by an equivalent proposal that won first)."""
+
+    def __init__(self, response):
+        super().__init__("settled")
+        self.response = response
+
 
 class RootInactiveError(ArgumentError, _model.RootInactiveError):
     """The root of broadcast / reduce / gather / scatter is not active; raised on every caller."""
@@ -123,7 +133,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                  options: "_options.MooncakeBackendOptions | None"):
         capacity = _options.check_for_backend(options, device_type, world_size)
         implementation = impl.select(device_type)
-        mask = None if options is None else [int(v) for v in options.active_ranks.tolist()]
+        mask = None if options is None or options.active_ranks is None else \
+            [int(v) for v in options.active_ranks.tolist()]
         is_extension = bool(options is not None and options.is_extension)
         view = initial_view(mask, world_size, capacity, rank, is_extension)
         if not is_extension and rank not in view.active:
@@ -151,6 +162,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._p2p_send_seq: dict[tuple[int, int], int] = {}
         self._p2p_recv_seq: dict[tuple[int, int], int] = {}
         self._mask_tensor = options.active_ranks if options is not None else None
+        self._manual = bool(options is not None and options.manual)
         self._addresses: dict[int, bytes] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -163,7 +175,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             engine=self._engine, peers=self._peers, addresses=self._addresses, group_key=self._group_key,
             timeout_s=lambda: self._timeout_s,
             failure_mode=options.failure_mode if options is not None else "complete",
-            on_view=self._on_view)
+            on_view=self._on_view, keep_failed=self._manual, on_join=self._on_join)
         self._sync_mask_tensor()
 
     # -- identity ------------------------------------------------------------------------------
@@ -271,7 +283,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     def _on_view(self, view: View) -> None:
         """A new view was adopted (failure agreement or elastic protocol)."""
-        self._plane.add_ranks({r: self._addresses[r] for r in view.active})
+        self._plane.add_ranks({r: self._addresses[r] for r in view.active if r in self._addresses})
         self._sync_mask_tensor()
         self._store.set(join.view_key(self._prefix), str(view.epoch))
 
@@ -311,67 +323,199 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return request
 
     def get_peer_state(self, ranks) -> list[bool]:
-        """Collective among the active ranks: for each rank, True if it is active or has called
-        ``join_group`` and can be admitted; every caller gets the same answer."""
+        """For each rank: True if it is active (and, in manual mode, not suspended) or has called
+        ``join_group`` from a reachable process.  A local query, as upstream's: no collective, so
+        members may poll it at their own pace; ``activate_ranks`` decides for all of them."""
         ranks = self._check_ranks(ranks, "get_peer_state")
         self._check_open()
         if self._is_extension:
             raise ArgumentError("get_peer_state is called by the healthy ranks; this rank is still "
                                 "joining (call join_group)")
+        view, suspended = self.view, self._membership.suspended
         with self._store_access("get_peer_state"):
-            local = [1 if self.view.is_active(r) or self._join_request(r) is not None else 0 for r in ranks]
-        state = torch.tensor(local or [1], dtype=torch.int32, device=self._device())
-        opts = c10d.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
-        self.allreduce([state], opts).wait()
-        return [bool(v) for v in state.tolist()][:len(ranks)]
+            return [r not in suspended if view.is_active(r) else self._join_request(r) is not None
+                    for r in ranks]
 
-    def recover_ranks(self, ranks) -> None:
-        """Admit joined ranks: every active rank calls this at the same op boundary; from the next
-        collective on, the new view includes them."""
-        ranks = self._check_ranks(ranks, "recover_ranks")
+    # -- membership proposals (docs/semantics.md, "Manual membership and proposals") ------------
+    def _redundant(self, ranks, side: str) -> "_membership.ProposalResponse | None":
+        """A proposal equivalent to the one the latest membership change applied, made before this
+        rank issued anything since (its caller raced the proposer): Applied, at the current epoch."""
+        last = self._membership.joined_at
+        if last is None or last[1] != self._membership.next_seq:
+            return None
+        decision = last[0]
+        changed = set(decision.left) if side == "left" else set(decision.joined) | (
+            set(decision.active) - set(decision.suspended))
+        if not set(ranks) <= changed:
+            return None
+        status = _membership.ProposalStatus
+        return _membership.ProposalResponse(status.AppliedWithDroppedRanks if decision.failed else status.Applied,
+                                            decision.epoch, sorted(decision.failed))
+
+    def _respond(self, won, decision, epoch: int, mine: bool, pre_dropped=()) -> "_membership.ProposalResponse":
+        status = _membership.ProposalStatus
+        new_epoch = self.view.epoch
+        if not mine:
+            return _membership.ProposalResponse(status.Rejected, new_epoch, [], (
+                f"{won.describe()} won that epoch first (one proposal per epoch, written with "
+                f"compare_set); the group applied it instead and is now at epoch {decision.epoch}: "
+                "re-read the view and propose again if still needed"))
+        if decision.proposal != won.nonce:
+            return _membership.ProposalResponse(status.Rejected, new_epoch, [], (
+                f"the agreement of epoch {epoch} was decided before it saw {won.describe()} (a failure "
+                f"agreement overtook it, or it would have emptied the view); the group is at epoch "
+                f"{decision.epoch}: propose again"))
+        dropped = sorted(set(decision.failed) | set(pre_dropped)
+                         | {r for r in won.ranks if won.kind is ProposalKind.ACTIVATE
+                            and (r not in decision.active or r in decision.suspended)})
+        return _membership.ProposalResponse(status.AppliedWithDroppedRanks if dropped else status.Applied,
+                                            decision.epoch, dropped)
+
+    def deactivate_ranks(self, ranks) -> "_membership.ProposalResponse":
+        """Propose that ``ranks`` leave the view (a rank may name itself: a graceful leave).  One
+        call from any member suffices; the epoch's agreement applies it on every member at one op
+        boundary; a racing different proposal of the same epoch wins or loses as a whole."""
+        ranks = self._check_ranks(ranks, "deactivate_ranks")
         self._check_open()
-        self._quiet("recover_ranks")
-        requests = {}
+        if not ranks:
+            raise ArgumentError("deactivate_ranks: name at least one rank")
+        self._quiet("deactivate_ranks")
+        self._membership.settle_agreement()
+        self._check_open()
+        if not all(self.view.is_active(r) for r in ranks):
+            redundant = self._redundant(ranks, "left")
+            if redundant is not None:
+                return redundant
+            raise ArgumentError(f"deactivate_ranks: rank(s) {[r for r in ranks if not self.view.is_active(r)]} "
+                                f"are not active (active ranks: {list(self.view.active)})")
+
+        def check(view: View) -> None:
+            if not all(view.is_active(r) for r in ranks):
+                raise _Settled(self._redundant(ranks, "left") or _membership.ProposalResponse(
+                    _membership.ProposalStatus.Rejected, view.epoch, [],
+                    f"rank(s) {ranks} left the view meanwhile, through another proposal or a failure"))
+            if set(view.active) <= set(ranks):
+                raise ArgumentError("deactivate_ranks: the proposal would leave the group with no active "
+                                    "rank; destroy the process group instead")
+
+        try:
+            won, decision, epoch, mine = self._membership.propose(ProposalKind.DEACTIVATE, tuple(ranks),
+                                                                  check=check)
+        except _Settled as settled:
+            return settled.response
+        return self._respond(won, decision, epoch, mine)
+
+    def recover_ranks(self, ranks) -> "_membership.ProposalResponse":
+        """Alias of ``activate_ranks`` (upstream's name)."""
+        return self.activate_ranks(ranks, "recover_ranks")
+
+    def activate_ranks(self, ranks, what: str = "activate_ranks") -> "_membership.ProposalResponse":
+        """Propose that ``ranks`` enter the view: ranks that called ``join_group`` (a joiner, a
+        replacement, or a removed rank rejoining in place), or, in manual mode, suspended members
+        that answer again.  One call from any member suffices; equivalent calls from several members
+        at the same boundary are all Applied."""
+        ranks = self._check_ranks(ranks, what)
+        self._check_open()
+        self._quiet(what)
+        self._membership.settle_agreement()
+        self._check_open()
+        suspended = self._membership.suspended
+        if any(self.view.is_active(r) and r not in suspended for r in ranks):
+            redundant = self._redundant(ranks, "joined")
+            if redundant is not None:
+                return redundant
+            active = [r for r in ranks if self.view.is_active(r) and r not in suspended]
+            raise ArgumentError(f"{what}: rank {active[0]} is already active")
+        incarnations, proposed, pre_dropped = [], [], []
         for r in ranks:
-            if self.view.is_active(r):
-                raise ArgumentError(f"recover_ranks: rank {r} is already active")
-            with self._store_access("recover_ranks"):
-                request = self._join_request(r)
+            if r in suspended and self.view.is_active(r):
+                proposed.append(r)
+                incarnations.append(0)
+                continue
+            with self._store_access(what):
+                key = join.request_key(self._prefix, r)
+                present = self._store.check([key])
+                request = self._join_request(r) if present else None
             if request is None:
-                raise ArgumentError(f"recover_ranks: rank {r} has not called join_group (wait until "
+                if present:
+                    pre_dropped.append(r)   # a request left by a joiner that died: never admitted
+                    continue
+                raise ArgumentError(f"{what}: rank {r} has not called join_group (wait until "
                                     f"get_peer_state(group, [{r}]) is True)")
             if request.capacity != self._capacity:
-                raise ArgumentError(f"recover_ranks: rank {r} joins with max_world_size {request.capacity}, "
+                raise ArgumentError(f"{what}: rank {r} joins with max_world_size {request.capacity}, "
                                     f"this group has capacity {self._capacity}: use the same max_world_size "
                                     "(and extend_group_size_to) on every rank")
-            requests[r] = request
-        membership = self._membership
-        with membership.lock:
-            view = membership.view
-            new = View(view.epoch + 1, self._capacity, tuple(sorted(set(view.active) | set(ranks))))
-            admission = join.Admission(new.epoch, membership.next_seq, self._capacity, new.active)
-            for r, request in requests.items():
-                record = admission.encode()
-                with self._store_access("recover_ranks"):
-                    won = self._store.compare_set(join.admit_key(self._prefix, r, request.incarnation), "", record)
-                if won != record:
-                    raise MooncakeError(f"recover_ranks: another rank admitted rank {r} into a different "
-                                        f"view ({join.Admission.decode(won)} vs {admission}): every active "
-                                        "rank must call recover_ranks with the same ranks at the same op boundary")
+            proposed.append(r)
+            incarnations.append(request.incarnation)
+        if not proposed:
+            return _membership.ProposalResponse(_membership.ProposalStatus.AppliedWithDroppedRanks,
+                                                self.view.epoch, sorted(pre_dropped))
+
+        def check(view: View) -> None:
+            if any(view.is_active(r) and r not in self._membership.suspended for r in proposed):
+                raise _Settled(self._redundant(proposed, "joined") or _membership.ProposalResponse(
+                    _membership.ProposalStatus.Rejected, view.epoch, [],
+                    f"rank(s) {proposed} became active meanwhile, through another proposal"))
+
+        try:
+            won, decision, epoch, mine = self._membership.propose(ProposalKind.ACTIVATE, tuple(proposed),
+                                                                  tuple(incarnations), check=check)
+        except _Settled as settled:
+            return settled.response
+        return self._respond(won, decision, epoch, mine, pre_dropped)
+
+    def _on_join(self, decision, proposal, store) -> None:
+        """Agreement thread, before a decision that activates ranks outside the view is adopted: learn
+        the joiners' addresses and write each one's admission (every member writes the same record;
+        the first write wins)."""
+        if proposal is None:
+            return
+        incarnation = dict(zip(proposal.ranks, proposal.incarnations))
+        for r in decision.joined:
+            inc = incarnation.get(r, 0)
+            try:
+                request = join.JoinRequest.decode(store.get(join.request_key(self._prefix, r)))
+            except Exception:  # noqa: BLE001 - the joiner's record is gone: its first op finds it failed
+                continue
+            with self._lock:
                 self._addresses[r] = request.address
-                self._admitted[r] = request.incarnation
+                self._admitted[r] = inc
                 self._reset_p2p(r)
-            membership.set_view(new)
+            admission = join.Admission(decision.epoch, decision.join_seq, self._capacity, decision.active)
+            with contextlib.suppress(Exception):
+                store.compare_set(join.admit_key(self._prefix, r, inc), "", admission.encode())
+
+    def sync_after_failure(self) -> "_membership.SyncAfterFailureResponse":
+        """Settle this rank's evidence of failed peers through the agreement and adopt its decision."""
+        status = _membership.SyncAfterFailureStatus
+        if self._closed:
+            raise MooncakeError("this mooncake process group was shut down")
+        if self._is_extension:
+            return _membership.SyncAfterFailureResponse(status.NoPending, "", self.view.epoch)
+        reconciled, reason = self._membership.sync()
+        if reason:
+            return _membership.SyncAfterFailureResponse(status.Rejected, reason, self.view.epoch)
+        return _membership.SyncAfterFailureResponse(status.Reconciled if reconciled else status.NoPending, "",
+                                                    self.view.epoch)
 
     def join_group(self, timeout: timedelta | None = None) -> None:
-        """On a rank started with ``is_extension=True``: ask to join and block until the healthy
-        ranks admit it (``recover_ranks``) or ``timeout`` (default: the group timeout) passes."""
-        if not self._is_extension:
+        """On a rank started with ``is_extension=True``, or one that was removed or deactivated
+        (in place: same process, same group object): ask to join and block until a member admits
+        it (``activate_ranks`` / ``recover_ranks``) or ``timeout`` (default: the group timeout)."""
+        in_place = not self._is_extension and self._membership.evicted is not None
+        if not self._is_extension and not in_place:
             raise ArgumentError("joinGroup is only valid for extension backends: this rank was not "
-                                "started with MooncakeBackendOptions(..., is_extension=True)")
-        self._check_open()
-        self._quiet("join_group")
+                                "started with MooncakeBackendOptions(..., is_extension=True), nor removed "
+                                "from the group (a removed or deactivated rank may rejoin in place)")
+        if self._closed:
+            raise MooncakeError("this mooncake process group was shut down")
+        if in_place:
+            self._membership.rejoin()
+            self._incarnation = int.from_bytes(os.urandom(8), "little")
+        else:
+            self._check_open()
+            self._quiet("join_group")
         timeout_s = timeout.total_seconds() if timeout is not None else self._timeout_s
         request = join.JoinRequest(self._incarnation, self._capacity, self._world_size, self._engine.address)
         key = join.admit_key(self._prefix, self._rank, self._incarnation)
@@ -381,6 +525,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             try:
                 self._store.wait([key], timedelta(seconds=timeout_s))
             except dist.DistStoreError:  # the wait timed out
+                if in_place:
+                    self._membership.evicted = (f"rank {self._rank} asked to rejoin in place but was not "
+                                                f"admitted within {timeout_s:.3g} s")
                 raise OpTimeoutError(f"join_group: rank {self._rank} was not admitted within {timeout_s:.3g} s; "
                                      f"the healthy ranks must poll get_peer_state(group, [{self._rank}]) and "
                                      "then call recover_ranks", ()) from None
@@ -486,6 +633,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if root is not None and not view.is_active(root):
             raise PeerFailureError(f"{name}: root rank {root} failed; the survivors {list(view.active)} "
                                    "agreed on it, so this operation cannot complete", (root,))
+        suspended = self._membership.suspended_error(name, view)
+        if suspended is not None:
+            raise suspended
         faults.hit("before_send")
         return build(ref.OpContext(self._engine, self._peers, self._group_key, self._rank, view, seq, name,
                                    fingerprint))
@@ -517,6 +667,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             late = membership.late_decision(seq)
             posted = late is None and not membership.under_agreement(view.epoch)
             op = NotPosted()
+            suspended = membership.suspended_error(name, view) if posted else None
+            if suspended is not None:   # manual mode: every member fails this op the same way
+                membership.settle(seq)
+                return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs, name=name,
+                                                failed=suspended))
             if posted:
                 try:
                     op = self._post(name, build, seq, view, root, fingerprint)

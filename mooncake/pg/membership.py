@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
+import os
 import threading
 import time
 from typing import Callable
@@ -17,12 +19,50 @@ from typing import Callable
 import numpy as np
 
 from ..control import faults
-from ..control.agreement import Decision, Report, StoreAgreement, VerdictKind
-from ..control.errors import MooncakeError, RemovedError
+from ..control.agreement import Decision, Proposal, ProposalKind, Report, StoreAgreement, VerdictKind
+from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError, RemovedError
 from ..control.view import View
 from ..control.wire import HEADER_BYTES, Header, Kind, OpCode
 
 FAILURE_MODES = ("complete", "raise")
+
+
+class ProposalStatus(enum.IntEnum):
+    """Outcome of ``deactivate_ranks`` / ``activate_ranks`` / ``recover_ranks`` (upstream's names)."""
+
+    Rejected = 0
+    Applied = 1
+    AppliedWithDroppedRanks = 2
+
+
+ViewUpdateStatus = ProposalStatus   # upstream's earlier name
+
+
+class SyncAfterFailureStatus(enum.IntEnum):
+    """Outcome of ``sync_after_failure``."""
+
+    Reconciled = 0
+    NoPending = 1
+    Rejected = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalResponse:
+    """What a membership proposal returns: ``status``; ``new_epoch``, the epoch of the view this
+    rank is in afterwards; ``dropped_ranks``, ranks the same agreement found failed (dead or
+    silent) or could not admit; ``reject_reason`` ("" unless Rejected)."""
+
+    status: ProposalStatus
+    new_epoch: int
+    dropped_ranks: list[int] = dataclasses.field(default_factory=list)
+    reject_reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncAfterFailureResponse:
+    status: SyncAfterFailureStatus
+    reject_reason: str = ""
+    new_epoch: int = 0
 _MAX_FAILED_LOCAL = 256   # local verdicts kept for this epoch's report (a slow peer needs only recent ones)
 
 
@@ -65,10 +105,17 @@ class Membership:
 
     def __init__(self, *, rank: int, capacity: int, view: View, store, prefix: str, engine,
                  peers: Callable, addresses: dict[int, bytes], group_key: int, timeout_s: Callable[[], float],
-                 failure_mode: str, on_view: Callable[[View], None]):
+                 failure_mode: str, on_view: Callable[[View], None], keep_failed: bool = False,
+                 on_join: Callable[[Decision, Proposal | None, object], None] | None = None):
         self.rank, self.capacity = rank, capacity
         self.view = view
-        self.failure_mode = failure_mode
+        # manual mode (auto_deactivate_on_failure=False): failed members stay in the view, suspended,
+        # and every op of the group fails with PeerFailureError until a proposal settles them
+        self.keep_failed = keep_failed
+        self.failure_mode = "raise" if keep_failed else failure_mode
+        self.suspended: frozenset[int] = frozenset()
+        self.joined_at: tuple[Decision, int] | None = None   # last decision that changed membership, next_seq then
+        self._on_join = on_join
         self.lock = threading.RLock()
         self.next_seq = 0
         self.evicted: str | None = None            # why this rank can no longer take part
@@ -206,7 +253,9 @@ class Membership:
         try:
             self._store.report(report)
             decision = self._store.run(report.epoch, members, agreement_window_s(self._timeout_s()),
-                                       self.seen_dead)
+                                       self.seen_dead, self.suspended, self.keep_failed)
+            if decision.joined and self._on_join is not None:   # addresses, admission records
+                self._on_join(decision, self._store.proposal(report.epoch), self._store.raw)
         except MooncakeError as exc:
             decision = None
             error = exc
@@ -222,6 +271,11 @@ class Membership:
                 return
             self._frozen = False
             self._suspects.clear()
+            if self.rank not in decision.active and self.rank in decision.left:
+                self.evicted = (f"rank {self.rank} left the group at epoch {report.epoch}: it was "
+                                "deactivated by a membership proposal (deactivate_ranks); it may come "
+                                "back with join_group")
+                return
             if self.rank not in decision.active:
                 self.evicted = (f"rank {self.rank} was removed from the group by the survivors at "
                                 f"epoch {report.epoch} (failed ranks {list(decision.failed)}): it did "
@@ -230,6 +284,9 @@ class Membership:
                 return
             for seq in range(self.next_seq, decision.high):   # ops this rank has not called yet
                 self._late[seq] = decision
+            self.suspended = frozenset(decision.suspended)
+            if decision.left or decision.joined or decision.proposal:
+                self.joined_at = (decision, max(self.next_seq, decision.high))
             self._adopt(View(decision.epoch, self.capacity, decision.active))
             # a rejection made while this epoch's report was already out still has to reach the others
             if any(not reported for _, _, reported in self._failed_local.values()):
@@ -255,6 +312,102 @@ class Membership:
             self._frozen = False
             self._suspects.clear()
             self._adopt(view)
+
+    # -- manual mode, proposals, reconciliation (docs/semantics.md, "Manual membership") --------
+    def suspended_error(self, name: str, view: View) -> PeerFailureError | None:
+        """Manual mode: an op of a view that still holds suspended (failed) ranks fails at once, the
+        same way on every member, since every member adopted the same decision."""
+        ranks = tuple(sorted(self.suspended & set(view.active)))
+        if not ranks or view.epoch != self.view.epoch:
+            return None
+        return PeerFailureError(f"{name}: rank(s) {list(ranks)} failed and are still in the view "
+                                "(manual membership: auto_deactivate_on_failure=False); every "
+                                "collective of this group fails until deactivate_ranks (or "
+                                "activate_ranks, once they are reachable) settles them", ranks)
+
+    def _wait_decision(self, epoch: int, deadline: float) -> Decision:
+        while True:
+            with self.lock:
+                decision = self._decisions.get(epoch)
+                if decision is not None and (self.view.epoch != epoch or self.evicted):
+                    return decision
+                frozen = self._frozen and self.view.epoch == epoch
+            if not frozen and decision is None:
+                self.trouble(epoch)
+            if time.monotonic() > deadline:
+                raise OpTimeoutError(f"no decision for epoch {epoch} of this group within the agreement's "
+                                     "bounds (is the Store reachable?)", ())
+            time.sleep(0.005)
+
+    def _bound(self) -> float:
+        return time.monotonic() + self._timeout_s() + agreement_window_s(self._timeout_s()) + 10.0
+
+    def settle_agreement(self) -> None:
+        """Wait out an agreement this rank is in (its decision adopted) before a proposal reads the view."""
+        with self.lock:
+            epoch, busy = self.view.epoch, self._frozen
+        if busy:
+            self._wait_decision(epoch, self._bound())
+
+    def propose(self, kind: ProposalKind, ranks: tuple[int, ...], incarnations: tuple[int, ...] = (),
+                check: Callable[[View], None] | None = None) -> tuple[Proposal, Decision, int, bool]:
+        """Write a proposal for the current epoch (the first one written wins), start the epoch's
+        agreement and wait for its decision; returns (the winning proposal, the decision, the epoch,
+        whether the winner is this rank's proposal or an equivalent one).
+
+        ``check(view)`` validates the proposal against the view it is written for (under the lock)."""
+        deadline = self._bound()
+        while True:
+            self.settle_agreement()
+            with self.lock:
+                if self.evicted:
+                    raise self.removed_error("membership proposal")
+                if self._frozen:
+                    continue
+                if self._pending:
+                    raise ArgumentError("a membership proposal must be made at an op boundary: wait for this "
+                                        "group's collectives in flight first")
+                if check is not None:
+                    check(self.view)
+                epoch = self.view.epoch
+                mine = Proposal(epoch, self.rank, kind, tuple(ranks), int.from_bytes(os.urandom(8), "little") or 1,
+                                self.next_seq, tuple(incarnations))
+                try:
+                    won = self._store.propose(mine)
+                except Exception as exc:  # noqa: BLE001 - torch raises DistStoreError / RuntimeError
+                    raise MooncakeError(f"membership proposal: the Store is unreachable ({exc})") from None
+            self.trouble(epoch)
+            decision = self._wait_decision(epoch, deadline)
+            return won, decision, epoch, won.nonce == mine.nonce or won.same_change(mine)
+
+    def sync(self) -> tuple[bool, str]:
+        """``sync_after_failure``: settle what this rank knows of failures through the agreement.
+        Returns (reconciled, reason): False with "" when nothing was pending, False with a reason when
+        this rank can no longer take part."""
+        with self.lock:
+            if self.evicted:
+                return False, self.evicted
+            epoch, frozen = self.view.epoch, self._frozen
+        evidence = self.seen_dead() - self.suspended
+        if not frozen and not evidence:
+            return False, ""
+        if not frozen:
+            self.trouble(epoch, evidence)
+        self._wait_decision(epoch, self._bound())
+        with self.lock:
+            return True, self.evicted or ""
+
+    def rejoin(self) -> None:
+        """An evicted rank joins again in place (same process and group): forget the eviction; the
+        admission's view comes through ``set_view``."""
+        with self.lock:
+            if self._agreement_failed:
+                raise self.removed_error("join_group")
+            self.evicted = None
+            self._late.clear()
+            self._pending.clear()
+            self._failed_local.clear()
+            self.suspended = frozenset()
 
     # -- NACK messages -------------------------------------------------------------------------
     def _nack_header(self, src: int, dst: int, epoch: int) -> Header:

@@ -17,29 +17,61 @@ _settings: dict[str, object] = {"host_ip": "127.0.0.1", "device_filters": []}
 class MooncakeBackendOptions:
     """Options handed to ``dist.init_process_group(..., pg_options=...)`` / ``dist.new_group``.
 
+    Two spellings, as upstream (docs/semantics.md, "Views" and "Manual membership and proposals")::
+
+        MooncakeBackendOptions(max_group_size, is_extension=False,
+                               auto_deactivate_on_failure=True, auto_sync_on_failure=True)
+        MooncakeBackendOptions(active_ranks, is_extension=False, max_world_size=None,
+                               *, failure_mode="complete")
+
     Arguments:
+        max_group_size / max_world_size: capacity (reserved rank slots), ``>= world_size``, at most
+            256; ``<= 0`` means unset (the world size).  ``max_group_size`` is also accepted as a
+            keyword of the tensor form.
         active_ranks: ``torch.int32`` tensor; on CPU for ``mooncake-cpu``, on CUDA for ``mooncake``;
             length ``max_world_size`` when that is set.  Its initial values choose the initial
-            active set (docs/semantics.md, "Views"); afterwards the backend keeps it up to date
-            as a mirror of the group's mask.
+            active set; afterwards the backend keeps it up to date as a mirror of the group's mask.
+            The int form has none (``pg.get_active_ranks`` still answers).
         is_extension: start as a joining rank, local-only until ``join_group`` returns.
-        max_world_size: capacity (reserved rank slots), ``>= world_size``, at most 256.
-        failure_mode: what a collective does when the survivors agree that ranks failed while it
-            ran: ``"complete"`` (default) re-runs it over the survivors and returns normally;
-            ``"raise"`` (framework-managed) raises ``PeerFailureError`` naming the failed ranks on
-            every survivor.  Either way the group's view drops the failed ranks.
+        auto_deactivate_on_failure, auto_sync_on_failure: who moves failed ranks out of the view.
+            ``(True, True)`` (default) = ``failure_mode="complete"``: the survivors agree and re-run
+            the op over themselves.  ``(True, False)`` = ``failure_mode="raise"``: the op raises
+            ``PeerFailureError`` on every survivor and the view drops the failed ranks.
+            ``(False, False)`` = manual mode: the op raises ``PeerFailureError`` on every survivor,
+            the failed ranks stay in the view (suspended) and every later collective raises the
+            same way until the framework calls ``deactivate_ranks`` (or ``activate_ranks``).
+            ``auto_sync_on_failure=True`` requires ``auto_deactivate_on_failure=True``.
+        failure_mode: the seed spelling of the first two modes (``"complete"`` or ``"raise"``).
     """
 
-    def __init__(self, active_ranks: torch.Tensor, is_extension: bool = False,
-                 max_world_size: int | None = None, *, failure_mode: str = "complete"):
-        if not isinstance(active_ranks, torch.Tensor):
-            raise ArgumentError(f"active_ranks must be a torch.Tensor of dtype torch.int32, "
-                                f"got {type(active_ranks).__name__}")
-        if active_ranks.dtype != torch.int32:
-            raise ArgumentError(f"activeRanks must be int. Got {active_ranks.dtype}: pass "
-                                "active_ranks as a torch.int32 tensor")
-        if active_ranks.dim() != 1:
-            raise ArgumentError(f"active_ranks must be 1-D, got shape {tuple(active_ranks.shape)}")
+    def __init__(self, active_ranks=None, is_extension: bool = False, max_world_size=None,
+                 auto_sync_on_failure: bool | None = None, *, failure_mode: str | None = None,
+                 max_group_size: int | None = None, auto_deactivate_on_failure: bool | None = None):
+        if isinstance(active_ranks, int) and not isinstance(active_ranks, bool):
+            # upstream's int form: (max_group_size, is_extension, auto_deactivate, auto_sync)
+            if max_group_size is not None:
+                raise ArgumentError("max_group_size given twice (positionally and as a keyword)")
+            if max_world_size is not None:
+                if auto_deactivate_on_failure is not None:
+                    raise ArgumentError("auto_deactivate_on_failure given twice")
+                auto_deactivate_on_failure = max_world_size
+            max_group_size, active_ranks, max_world_size = active_ranks, None, None
+        if max_group_size is not None:
+            if max_world_size is not None:
+                raise ArgumentError("pass max_group_size or max_world_size, not both")
+            max_world_size = max_group_size
+        if active_ranks is None and max_world_size is None:
+            raise ArgumentError("MooncakeBackendOptions needs max_group_size (an int) or active_ranks "
+                                "(a torch.int32 tensor)")
+        if active_ranks is not None:
+            if not isinstance(active_ranks, torch.Tensor):
+                raise ArgumentError(f"active_ranks must be a torch.Tensor of dtype torch.int32, "
+                                    f"got {type(active_ranks).__name__}")
+            if active_ranks.dtype != torch.int32:
+                raise ArgumentError(f"activeRanks must be int. Got {active_ranks.dtype}: pass "
+                                    "active_ranks as a torch.int32 tensor")
+            if active_ranks.dim() != 1:
+                raise ArgumentError(f"active_ranks must be 1-D, got shape {tuple(active_ranks.shape)}")
         if not isinstance(is_extension, bool):
             raise ArgumentError(f"is_extension must be a bool, got {type(is_extension).__name__}")
         if max_world_size is not None:
@@ -49,20 +81,47 @@ class MooncakeBackendOptions:
                 max_world_size = None  # upstream: <= 0 means unset
             elif max_world_size > MAX_RANKS:
                 raise ArgumentError(f"max_world_size out of range: {max_world_size} > {MAX_RANKS}")
-        if failure_mode not in ("complete", "raise"):
+        for name, flag in (("auto_deactivate_on_failure", auto_deactivate_on_failure),
+                           ("auto_sync_on_failure", auto_sync_on_failure)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ArgumentError(f"{name} must be a bool, got {type(flag).__name__}")
+        if failure_mode is not None and failure_mode not in ("complete", "raise"):
             raise ArgumentError(f"failure_mode must be 'complete' or 'raise', got {failure_mode!r}")
-        values = active_ranks.detach().to("cpu")
-        if bool(((values != 0) & (values != 1)).any()):
-            raise ArgumentError(f"active_ranks entries must be 0 or 1, got {values.tolist()}")
+        deactivate = True if auto_deactivate_on_failure is None else auto_deactivate_on_failure
+        sync = (failure_mode != "raise" if deactivate else False) if auto_sync_on_failure is None \
+            else auto_sync_on_failure
+        if sync and not deactivate:
+            raise ArgumentError("auto_sync_on_failure=True requires auto_deactivate_on_failure=True "
+                                "(manual membership: pass both False)")
+        implied = "complete" if sync else "raise"
+        if failure_mode is not None and failure_mode != implied:
+            raise ArgumentError(f"failure_mode={failure_mode!r} contradicts auto_deactivate_on_failure="
+                                f"{deactivate}, auto_sync_on_failure={sync}")
+        if active_ranks is not None:
+            values = active_ranks.detach().to("cpu")
+            if bool(((values != 0) & (values != 1)).any()):
+                raise ArgumentError(f"active_ranks entries must be 0 or 1, got {values.tolist()}")
         self.active_ranks = active_ranks
         self.is_extension = is_extension
         self.max_world_size = max_world_size
-        self.failure_mode = failure_mode
+        self.auto_deactivate_on_failure = deactivate
+        self.auto_sync_on_failure = sync
+        self.failure_mode = implied
+
+    @property
+    def max_group_size(self) -> int | None:
+        return self.max_world_size
+
+    @property
+    def manual(self) -> bool:
+        """Manual membership: failed ranks stay in the view until the framework acts."""
+        return not self.auto_deactivate_on_failure
 
     def __repr__(self) -> str:
-        return (f"MooncakeBackendOptions(active_ranks={self.active_ranks.tolist()}, "
-                f"is_extension={self.is_extension}, max_world_size={self.max_world_size}, "
-                f"failure_mode={self.failure_mode!r})")
+        mask = None if self.active_ranks is None else self.active_ranks.tolist()
+        return (f"MooncakeBackendOptions(active_ranks={mask}, is_extension={self.is_extension}, "
+                f"max_world_size={self.max_world_size}, auto_deactivate_on_failure="
+                f"{self.auto_deactivate_on_failure}, auto_sync_on_failure={self.auto_sync_on_failure})")
 
 
 def check_for_backend(options: MooncakeBackendOptions | None, backend_device: str,
@@ -73,16 +132,16 @@ def check_for_backend(options: MooncakeBackendOptions | None, backend_device: st
     if not isinstance(options, MooncakeBackendOptions):
         raise ArgumentError(f"pg_options must be a MooncakeBackendOptions, got {type(options).__name__}")
     tensor = options.active_ranks
-    if backend_device == "cpu" and tensor.device.type != "cpu":
+    if tensor is not None and backend_device == "cpu" and tensor.device.type != "cpu":
         raise ArgumentError(f"activeRanks must be on CPU. Got {tensor.device} for backend mooncake-cpu")
-    if backend_device == "cuda" and tensor.device.type != "cuda":
+    if tensor is not None and backend_device == "cuda" and tensor.device.type != "cuda":
         raise ArgumentError(f"activeRanks must be on GPU. Got {tensor.device} for backend mooncake")
     capacity = options.max_world_size or world_size
     if capacity < world_size:
         raise ArgumentError(f"max_world_size must be >= process group size: {capacity} < {world_size}")
     if world_size > MAX_RANKS:
         raise ArgumentError(f"The number of ranks exceeds the limit: {world_size} > {MAX_RANKS}")
-    if tensor.numel() != capacity:
+    if tensor is not None and tensor.numel() != capacity:
         if options.max_world_size is not None:
             raise ArgumentError("activeRanks must be sized to max_world_size when max_world_size is set"
                                 f" (got {tensor.numel()} entries, max_world_size={capacity})")

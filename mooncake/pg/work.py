@@ -81,7 +81,8 @@ class MooncakeWork(dist.Work):
     def __init__(self, engine, op, timeout_s: float, outputs: list[torch.Tensor],
                  after: Callable[[], None] | None = None,
                  source_rank: int | Callable[[], int] = -1, name: str = "operation",
-                 collective: "Collective | None" = None, issued_at: float | None = None):
+                 collective: "Collective | None" = None, issued_at: float | None = None,
+                 failed: BaseException | None = None):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -103,7 +104,10 @@ class MooncakeWork(dist.Work):
         self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.get_device())
         self._written = None  # CUDA event: the outputs' last write on self._stream
         self.failed_ranks: tuple[int, ...] = ()
-        if op is None:
+        self.failed_ranks_hint: frozenset[int] = frozenset()   # evidence: peers seen failing in this op
+        if failed is not None:
+            self._fail(failed)
+        elif op is None:
             self._complete()
         elif collective is not None and collective.decision is not None:
             with self._lock:
@@ -131,6 +135,7 @@ class MooncakeWork(dist.Work):
             self._finish_op()
         elif op.failed_peers():
             failed = tuple(sorted(op.failed_peers()))
+            self.failed_ranks_hint |= set(failed)
             op.abandon()
             self._fail(PeerFailureError(f"{self._name}: lost connection to rank(s) {list(failed)}", failed))
         elif time.monotonic() >= self._deadline:
@@ -159,6 +164,7 @@ class MooncakeWork(dist.Work):
         elif op.committed or op.failed_peers() or late or c.membership.under_agreement(c.epoch):
             self._awaiting_decision = True
             timed_out = late and not op.committed
+            self.failed_ranks_hint |= op.failed_peers() | (set(op.pending_ranks()) if timed_out else set())
             c.membership.trouble(c.epoch, op.failed_peers(), c.seq if timed_out else None,
                                  op.pending_ranks() if timed_out else ())
 
@@ -169,6 +175,7 @@ class MooncakeWork(dist.Work):
         membership = c.membership
         self._awaiting_decision = False
         self.failed_ranks = decision.failed
+        self.failed_ranks_hint |= set(decision.failed)
         verdict = decision.verdict(c.seq)
         if membership.evicted:
             self._op.abandon()
@@ -234,6 +241,7 @@ class MooncakeWork(dist.Work):
         self._error = exc
         if isinstance(exc, PeerFailureError):
             self.failed_ranks = exc.failed_ranks
+            self.failed_ranks_hint |= set(exc.failed_ranks)
         elif isinstance(exc, OpTimeoutError):
             self.failed_ranks = exc.pending_ranks
         self._engine.remove_poller(self._advance)
@@ -314,6 +322,10 @@ class ComposedWork(dist.Work):
     @property
     def failed_ranks(self) -> tuple[int, ...]:
         return tuple(sorted({r for w in self._works for r in w.failed_ranks}))
+
+    @property
+    def failed_ranks_hint(self) -> frozenset[int]:
+        return frozenset(r for w in self._works for r in w.failed_ranks_hint)
 
     def get_future(self) -> torch.futures.Future:
         if self._future is None:
