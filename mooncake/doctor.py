@@ -364,8 +364,20 @@ def check_pg_import() -> Check:
     if set(registered) != {"mooncake-cpu", "mooncake"}:
         return Check("pg", "fail", f"import mooncake.pg worked but registered only {registered}",
                      fix="make sure no other package registers backends named mooncake / mooncake-cpu")
+    pg = importlib.import_module("mooncake.pg")
+    membership = [name for name in _MEMBERSHIP_API if hasattr(pg, name)]
+    missing = [name for name in _MEMBERSHIP_API if name not in membership]
+    if missing:
+        return Check("pg", "warn", f"import mooncake.pg works but lacks membership calls {missing}",
+                     fix="reinstall mooncake: the package is older than its documentation",
+                     details={"backends": registered, "membership_api": membership})
     return Check("pg", "ok", "import mooncake.pg registers backends mooncake-cpu and mooncake",
-                 details={"backends": registered})
+                 details={"backends": registered, "membership_api": membership})
+
+
+#: upstream's membership surface (docs/semantics.md, "Manual membership and proposals")
+_MEMBERSHIP_API = ("get_peer_state", "activate_ranks", "deactivate_ranks", "recover_ranks", "join_group",
+                   "sync_after_failure", "get_current_epoch", "get_local_success", "get_failed_ranks_hint")
 
 
 def check_impl() -> list[Check]:
@@ -726,7 +738,9 @@ def check_store(address: str, timeout_s: float) -> Check:
                      f"({result.get('error', 'set/get round trip failed')})",
                      fix="check that the process hosting the TCPStore (MASTER_ADDR:MASTER_PORT, or your own "
                          "external Store) is running and that this host can reach that port (firewall, "
-                         "address family); for fault tolerance host it outside the ranks that may die",
+                         "address family); for fault tolerance host it outside the ranks that may die "
+                         "(failure agreement, sync_after_failure, activate_ranks / deactivate_ranks proposals "
+                         "and join_group all go through it)",
                      details=details)
     return Check("store", "ok", f"Store {host}:{port} reachable: connected in {result['connect_s'] * 1e3:.0f} ms, "
                  f"set/get round trip {result['roundtrip_s'] * 1e3:.2f} ms", details=details)
