@@ -145,6 +145,7 @@ class Buffer:
             topk_idx: ``[N, K]`` int64 expert ids in ``[0, num_experts)`` or -1 (masked); no repeats in a row.
             active_ranks: ``[R]`` int32 of 0/1, 1 = alive, the same on every rank; sources that time out
                 or fail are set to 0 in place.  A rank whose own entry is 0 sends nothing and still receives.
+                A longer 1-D mask (upstream allocates a fixed size) is read and written in its first R entries.
             num_max_dispatch_tokens_per_rank: ``T``, the same on every rank.
             num_experts: ``E``, a multiple of ``R``.
             timeout_us: per-call deadline in microseconds for the sources' data (counted from the
@@ -161,6 +162,7 @@ class Buffer:
             ``[L]`` int32; ``handle`` for combine; ``event`` an ``EventOverlap`` or None; ``hook`` a
             callable (a no-op unless ``return_recv_hook``).
         """
+        active_ranks = self._rank_mask(active_ranks)
         fast = self._fast_plane(x)
         if fast is not None:
             return self._dispatch_fast(fast, x, topk_idx, active_ranks, num_max_dispatch_tokens_per_rank,
@@ -277,6 +279,7 @@ class Buffer:
             topk_weights: ``[N, K]`` float32.
             active_ranks: ``[R]`` int32 of 0/1, the same on every rank; owners that time out or fail
                 are set to 0 and their experts skipped.  A rank whose own entry is 0 gets all zeros.
+                A longer 1-D mask is read and written in its first R entries, as in ``dispatch``.
             timeout_us: per-call deadline in microseconds for the owners' rows; -1: no EP deadline
                 (each message still waits at most the group's own timeout).
             handle: from ``dispatch``.
@@ -285,6 +288,7 @@ class Buffer:
         Returns:
             ``(combined_x [N, H] bf16, event, hook)``: fp32 accumulation in top-k order, one bf16 rounding.
         """
+        active_ranks = self._rank_mask(active_ranks)
         if self._fast is not None:
             try:
                 self._check_combine(x, topk_idx, topk_weights, active_ranks, timeout_us, handle, zero_copy,
@@ -360,6 +364,15 @@ class Buffer:
                 and _OUTBOX.send(self.group, payload.to(device), dst, _TAG_PAYLOAD))
 
     # -- checks --------------------------------------------------------------------------------
+    def _rank_mask(self, active_ranks):
+        """The ``[R]`` view of a mask allocated longer (upstream's elastic tests allocate a fixed size):
+        a view, so that failed sources marked 0 show in the caller's tensor; anything else as given
+        (checked later)."""
+        if isinstance(active_ranks, torch.Tensor) and active_ranks.dim() == 1 \
+                and active_ranks.numel() > self.num_ranks:
+            return active_ranks[:self.num_ranks]
+        return active_ranks
+
     def _check_mask(self, active_ranks: torch.Tensor) -> None:
         try:  # the model's definition of a mask: int32 [R], entries 0 or 1
             model._check_mask(active_ranks, self.num_ranks, "active_ranks")

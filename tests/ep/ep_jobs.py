@@ -474,3 +474,19 @@ def resync_job(case: dict, extra_rank: int) -> dict:
     res = run_pair(buf, case, x, topk, w, ones(), dev)
     res["lone"] = lone
     return res
+
+
+def fixed_size_mask_job(case: dict, mask_len: int) -> dict:
+    """The same dispatch + combine with an ``[R]`` mask and with a ``[mask_len]`` one (upstream's
+    elastic tests allocate the mask at a fixed size): identical outputs; the long mask's tail untouched."""
+    ctx = worker_context()
+    dev = _device()
+    buf = Buffer(dist.group.WORLD, _budget([case], ctx.world_size))
+    x, topk, w = (t.to(dev) for t in make_inputs(case, ctx.rank))
+    short = run_pair(buf, case, x, topk, w, torch.ones(ctx.world_size, dtype=torch.int32, device=dev), dev)
+    long_mask = torch.full((mask_len,), 7, dtype=torch.int32, device=dev)
+    long_mask[:ctx.world_size] = 1
+    long = run_pair(buf, case, x, topk, w, long_mask, dev)
+    return {"same": all(torch.equal(short[k], long[k]) for k in ("combined",)) and
+            torch.equal(short["active_combine"], long["active_combine"][:ctx.world_size]),
+            "tail": long_mask[ctx.world_size:].tolist()}

@@ -410,6 +410,17 @@ def make_suite(device: str):
             assert [o["active_combine"].tolist() for o in out] == [[1, 1], [1, 1]]
 
         @pytest.mark.timeout(200)
+        def test_fixed_size_mask(self, cluster_factory):
+            """A mask allocated longer than the group (upstream's elastic tests use a fixed size) is
+            read and written in its first R entries: the same outputs as an [R] mask, the tail untouched."""
+            if device == "cuda":
+                pytest.skip("CPU tensors: the CUDA path shares the view (same data pointer)")
+            case = dict(T=8, H=128, E=4, K=2, fp8=False, seed=12, n=[8, 6], mask_p=0.0)
+            out = _cluster(cluster_factory, 2, "mooncake-cpu", device).run(ep_jobs.fixed_size_mask_job, case, 128)
+            assert all(o["same"] for o in out), out
+            assert all(o["tail"] == [7] * 126 for o in out)
+
+        @pytest.mark.timeout(200)
         @pytest.mark.parametrize("backend", [pytest.param(b, id=f"{device.upper()}-{b}") for b in ("mooncake-cpu", "gloo")])
         def test_masked_rank_still_receives(self, cluster_factory, backend):
             """Both ranks call dispatch with active_ranks = [1, 0]: rank 1 must get rank 0's rows at once (it waits
