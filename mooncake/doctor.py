@@ -558,18 +558,18 @@ def check_device_filter() -> Check:
 
 def check_host() -> Check:
     try:
-        from mooncake.pg.options import host_ip
+        from mooncake.pg.options import host_ip_choice
         from mooncake.ref.ucx import interface_of
 
-        ip = host_ip()
+        ip, why = host_ip_choice()
         iface = interface_of(ip)
     except Exception as exc:  # noqa: BLE001
         return Check("host", "fail", f"cannot resolve mooncake's host address: {type(exc).__name__}: {exc}",
-                     fix="call pg.set_host_ip(<an address of this host>) before init_process_group")
+                     fix="set MOONCAKE_HOST_IP (or call pg.set_host_ip) to an address of this host")
     scope = "loopback: single-host jobs only" if iface == "lo" else "reachable from other hosts"
-    return Check("host", "ok", f"UCX listens on {ip} ({iface}; {scope}); for multi-host jobs call "
-                 "pg.set_host_ip(<this host's address>) before init_process_group",
-                 details={"host_ip": ip, "interface": iface})
+    return Check("host", "ok", f"ucx.address {ip} ({iface}; {scope}), chosen by {why}; for multi-host jobs "
+                 "set MASTER_ADDR to node 0's address, or MOONCAKE_HOST_IP / pg.set_host_ip to this host's",
+                 details={"host_ip": ip, "interface": iface, "source": why})
 
 
 def _ipc_child(q_in, q_out) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 import torch
 
-from ..control.errors import ArgumentError
+from ..control.errors import ArgumentError, MooncakeError
 from ..control.wire import MAX_RANKS
 
 #: Process-wide settings, applied when the UCX engine starts (the first mooncake group).
-_settings: dict[str, object] = {"host_ip": "127.0.0.1", "device_filters": []}
+_settings: dict[str, object] = {"host_ip": None, "device_filters": [], "chosen": None}
+
+LOOPBACK = "127.0.0.1"
 
 
 class MooncakeBackendOptions:
@@ -151,16 +154,85 @@ def check_for_backend(options: MooncakeBackendOptions | None, backend_device: st
 
 
 def set_host_ip(ip: str) -> None:
-    """Address this process's UCX traffic uses (default 127.0.0.1: single host).
+    """Address this process's UCX traffic uses (overrides ``MOONCAKE_HOST_IP`` and the automatic choice,
+    see ``choose_host_ip``).
 
     Must be called before the first mooncake process group is created.
     """
+    _check_ip(ip, "set_host_ip")
+    _require_engine_not_started("set_host_ip")
+    _settings["host_ip"] = ip
+
+
+def _check_ip(ip: str, what: str) -> None:
     try:
         ipaddress.ip_address(ip)
     except ValueError:
-        raise ArgumentError(f"set_host_ip expects an IP address string, got {ip!r}") from None
-    _require_engine_not_started("set_host_ip")
-    _settings["host_ip"] = ip
+        raise ArgumentError(f"{what} expects an IP address string, got {ip!r}") from None
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def interface_address(name: str) -> str | None:
+    """The IPv4 address of network interface ``name``, or None (no such interface, or no IPv4)."""
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def route_source(addr: str, port: int = 9) -> str:
+    """The local address of the interface that routes to ``addr``: a UDP ``connect()`` (no packet is
+    sent) and ``getsockname()``.  Raises OSError when there is no route (or ``addr`` does not resolve)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((addr, port))
+        return s.getsockname()[0]
+
+
+def choose_host_ip(env=None, explicit: str | None = None, filters: list[str] | None = None,
+                   route=route_source, address_of=interface_address) -> tuple[str, str]:
+    """``(address, why)``: where this process's UCX worker listens, first match wins:
+
+    1. ``pg.set_host_ip(ip)``;
+    2. ``MOONCAKE_HOST_IP``;
+    3. the device filter (``set_device_filter`` / ``MOONCAKE_PGTEST_DEVICE_FILTERS``): the IPv4
+       address of its first entry that is a network interface with one (RDMA names have none);
+    4. ``MASTER_ADDR`` set and not loopback: the local address of the interface that routes to it;
+    5. loopback (127.0.0.1): a single-host job.
+    """
+    env = os.environ if env is None else env
+    if explicit:
+        return explicit, "pg.set_host_ip"
+    value = env.get("MOONCAKE_HOST_IP", "").strip()
+    if value:
+        _check_ip(value, "MOONCAKE_HOST_IP")
+        return value, "MOONCAKE_HOST_IP"
+    for name in filters or ():
+        ip = address_of(name.split(":")[0])
+        if ip:
+            return ip, f"device filter: the address of {name}"
+    master = env.get("MASTER_ADDR", "").strip()
+    if master and not _is_loopback(master):
+        try:
+            ip = route(master, int(env.get("MASTER_PORT", "") or 9))
+        except (OSError, ValueError) as exc:
+            return LOOPBACK, (f"loopback: no route to MASTER_ADDR={master} ({exc}); set "
+                              "MOONCAKE_HOST_IP for a multi-host job")
+        if _is_loopback(ip):
+            return LOOPBACK, f"loopback: MASTER_ADDR={master} is this host"
+        return ip, f"the interface that routes to MASTER_ADDR={master}"
+    if master:
+        return LOOPBACK, f"loopback: MASTER_ADDR={master} (single host)"
+    return LOOPBACK, "loopback: MASTER_ADDR unset (single host)"
 
 
 def set_device_filter(filters: list[str]) -> None:
@@ -183,11 +255,37 @@ def get_device_filter() -> list[str]:
     return list(_settings["device_filters"])  # type: ignore[arg-type]
 
 
+def host_ip_choice() -> tuple[str, str]:
+    """``(address, why)`` of ``choose_host_ip`` now; once UCX started, the choice it started with."""
+    from ..ref import ucx
+    chosen = _settings["chosen"]
+    if chosen is not None and ucx.engine_started():
+        return chosen  # type: ignore[return-value]
+    choice = choose_host_ip(explicit=_settings["host_ip"], filters=get_device_filter())  # type: ignore[arg-type]
+    _settings["chosen"] = choice
+    return choice
+
+
 def host_ip() -> str:
-    return str(_settings["host_ip"])
+    return host_ip_choice()[0]
+
+
+def listens_on_loopback() -> bool:
+    """True when this process's UCX worker (would) listen on loopback: unreachable from other hosts."""
+    return _is_loopback(host_ip())
 
 
 def _require_engine_not_started(what: str) -> None:
     from ..ref import ucx
     if ucx.engine_started():
         raise ArgumentError(f"{what} must be called before the first mooncake process group is created")
+
+
+def check_not_loopback_for(remote: list[int]) -> None:
+    """Raise when ranks on another host would be told a loopback address (they cannot reach it).
+    A faked host identity (``MOONCAKE_FAST_CPU_HOST_ID``, tests on one host) is exempt."""
+    if remote and listens_on_loopback() and not os.environ.get("MOONCAKE_FAST_CPU_HOST_ID"):
+        raise MooncakeError(
+            f"rank(s) {remote} run on another host but this rank's UCX listens on loopback "
+            f"({host_ip()}), which they cannot reach: set MOONCAKE_HOST_IP to this host's address "
+            "(or MASTER_ADDR to node 0's routable address, or call pg.set_host_ip) on every rank")

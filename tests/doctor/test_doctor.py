@@ -38,7 +38,7 @@ CHECK_KEYS = {"name", "verdict", "summary", "fix", "details"}
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """A known environment: no implementation override, no device filter; impl's per-process cache cleared."""
-    for name in ("MOONCAKE_IMPL", "MOONCAKE_PGTEST_DEVICE_FILTERS"):
+    for name in ("MOONCAKE_IMPL", "MOONCAKE_PGTEST_DEVICE_FILTERS", "MOONCAKE_HOST_IP", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
     impl.select.cache_clear()
     yield
@@ -109,7 +109,9 @@ def test_cpu_machine_facts(capsys):
     assert ucx["verdict"] == "ok"
     assert ucx["details"]["ucx"].count(".") == 2 and ucx["details"]["transports"]["tcp"], ucx
     assert "tcp/lo" in ucx["details"]["resources"]
-    assert checks["host"]["details"] == {"host_ip": "127.0.0.1", "interface": "lo"}
+    assert {k: checks["host"]["details"][k] for k in ("host_ip", "interface")} == \
+        {"host_ip": "127.0.0.1", "interface": "lo"}
+    assert checks["host"]["details"]["source"].startswith("loopback")
     assert checks["device_filter"]["details"]["filters"] == []
     if not torch.cuda.is_available():
         assert checks["cuda"]["details"]["available"] is False

@@ -252,6 +252,8 @@ class ShmGroup:
             return
         records = self._records(todo)
         remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
+        from ...pg.options import check_not_loopback_for
+        check_not_loopback_for(remote)  # never advertise loopback to another host
         with self.lock:
             if remote and self.delegate is None:
                 self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use "
