@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .. import impl
+from .. import log as _log
 from ..control.errors import ArgumentError, WireError
 from ..model import ep as model
 
@@ -46,6 +47,17 @@ _KINDS = {_DISPATCH: "dispatch", _COMBINE: "combine"}
 _PREFIX_BYTES = 16  # the payload's own int64 [call id, kind]
 _EXIT_FLUSH_S = 10.0  # longest wait for posted sends when the interpreter exits
 _buffer_ids = itertools.count()
+
+
+def _decline_fast(exc: Exception) -> str:
+    """The CUDA fast EP path turned out unusable while being set up (e.g. a rank on another host: every rank
+    sees the same host table, so all decline alike).  Under ``MOONCAKE_IMPL=fast`` that is an error; under
+    ``auto`` the Buffer uses the ref EP path and says why (the ``mooncake`` logger, WARNING)."""
+    if impl.requested() == "fast":
+        raise exc
+    reason = f"auto: {exc}; using the ref EP path (UCX)"
+    _log.logger.warning("mooncake ep cuda: fast path declined (%s)", reason)
+    return reason
 
 
 class EventOverlap:
@@ -101,18 +113,28 @@ class Buffer:
         self._combine_buffer: torch.Tensor | None = None
         self._combine_buffer_handle: Handle | None = None
         self._fast = None  # mooncake.fast.cuda.ep.FastEPBuffer once a call ran on the CUDA fast path
+        self._fast_declined: str | None = None  # why auto chose the ref EP path after trying fast
 
     def _fast_plane(self, x):
         """The CUDA fast data plane for this call, or None (ref).  Chosen at the first call with CUDA tensors
         when ``impl.select("cuda", "ep")`` says fast (MOONCAKE_IMPL=fast/auto and the kernels load); creating
         it is collective, so every rank must make that first call with CUDA tensors and the same MOONCAKE_IMPL.
         From then on every call of this Buffer runs there."""
-        if self._fast is None and isinstance(x, torch.Tensor) and x.device.type == "cuda" \
-                and self.num_ep_buffer_bytes > 0 and impl.select("cuda", "ep")[0] == "fast":
-            from ..fast.cuda.ep import FastEPBuffer
-            self._fast = FastEPBuffer(self.group, self.num_ep_buffer_bytes, device=x.device,
-                                      event_factory=EventOverlap)
+        if self._fast is None and self._fast_declined is None and isinstance(x, torch.Tensor) \
+                and x.device.type == "cuda" and self.num_ep_buffer_bytes > 0 \
+                and impl.select("cuda", "ep")[0] == "fast":
+            from ..fast.cuda.ep import FastEPBuffer, FastUnavailable
+            try:
+                self._fast = FastEPBuffer(self.group, self.num_ep_buffer_bytes, device=x.device,
+                                          event_factory=EventOverlap)
+            except FastUnavailable as exc:
+                self._fast_declined = _decline_fast(exc)
         return self._fast
+
+    @property
+    def implementation(self) -> str:
+        """``"fast"`` once this Buffer runs on the CUDA fast path, else ``"ref"``."""
+        return "ref" if self._fast is None else "fast"
 
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
