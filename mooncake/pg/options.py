@@ -168,7 +168,9 @@ def _check_ip(ip: str, what: str) -> None:
     try:
         ipaddress.ip_address(ip)
     except ValueError:
-        raise ArgumentError(f"{what} expects an IP address string, got {ip!r}") from None
+        if what == "MOONCAKE_HOST_IP":
+            raise ArgumentError(f"MOONCAKE_HOST_IP expects an IP address string, got {ip!r}") from None
+        raise ArgumentError(f"set_host_ip expects an IP address string, got {ip!r}") from None
 
 
 def _is_loopback(ip: str) -> bool:
