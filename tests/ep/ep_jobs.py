@@ -358,7 +358,7 @@ def precondition_job(names: list[str]) -> dict:
         "expert_id_below_minus_one": with_topk_entry(-2),
         "duplicate_expert_in_row": with_topk_entry("dup"),
         "active_ranks_dtype": lambda: dispatch(active=ones().long()),
-        "active_ranks_shape": lambda: dispatch(active=torch.ones(R + 1, dtype=torch.int32, device=dev)),
+        "active_ranks_shape": lambda: dispatch(active=torch.ones(R - 1, dtype=torch.int32, device=dev)),  # shorter than R
         "active_ranks_values": lambda: dispatch(active=ones() * 2),
         "handle_from_other_buffer": handle_other_buffer,
         "handle_from_other_dispatch": handle_other_topk,
