@@ -32,7 +32,7 @@ from ..control.view import View, initial_view
 from ..control.fingerprint import Fingerprint
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION, OpCode
 from ..model import collectives as _model
-from ..model.reduce import DTYPE_CODES, ReduceOp, check_reducible
+from ..model.reduce import DTYPE_CODES, PREMUL_SUM, ReduceOp, check_premul, check_reducible, premul, premul_factor
 from ..ref import collectives as ref
 from ..ref import p2p as ref_p2p
 from ..ref import ucx
@@ -74,12 +74,34 @@ def _next_backend_index(group_id: str) -> str:
 
 
 def _reduce_op(opts) -> ReduceOp:
+    """The plane's reduce op; PREMUL_SUM runs as SUM over inputs scaled first (``_premul_factor``)."""
     name = opts.reduceOp.op.name if hasattr(opts.reduceOp, "op") else str(opts.reduceOp)
+    if name.rpartition(".")[2] == PREMUL_SUM:
+        return ReduceOp.SUM
     try:
         return ReduceOp[name]
     except KeyError:
         raise ArgumentError(f"reduce op {name} is not supported (supported: "
-                            f"{', '.join(o.name for o in ReduceOp)})") from None
+                            f"{', '.join(o.name for o in ReduceOp)}, PREMUL_SUM)") from None
+
+
+def _premul_factor(opts, dtype: torch.dtype) -> float | None:
+    """The factor of a PREMUL_SUM (``dist._make_nccl_premul_sum``), else None; checks the dtype."""
+    op = opts.reduceOp
+    name = op.op.name if hasattr(op, "op") else str(op)
+    if name.rpartition(".")[2] != PREMUL_SUM:
+        return None
+    reason = check_premul(dtype)
+    if reason:
+        raise ArgumentError(f"Unsupported reduce op/dtype: {reason}")
+    factor = getattr(op, "factor", None)
+    if factor is None:
+        raise ArgumentError("PREMUL_SUM needs a factor: build the op with "
+                            "torch.distributed._make_nccl_premul_sum(factor)")
+    try:
+        return premul_factor(factor)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
 
 
 def _one(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.Tensor:
@@ -568,6 +590,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 self._mask_tensor.resize_(mask.numel())
             self._mask_tensor.copy_(mask.to(self._mask_tensor.device))
 
+    def _get_backend(self, device) -> "MooncakeProcessGroup":
+        """torch's per-device backend lookup (``group._get_backend(torch.device("cpu"))``): this group
+        is its own backend, for its one device type."""
+        device_type = torch.device(device).type
+        if device_type != self._device_type:
+            raise ArgumentError(f"No backend type associated with device type {device_type} (backend "
+                                f"{self._backend_name} takes {self._device_type} tensors)")
+        return self
+
     def _device(self) -> torch.device:
         """Where this backend's tensors live: CPU, or the current CUDA device."""
         return torch.device("cuda", torch.cuda.current_device()) if self._device_type == "cuda" else torch.device("cpu")
@@ -691,7 +722,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
                                         write_back if staged else None, name=name,
                                         collective=Collective(membership, seq, view.epoch, repost, posted, late),
-                                        issued_at=issued_at))
+                                        issued_at=issued_at, urgent=getattr(opts, "asyncOp", True)))
 
     def _reject(self, name: str, exc: BaseException, count: int) -> None:
         """This rank rejected a call that takes ``count`` sequence numbers: take them and tell the
@@ -736,8 +767,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_tensor(t, "tensor")
         op = _reduce_op(opts)
         self._check_reduce(op, t)
+        factor = _premul_factor(opts, t.dtype)
         staged: list = []
         x = self._stage(t, staged, True)
+        if factor is not None:  # the plane sums scaled copies; the result lands in t on completion
+            x = premul(x, factor)
+            staged.append((t, x))
         return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged,
                            fingerprint=_fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()))
 
@@ -767,8 +802,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_reduce(op, t)
         root = opts.rootRank
         self._check_root(root, "reduce dst")
+        factor = _premul_factor(opts, t.dtype)
         staged: list = []
         x = self._stage(t, staged, True)
+        if factor is not None:  # non-roots keep their input unchanged: only the root's result is copied
+            x = premul(x, factor)
+            if self._rank == root:
+                staged.append((t, x))
         return self._issue("reduce", opts, lambda ctx: self._plane.reduce(ctx, x, op, root), [t], staged, root,
                            _fp(OpCode.REDUCE, t, op, root=root, numel=t.numel()))
 
@@ -878,9 +918,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._check_slots(len(ins), "the reduce_scatter input list")
         for i, s in enumerate(ins):
             self._check_like(s, t, f"input_list[{i}]")
+        factor = _premul_factor(opts, t.dtype)
         staged: list = []
         y = self._stage(t, staged, True)
         xs = [self._stage(s, staged, False) for s in ins]
+        if factor is not None:
+            xs = [premul(x, factor) for x in xs]
         return self._issue("reduce_scatter", opts, lambda ctx: self._plane.reduce_scatter(ctx, y, xs, op),
                            [t], staged, fingerprint=_fp(OpCode.REDUCE_SCATTER, t, op, numel=t.numel(),
                                                         slots=len(ins)))
@@ -895,9 +938,11 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         k = self._slots_of(input.numel(), output.numel(), "reduce_scatter_tensor input")
         if output.dtype != input.dtype:
             raise ArgumentError(f"reduce_scatter_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
+        factor = _premul_factor(opts, input.dtype)
         staged: list = []
         y = self._stage(output, staged, True)
-        xs = list(self._stage(input, staged, False).reshape(k, -1).unbind(0))
+        x = self._stage(input, staged, False)
+        xs = list((x if factor is None else premul(x, factor)).reshape(k, -1).unbind(0))
         ys = y.reshape(-1)
         return self._issue("reduce_scatter_tensor", opts,
                            lambda ctx: self._plane.reduce_scatter(ctx, ys, xs, op), [output], staged,
@@ -968,6 +1013,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.BarrierOptions()
         return self._issue("barrier", opts, lambda ctx: self._plane.barrier(ctx), [],
                            fingerprint=Fingerprint(OpCode.BARRIER))
+
+    def monitored_barrier(self, timeout: timedelta | None = None, wait_all_ranks: bool = False) -> None:
+        """gloo's monitored_barrier (``dist.monitored_barrier`` accepts only gloo groups): see
+        ``mooncake.pg.monitored``."""
+        from .monitored import monitored_barrier
+        monitored_barrier(self, timeout, wait_all_ranks)
 
     # -- point to point ------------------------------------------------------------------------
     def _check_peer(self, peer: int, tag: int, what: str) -> None:

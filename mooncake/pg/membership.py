@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import log
 from ..control import faults
 from ..control.agreement import Decision, Proposal, ProposalKind, Report, StoreAgreement, VerdictKind
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError, RemovedError
@@ -126,6 +127,8 @@ class Membership:
         self._timeout_s = timeout_s
         self._on_view = on_view
         self._pending: set[int] = set()            # seqs of collectives not committed yet
+        self._issued: dict[int, float] = {}        # pending seq -> when it was numbered (for the log)
+        self._trouble_at = (0.0, 0.0)              # when this epoch's agreement started, oldest pending issue
         self._frozen = False                       # this epoch's report is out: commit nothing more
         self._decisions: dict[int, Decision] = {}  # old epoch -> its decision
         self._suspects: set[int] = set()
@@ -148,6 +151,8 @@ class Membership:
             seq = self.next_seq
             self.next_seq += 1
             self._pending.add(seq)
+            self._issued = {s: t for s, t in self._issued.items() if s in self._pending}
+            self._issued[seq] = time.monotonic()  # for the log: how long detection took
             return seq
 
     def late_decision(self, seq: int) -> Decision | None:
@@ -234,11 +239,19 @@ class Membership:
                 self._timed_out.add(timed_out)
                 self._slow |= set(slow) & set(self.view.active)
             self._frozen = True
+            now = time.monotonic()
+            self._trouble_at = (now, min((self._issued.get(s, now) for s in self._pending), default=now))
             report = self._report(epoch)
             members = self.view.active
             self._send_nacks()
-        threading.Thread(target=self._agree, args=(report, members), daemon=True,
+        threading.Thread(target=self._agree_then_kick, args=(report, members), daemon=True,
                          name=f"mooncake-agree-{epoch}").start()
+
+    def _agree_then_kick(self, report: Report, members: tuple[int, ...]) -> None:
+        try:
+            self._agree(report, members)
+        finally:
+            self._engine.kick()  # Works awaiting this decision are advanced by the engine's thread
 
     def _report(self, epoch: int) -> Report:
         """This rank's evidence for ``epoch`` (under the lock)."""
@@ -264,6 +277,8 @@ class Membership:
             if decision is None:
                 self.evicted = str(error)
                 self._agreement_failed = True
+                log.logger.warning("rank %d: the failure agreement of epoch %d failed: %s", self.rank,
+                                   report.epoch, error)
                 self._decisions[report.epoch] = Decision(report.epoch + 1, (), members)
                 return
             self._decisions[report.epoch] = decision
@@ -281,12 +296,17 @@ class Membership:
                                 f"epoch {report.epoch} (failed ranks {list(decision.failed)}): it did "
                                 "not answer the failure agreement in time (dead, stalled, or blocked "
                                 "in a call that held the GIL)")
+                log.logger.warning("%s", self.evicted)
                 return
             for seq in range(self.next_seq, decision.high):   # ops this rank has not called yet
                 self._late[seq] = decision
             self.suspended = frozenset(decision.suspended)
             if decision.left or decision.joined or decision.proposal:
                 self.joined_at = (decision, max(self.next_seq, decision.high))
+            trouble_at, oldest = self._trouble_at
+            log.view_change(self.rank, report.epoch, decision.epoch, members, decision.active, decision.failed,
+                            detect_s=max(trouble_at - oldest, 0.0), agree_s=time.monotonic() - trouble_at,
+                            why="nobody failed (an operation timed out or was rejected)")
             self._adopt(View(decision.epoch, self.capacity, decision.active))
             # a rejection made while this epoch's report was already out still has to reach the others
             if any(not reported for _, _, reported in self._failed_local.values()):
@@ -311,6 +331,11 @@ class Membership:
                 self.next_seq = next_seq
             self._frozen = False
             self._suspects.clear()
+            old = self.view
+            if view.active != old.active:
+                log.view_change(self.rank, old.epoch, view.epoch, old.active, view.active)
+            else:
+                log.logger.info("rank %d: capacity now %d (epoch %d)", self.rank, view.capacity, view.epoch)
             self._adopt(view)
 
     # -- manual mode, proposals, reconciliation (docs/semantics.md, "Manual membership") --------

@@ -3,6 +3,8 @@ raised while completing reach ``wait()`` and finite wait timeouts are honoured).
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from datetime import timedelta
@@ -17,6 +19,7 @@ from ..control.streams import is_current, on_stream
 
 _PENDING, _DONE, _FAILED = range(3)
 _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
+_log = logging.getLogger("mooncake")
 
 
 class Collective:
@@ -65,9 +68,15 @@ class MooncakeWork(dist.Work):
     """One operation in flight.
 
     ``wait(timeout)`` drives it to completion and re-raises its error; a finite ``timeout`` that
-    expires first returns ``False`` and leaves the operation running (its own deadline, the group
-    timeout, still applies).  ``failed_ranks`` lists the group ranks a failed operation lost, or
-    that the survivors agreed had failed while it ran.
+    expires first raises ``OpTimeoutError`` (as gloo raises) and leaves the operation running (its
+    own deadline, the group timeout, still applies; a later ``wait()`` may still succeed).
+
+    Whichever thread sees the operation commit completes the Work and its future: a caller in
+    ``wait()``, or the engine's background thread, which is woken at once for an ``urgent``
+    operation (``async_op=True``, DDP's buckets) or when someone asks for the future.
+
+    ``failed_ranks`` lists the group ranks a failed operation lost, or that the survivors agreed had
+    failed while it ran.
 
     CUDA outputs are written on the stream that was current when the operation was issued; a
     successful ``wait()`` also makes the stream current at the time of the call wait for those
@@ -82,7 +91,7 @@ class MooncakeWork(dist.Work):
                  after: Callable[[], None] | None = None,
                  source_rank: int | Callable[[], int] = -1, name: str = "operation",
                  collective: "Collective | None" = None, issued_at: float | None = None,
-                 failed: BaseException | None = None):
+                 failed: BaseException | None = None, urgent: bool = False):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -113,9 +122,29 @@ class MooncakeWork(dist.Work):
             with self._lock:
                 self._resolve(collective.decision)   # called late: the verdict is already known
             if self._state == _PENDING:
-                engine.add_poller(self._advance)
+                self._register(urgent)
         else:
-            engine.add_poller(self._advance)
+            self._register(urgent)
+
+    def _register(self, urgent: bool) -> None:
+        """Hand the operation to the engine's thread, which sleeps on this plane's doorbell
+        (``engine_sleeps``) or UCX's events, or else in the plane's own wait."""
+        op = self._op
+        blocker = None if getattr(op, "engine_sleeps", False) or not hasattr(op, "wait") else self._block
+        self._engine.add_poller(self._advance, deadline=self._wake_at, urgent=urgent, blocker=blocker)
+
+    def _wake_at(self) -> float:
+        """When the engine's thread must advance this operation even if no event comes: its
+        deadline, or never while it awaits the agreement (the decision kicks the engine)."""
+        return math.inf if self._awaiting_decision else self._deadline
+
+    def _block(self, timeout_s: float) -> None:
+        """The engine's thread sleeps here for a plane no fd of its own announces (CUDA IPC, P2P)."""
+        op_wait = getattr(self._op, "wait", None)
+        if op_wait is not None and not self._awaiting_decision and self._state == _PENDING:
+            op_wait(timeout_s)
+        else:
+            time.sleep(timeout_s)
 
     # -- completion ------------------------------------------------------------------------------
     def _advance(self) -> bool:
@@ -237,6 +266,8 @@ class MooncakeWork(dist.Work):
         self._future.set_result(self._outputs)
 
     def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, OpTimeoutError):
+            _log.warning("%s", exc)
         self._state = _FAILED
         self._error = exc
         if isinstance(exc, PeerFailureError):
@@ -250,18 +281,26 @@ class MooncakeWork(dist.Work):
     # -- dist.Work API -------------------------------------------------------------------------
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
         """Block until the operation ends (every path to that end is bounded: the deadline, then
-        the agreement window); with a positive ``timeout``, return False if it expires first."""
+        the agreement window).  With a positive ``timeout`` that expires first, raise
+        ``OpTimeoutError`` as gloo does; the operation keeps running to its own deadline."""
         limit = None
         if timeout and timeout.total_seconds() > 0:
             limit = time.monotonic() + timeout.total_seconds()
         while not self._advance():
             now = time.monotonic()
             if limit is not None and now >= limit:
-                return False
+                _log.info("%s: wait(timeout=%.3g s) expired; the operation keeps running until its "
+                          "deadline", self._name, timeout.total_seconds())
+                raise OpTimeoutError(f"{self._name}: wait(timeout={timeout.total_seconds():.3g} s) expired; "
+                                     "the operation keeps running until its own deadline (the group "
+                                     f"timeout, {self._timeout_s:.3g} s) and a later wait() may still "
+                                     "return it", ())
             slice_end = min(limit or now + _WAIT_SLICE_S, now + _WAIT_SLICE_S)
             op_wait = getattr(self._op, "wait", None)  # shared-memory / CUDA IPC planes: UCX never wakes us
             if op_wait is not None and not self._awaiting_decision:
-                op_wait(max(0.0, slice_end - now))
+                with self._engine.waiting():  # the engine's thread stays parked: no GIL fight
+                    op_wait(max(0.0, slice_end - now))
+                    self._advance()  # complete here, so leaving does not wake the engine's thread for it
             else:
                 self._engine.wait_until(self._advance, slice_end)
         if self._state == _FAILED:
@@ -282,6 +321,10 @@ class MooncakeWork(dist.Work):
         return self._error
 
     def get_future(self) -> torch.futures.Future:
+        """Completed, with callbacks run, by whichever thread sees the operation commit: asking for
+        it wakes the engine's thread, since whoever waits on a future does not drive the operation."""
+        if self._state == _PENDING:
+            self._engine.kick()
         return self._future
 
     def result(self) -> list[torch.Tensor]:
@@ -308,7 +351,11 @@ class ComposedWork(dist.Work):
         self._future: torch.futures.Future | None = None
 
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
-        return all([w.wait(timeout) for w in self._works])
+        limit = time.monotonic() + timeout.total_seconds() if timeout and timeout.total_seconds() > 0 else None
+        for w in self._works:  # one timeout for the whole call, as a single Work's
+            left = None if limit is None else timedelta(seconds=max(limit - time.monotonic(), 1e-6))
+            w.wait(left) if left is not None else w.wait()
+        return True
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)

@@ -2,9 +2,6 @@
 ``Work.wait(timeout)`` raises, errors are ``DistBackendError``s, ``_get_backend``, PREMUL_SUM (bitwise,
 so ref == fast), the ``*_object`` collectives, ``monitored_barrier``, ``torch.distributed.checkpoint``,
 and futures that complete with nobody calling ``wait()``.
-
-Tests marked ``needs_patch`` exercise PG-face changes that live in another engineer's files
-(/tmp/issue15-others.patch at the time of writing): they are strict xfails until it is applied.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from mooncake.testing.compare import bitwise_equal
 from pg import conventions_jobs as jobs
 
 TIMEOUT_S = 60
-needs_patch = pytest.mark.xfail(strict=True, reason="needs patch (PG face: work.py / backend.py)")
 
 
 @pytest.fixture(params=["ref", "fast"])
@@ -42,7 +38,6 @@ def test_errors_are_dist_backend_errors():
     assert exc.pending_ranks == (1,) and isinstance(exc, dist.DistError)
 
 
-@needs_patch
 def test_wait_timeout_raises_and_the_op_goes_on(cluster):
     first, second = cluster.run(jobs.wait_timeout, 1.0)
     assert first["raised"] == "OpTimeoutError" and first["is_timeout"] and first["is_backend_error"]
@@ -50,13 +45,11 @@ def test_wait_timeout_raises_and_the_op_goes_on(cluster):
     assert bitwise_equal(first["result"], torch.full((4,), 3.0)) and bitwise_equal(second["result"], first["result"])
 
 
-@needs_patch
 def test_get_backend(cluster):
     for res in cluster.run(jobs.get_backend):
         assert res == {"same": True, "name": "mooncake-cpu", "cuda": "ArgumentError"}
 
 
-@needs_patch
 def test_premul_sum_is_bitwise_the_model(cluster):
     factor = 1 / 3
     dtypes = ["float32", "bfloat16", "float16", "float64"]
@@ -100,7 +93,6 @@ def test_monitored_barrier(cluster):
     assert root.startswith("OpTimeoutError") and "Ranks 1 failed to pass monitoredBarrier" in root
 
 
-@needs_patch
 def test_monitored_barrier_method(cluster):
     assert cluster.run(jobs.monitored, True, None) == ["ok", "ok"]
 

@@ -372,9 +372,13 @@ class ShmGroup:
             if hasattr(engine, "add_watch"):
                 engine.add_watch(self._drain)  # the engine's thread drains a bell rung while idle
                 self._watching = True
+        elif hasattr(engine, "add_sleeper"):  # the engine's thread sleeps on it while Works are pending
+            engine.add_sleeper(self.bell.fileno(), self.arm_bell, self.disarm_bell)
 
     def _close_bell(self) -> None:
         engine = self.engine
+        if hasattr(engine, "remove_sleeper"):
+            engine.remove_sleeper(self.bell.fileno())
         if self._watching:
             engine.remove_watch(self._drain)
         if self._epoll_fd is not None:
@@ -389,17 +393,44 @@ class ShmGroup:
         self.sender.close()
 
     def _drain(self) -> None:
-        """Empty the doorbell (a rung bell keeps epoll readable)."""
+        """Empty the doorbell (a rung bell keeps epoll readable), then clear RUNG so peers ring again.
+        In that order no ring is lost: one whose datagram was read here was sent before RUNG was
+        cleared (clearing it first let a ring land in between: RUNG stayed set with the doorbell
+        empty, and no peer rang again, which a sleep without a timeout never got over)."""
         bell = self.bell
         if bell is None or bell.fileno() < 0:
             return
-        if self.ctl is not None:
-            self.ctl[W_RUNG] = 0
         try:
             while True:
                 bell.recv(64)
         except (BlockingIOError, OSError):
             pass
+        if self.ctl is not None:
+            native.store_fence(self.ctrl.addr + W_RUNG * 8, 0)
+
+    def arm_bell(self) -> bool:
+        """For the UCX engine's thread, before it sleeps on this doorbell: while an operation is queued,
+        ask peers to ring (SLEEPING), then look once more; False if an operation moved meanwhile (the
+        thread then advances its Works instead of sleeping).  SLEEPING stays set until a ``wait``
+        here clears it or the queue empties (``disarm_bell``)."""
+        with self.lock:
+            if self.ctl is None or not self.queue:
+                return True
+            if not self.ctl[W_SLEEPING]:
+                native.store_fence(self.sleeping_addr, 1)
+            self._drain()  # RUNG may be left set from a ring this thread did not sleep on
+            moves = self.moves
+            self._advance_queue()
+            return self.moves == moves
+
+    def disarm_bell(self) -> None:
+        """After the engine's thread woke: empty the doorbell; stop asking once nothing is queued."""
+        with self.lock:
+            if self.ctl is None:
+                return
+            if not self.queue:
+                self.ctl[W_SLEEPING] = 0
+            self._drain()
 
     def wake(self, ranks: Sequence[int]) -> None:
         """Ring the doorbells of the peers among ``ranks`` that are blocked (call after changing a
@@ -578,6 +609,7 @@ class ShmOp:
     publications are needed, and how outputs are written."""
 
     opcode: OpCode
+    engine_sleeps = True  # the engine's thread sleeps on this plane's doorbell (ShmGroup.arm_bell)
 
     def __init__(self, group: ShmGroup, ctx, dtype: torch.dtype | None = None, redop: int = 0,
                  root: int = -1):
