@@ -79,7 +79,8 @@ def test_wheel_contents(wheel_env):
     meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("METADATA"))
     assert "Name: mooncake-ft" in meta and "Requires-Python: >=3.11" in meta
     assert 'ucxx-cu13>=0.52; extra == "cu13"' in meta and 'ucxx-cu12>=0.52; extra == "cu12"' in meta
-    assert "numba" not in meta and "mpi4py" not in meta
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert not any("numba" in r or "mpi4py" in r for r in requires), requires  # (the README may name them)
 
 
 def test_doctor_from_the_installed_wheel(wheel_env):
