@@ -56,21 +56,29 @@ class RootInactiveError(ArgumentError, _model.RootInactiveError):
 
 _HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
 _backend_counts: dict[str, int] = {}
+_world_generation = -1
 _backend_index_lock = threading.Lock()
+_DEFAULT_GROUP_NAME = "0"  # torch's name for the default group; it restarts its group names after a destroy
 
 
 def _next_backend_index(group_id: str) -> str:
-    """This group's key prefix index, the same on every member: how many times this process created
-    a group of this torch name before.  torch names groups the same on every rank (every rank calls
-    ``new_group``), but creates a backend only on a subgroup's members, so a per-process count of
-    the backends created would differ between ranks as soon as one skipped a subgroup, and the next
-    group's ranks would wait for each other's Store records under different keys until the timeout.
-    The member list is not part of the key: a rank joining later declares a larger world."""
+    """This group's key prefix index, the same on every member: the default group's generation in
+    this process, then how many times this process created a group of this torch name in it.  torch
+    names groups the same on every rank (every rank calls ``new_group``) but creates a backend only on
+    a subgroup's members, and it starts its names afresh after ``destroy_process_group``: a
+    per-process count of the backends created, or of a name across generations, would differ between
+    ranks, and the next group's ranks would wait for each other (or read stale records) under
+    different keys.  The member list is not part of the key: a rank joining later declares a larger
+    world."""
+    global _world_generation
     key = str(group_id)
     with _backend_index_lock:
+        if key == _DEFAULT_GROUP_NAME:
+            _world_generation += 1
+            _backend_counts.clear()
         n = _backend_counts.get(key, 0)
         _backend_counts[key] = n + 1
-    return f"{zlib.crc32(repr(key).encode()) & 0xFFFFFFFF:08x}.{n}"
+        return f"{max(_world_generation, 0)}.{key}.{n}"
 
 
 def _reduce_op(opts) -> ReduceOp:

@@ -303,6 +303,10 @@ class MooncakeWork(dist.Work):
                     self._advance()  # complete here, so leaving does not wake the engine's thread for it
             else:
                 self._engine.wait_until(self._advance, slice_end)
+            if self._collective is not None and self._state == _PENDING:
+                # the engine's thread may stay parked while this caller waits: answer a peer's NACK
+                # from here, or this rank would count as silent in the peer's agreement
+                self._collective.membership.poll()
         if self._state == _FAILED:
             raise self._error
         if self._written is not None and not is_current(self._stream):

@@ -514,8 +514,6 @@ def _bad_call(name: str, rank: int):
         return dist.all_reduce(f32, op=dist.ReduceOp.BAND)
     if name == "avg_bool":
         return dist.all_reduce(torch.ones(4, dtype=torch.bool), op=dist.ReduceOp.AVG)
-    if name == "premul_sum":
-        return dist.all_reduce(f32, op=dist._make_nccl_premul_sum(2.0))
     if name == "root_out_of_range":
         return dist.broadcast(f32, src=9)
     if name == "reduce_root_out_of_range":

@@ -451,7 +451,6 @@ BAD_INPUTS = {
     "sparse": ("w2", ARG, ["Sparse"], None),
     "band_float": ("w2", ARG, ["BAND", "float32"], None),
     "avg_bool": ("w2", ARG, ["AVG", "bool"], None),
-    "premul_sum": ("w2", ARG, ["PREMUL_SUM"], None),
     "root_out_of_range": ("w2", ARG, ["broadcast src 9", "out of range"], None),
     "reduce_root_out_of_range": ("w2", ARG, ["reduce dst 9", "out of range"], None),
     "inactive_root_reserved": ("w2cap4", ARG, ["broadcast src 3", "not active"], None),

@@ -119,6 +119,9 @@ class Watch:
     def settle(self, seq):
         pass
 
+    def poll(self):
+        pass
+
     def removed_error(self, name):
         from mooncake.control.errors import RemovedError
         return RemovedError(f"{name}: {self.evicted}", (2,))
