@@ -169,3 +169,11 @@ class LaneWords:
                          tuple(int(ctl[at + i]) for i in range(n)),
                          tuple(int(ctl[at + self.capacity + i]) for i in range(n)))
         return fp, meta >> 40 & 0xFF
+
+    def verdict(self, seq: int, base: int, me: int, mine: Fingerprint, variant: int, peer_ctls) -> str | None:
+        """The mismatch of op ``seq`` (``mismatch``, then ``variant_mismatch``) from this rank's own call
+        and the words every peer published in its lane (``peer_ctls``: rank -> its words), or None."""
+        prints, variants = {me: mine}, {me: variant}
+        for r, ctl in peer_ctls.items():
+            prints[r], variants[r] = self.read(ctl, base)
+        return mismatch(seq, prints) or variant_mismatch(seq, variants)

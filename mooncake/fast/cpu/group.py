@@ -50,7 +50,7 @@ import torch
 
 from ...control import faults
 from ...control.errors import MismatchError, MooncakeError, WireError
-from ...control.fingerprint import Fingerprint, LaneWords, mismatch, variant_mismatch
+from ...control.fingerprint import Fingerprint, LaneWords
 from ...control.wire import MAX_RANKS, OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, accumulator_dtype
 from . import native
@@ -762,10 +762,8 @@ class ShmOp:
         for r in self.others:
             if g.peer(r).ctl[at] != key:
                 return False
-        prints, variants = {self.me: self.fp}, {self.me: self.variant}
-        for r in self.others:
-            prints[r], variants[r] = g.fp_words.read(g.peer(r).ctl, self.base)
-        problem = mismatch(self.seq, prints) or variant_mismatch(self.seq, variants)
+        problem = g.fp_words.verdict(self.seq, self.base, self.me, self.fp, self.variant,
+                                     {r: g.peer(r).ctl for r in self.others})
         if problem is not None:
             self.error = MismatchError(problem)
             self.state = ABANDONED

@@ -105,7 +105,7 @@ from ...control import faults
 from ...control.streams import is_current
 from ...control.procs import exited, process_state
 from ...control.errors import MismatchError, MooncakeError, WireError
-from ...control.fingerprint import Fingerprint, LaneWords, mismatch, variant_mismatch
+from ...control.fingerprint import Fingerprint, LaneWords
 from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
 from ..cpu import native
@@ -907,10 +907,8 @@ class _Op:
         for r in self.others:
             if g.peer(r).ctl[at] != key:
                 return False
-        prints, variants = {self.me: self.fp}, {self.me: int(self.two_phase)}
-        for r in self.others:
-            prints[r], variants[r] = g.fp_words.read(g.peer(r).ctl, self.base)
-        problem = mismatch(self.seq, prints) or variant_mismatch(self.seq, variants)
+        problem = g.fp_words.verdict(self.seq, self.base, self.me, self.fp, int(self.two_phase),
+                                     {r: g.peer(r).ctl for r in self.others})
         if problem is not None:
             self.error = MismatchError(problem)
             self.state = ABANDONED
