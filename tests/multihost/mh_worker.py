@@ -1,8 +1,18 @@
 """One rank of the two-host tests (tests/multihost): started inside a network namespace by test_two_hosts.py.
 
-argv: rank world port outdir impl.  Rank 0 (host A) hosts the TCPStore (MASTER_ADDR=10.77.0.1); the fault
-kills rank 3, on host B.  Writes ``outdir/rank<r>.json``: failures (empty = every result bitwise equal to
-mooncake.model), the implementation, the fast plane's delegate, the UCX address and the fault's outcome.
+argv: rank world port outdir impl role.  role "founder": one of the four ranks started together (0, 1 on
+host A, 2, 3 on host B); rank 0 hosts the TCPStore (MASTER_ADDR=10.77.0.1) and is never killed.  role
+"joiner": a replacement for rank 2 or 3, started by the test after host B's ranks died (rank 2 on host A:
+the other host; rank 3 on host B, "rebooted").
+
+The founders' script, in order:
+  1. collectives, a send/recv ring and EP dispatch/combine (CPU), every result bitwise equal to the model;
+  2. host B's ranks (2 and 3) both die inside an all_reduce: ranks 0, 1 complete it over themselves, one verdict;
+  3. ranks 0, 1 admit the two replacements (get_peer_state, recover_ranks); all four run collectives and
+     the ring again, checked against the model over all four;
+  4. rank 1 (host A) dies inside an all_reduce: ranks 0, 2, 3 (on both hosts) complete it, one verdict.
+Writes ``outdir/rank<r>.json`` (a joiner: ``rank<r>j.json``): failures (empty = every result bitwise equal
+to mooncake.model), the implementation, the fast plane's delegate, the UCX address and each fault's outcome.
 """
 
 import json
@@ -24,53 +34,60 @@ from mooncake.pg.options import host_ip_choice
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "ep"))
 from ep_jobs import expert_output, make_inputs  # noqa: E402
 
-rank, world, port, outdir, impl = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-out = {"rank": rank, "failures": []}
+rank, world, port, outdir, impl, role = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],
+                                         sys.argv[5], sys.argv[6])
+torch.set_num_threads(1)
+name = f"rank{rank}" + ("j" if role == "joiner" else "")
+out = {"rank": rank, "role": role, "failures": []}
 bad = out["failures"]
+ALL = [1] * world
 
 
 def put():
-    with open(os.path.join(outdir, f"rank{rank}.json.tmp"), "w") as f:
+    tmp = os.path.join(outdir, name + ".json.tmp")
+    with open(tmp, "w") as f:
         json.dump(out, f)
-    os.replace(os.path.join(outdir, f"rank{rank}.json.tmp"), os.path.join(outdir, f"rank{rank}.json"))
+    os.replace(tmp, os.path.join(outdir, name + ".json"))
 
 
 def data(r, n=1000, seed=0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed * 100 + r))
 
 
-dist.init_process_group("mooncake-cpu", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-group = dist.group.WORLD
-out["host_ip"] = list(host_ip_choice())
-out["impl"] = list(pg.get_implementation(group))
-out["delegate"] = getattr(group._plane, "delegate", None)
-active = [1] * world
+def collectives(seed, active, tag):
+    """all_reduce, all_gather, broadcast, reduce_scatter and a send/recv ring over ``active``."""
+    members = [r for r in range(world) if active[r]]
+    t = data(rank, seed=seed).clone()
+    dist.all_reduce(t)
+    if not torch.equal(t, mc.all_reduce([data(r, seed=seed) for r in range(world)], ReduceOp.SUM, active)[rank]):
+        bad.append(f"{tag} all_reduce")
+    parts = [torch.empty(1000) for _ in range(world)]
+    dist.all_gather(parts, data(rank, seed=seed + 1))
+    want = mc.all_gather([data(r, seed=seed + 1) for r in range(world)], active)[rank]
+    if not all(torch.equal(a, b) for a, b in zip(parts, want)):
+        bad.append(f"{tag} all_gather")
+    root = members[-1]
+    t = data(rank, seed=seed + 2).clone()
+    dist.broadcast(t, src=root)
+    if not torch.equal(t, data(root, seed=seed + 2)):
+        bad.append(f"{tag} broadcast")
+    slots = [[data(s * world + d, seed=seed + 3) for d in range(world)] for s in range(world)]
+    t = torch.empty(1000)
+    dist.reduce_scatter(t, [x.clone() for x in slots[rank]])
+    if not torch.equal(t, mc.reduce_scatter(slots, ReduceOp.SUM, active)[rank]):
+        bad.append(f"{tag} reduce_scatter")
+    i = members.index(rank)
+    nxt, prev = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
+    t = torch.empty(1000)
+    send = dist.isend(data(rank, seed=seed + 4), nxt)
+    dist.recv(t, prev)
+    send.wait()
+    if not torch.equal(t, data(prev, seed=seed + 4)):
+        bad.append(f"{tag} send/recv ring")
 
-t = data(rank).clone()
-dist.all_reduce(t)
-if not torch.equal(t, mc.all_reduce([data(r) for r in range(world)], ReduceOp.SUM, active)[rank]):
-    bad.append("all_reduce")
-parts = [torch.empty(1000) for _ in range(world)]
-dist.all_gather(parts, data(rank, seed=1))
-if not all(torch.equal(a, b) for a, b in zip(parts, mc.all_gather([data(r, seed=1) for r in range(world)], active)[rank])):
-    bad.append("all_gather")
-t = data(rank, seed=2).clone()
-dist.broadcast(t, src=3)
-if not torch.equal(t, data(3, seed=2)):
-    bad.append("broadcast")
-slots = [[data(s * world + d, seed=3) for d in range(world)] for s in range(world)]
-t = torch.empty(1000)
-dist.reduce_scatter(t, [x.clone() for x in slots[rank]])
-if not torch.equal(t, mc.reduce_scatter(slots, ReduceOp.SUM, active)[rank]):
-    bad.append("reduce_scatter")
-t = torch.empty(1000)
-send = dist.isend(data(rank, seed=4), (rank + 1) % world)
-dist.recv(t, (rank - 1) % world)
-send.wait()
-if not torch.equal(t, data((rank - 1) % world, seed=4)):
-    bad.append("send/recv ring")
 
-if impl == "ref":  # EP on CPU tensors: the ref EP path, across the two hosts
+def ep_round(group):
+    """EP dispatch/combine on CPU tensors (the ref EP path: there is no CPU fast EP), across the hosts."""
     from mooncake.ep import Buffer
     case = dict(T=8, H=128, E=8, K=2, fp8=False, seed=7, n=[8, 5, 0, 8], mask_p=0.25)
     buf = Buffer(group, Buffer.get_ep_buffer_size_hint(case["T"], case["H"], world, case["E"]))
@@ -88,20 +105,63 @@ if impl == "ref":  # EP on CPU tensors: the ref EP path, across the two hosts
         bad.append("ep dispatch recv_count")
     if not torch.equal(combined.view(torch.int16), expected[rank].view(torch.int16)):
         bad.append("ep combine")
-put()
+    out["ep_impl"] = buf.implementation
 
-# the fault: rank 3 (host B) dies while the others are in an all_reduce; they complete it over themselves
-dist.barrier()
-t = data(rank, seed=5).clone()
-if rank == 3:
-    work = dist.all_reduce(t, async_op=True)
-    time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGKILL)
-dist.all_reduce(t)
-mask = pg.get_active_ranks(group).tolist()
-# rank 3's data may have reached everyone before it died: the op then completed over all four
-models = [mc.all_reduce([data(r, seed=5) for r in range(world)], ReduceOp.SUM, m)[rank]
-          for m in ([1, 1, 1, 0], [1, 1, 1, 1])]
-out["fault"] = {"mask": mask, "bits": t.view(torch.int32).tolist(), "model": any(torch.equal(t, m) for m in models)}
+
+def fault(seed, victims, before):
+    """``victims`` die (SIGKILL, at a fault point inside an all_reduce over ``before``: the first victim
+    after posting its first send, the others before sending); the survivors complete the op over
+    themselves.  Returns what every survivor must agree on."""
+    from mooncake.control import faults
+    t = data(rank, seed=seed).clone()
+    if rank in victims:
+        faults.arm("mid_transfer" if rank == victims[0] else "before_send", "kill")
+    dist.all_reduce(t)
+    assert rank not in victims, "a victim outlived its fault point"
+    mask = pg.get_active_ranks(group).tolist()
+    after = [0 if r in victims else a for r, a in enumerate(before)]
+    want = mc.all_reduce([data(r, seed=seed) for r in range(world)], ReduceOp.SUM, after)[rank]
+    return {"mask": mask, "bits": t.view(torch.int32).tolist(), "model": torch.equal(t, want),
+            "expected_mask": mask == after, "world_size": dist.get_world_size()}
+
+
+def admit(ranks, limit_s=60.0):
+    deadline = time.monotonic() + limit_s
+    while not all(pg.get_peer_state(group, ranks)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {ranks} did not ask to join within {limit_s} s")
+        time.sleep(0.05)
+    pg.recover_ranks(group, ranks)
+
+
+timeout = timedelta(seconds=30)
+if role == "joiner":
+    dist.init_process_group("mooncake-cpu", rank=rank, world_size=world, timeout=timeout,
+                            pg_options=pg.MooncakeBackendOptions(world, is_extension=True))
+else:
+    dist.init_process_group("mooncake-cpu", rank=rank, world_size=world, timeout=timeout)
+group = dist.group.WORLD
+out["host_ip"] = list(host_ip_choice())
+out["impl"] = list(pg.get_implementation(group))
+
+if role == "founder":
+    out["delegate"] = getattr(group._plane, "delegate", None)
+    collectives(0, ALL, "start")
+    ep_round(group)
+    put()
+    dist.barrier()
+    # 2. host B's ranks die together
+    out["host_fault"] = fault(10, [2, 3], ALL)
+    put()
+    # 3. their replacements join: rank 2 from host A, rank 3 from host B
+    admit([2, 3])
+else:
+    pg.join_group(group, timedelta(seconds=60))
+out["delegate_after_join"] = getattr(group._plane, "delegate", None)
+out["mask_after_join"] = pg.get_active_ranks(group).tolist()
+collectives(20, ALL, "joined")
+put()
+# 4. rank 1 (host A) dies; ranks 0 (A), 2 (A, the replacement) and 3 (B) remain
+out["rank_fault"] = fault(30, [1], ALL)
 put()
 dist.destroy_process_group()

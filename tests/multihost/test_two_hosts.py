@@ -2,19 +2,27 @@
 
 Each rank runs tests/multihost/mh_worker.py under ``ip netns exec NS unshare --uts`` with its own host
 name, MASTER_ADDR=10.77.0.1 and no MOONCAKE_HOST_IP: the UCX address comes from the route to MASTER_ADDR.
-Checked, for MOONCAKE_IMPL=ref and fast: all_reduce, all_gather, broadcast, reduce_scatter and a
-send/recv ring bitwise equal to mooncake.model; EP dispatch/combine on CPU (ref EP path) equal to the EP
-model; rank 3 (host B) killed mid-all_reduce, the survivors agree on the mask and the bits.
+One launch per implementation (MOONCAKE_IMPL=ref and fast) checks, in order:
 
-The fast CPU plane today delegates the WHOLE group to ref once any rank is on another host (no hybrid
-shared-memory-within / UCX-between plane yet): the test asserts exactly that (``group._plane.delegate``).
+1. all_reduce, all_gather, broadcast, reduce_scatter and a send/recv ring bitwise equal to mooncake.model;
+   EP dispatch/combine on CPU tensors (the ref EP path) equal to the EP model;
+2. a whole host's ranks killed: ranks 2 and 3 (host B) die inside one all_reduce (one after posting its
+   first send, one before sending); ranks 0, 1 return the model over themselves, the same mask and bits;
+3. replacements joining from the other host: once both are dead the test starts a new rank 2 on host A
+   and a new rank 3 on host B; ranks 0, 1 admit them (get_peer_state, recover_ranks); all four run step
+   1's collectives again across the hosts, checked against the model over all four;
+4. one rank killed: rank 1 (host A) dies inside an all_reduce; ranks 0 (A), 2 (A) and 3 (B) agree: the
+   same mask [1, 0, 1, 1] and the same bits, equal to the model over them.
+
+The fast CPU plane delegates the WHOLE group to ref once any rank is on another host (no hybrid
+shared-memory-within / UCX-between plane yet): the test asserts exactly that (``group._plane.delegate``)
+for the founders and for the replacements.  Rank 0 hosts the TCPStore and is never killed.
 
 Skipped, with the reason, where namespaces cannot be made (not root, no iproute2, no CAP_NET_ADMIN).
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +32,7 @@ import pytest
 from mooncake.testing.netns import TwoHosts
 
 WORLD = 4
-LIMIT_S = 90  # one launch (4 ranks: start, collectives, EP, the fault), every process killed after it
+LIMIT_S = 120  # one launch (4 founders + 2 replacements, the faults), every process killed after it
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
@@ -39,55 +47,84 @@ def hosts():
     h.close()
 
 
+def _start(hosts, impl, tmp_path, env, rank, host, role):
+    argv = [sys.executable, os.path.join(HERE, "mh_worker.py"), str(rank), str(WORLD), env["MASTER_PORT"],
+            str(tmp_path), impl, role]
+    name = f"rank{rank}" + ("j" if role == "joiner" else "")
+    log = open(tmp_path / f"{name}.log", "w")
+    return name, subprocess.Popen(hosts.command(host, argv, ("hostA", "hostB")[host]), env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def _launch(hosts, impl, tmp_path):
+    """The four founders; once host B's two have died (step 2), the replacements: rank 2 on host A (the
+    other host), rank 3 on host B.  Every process is killed after LIMIT_S."""
     port = 29000 + os.getpid() % 1000 * 2 + (impl == "fast")  # one per launch: no TIME_WAIT clash
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOONCAKE_", "MASTER_", "UCX_"))}
     env.update(MASTER_ADDR="10.77.0.1", MASTER_PORT=str(port), MOONCAKE_IMPL=impl, OMP_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    procs = []
+    procs = {}
+    deadline = time.monotonic() + LIMIT_S
     try:
         for r in range(WORLD):
-            host = r // 2
-            argv = [sys.executable, os.path.join(HERE, "mh_worker.py"), str(r), str(WORLD), str(port),
-                    str(tmp_path), impl]
-            log = open(tmp_path / f"rank{r}.log", "w")
-            procs.append(subprocess.Popen(hosts.command(host, argv, ("hostA", "hostB")[host]),
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + LIMIT_S
-        for p in procs:
+            name, procs[name] = _start(hosts, impl, tmp_path, env, r, r // 2, "founder")
+        while time.monotonic() < deadline and (procs["rank2"].poll() is None or procs["rank3"].poll() is None):
+            time.sleep(0.05)
+        if procs["rank2"].poll() is not None and procs["rank3"].poll() is not None:
+            for r, host in ((2, 0), (3, 1)):
+                name, procs[name] = _start(hosts, impl, tmp_path, env, r, host, "joiner")
+        for p in procs.values():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 break
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait(10)
     outs = {}
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.json"
-        outs[r] = json.loads(path.read_text()) if path.exists() else None
-    logs = "\n".join(f"--- rank {r}\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-    return outs, [p.returncode for p in procs], logs
+    for name in procs:
+        path = tmp_path / f"{name}.json"
+        outs[name] = json.loads(path.read_text()) if path.exists() else None
+    logs = "\n".join(f"--- {name}\n" + (tmp_path / f"{name}.log").read_text()[-3000:] for name in procs)
+    return outs, {name: p.returncode for name, p in procs.items()}, logs
+
+
+def _one_verdict(faults, members, victims):
+    """Every survivor: the same mask and bits, a model result, the survivors all in the mask."""
+    assert all(f is not None for f in faults), faults
+    assert all(f == faults[0] for f in faults), faults  # same mask, same bits, same world size
+    assert faults[0]["model"] and faults[0]["expected_mask"], faults[0]  # the model over the survivors
 
 
 @pytest.mark.parametrize("impl", ["ref", "fast"])
 def test_two_hosts(hosts, impl, tmp_path):
     outs, codes, logs = _launch(hosts, impl, tmp_path)
-    assert all(outs[r] is not None for r in range(WORLD)), logs
-    for r in range(WORLD):
-        o = outs[r]
-        assert o["failures"] == [], (r, o["failures"], logs)
+    founders = [f"rank{r}" for r in range(WORLD)]
+    joiners = ["rank2j", "rank3j"]
+    assert all(outs.get(n) is not None for n in founders + joiners), (sorted(outs), logs)
+    for n in founders + joiners:
+        o = outs[n]
+        assert o["failures"] == [], (n, o["failures"], logs)
         ip, why = o["host_ip"]
-        assert ip == ("10.77.0.1", "10.77.0.2")[r // 2] and "MASTER_ADDR=10.77.0.1" in why, o
-        assert o["impl"][0] == impl, o
-        if impl == "fast":  # ranks 2, 3 (or 0, 1) on the other host: the whole group delegates to ref
-            assert o["delegate"] and "another host" in o["delegate"], o
+        host = 0 if n in ("rank0", "rank1", "rank2j") else 1
+        assert ip == ("10.77.0.1", "10.77.0.2")[host] and "MASTER_ADDR=10.77.0.1" in why, (n, o)
+        assert o["impl"][0] == impl, (n, o)
+        if n in ("rank2", "rank3"):
+            continue  # host B's founders died in step 2
+        if impl == "fast":  # a rank on the other host: the whole group delegates to ref, and says so
+            assert o["delegate_after_join"] and "another host" in o["delegate_after_join"], (n, o)
         else:
-            assert o["delegate"] is None, o
-    survivors = [outs[r]["fault"] for r in range(3)]
-    assert all(f is not None for f in survivors), logs
-    assert codes[:3] == [0, 0, 0] and codes[3] != 0, (codes, logs)
-    assert all(f == survivors[0] for f in survivors), survivors  # same mask, same bits
-    assert survivors[0]["model"] and survivors[0]["mask"][:3] == [1, 1, 1], survivors[0]
+            assert o["delegate_after_join"] is None, (n, o)
+        assert o["mask_after_join"] == [1] * WORLD, (n, o)
+    for n in founders:
+        if impl == "fast":
+            assert outs[n]["delegate"] and "another host" in outs[n]["delegate"], outs[n]
+        assert outs[n]["ep_impl"] == "ref", outs[n]
+    # the whole of host B (ranks 2, 3) killed: ranks 0, 1 agree
+    assert codes["rank2"] != 0 and codes["rank3"] != 0, (codes, logs)
+    _one_verdict([outs[n]["host_fault"] for n in ("rank0", "rank1")], [0, 1], [2, 3])
+    # rank 1 (host A) killed after the replacements joined: ranks 0 (A), 2 (A, replacement), 3 (B) agree
+    assert codes["rank1"] != 0 and [codes[n] for n in ("rank0", "rank2j", "rank3j")] == [0, 0, 0], (codes, logs)
+    _one_verdict([outs[n]["rank_fault"] for n in ("rank0", "rank2j", "rank3j")], [0, 2, 3], [1])
