@@ -121,6 +121,7 @@ def test_two_hosts(hosts, impl, tmp_path):
     for n in founders:
         if impl == "fast":
             assert outs[n]["delegate"] and "another host" in outs[n]["delegate"], outs[n]
+            assert "mooncake fast cpu: rank(s)" in (tmp_path / f"{n}.log").read_text(), n  # logged (WARNING)
         assert outs[n]["ep_impl"] == "ref", outs[n]
     # the whole of host B (ranks 2, 3) killed: ranks 0, 1 agree
     assert codes["rank2"] != 0 and codes["rank3"] != 0, (codes, logs)

@@ -258,6 +258,9 @@ class ShmGroup:
             if remote and self.delegate is None:
                 self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use "
                                  "the ref plane (UCX)")
+                from ... import log as _log
+                _log.logger.warning("mooncake fast cpu: %s, for every rank (no hybrid plane: shared memory "
+                                    "serves a group only while all its ranks are on one host)", self.delegate)
             if self.delegate is not None:
                 return
             for r, rec in records.items():
