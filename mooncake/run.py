@@ -13,6 +13,10 @@ What it does differently from torchrun (docs/launcher.md has the whole contract)
   replacement: ``mooncake.pg.elastic``);
 * exit status: 0 when every rank's last process exited 0, otherwise the code of the first worker
   failure that was not replaced (a worker killed by signal N counts as 128 + N);
+* it gives its workers a job secret (``MOONCAKE_JOB_SECRET``): a fresh random one per job, or the one
+  in its own environment (every node of a multi-node job needs the same one; ``--job-secret off``
+  runs without).  The secret travels in the workers' environment only (never on a command line, never
+  to the Store); with it, only the job's own ranks get in (docs/semantics.md, "Trust model");
 * output: every line a worker writes is prefixed ``[rank N]`` (stdout to stdout, stderr to stderr);
 * SIGINT / SIGTERM: every worker's process group gets SIGTERM, then SIGKILL after
   ``--term-timeout`` seconds; a second signal kills at once.  Workers run with
@@ -95,6 +99,7 @@ class Launcher:
         self.port = args.master_port
         self.spawned_pgids: list[int] = []
         self.spares: list[Worker] = []
+        self.secret = job_secret(args)
 
     def top_up_standby(self) -> None:
         if self.command[0] != sys.executable:   # --no-python: nothing to preload
@@ -136,6 +141,10 @@ class Launcher:
             "MOONCAKE_LAUNCHER_PID": str(os.getpid()),
             "PYTHONUNBUFFERED": "1",
         })
+        if self.secret is not None:
+            env["MOONCAKE_JOB_SECRET"] = self.secret
+        else:
+            env.pop("MOONCAKE_JOB_SECRET", None)
         if "OMP_NUM_THREADS" not in os.environ and a.nproc_per_node > 1:
             env["OMP_NUM_THREADS"] = "1"   # as torchrun does
         return env
@@ -338,6 +347,26 @@ def _exec_worker(argv: list[str]) -> None:
     os.execv(command[0], command)
 
 
+def job_secret(args) -> str | None:
+    """The secret the workers get: the launcher's own ``MOONCAKE_JOB_SECRET`` (checked), else a new one on
+    a single node; None with ``--job-secret off`` or on several nodes without one (they must share it)."""
+    from .control import auth
+    if args.job_secret == "off":
+        _log("no job secret (--job-secret off): the job trusts every process that can reach its ports and Store")
+        return None
+    given = os.environ.get(auth.ENV)
+    if given:
+        auth.parse_secret(given, auth.ENV)  # a malformed one fails here, before any worker starts
+        _log("job secret: from MOONCAKE_JOB_SECRET")
+        return given.strip()
+    if args.nnodes > 1:
+        _log("no job secret: a multi-node job needs the same MOONCAKE_JOB_SECRET on every node's launcher; "
+             "the job trusts every process that can reach its ports and Store")
+        return None
+    _log("job secret: generated for this job (only its workers get it)")
+    return auth.generate_secret()
+
+
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(
         prog="mooncake-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,6 +392,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--term-timeout", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping the workers (default 10)")
     p.add_argument("--store-timeout", type=float, default=300.0, help="the Store's timeout, seconds")
+    p.add_argument("--job-secret", choices=("auto", "off"), default="auto",
+                   help="auto (default): give the workers MOONCAKE_JOB_SECRET -- this launcher's own, else a "
+                        "new random one (single node); off: no secret (docs/semantics.md, \"Trust model\")")
     p.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no-python", action="store_true", help="run the script as an executable, not with python")
     p.add_argument("script", help="the training script (or module with -m, executable with --no-python)")
@@ -394,7 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--_standby"]:
         _standby(argv[1:])
     args = parse_args(argv)
-    return Launcher(args, command_of(args)).run()
+    from .control.errors import ArgumentError
+    try:
+        launcher = Launcher(args, command_of(args))
+    except ArgumentError as exc:  # a malformed MOONCAKE_JOB_SECRET: nothing started yet
+        print(f"mooncake-run: error: {exc}", file=sys.stderr)
+        return 2
+    return launcher.run()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import struct
 import time
 from typing import Callable, Iterable
 
+from .auth import AuthError
 from .errors import MooncakeError, WireError
 from .wire import MAX_RANKS
 
@@ -405,10 +406,17 @@ class StoreAgreement:
         return decision
 
     def decision(self, epoch: int, members) -> Decision | None:
+        """The epoch's decision, None while there is none.  With a job secret, a record that is not
+        signed for this key (forged, garbage, truncated, copied from another epoch) counts as none:
+        ``run`` replaces it with an authentic decision."""
         key = self._key(epoch, "decision")
         if not self._store.check([key]):
             return None
-        return self._decode_decision(epoch, self._store.get(key), members)
+        try:
+            data = self._store.get(key)
+        except AuthError:
+            return None
+        return self._decode_decision(epoch, data, members)
 
     def _report_of(self, epoch: int, member: int) -> Report | None:
         """A member's report, or None while absent.  A malformed one counts as absent (that member

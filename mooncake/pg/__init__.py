@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..control.errors import (ArgumentError, MooncakeError, NotApplicableError, OpTimeoutError,
                               PeerFailureError, WireError)
 from .backend import MooncakeProcessGroup, RootInactiveError, create_cpu, create_cuda
-from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip
+from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip, set_job_secret
 from .membership import (ProposalResponse, ProposalStatus, SyncAfterFailureResponse, SyncAfterFailureStatus,
                          ViewUpdateStatus)
 from .work import ComposedWork, MooncakeWork
@@ -26,7 +26,7 @@ __all__ = [
     "MooncakeBackendOptions", "MooncakeProcessGroup", "MooncakeWork",
     "ArgumentError", "RootInactiveError", "MooncakeError", "NotApplicableError", "OpTimeoutError", "PeerFailureError",
     "WireError",
-    "set_host_ip", "set_device_filter", "get_device_filter", "set_transfer_engine",
+    "set_host_ip", "set_job_secret", "set_device_filter", "get_device_filter", "set_transfer_engine",
     "get_preferred_hca", "get_active_ranks", "get_num_synced_ranks", "get_capacity", "set_timeout",
     "get_implementation", "extend_group_size_to", "get_peer_state", "recover_ranks", "join_group",
     "activate_ranks", "deactivate_ranks", "sync_after_failure", "get_current_epoch", "get_local_success",

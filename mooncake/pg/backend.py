@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch._C import _distributed_c10d as c10d
 
 from .. import impl
-from ..control import faults, join
+from ..control import auth, faults, join
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError
 from ..control.plane import GroupInfo
 from ..control.view import View, initial_view
@@ -175,7 +175,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self.implementation, self.implementation_reason = implementation
         self._backend_name = backend_name
         self._device_type = device_type
-        self._store = store
+        self._store = auth.wrap_store(store)  # with a job secret: records sealed, read verified
         self._rank = rank
         self._world_size = world_size
         self._capacity = capacity

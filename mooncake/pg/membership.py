@@ -19,11 +19,16 @@ from typing import Callable
 import numpy as np
 
 from .. import log
-from ..control import faults
+from ..control import auth, faults
 from ..control.agreement import Decision, Proposal, ProposalKind, Report, StoreAgreement, VerdictKind
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError, RemovedError
 from ..control.view import View
 from ..control.wire import HEADER_BYTES, Header, Kind, OpCode
+
+try:
+    from ucxx._lib.libucxx import UCXMessageTruncatedError as _TRUNCATED
+except ImportError:  # pragma: no cover - older ucxx
+    _TRUNCATED = ()
 
 FAILURE_MODES = ("complete", "raise")
 
@@ -121,7 +126,8 @@ class Membership:
         self.next_seq = 0
         self.evicted: str | None = None            # why this rank can no longer take part
         self._agreement_failed = False             # ...because the agreement itself failed
-        self._store = StoreAgreement(_private_connection(store), prefix)
+        self._store = StoreAgreement(_private_connection(auth.wrap_store(store)), prefix)
+        self._auth = auth.wire_auth(group_key)     # with a job secret: NACKs carry the group's MAC
         self._engine, self._peers, self._group_key = engine, peers, group_key
         self._addresses = addresses
         self._timeout_s = timeout_s
@@ -444,7 +450,16 @@ class Membership:
         peers = self._peers(others)
         self._nacks = {r: self._engine.recv(peers[r], self._nack_header(r, self.rank, epoch).tag(),
                                             np.empty(HEADER_BYTES, np.uint8)) for r in others}
+        self._nack_epoch = epoch
         self._engine.keep_alive(list(self._nacks.values()))
+
+    def _repost_nack(self, r: int, reason: str) -> None:
+        """A message on rank r's NACK tag that is no NACK of this group (oversized, or unsigned with
+        a job secret): drop it, log once, listen again.  It is no evidence that r failed."""
+        auth.drop(f"a sender posing as rank {r} (group {self._group_key}, NACK, epoch {self._nack_epoch})", reason)
+        header = self._nack_header(r, self.rank, self._nack_epoch)
+        self._nacks[r] = self._engine.recv(self._peers([r])[r], header.tag(), np.empty(HEADER_BYTES, np.uint8))
+        self._engine.keep_alive([self._nacks[r]])
 
     def _send_nacks(self) -> None:
         others = [r for r in self.view.active if r != self.rank]
@@ -454,6 +469,8 @@ class Membership:
             header = self._nack_header(self.rank, r, self.view.epoch)
             buffer = np.empty(HEADER_BYTES, np.uint8)
             header.pack_into(memoryview(buffer))
+            if self._auth is not None:
+                self._auth.sign(buffer, control=True)
             requests.append(self._engine.send(peers[r], header.tag(), buffer))
         self._engine.keep_alive(requests)
 
@@ -481,10 +498,20 @@ class Membership:
     def _nacked(self) -> bool:
         """Whether a peer's NACK of this epoch arrived; records peers whose NACK channel broke."""
         nacked = False
-        for r, req in self._nacks.items():
+        for r, req in list(self._nacks.items()):
             if req.completed:
-                if req.error() is None:
-                    nacked = True
+                error = req.error()
+                if error is None:
+                    if self._auth is None:
+                        nacked = True
+                    elif not self._auth.verify(req.buffer, HEADER_BYTES, control=True):
+                        self._repost_nack(r, "bad or missing MAC")
+                    elif Header.unpack(memoryview(req.buffer)) != self._nack_header(r, self.rank, self._nack_epoch):
+                        self._repost_nack(r, "replayed NACK (another epoch or pair of ranks)")
+                    else:
+                        nacked = True
+                elif _TRUNCATED and isinstance(error, _TRUNCATED):
+                    self._repost_nack(r, "oversized message")
                 else:
                     self._seen_dead.add(r)
         self._suspects |= self._seen_dead

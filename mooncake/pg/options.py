@@ -153,6 +153,14 @@ def check_for_backend(options: MooncakeBackendOptions | None, backend_device: st
     return capacity
 
 
+def set_job_secret(secret) -> None:
+    """The job secret (hex string of 32-128 digits, or 16-64 bytes) for groups created from now on,
+    instead of ``MOONCAKE_JOB_SECRET``; ``None`` goes back to the environment.  Every rank of the job
+    must use the same one (docs/semantics.md, "Trust model").  A malformed one raises ArgumentError."""
+    from ..control import auth
+    auth.set_job_secret(secret)
+
+
 def set_host_ip(ip: str) -> None:
     """Address this process's UCX traffic uses (overrides ``MOONCAKE_HOST_IP`` and the automatic choice,
     see ``choose_host_ip``).

@@ -4,6 +4,12 @@ Every collective of the ref data plane is a single exchange ("one-shot"): no ran
 one message before posting the next, so operations cannot deadlock on each other and any number
 of them may be in flight.  Each message is a wire header plus a copy of the payload; a received
 header is validated against the expected one before its payload is handed out.
+
+With a job secret (control/auth.py) every header carries its group's MAC, and DONEs are MACed whole.
+A received message that does not verify -- forged, garbage, or oversized (UCX reports it truncated)
+-- is dropped, logged once, and its receive posted again: it never fails a peer or reaches a tensor.
+The one exception keeps the contract for honest ranks that disagree on sizes: a truncated payload
+from a rank whose authenticated DONE then arrives was that rank's own (a size mismatch).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import threading
 import numpy as np
 import torch
 
-from ..control import faults
+from ..control import auth, faults
 from ..control import fingerprint as fp
 from ..control.errors import MismatchError, PeerFailureError, WireError
 from ..control.wire import HEADER_BYTES, Header, Kind
@@ -24,6 +30,32 @@ try:
     from ucxx._lib.libucxx import UCXMessageTruncatedError as _Truncated
 except ImportError:  # pragma: no cover - older ucxx
     _Truncated = ()
+
+
+def _claimed_length(buffer: np.ndarray) -> int:
+    """Header plus the payload size the (unverified) header claims, clipped to what was received."""
+    if len(buffer) < HEADER_BYTES:
+        return len(buffer)
+    claimed = int.from_bytes(buffer[28:36].tobytes(), "little")
+    return HEADER_BYTES + min(claimed, len(buffer) - HEADER_BYTES)
+
+
+def _replayed(buffer: np.ndarray, want: Header, kind: Kind) -> str | None:
+    """Why an authentic message does not belong where it arrived (a replay from another epoch,
+    operation or pair of ranks), or None when it does."""
+    try:
+        got = Header.unpack(memoryview(buffer))
+    except WireError as exc:
+        return f"malformed header ({exc})"
+    if (got.kind, got.group_key, got.src, got.dst, got.epoch, got.seq, got.user_tag) != \
+            (kind, want.group_key, want.src, want.dst, want.epoch, want.seq, want.user_tag):
+        return (f"replayed message ({got.kind.name} of epoch {got.epoch}, op {got.seq}, "
+                f"rank {got.src} to {got.dst})")
+    return None
+
+
+def header_seq(headers: dict[int, Header]) -> int:
+    return next(iter(headers.values())).seq
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -62,11 +94,17 @@ class Exchange:
         self._fingerprint = fingerprint
         self._me = me
         self._garbage: set[int] = set()  # peers whose messages are not mooncake's: failed
+        any_header = next(iter([*recvs.values(), *(h for h, _ in sends.values()), *self._commit_peers.values()]),
+                          None)
+        self._auth = None if any_header is None else auth.wire_auth(any_header.group_key)
+        self._verified: set[int] = set()      # ids of received requests whose MAC checked out
+        self._truncated: dict[int, Request] = {}  # rank -> its oversized payload, until its DONE vouches for it
         self.data_complete = False
         self.committed = False
         self.error: BaseException | None = None
         self._progress_lock = threading.Lock()
         done_bytes = HEADER_BYTES + (fp.MAX_BYTES if fingerprint is not None else 0)
+        self._done_bytes = done_bytes
         for rank, header in self._commit_peers.items():
             self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(done_bytes, np.uint8))
         for rank, header in recvs.items():
@@ -76,6 +114,8 @@ class Exchange:
             buffer = np.empty(HEADER_BYTES + header.num_bytes, np.uint8)
             header.pack_into(memoryview(buffer))
             buffer[HEADER_BYTES:] = tensor_bytes(payload)
+            if self._auth is not None:
+                self._auth.sign(buffer)
             self._send_reqs[rank] = engine.send(peers[rank], header.tag(), buffer)
             if len(self._send_reqs) == 1 and self._commit_peers:
                 faults.hit("mid_transfer")
@@ -96,6 +136,8 @@ class Exchange:
             self._progress()
 
     def _progress(self) -> None:
+        if self._auth is not None:
+            self._screen()
         if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
             self._check_senders()
             if self._garbage:
@@ -109,6 +151,8 @@ class Exchange:
                 buffer = np.empty(HEADER_BYTES + len(payload), np.uint8)
                 header.pack_into(memoryview(buffer))
                 buffer[HEADER_BYTES:] = np.frombuffer(payload, np.uint8)
+                if self._auth is not None:
+                    self._auth.sign(buffer, control=True)
                 self._done_out[rank] = self._engine.send(self._peers[rank], header.tag(), buffer)
         if self.data_complete and not self.committed and self.error is None \
                 and all(r.completed and r.error() is None for r in self._done_in.values()) \
@@ -118,6 +162,54 @@ class Exchange:
                 self.error = MismatchError(mismatch)
             elif not self._garbage:
                 self.committed = True
+
+    def _screen(self) -> None:
+        """With a job secret: drop every received message that does not carry its group's MAC and
+        post its receive again (see the module docstring)."""
+        for table, expected, control in ((self._recv_reqs, self._expected, False),
+                                         (self._done_in, self._commit_peers, True)):
+            for rank, req in list(table.items()):
+                if not req.completed or id(req) in self._verified:
+                    continue
+                error = req.error()
+                header = expected[rank]
+                if error is None:
+                    if not self._auth.verify(req.buffer, _claimed_length(req.buffer), control):
+                        reason = "bad or missing MAC"
+                    else:
+                        reason = _replayed(req.buffer, header, Kind.DONE if control else header.kind)
+                        if reason is None:
+                            self._verified.add(id(req))
+                            continue
+                elif isinstance(error, _Truncated):
+                    reason = "oversized message"
+                    if not control:
+                        self._truncated[rank] = req
+                else:
+                    continue  # a lost connection: failed_peers() names it
+                auth.drop(f"a sender posing as rank {rank} (group {header.group_key}, "
+                          f"{'DONE' if control else header.kind.name}, epoch {header.epoch})", reason)
+                size = self._done_bytes if control else HEADER_BYTES + header.num_bytes
+                table[rank] = self._engine.recv(self._peers[rank], header.tag(), np.empty(size, np.uint8))
+        for rank in list(self._truncated):
+            if id(self._recv_reqs[rank]) in self._verified:
+                del self._truncated[rank]  # its authentic payload came: the oversized one was forged
+                continue
+            done = self._done_in.get(rank)
+            if done is None or id(done) not in self._verified or self._fingerprint is None:
+                continue
+            try:
+                theirs = fp.Fingerprint.decode(bytes(done.buffer[HEADER_BYTES:_claimed_length(done.buffer)]),
+                                               f"rank {rank}'s DONE")
+            except WireError:
+                continue  # _verdict marks it
+            if fp.mismatch(header_seq(self._commit_peers), {self._me: self._fingerprint, rank: theirs}):
+                # its signed DONE says it called the op with other sizes: the oversized payload was its own
+                self._engine.keep_alive([self._recv_reqs[rank]])
+                self._recv_reqs[rank] = self._truncated.pop(rank)
+                self._verified.add(id(self._recv_reqs[rank]))
+            else:
+                del self._truncated[rank]  # it agrees on the sizes: the oversized message was not its
 
     def _check_senders(self) -> None:
         """A received message whose header is not a mooncake header at all (bad magic, version,

@@ -27,10 +27,13 @@ order, into its lane's result region (RED = key when done).  ``finish`` copies e
 owner's result region.
 
 Waiting: ``PlaneOp.wait`` (which the control plane's ``Work.wait`` calls) spins for ``spin_seconds``
-after the last progress, then sets this rank's SLEEPING word and sleeps on its *doorbell*, an
-abstract-namespace datagram socket named in the control segment; a peer that changes a word while
+after the last progress, then sets this rank's SLEEPING word and sleeps on its *doorbell*, a
+Unix datagram socket whose path is in the control segment; a peer that changes a word while
 SLEEPING is set rings it.  An idle or long-blocked rank uses no CPU, and a woken sleeper is
-scheduled at once.  Liveness: a pidfd per peer (a dead process makes it readable) and the peer's
+scheduled at once.  The doorbell is bound in a directory only this user can enter (``bell_dir``), so
+another user cannot ring (or flood) it: the kernel refuses the datagram without waking this rank.  Its
+shared memory is reachable through ``/proc/<pid>/fd`` only, which the kernel opens to processes of the
+same user (the ptrace access check); same-user processes are inside the job's trust boundary anyway.  Liveness: a pidfd per peer (a dead process makes it readable) and the peer's
 CLOSED word.
 """
 
@@ -49,6 +52,7 @@ from typing import Sequence
 import torch
 
 from ...control import faults
+from ...control.auth import AuthError
 from ...control.errors import MismatchError, MooncakeError, WireError
 from ...control.fingerprint import Fingerprint, LaneWords
 from ...control.wire import MAX_RANKS, OpCode
@@ -88,7 +92,8 @@ _MAGIC = 0x4D43534D30303031  # "MCSM0001"
 W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED = 0, 1, 2, 3, 4
 W_RUNG = 8  # set by a peer that rang this rank's doorbell (cleared by this rank when it drains)
 W_SLEEPING = 9  # this rank is blocked on its peers and may be asleep: ring its doorbell
-W_BELL = 10  # 4 words: the doorbell's abstract socket name (32 bytes)
+W_BELL = 10  # 6 words: the doorbell's socket path (48 bytes, padded with 0x01)
+BELL_BYTES = 48
 W_RING_GEN, W_RING_FD, W_RING_SIZE = 16, 17, 18
 W_P2P_GEN, W_P2P_FD, W_P2P_SIZE = 19, 20, 21  # this rank's P2P segment (p2p.py); GEN 0: none
 LANE0 = 24
@@ -98,6 +103,32 @@ LANE0 = 24
 # L_NUMEL and L_FP_SLOTS: with the per-slot element counts below, the call's fingerprint
 L_SLOTS = 16  # (offset, nbytes) per slot, then fingerprint sends[capacity], recvs[capacity]
 VARIANT_RING = 1  # the pipelined all_reduce (ranks must agree on the algorithm, not only the call)
+
+
+def bell_dir() -> str:
+    """``/tmp/mooncake-<uid>``: where this user's doorbells live, created 0700 and refused unless it
+    is a real directory owned by this user that nobody else may enter (another user could have made
+    it first).  Doorbells of dead processes left in it are removed."""
+    uid = os.getuid()
+    path = f"/tmp/mooncake-{uid}"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise MooncakeError(f"fast CPU plane: {path} must be a directory owned by uid {uid} with mode 0700 "
+                            f"(it is owned by uid {st.st_uid}, mode {_stat.S_IMODE(st.st_mode):04o}): remove it, "
+                            "or use MOONCAKE_IMPL=ref")
+    for entry in os.listdir(path):
+        pid = entry[1:].split("-", 1)[0]
+        if entry.startswith("b") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(os.path.join(path, entry))
+            except OSError:
+                pass
+    return path
 
 
 def _lane_words(capacity: int) -> int:
@@ -153,7 +184,7 @@ class _Peer:
         self.rank, self.pid, self.address = rank, pid, address
         self.ctrl = ctrl
         self.ctl = ctrl.words(0, layout.words)
-        self.bell = ctrl.bytes[W_BELL * 8:W_BELL * 8 + 32].numpy().tobytes().rstrip(b"\x01")
+        self.bell = ctrl.bytes[W_BELL * 8:W_BELL * 8 + BELL_BYTES].numpy().tobytes().rstrip(b"\x01")
         self.bell_ok = True
         self.lanes: dict[int, tuple[int, Segment]] = {}
         self.ring: tuple[int, Segment] | None = None
@@ -291,7 +322,10 @@ class ShmGroup:
         pending = dict(addresses)
         while pending:
             for r in list(pending):
-                raw = store.get(keys[r])
+                try:
+                    raw = store.get(keys[r])
+                except AuthError:
+                    continue  # not signed with the job's secret: dropped, wait for the authentic one
                 rec = _RECORD.unpack_from(raw) if len(raw) >= _RECORD.size else None
                 if rec is None or rec[0] != _MAGIC or rec[3] <= 0 or rec[4] < 0 or rec[5] <= 0:
                     raise MooncakeError(f"fast CPU plane: rank {r}'s shared-memory record in the Store "
@@ -345,18 +379,22 @@ class ShmGroup:
     # ---- signals --------------------------------------------------------------------------------
     # ---- doorbells ---------------------------------------------------------------------------
     def _open_bell(self, engine) -> None:
-        """This rank's doorbell: an abstract-namespace datagram socket (nothing in the file system)
-        that peers ring when this rank is blocked on them; ``wait`` sleeps on it.
+        """This rank's doorbell: a datagram socket in this user's private directory (``bell_dir``)
+        that peers ring when this rank is blocked on them; ``wait`` sleeps on it.  (It used to be an
+        abstract-namespace socket, which any user of the host could flood.)
 
         With ``MOONCAKE_FAST_CPU_BELL_IN_EPOLL=1`` its fd also joins the UCX engine's epoll set, for
         control planes that sleep on UCX events instead of calling ``PlaneOp.wait`` (off by
         default: it would also wake the engine's background thread on every ring)."""
         self.bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        name = b"\0mcfc-" + os.urandom(12).hex().encode()  # 30 bytes
+        name = os.path.join(bell_dir(), f"b{os.getpid()}-{os.urandom(3).hex()}").encode()
+        if len(name) > BELL_BYTES:
+            raise MooncakeError(f"fast CPU plane: doorbell path {name!r} is longer than {BELL_BYTES} bytes")
         self.bell.bind(name)
+        self.bell_path = name
         self.bell.setblocking(False)
         self.ctrl.bytes[W_BELL * 8:W_BELL * 8 + len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
-        self.ctrl.bytes[W_BELL * 8 + len(name):W_BELL * 8 + 32] = 1
+        self.ctrl.bytes[W_BELL * 8 + len(name):W_BELL * 8 + BELL_BYTES] = 1
         self.sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sender.setblocking(False)
         self.engine = engine
@@ -394,6 +432,10 @@ class ShmGroup:
                 pass
         self.bell.close()
         self.sender.close()
+        try:
+            os.unlink(self.bell_path)
+        except OSError:
+            pass
 
     def _drain(self) -> None:
         """Empty the doorbell (a rung bell keeps epoll readable), then clear RUNG so peers ring again.
