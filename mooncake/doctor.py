@@ -567,9 +567,11 @@ def check_host() -> Check:
         return Check("host", "fail", f"cannot resolve mooncake's host address: {type(exc).__name__}: {exc}",
                      fix="set MOONCAKE_HOST_IP (or call pg.set_host_ip) to an address of this host")
     scope = "loopback: single-host jobs only" if iface == "lo" else "reachable from other hosts"
+    across = ("a mooncake-cpu group with ranks on several hosts runs on the ref plane (UCX) even under "
+              "MOONCAKE_IMPL=fast: the fast CPU plane's shared memory serves one-host groups only (no hybrid)")
     return Check("host", "ok", f"ucx.address {ip} ({iface}; {scope}), chosen by {why}; for multi-host jobs "
-                 "set MASTER_ADDR to node 0's address, or MOONCAKE_HOST_IP / pg.set_host_ip to this host's",
-                 details={"host_ip": ip, "interface": iface, "source": why})
+                 "set MASTER_ADDR to node 0's address, or MOONCAKE_HOST_IP / pg.set_host_ip to this host's; "
+                 + across, details={"host_ip": ip, "interface": iface, "source": why, "across_hosts": across})
 
 
 def _ipc_child(q_in, q_out) -> None:
