@@ -63,6 +63,7 @@ class _Sleeper(NamedTuple):
     fd: int
     arm: Callable[[], bool]  # before sleeping: ask to be rung; False if something moved (do not sleep)
     disarm: Callable[[], None]  # after waking
+    own_fd: int  # the engine's duplicate of ``fd``: a plane may close its fd while the thread selects on it
 
 
 class Request:
@@ -161,6 +162,8 @@ class Engine:
         self._kicked = False  # woken while running: look again before sleeping
         self._sleep_armed = False  # its select covers UCX, the kick fd and the doorbells in _sleep_fds
         self._sleep_fds: frozenset[int] = frozenset()
+        self._selecting = False  # the background thread is inside its select on the doorbells
+        self._closing: list[int] = []  # removed doorbells' own_fd, closed once that select returns
         self._sleep_until = math.inf  # its select's timeout, as a monotonic time
         self._pollers: dict[Callable[[], None], _Poller] = {}
         self._watches: list[Callable[[], None]] = []
@@ -295,11 +298,20 @@ class Engine:
         ``arm()`` runs before each such sleep: it asks to be rung and returns False if an operation
         moved meanwhile (the thread then runs its pollers again); ``disarm()`` runs after waking."""
         with self._wake:
-            self._sleepers[fd] = _Sleeper(fd, arm, disarm)
+            self._sleepers[fd] = _Sleeper(fd, arm, disarm, os.dup(fd))
 
     def remove_sleeper(self, fd: int) -> None:
+        """Stop sleeping on ``fd``; the caller may close it at once (the thread selects on its own
+        duplicate, closed here or, while a select is on it, when that select returns)."""
         with self._wake:
-            self._sleepers.pop(fd, None)
+            sleeper = self._sleepers.pop(fd, None)
+            if sleeper is None:
+                return
+            if self._selecting:
+                self._closing.append(sleeper.own_fd)
+                self._kick_locked()
+            else:
+                os.close(sleeper.own_fd)
 
     def kick(self) -> None:
         """Make the background thread run its pollers now (a future somebody waits on, an agreement
@@ -407,12 +419,18 @@ class Engine:
                     self._sleep_armed = bool(pollers)
                     self._sleep_fds = frozenset(s.fd for s in sleepers)
                     self._sleep_until = now + timeout
-                fds = [self.worker.epoll_file_descriptor, self._kick_fd] + [s.fd for s in sleepers]
+                    live = [s for s in sleepers if self._sleepers.get(s.fd) is s]  # not removed since
+                    self._selecting = True
+                fds = [self.worker.epoll_file_descriptor, self._kick_fd] + [s.own_fd for s in live]
                 select.select(fds, [], [], None if timeout == math.inf else timeout)
         finally:
             with self._wake:
                 self._sleeping = False
                 self._sleep_armed = False
+                self._selecting = False
+                for fd in self._closing:
+                    os.close(fd)
+                self._closing.clear()
             try:
                 os.eventfd_read(self._kick_fd)
             except BlockingIOError:

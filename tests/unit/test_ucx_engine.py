@@ -65,3 +65,43 @@ def test_dead_peer_stays_dead():
         if child.is_alive():
             child.kill()
         child.join(10)
+
+
+
+def test_a_doorbell_closed_while_the_thread_sleeps_on_it():
+    """A shared-memory plane closes its doorbell (its group is destroyed) just as the engine's
+    thread goes to sleep on it: the thread lives on and still runs the pollers of later operations."""
+    import socket
+    engine = ucx.engine()
+    bell, other = socket.socketpair()
+    fd = bell.fileno()
+    closed = []
+
+    def arm():  # runs on the engine's thread between taking its list of doorbells and its select
+        if not closed:
+            engine.remove_sleeper(fd)
+            bell.close()
+            other.close()
+            closed.append(1)
+        return True
+
+    engine.add_sleeper(fd, arm, lambda: None)
+    runs = []
+    engine.add_poller(lambda: runs.append(1), deadline=lambda: time.monotonic() + 5.0, urgent=True)
+    try:
+        assert _wait_for(lambda: closed, 10), "the engine's thread never went to sleep on the doorbell"
+        time.sleep(0.05)
+        assert engine._thread.is_alive()
+        before = len(runs)
+        engine.kick()
+        assert _wait_for(lambda: len(runs) > before), "the thread no longer runs its pollers"
+    finally:
+        for poll in list(engine._pollers):
+            engine.remove_poller(poll)
+
+
+def _wait_for(done, limit_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return bool(done())
