@@ -5,7 +5,9 @@
 wraps a command to run inside one of them under its own UTS namespace and host name, so mooncake sees
 two hosts (``host_identity()`` differs, ``MASTER_ADDR`` routes over the pair).  Needs root (CAP_NET_ADMIN,
 CAP_SYS_ADMIN) and iproute2's ``ip`` plus util-linux's ``unshare``; ``TwoHosts.unavailable()`` says why not,
-found by trying.  ``close()`` (also at interpreter exit) deletes both namespaces, which removes the pair.
+found by trying.  ``close()`` (also at interpreter exit) deletes both namespaces, which removes the pair;
+namespaces of an earlier test process that was killed before it could (SIGKILL) are deleted by the next
+``TwoHosts()`` (``sweep_stale``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,23 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=check)
 
 
+def sweep_stale() -> list[str]:
+    """Delete namespaces ``mcA<pid>`` / ``mcB<pid>`` left by a test process that no longer exists (one
+    killed with SIGKILL never ran its atexit); returns their names."""
+    listed = _ip("netns", "list", check=False)
+    gone = []
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name[:3] in ("mcA", "mcB") and name[3:].isdigit() and not os.path.exists(f"/proc/{name[3:]}"):
+            _ip("netns", "del", name, check=False)
+            gone.append(name)
+    return gone
+
+
 class TwoHosts:
     def __init__(self, tag: str | None = None):
+        if tag is None:
+            sweep_stale()
         tag = tag or str(os.getpid())
         self.names = (f"mcA{tag}", f"mcB{tag}")
         self._veth = (f"mcva{tag}"[:15], f"mcvb{tag}"[:15])
