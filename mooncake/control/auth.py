@@ -184,9 +184,8 @@ class WireAuth:
         self._base = hashlib.blake2b(key=key, digest_size=WIRE_MAC_BYTES)
         self.mac_payload = mac_payload
 
-    def _mac(self, buffer, end: int) -> bytes:
+    def _mac(self, mv: memoryview, end: int) -> bytes:
         h = self._base.copy()
-        mv = memoryview(buffer).cast("B")
         h.update(mv[:WIRE_MAC_OFFSET])
         if end > 64:
             h.update(mv[64:end])
@@ -195,23 +194,44 @@ class WireAuth:
     def sign(self, buffer, control: bool = False) -> None:
         """Write the MAC into a packed message (header, then payload): over the header, and over the
         payload too for control messages (or with ``MOONCAKE_AUTH_PAYLOAD=1``)."""
-        mv = memoryview(buffer).cast("B")
+        mv = memoryview(buffer)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
         end = len(mv) if (control or self.mac_payload) else 64
         mv[WIRE_MAC_OFFSET:WIRE_MAC_OFFSET + WIRE_MAC_BYTES] = self._mac(mv, end)
 
     def verify(self, buffer, length: int | None = None, control: bool = False) -> bool:
         """Whether a received message (its first ``length`` bytes) carries this group's MAC."""
-        mv = memoryview(buffer).cast("B")
+        mv = memoryview(buffer)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
         n = len(mv) if length is None else length
         if n < 64:
             return False
         end = n if (control or self.mac_payload) else 64
-        return hmac.compare_digest(bytes(mv[WIRE_MAC_OFFSET:WIRE_MAC_OFFSET + WIRE_MAC_BYTES]), self._mac(mv, end))
+        return hmac.compare_digest(mv[WIRE_MAC_OFFSET:WIRE_MAC_OFFSET + WIRE_MAC_BYTES], self._mac(mv, end))
 
 
-def wire_auth(group_key: int) -> WireAuth | None:
+_groups: dict[int, "WireAuth | None"] = {}   # group key -> the MACs it chose when it was created
+
+
+def bind_group(group_key: int) -> "WireAuth | None":
+    """Fix a new group's wire MACs (the job secret as of its creation; None without one): later
+    ``set_job_secret`` calls do not change a running group."""
     ring = keyring()
-    return None if ring is None else ring.wire(group_key)
+    w = None if ring is None else ring.wire(group_key)
+    with _lock:
+        _groups[group_key] = w
+    return w
+
+
+def wire_auth(group_key: int) -> "WireAuth | None":
+    """The group's wire MACs (as bound at its creation; the current secret for a group not bound)."""
+    try:
+        return _groups[group_key]
+    except KeyError:
+        ring = keyring()
+        return None if ring is None else ring.wire(group_key)
 
 
 # ---- drop and log once -----------------------------------------------------------------------------
@@ -224,7 +244,7 @@ def drop(source: str, reason: str) -> None:
         n = _drops.get((source, reason), 0)
         _drops[(source, reason)] = n + 1
     if n == 0:
-        log.warning("mooncake: dropped unauthenticated input from %s: %s (logged once per source)", source, reason)
+        log.warning(f"mooncake: dropped unauthenticated input from {source}: {reason} (logged once per source)")
 
 
 def drops() -> int:

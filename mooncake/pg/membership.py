@@ -127,7 +127,7 @@ class Membership:
         self.evicted: str | None = None            # why this rank can no longer take part
         self._agreement_failed = False             # ...because the agreement itself failed
         self._store = StoreAgreement(_private_connection(auth.wrap_store(store)), prefix)
-        self._auth = auth.wire_auth(group_key)     # with a job secret: NACKs carry the group's MAC
+        self._auth = auth.bind_group(group_key)    # with a job secret: every message carries the group's MAC
         self._engine, self._peers, self._group_key = engine, peers, group_key
         self._addresses = addresses
         self._timeout_s = timeout_s
