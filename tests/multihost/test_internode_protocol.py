@@ -163,3 +163,33 @@ def test_owner_dead_in_combine():
         assert out[r][2].tolist() == [1] * R
         assert active[r].tolist() == [1, 0, 1, 1]
         assert torch.equal(out[r][1].view(torch.int16), combined[r].view(torch.int16)), r
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_faults(seed):
+    """A random victim and fault in the second of three calls: each survivor's dispatch equals the model
+    under that survivor's own mask (default mode), or every survivor holds the same mask and equals the
+    model under it, dispatch and combine (strict mode)."""
+    import random
+    rng = random.Random(seed)
+    strict = bool(seed % 2)
+    emu, active = Emulator(R, E, T, H, K, strict=strict), masks()
+    victim = rng.randrange(R)
+    point = rng.choice(["dispatch", "dispatch_half", "combine", "slow"] + (["mask_round"] if strict else []))
+    if point == "slow":
+        faults = Faults(slow={victim: rng.choice([1.5, 12.5]) * emu.D})
+    else:
+        faults = Faults(dead={victim: point}, mask_to={victim: rng.sample(range(R), rng.randrange(R))})
+    for call, seed_in in enumerate((10 * seed + 1, 10 * seed + 2, 10 * seed + 3)):
+        out = run(emu, seed_in, active, faults if call == 1 else None)
+        xs, topks, ws = inputs(seed_in)
+        if strict:
+            verdicts = {r: o[3] for r, o in out.items()}
+            first = next(iter(verdicts.values()))
+            assert all(torch.equal(v, first) for v in verdicts.values()), (point, verdicts)
+            if point != "combine" or call != 1:
+                check(out, seed_in, first.tolist(), [r for r in out if first[r]])
+        else:
+            for q, (res, _, got, _) in out.items():
+                want, _ = model.dispatch(xs, topks, E, T, got, use_fp8=False)
+                same_dispatch(res, want[q])
