@@ -28,8 +28,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "mc_device_sync.cuh"
+
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 4
+#define MC_ABI_VERSION 5
 
 namespace {
 
@@ -70,21 +72,9 @@ struct McEpArgs {
 
 namespace {
 
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* p) {
-  int64_t v;
-  asm volatile("ld.acquire.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
-  asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
+using mc_sync::global_timer_ns;
+using mc_sync::ld_acquire_sys;
+using mc_sync::st_release_sys;
 
 __device__ __forceinline__ int ld_volatile_int(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 

@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "mc_device_sync.cuh"
+
 #define MC_API extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -139,6 +141,193 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
   return cudaGetLastError();
 }
 
+
+// ------------------------------------------------------------------------------------- device protocol
+//
+// all_reduce with no host step between launch and commit (mooncake/fast/cuda/pg.py, "The device path").
+// Every rank's control words (a host shared-memory segment, registered and mapped into the device) and
+// lanes (device memory shared by CUDA IPC) are reachable from every rank's kernels.  One operation, key
+// k = epoch << 40 | seq, on lane block `base` (seq parity):
+//
+//   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k); copy the input into
+//      this rank's lane; (last block) system fence, write the fingerprint words, PUB = k.
+//   2. read: wait until every peer's PUB == k and its fingerprint words equal this rank's; HOLD = k;
+//      fold every active rank's lane (ascending active order, the model's fold) into the output; (last
+//      block) system fence, FREE = k, DONE = k.
+//
+// A wait that passes timeout_ns (GPU clock) gives up: the kernel exits without writing the output (or,
+// past step 2's wait, writes it completely).  Eager: the host finds how far it got in the words (PUB /
+// DONE) and carries on with the host protocol.  Captured in a CUDA graph (counter != 0): seq comes from
+// the group's counter of captured ops run (a word of this rank's control words; every replay advances it), and a kernel that gives up writes its key to
+// *trouble; every later captured kernel of the group sees *trouble != 0, or a view epoch other than its
+// own in the control words, and exits at once.  Mismatched fingerprints give up at once.
+
+constexpr int kDevMaxRanks = 16;
+constexpr int kDevThreads = 512;
+// word indices, as mooncake/fast/cuda/pg.py lays them out (checked there through mc_pg_dev_layout)
+constexpr int kWGraphEpoch = 10;
+constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLMetaNumel = 19, kLMetaSlots = 20;
+constexpr int kSeqBits = 40;
+
+struct McPgDevArgs {
+  int64_t ctl[kDevMaxRanks];       // control words of each active rank, in active order (device pointers)
+  int64_t lane[2][kDevMaxRanks];   // lane buffers of each active rank for lane parity 0 / 1
+  int64_t base[2];                 // word index of the lane block for parity 0 / 1
+  int64_t src, dst, numel;         // this rank's input (copied into its lane) and output, elements
+  int64_t key;                     // eager: the operation's key; graph: epoch << 40 | graph bit
+  int64_t counter;                 // graph: host-mapped int64, the group's count of captured ops run (0: eager)
+  int64_t trouble;                 // graph: host-mapped int64, key of the first op that gave up (0: none)
+  int64_t fp[3];                   // fingerprint words (meta, numel, slots) of this call
+  int64_t timeout_ns;              // per wait
+  int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
+  int64_t arrive;                  // device int32[2]: blocks finished with step 1 / step 2
+  int32_t n, me, op, dtype, phase, pad;
+};
+
+__device__ __forceinline__ int64_t* words(const McPgDevArgs& a, int i) {
+  return reinterpret_cast<int64_t*>(a.ctl[i]);
+}
+
+__device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
+  if (a.trouble) {
+    int64_t* t = reinterpret_cast<int64_t*>(a.trouble);
+    if (mc_sync::ld_acquire_sys(t) == 0) mc_sync::st_release_sys(t, key);
+  }
+}
+
+// Thread 0: spin until cond(i) holds for every other active rank, or the deadline; false on expiry.
+template <typename Cond>
+__device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
+  for (int i = 0; i < a.n; ++i) {
+    if (i == a.me) continue;
+    while (!cond(i)) {
+      if (static_cast<int64_t>(mc_sync::global_timer_ns() - start) > a.timeout_ns) return cond(i);
+      __nanosleep(32);
+    }
+  }
+  return true;
+}
+
+// The last block of a step to arrive (the counter is reset for the next launch).
+__device__ __forceinline__ bool last_block(const McPgDevArgs& a, int which) {
+  if (gridDim.x == 1) return true;
+  __threadfence();
+  int* c = reinterpret_cast<int*>(a.arrive) + which;
+  if (atomicAdd(c, 1) != static_cast<int>(gridDim.x) - 1) return false;
+  *c = 0;
+  __threadfence();
+  return true;
+}
+
+template <typename T, int OP>
+__global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
+  using A = typename Acc<T>::type;
+  __shared__ int64_t s_key;
+  __shared__ int s_go;
+  const uint64_t start = mc_sync::global_timer_ns();
+  if (threadIdx.x == 0) {
+    int64_t key = a.key;
+    int go = 1;
+    if (a.counter) {
+      key |= mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(a.counter));
+      const int64_t now_epoch = mc_sync::ld_acquire_sys(words(a, a.me) + kWGraphEpoch);
+      if (mc_sync::ld_acquire_sys(reinterpret_cast<int64_t*>(a.trouble)) != 0 || now_epoch != (key >> kSeqBits)) {
+        give_up(a, key);
+        go = 0;
+      }
+    }
+    s_key = key;
+    s_go = go;
+  }
+  __syncthreads();
+  if (!s_go) return;
+  const int64_t key = s_key;
+  const int par = static_cast<int>(key & 1);
+  const int64_t base = a.base[par];
+  int64_t* mine = words(a, a.me);
+  const int64_t nbytes = a.numel * static_cast<int64_t>(sizeof(T));
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+
+  if (a.phase & 1) {
+    if (threadIdx.x == 0) {
+      s_go = wait_all(a, start, [&](int i) {
+        const int64_t* w = words(a, i);
+        const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
+        return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
+      });
+      if (!s_go) give_up(a, key);
+    }
+    __syncthreads();
+    if (!s_go) return;
+    uint8_t* lane = reinterpret_cast<uint8_t*>(a.lane[par][a.me]);
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(a.src);
+    if (nbytes % 16 == 0 && a.src % 16 == 0) {
+      for (int64_t v = tid; v < nbytes / 16; v += nthreads)
+        reinterpret_cast<uint4*>(lane)[v] = reinterpret_cast<const uint4*>(src)[v];
+    } else {
+      for (int64_t b = tid; b < nbytes; b += nthreads) lane[b] = src[b];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && last_block(a, 0)) {
+      __threadfence_system();
+      mine[base + kLMeta] = a.fp[0];
+      mine[base + kLMetaNumel] = a.fp[1];
+      mine[base + kLMetaSlots] = a.fp[2];
+      mc_sync::st_release_sys(mine + base + kLPub, key);
+    }
+    if (!(a.phase & 2)) return;
+    __syncthreads();
+  }
+
+  if (threadIdx.x == 0) {
+    s_go = wait_all(a, start, [&](int i) {
+      const int64_t* w = words(a, i);
+      return mc_sync::ld_acquire_sys(w + base + kLPub) == key;
+    });
+    for (int i = 0; s_go && i < a.n; ++i) {
+      const int64_t* w = words(a, i);
+      if (i != a.me && (w[base + kLMeta] != a.fp[0] || w[base + kLMetaNumel] != a.fp[1] ||
+                        w[base + kLMetaSlots] != a.fp[2]))
+        s_go = 0;  // the ranks disagree on the call: the host names the difference
+    }
+    if (!s_go) give_up(a, key);
+    else if (blockIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
+  }
+  __syncthreads();
+  if (!s_go) return;
+  const T* in[kDevMaxRanks];
+  for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]);
+  T* out = reinterpret_cast<T*>(a.dst);
+  int bad = 0;
+  for (int64_t e = tid; e < a.numel; e += nthreads) {
+    A acc = widen(__ldcg(in[0] + e));
+    for (int i = 1; i < a.n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
+    out[e] = narrow<T>(finalize<OP>(acc, a.n, bad));
+  }
+  if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block(a, 1)) {
+    __threadfence_system();
+    mc_sync::st_release_sys(mine + base + kLFree, key);
+    mc_sync::st_release_sys(mine + base + kLDone, key);
+    if (a.counter) mc_sync::st_release_sys(reinterpret_cast<int64_t*>(a.counter), (key & ((1LL << (kSeqBits - 1)) - 1)) + 1);
+  }
+}
+
+template <typename T>
+cudaError_t dev_launch_typed(const McPgDevArgs& a, int blocks, cudaStream_t stream) {
+  switch (a.op) {
+    case kSum: dev_all_reduce<T, kSum><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kProduct: dev_all_reduce<T, kProduct><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kMin: dev_all_reduce<T, kMin><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kMax: dev_all_reduce<T, kMax><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kAvg: dev_all_reduce<T, kAvg><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 MC_API int mc_pg_fold_max_inputs(void) { return kFoldMaxInputs; }
@@ -172,5 +361,68 @@ MC_API int mc_pg_fold(int op, int dtype, const int64_t* inputs, int num_inputs, 
     case kFloat64: rc = launch_typed<double>(op, in, num_inputs, o, numel, vectorized, f, s); break;
     default: rc = cudaErrorInvalidValue;
   }
+  return (int)rc;
+}
+
+// ---- the device protocol's entry points
+
+MC_API int mc_pg_dev_args_size(void) { return (int)sizeof(McPgDevArgs); }
+MC_API int mc_pg_dev_max_ranks(void) { return kDevMaxRanks; }
+
+// The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS.
+MC_API void mc_pg_dev_layout(int64_t* out) {
+  const int64_t w[8] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots};
+  for (int i = 0; i < 8; ++i) out[i] = w[i];
+}
+
+// Enqueue one all_reduce of the device protocol on `stream`: blocks == 1 runs both steps in one kernel,
+// more runs step 1 then step 2 as two kernels of `blocks` blocks.  Capturable in a CUDA graph.
+MC_API int mc_pg_dev_all_reduce(const McPgDevArgs* args, int blocks, int64_t stream) {
+  McPgDevArgs a = *args;
+  if (a.n < 1 || a.n > kDevMaxRanks || a.me < 0 || a.me >= a.n || a.numel < 0 || blocks < 1 || blocks > 1024)
+    return (int)cudaErrorInvalidValue;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const int steps[2] = {1, 2};
+  const int launches = blocks == 1 ? 1 : 2;
+  for (int l = 0; l < launches; ++l) {
+    a.phase = blocks == 1 ? 3 : steps[l];
+    cudaError_t rc;
+    switch (a.dtype) {
+      case kFloat16: rc = dev_launch_typed<__half>(a, blocks, s); break;
+      case kBFloat16: rc = dev_launch_typed<__nv_bfloat16>(a, blocks, s); break;
+      case kFloat32: rc = dev_launch_typed<float>(a, blocks, s); break;
+      case kFloat64: rc = dev_launch_typed<double>(a, blocks, s); break;
+      default: rc = cudaErrorInvalidValue;
+    }
+    if (rc != cudaSuccess) return (int)rc;
+  }
+  return (int)cudaSuccess;
+}
+
+// Register host memory (a shared-memory segment of this or another process) for access from the
+// device; *device_ptr is its address there.
+MC_API int mc_host_register(int64_t ptr, int64_t bytes, int64_t* device_ptr) {
+  void* p = reinterpret_cast<void*>(ptr);
+  cudaError_t rc = cudaHostRegister(p, static_cast<size_t>(bytes), cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (rc != cudaSuccess) return (int)rc;
+  void* d = nullptr;
+  rc = cudaHostGetDevicePointer(&d, p, 0);
+  if (rc != cudaSuccess) {
+    cudaHostUnregister(p);
+    return (int)rc;
+  }
+  *device_ptr = reinterpret_cast<int64_t>(d);
+  return (int)cudaSuccess;
+}
+
+MC_API int mc_host_unregister(int64_t ptr) { return (int)cudaHostUnregister(reinterpret_cast<void*>(ptr)); }
+
+// Let this thread make calls that a CUDA graph capture in global mode forbids (allocating and opening
+// lanes while the caller captures): relaxed = 1 switches to relaxed mode and saves the mode in *saved,
+// relaxed = 0 restores *saved.
+MC_API int mc_capture_mode(int relaxed, int* saved) {
+  cudaStreamCaptureMode mode = relaxed ? cudaStreamCaptureModeRelaxed : static_cast<cudaStreamCaptureMode>(*saved);
+  cudaError_t rc = cudaThreadExchangeStreamCaptureMode(&mode);
+  if (relaxed) *saved = static_cast<int>(mode);
   return (int)rc;
 }

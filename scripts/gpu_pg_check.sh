@@ -9,6 +9,8 @@
 #      (survivors agree, bitwise), all_reduce bandwidth at 64-256 MiB vs the device-copy HBM floor
 #   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
 #   5. stop MPS
+# GRAPH_RANKS (e.g. 2,4,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs,
+# a rank killed during a replay) within GRAPH_S seconds.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
 set -uo pipefail
@@ -41,6 +43,14 @@ if nvidia-cuda-mps-control -d; then
 else
   echo "MPS did not start: ranks are time-sliced" | tee -a "$out/summary.txt"
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+
+if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, graph capture + replay, a rank killed mid-replay
+  echo "=== pg_graph (ranks $GRAPH_RANKS)" | tee -a "$out/summary.txt"
+  timeout "${GRAPH_S:-240}" python3 tests/fast_cuda/pg_graph.py --ranks "$GRAPH_RANKS" --out "$out" \
+    ${GRAPH_ARGS:-} > "$out/pg_graph.txt" 2>&1
+  echo "=== pg_graph rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
+  grep -E "^(PASS|FAIL|BENCH|pg_graph)" "$out/pg_graph.txt" | tee -a "$out/summary.txt"
 fi
 
 left=$((budget - SECONDS - 45))

@@ -43,6 +43,11 @@ def disarm() -> None:
     _armed.clear()
 
 
+def armed() -> bool:
+    """Some fault is armed in this process (code paths without fault points step aside)."""
+    return bool(_armed)
+
+
 def hit(point: str) -> None:
     if not _armed or point not in _armed:
         return

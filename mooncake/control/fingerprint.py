@@ -145,11 +145,14 @@ class LaneWords:
     def __init__(self, meta: int, numel: int, slots: int, vectors: int, capacity: int):
         self.meta, self.numel, self.slots, self.vectors, self.capacity = meta, numel, slots, vectors, capacity
 
+    @staticmethod
+    def head(fp: Fingerprint, variant: int = 0) -> tuple[int, int, int]:
+        """The ``meta``, ``numel`` and ``slots`` words of a call (all of it but the all_to_all vectors)."""
+        return (int(fp.op) | fp.dtype_code << 8 | fp.reduce_op << 16 | (fp.root + 1) << 24 | variant << 40,
+                fp.numel, fp.slots)
+
     def write(self, ctl, base: int, fp: Fingerprint, variant: int = 0) -> None:
-        ctl[base + self.meta] = (int(fp.op) | fp.dtype_code << 8 | fp.reduce_op << 16 | (fp.root + 1) << 24
-                                 | variant << 40)
-        ctl[base + self.numel] = fp.numel
-        ctl[base + self.slots] = fp.slots
+        ctl[base + self.meta], ctl[base + self.numel], ctl[base + self.slots] = self.head(fp, variant)
         at = base + self.vectors
         for i, (sent, expected) in enumerate(zip(fp.sends, fp.recvs)):
             ctl[at + i] = sent

@@ -40,7 +40,7 @@ from . import options as _options
 from . import membership as _membership
 from ..control.agreement import ProposalKind
 from .membership import Membership
-from .work import Collective, ComposedWork, MooncakeWork, NotPosted
+from .work import CapturedWork, Collective, ComposedWork, MooncakeWork, NotPosted
 
 class _Settled(Exception):
     """A proposal found its change already made (by an equivalent proposal that won first)."""
@@ -196,6 +196,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._addresses: dict[int, bytes] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._captured = False  # an operation of this group was captured in a CUDA graph
         self._in_flight: "weakref.WeakSet[MooncakeWork]" = weakref.WeakSet()
         self._engine = ucx.engine(_net_devices())
         self._rendezvous()
@@ -638,10 +639,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"{what} is on {t.device}, but backend {self._backend_name} takes "
                                 f"{want} tensors")
         if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise ArgumentError(f"{what}: CUDA graph capture of mooncake process-group operations is not "
-                                "supported (every operation commits through host-side control words, which a "
-                                "graph cannot replay); issue it outside the captured region. "
-                                "mooncake.ep.Buffer dispatch/combine can be captured.")
+            raise ArgumentError(f"{what}: CUDA graph capture of this mooncake process-group operation is not "
+                                "supported (it commits through host-side control words, which a graph cannot "
+                                "replay); issue it outside the captured region. all_reduce on the fast CUDA "
+                                "plane and mooncake.ep.Buffer dispatch/combine can be captured.")
 
     def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str) -> None:
         self._check_tensor(t, what)
@@ -695,6 +696,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         already settled while this rank had not called it (it is late): such an op takes the
         agreement's verdict first (docs/semantics.md, "One verdict per operation")."""
         self._check_open()
+        if self._captured:
+            self.check_graphs()
         issued_at = time.monotonic()
         membership = self._membership
         membership.poll()
@@ -772,6 +775,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors, opts=None):
         opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
+        if isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._capture_all_reduce(t, opts)
         self._check_tensor(t, "tensor")
         op = _reduce_op(opts)
         self._check_reduce(op, t)
@@ -783,6 +788,63 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             staged.append((t, x))
         return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged,
                            fingerprint=_fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()))
+
+    def _capture_all_reduce(self, t: torch.Tensor, opts) -> CapturedWork:
+        """all_reduce issued while the caller's stream is captured into a CUDA graph: enqueued into the
+        graph by the fast CUDA plane's device path and run at each replay (docs/semantics.md, "CUDA
+        graphs").  It takes no sequence number: every rank captures the same calls."""
+        _calls.issued = 1  # a refused capture is refused alike on every rank: nothing to tell the peers
+        self._check_open()
+        self.check_graphs()
+        if t.dtype not in DTYPE_CODES:
+            raise ArgumentError(f"tensor has dtype {t.dtype}, which mooncake does not carry")
+        op = _reduce_op(opts)
+        self._check_reduce(op, t)
+        view = self._membership.view
+        refusal = getattr(self._plane, "capture_refusal", None)
+        reason = (refusal(view, t, op) if refusal is not None else
+                  f"the {self.implementation} plane runs every operation through host-side control words")
+        if reason:
+            raise ArgumentError(f"all_reduce cannot be captured in a CUDA graph here: {reason}; issue it "
+                                "outside the captured region")
+        self._plane.capture_all_reduce(view, t, op, _fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()),
+                                       self._timeout_of(opts))
+        self._captured = True
+        return CapturedWork([t])
+
+    def check_graphs(self) -> None:
+        """Raise what a CUDA-graph replay of this group's captured operations ran into since the last
+        call, then let captured operations start over (capture the graph again):
+        ``PeerFailureError`` naming the ranks the survivors agreed failed (the same on every survivor),
+        ``OpTimeoutError`` when they agree nobody failed, or ``MooncakeError`` for a graph captured
+        under an earlier view.  Every operation of the group calls it first."""
+        trouble = getattr(self._plane, "graph_trouble", None)
+        found = trouble() if trouble is not None else None
+        if found is None:
+            return
+        epoch, stale, dead = found
+        membership = self._membership
+        if stale:
+            self._plane.graph_reset(membership.view.epoch)
+            raise MooncakeError(f"a CUDA graph captured under view epoch {epoch} of this group was replayed "
+                                "after the view changed: its operations did not run; capture it again")
+        if epoch == membership.view.epoch:
+            membership.trouble(epoch, suspects=dead)
+            decision = membership._wait_decision(epoch, membership._bound())
+        else:  # the members already agreed on that epoch (a peer's report or a NACK came first)
+            decision = membership.decision(epoch)
+        self._plane.graph_reset(membership.view.epoch)
+        if decision is None:
+            raise OpTimeoutError(f"a replay of a CUDA graph's all_reduce gave up under view epoch {epoch}; "
+                                 "its outputs are not valid; capture the graph again", ())
+        if decision.failed:
+            raise PeerFailureError(f"a replay of a CUDA graph's all_reduce gave up: rank(s) "
+                                   f"{sorted(decision.failed)} failed and the survivors {list(decision.active)} "
+                                   "agreed on it; that replay's outputs are not valid; capture the graph "
+                                   "again", tuple(sorted(decision.failed)))
+        raise OpTimeoutError(f"a replay of a CUDA graph's all_reduce timed out waiting for a peer; the "
+                             f"members {list(decision.active)} agreed nobody failed; that replay's outputs "
+                             "are not valid; capture the graph again", ())
 
     @_collective("all_reduce_coalesced", list_arg=0)
     def allreduce_coalesced(self, tensors, opts=None):

@@ -345,6 +345,38 @@ class MooncakeWork(dist.Work):
         self.wait()
 
 
+class CapturedWork(dist.Work):
+    """An operation enqueued into a CUDA graph being captured: nothing to wait for now.  It runs at each
+    replay; a replay that gives up is raised by the group's next call (``check_graphs``)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self._outputs = outputs
+
+    def wait(self, timeout: timedelta = timedelta(0)) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def exception(self):
+        return None
+
+    def get_future(self) -> torch.futures.Future:
+        future = torch.futures.Future()
+        future.set_result(self._outputs)
+        return future
+
+    def result(self) -> list[torch.Tensor]:
+        return self._outputs
+
+    def synchronize(self) -> None:
+        pass
+
+
 class ComposedWork(dist.Work):
     """Several operations issued by one call (coalesced forms); completes when all have."""
 

@@ -304,3 +304,33 @@ def disable_pidfd():
         raise OSError(38, "Function not implemented")
     os.pidfd_open = no_pidfd
     return True
+
+
+def set_env(name: str, value: str):
+    """Set an environment variable in this worker (read when a plane opens)."""
+    os.environ[name] = value
+    return True
+
+
+def device_path_state(prefix: str):
+    """(device path on, why it is off) of this worker's plane."""
+    g = _state[prefix]["plane"].g
+    return g.dev is not None, g.dev_reason
+
+
+def device_outcomes(prefix: str):
+    """How this worker's device-path launches ended: {"done", "published", "not posted"} counts."""
+    dev = _state[prefix]["plane"].g.dev
+    return dict(dev.outcomes) if dev is not None else {}
+
+
+def run_cases_late(prefix: str, cases: list[dict], delay_s: float):
+    """``run_cases`` after sleeping ``delay_s`` before each case (a rank that is merely late)."""
+    results = []
+    for case in cases:
+        time.sleep(delay_s)
+        op, outs = post_case(prefix, case)
+        drive(op)
+        results.append(outs)
+    _sync()
+    return results

@@ -69,7 +69,7 @@ def test_sources_from_the_package(monkeypatch, tmp_path):
     with pytest.raises(build.BuildError) as err:
         build.source_hash()
     assert err.value.code == "source-missing" and "(package)" in str(err.value) and "MOONCAKE_CSRC" in err.value.fix
-    for name in build.SOURCES:
+    for name in [*build.SOURCES, *(h.name for h in (REPO / "csrc").glob("*.cuh"))]:  # as setup.py packages them
         shutil.copy(REPO / "csrc" / name, packaged / name)
     assert build.csrc_dir() == packaged
     assert build.source_hash() == checkout  # same files, same key

@@ -63,6 +63,87 @@ def test_emulated_grid_matches_model(cluster_factory, world, capacity, active):
               ["bool", "int32", "bfloat16", "float32", "float64"], [1, 37, 600])
 
 
+DEVICE_ON = {"MOONCAKE_FAST_CUDA_DEVICE": "on", "MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS": "200"}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world,capacity,active", [(2, 2, [0, 1]), (3, 4, [0, 2])],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_emulated_device_path_matches_model(cluster_factory, world, capacity, active):
+    """The device path's steps (run on the host when emulated), mixed with host-protocol operations of
+    other kinds, give the model's bits."""
+    c = _emu(cluster_factory, world, **DEVICE_ON)
+    name = f"emudev{world}{capacity}{active}"
+    prefix = C.prefix(name)
+    c.run(H.open_plane, prefix, capacity, active, ranks=active)
+    try:
+        cases = C.grid(active, capacity, ["bool", "bfloat16", "float16", "float32", "float64"], [1, 37, 600])
+        results = c.run(H.run_cases, prefix, cases, ranks=active)
+        bad = C.mismatches(cases, results, active, capacity)
+        assert not bad, f"{name}: {len(bad)} mismatches, e.g. {bad[:5]}"
+        for outcomes in c.run(H.device_outcomes, prefix, ranks=active):
+            if outcomes is not None:
+                assert outcomes["done"] >= 20, outcomes  # the floating all_reduce cases took the device path
+    finally:
+        c.run(H.close_plane, prefix, ranks=active)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_device_path_meets_host_protocol(cluster_factory):
+    """One rank on the device path, its peer on the host protocol: the same words, the same bits."""
+    c = _emu(cluster_factory, 2, **DEVICE_ON)
+    c.run(H.set_env, "MOONCAKE_FAST_CUDA_DEVICE", "off", ranks=[1])
+    prefix = C.prefix("emudev-mixed")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        assert c.run(H.device_path_state, prefix) == [(True, None), (False, "MOONCAKE_FAST_CUDA_DEVICE=off")]
+        cases = [C.case("all_reduce", d, n, red=r, salt="mixed") for d in ("bfloat16", "float32", "float64")
+                 for n in (3, 300) for r in ("SUM", "MAX", "AVG")]
+        results = c.run(H.run_cases, prefix, cases)
+        bad = C.mismatches(cases, results, [0, 1], 2)
+        assert not bad, bad[:5]
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_device_path_late_peer_falls_back(cluster_factory):
+    """A peer later than the device path's wait: the kernel gives up (published, or not even that) and the
+    host protocol finishes the operation with the model's bits."""
+    c = _emu(cluster_factory, 2, MOONCAKE_FAST_CUDA_DEVICE="on", MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS="20")
+    prefix = C.prefix("emudev-late")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        warm = [C.case("all_reduce", "float32", 3, red="SUM", salt=f"warm{i}") for i in range(2)]
+        c.run(H.run_cases, prefix, warm)  # both lanes allocated: the late ops are eligible from the first
+        cases = [C.case("all_reduce", d, n, red="SUM", salt=f"late{n}") for d in ("float32", "bfloat16")
+                 for n in (5, 20)]  # under the emulation's two-phase threshold (100 bytes)
+        results = c.run_each({0: (H.run_cases, (prefix, cases), {}), 1: (H.run_cases_late, (prefix, cases, 0.15), {})})
+        bad = C.mismatches(cases, results, [0, 1], 2)
+        assert not bad, bad[:5]
+        early = c.run(H.device_outcomes, prefix, ranks=[0])[0]
+        assert early["published"] == len(cases), early  # gave up waiting, the host protocol finished each
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_device_path_mismatch_is_named(cluster_factory):
+    """Ranks disagreeing on a call that the device path would take: the kernel gives up at once and
+    every rank raises the same MismatchError; the next call works."""
+    c = _emu(cluster_factory, 2, **DEVICE_ON)
+    prefix = C.prefix("emudev-mismatch")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        per_rank = {0: [C.case("all_reduce", "float32", 10, red="SUM"), C.case("all_reduce", "float32", 4, red="SUM")],
+                    1: [C.case("all_reduce", "float32", 12, red="SUM"), C.case("all_reduce", "float32", 4, red="SUM")]}
+        msgs = c.run_each({r: (H.mismatch, (prefix, per_rank[r]), {}) for r in (0, 1)})
+        assert msgs[0] == msgs[1] and msgs[0][0].startswith("MismatchError"), msgs
+        assert msgs[0][1] == "ok", msgs
+    finally:
+        c.run(H.close_plane, prefix)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["always", "never"])
 def test_emulated_host_fold_modes(cluster_factory, mode):

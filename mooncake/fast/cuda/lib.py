@@ -22,11 +22,25 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 4
+ABI_VERSION = 5
+#: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
+DEV_MAX_RANKS = 16
 
 
 class McEpArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in EP_ARG_FIELDS]
+
+
+class McPgDevArgs(ctypes.Structure):
+    """One all_reduce of the PG device protocol (csrc/mooncake_pg_cuda.cu, ``McPgDevArgs``)."""
+
+    _fields_ = [("ctl", ctypes.c_int64 * DEV_MAX_RANKS), ("lane", (ctypes.c_int64 * DEV_MAX_RANKS) * 2),
+                ("base", ctypes.c_int64 * 2), ("src", ctypes.c_int64), ("dst", ctypes.c_int64),
+                ("numel", ctypes.c_int64), ("key", ctypes.c_int64), ("counter", ctypes.c_int64),
+                ("trouble", ctypes.c_int64), ("fp", ctypes.c_int64 * 3), ("timeout_ns", ctypes.c_int64),
+                ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64),
+                ("n", ctypes.c_int32), ("me", ctypes.c_int32), ("op", ctypes.c_int32), ("dtype", ctypes.c_int32),
+                ("phase", ctypes.c_int32), ("pad", ctypes.c_int32)]
 
 
 def _version(v: int) -> str:
@@ -49,6 +63,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_ep_skip": ([i64, i32, i64], i32),
         "mc_pg_fold_max_inputs": ([], i32),
         "mc_pg_fold": ([i32, i32, pi64, i32, i64, i64, i64, i64], i32),
+        "mc_pg_dev_args_size": ([], i32), "mc_pg_dev_max_ranks": ([], i32), "mc_pg_dev_layout": ([pi64], None),
+        "mc_pg_dev_all_reduce": ([ctypes.POINTER(McPgDevArgs), i32, i64], i32),
+        "mc_host_register": ([i64, i64, pi64], i32), "mc_host_unregister": ([i64], i32),
+        "mc_capture_mode": ([i32, pi32], i32),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -92,7 +110,8 @@ def load():
         _declare(lib)
     except AttributeError as exc:
         return None, f"{path} is not a mooncake CUDA library of this version ({exc}); rebuild it"
-    if lib.mc_abi_version() != ABI_VERSION or lib.mc_ep_args_size() != ctypes.sizeof(McEpArgs):
+    if (lib.mc_abi_version() != ABI_VERSION or lib.mc_ep_args_size() != ctypes.sizeof(McEpArgs)
+            or lib.mc_pg_dev_args_size() != ctypes.sizeof(McPgDevArgs) or lib.mc_pg_dev_max_ranks() != DEV_MAX_RANKS):
         return None, (f"{path} has ABI {lib.mc_abi_version()} / args {lib.mc_ep_args_size()} B, this mooncake "
                       f"expects ABI {ABI_VERSION} / {ctypes.sizeof(McEpArgs)} B: built from other sources; rebuild")
     driver = ctypes.c_int(0)

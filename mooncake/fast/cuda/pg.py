@@ -79,8 +79,30 @@ Streams and devices.  The PG face's ``Work.wait()`` orders the caller's current 
 outputs were written on.  A peer on another GPU of the host is served too: its lanes are opened with peer
 access and viewed as tensors of this rank's device, so this rank's fold and copies read them over NVLink / PCIe.
 
-Not done: CUDA-graph capture (the protocol runs on the host: the PG face refuses an operation issued while
-capturing), zero-copy from the caller's tensors.
+The device path.  A small in-place all_reduce (``DEVICE_MAX_BYTES``, a kernel-folded dtype and op, every
+earlier operation committed here, every peer's lane already big enough) runs the same protocol in one launch
+with no host step: every rank's control segment is registered with the device (``cudaHostRegister``), and the
+kernel (``csrc/mooncake_pg_cuda.cu``, "device protocol") waits for the peers' release of the lane, copies the
+input into the lane, writes the fingerprint and PUB, waits for every peer's PUB (comparing fingerprints),
+writes HOLD, folds every lane into the tensor, then FREE and DONE: the same words with the same keys, so a
+peer on the host protocol and one on the device path serve each other.  Every wait of the kernel is bounded
+(``DEVICE_WAIT_S``, GPU clock); a kernel that gives up leaves the words as far as it got (nothing, or PUB:
+the output untouched) and the host protocol carries on from there, with its liveness checks, agreement and
+re-posts.  The host only launches, then reads the words once the launch's event completed; a result the kernel
+flags (a NaN, a MIN/MAX zero) is folded again on the host as above.  ``MOONCAKE_FAST_CUDA_DEVICE=off`` turns
+it off (``on`` also in the CPU emulation, where the kernel's steps run on the host).
+
+CUDA graphs.  all_reduce issued while the caller's stream is captured (``torch.cuda.graph``) is enqueued as
+the device path's kernel on dedicated lanes (``GRAPH_LANES``) and keys ``epoch << 40 | GRAPH_BIT | n``, n
+read at run time from a word every captured op advances (so every replay has fresh keys; all ranks replay in
+step).  Lanes are allocated and peers' lanes opened while capturing (relaxed capture mode); replaced ones stay
+mapped while the group lives, since older graphs hold their addresses.  A captured op that waits past the
+group's timeout writes its key to the trouble word; every later captured op of the group then exits at once
+(as does one captured under another view epoch), and the group's next call raises (``check_graphs`` in the PG
+face): no re-post inside a graph, the replay's outputs are not valid.
+
+Not done: zero-copy from the caller's tensors, the device path for the other collectives and for large
+all_reduce (two-phase on the device), capture of the other collectives.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
@@ -101,6 +123,7 @@ from typing import Sequence
 
 import torch
 
+from ... import log
 from ...control import faults
 from ...control.streams import is_current
 from ...control.procs import exited, process_state
@@ -118,6 +141,12 @@ FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
+DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
+#: all_reduce of at most this many bytes may take the device path
+DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
+#: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
+DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
+DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes, 1 to 16 blocks
 MIN_LANE_BYTES = 1 << 20
 #: all_reduce of at least this many bytes (and 2+ ranks) folds one part per rank, then gathers the parts
 PARTS_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_PARTS_MIN", 1 << 20))
@@ -131,7 +160,10 @@ _MAGIC = 0x4D43435530303031  # "MCCU0001"
 W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED, W_DEVICE = range(6)
 W_FUTEX = 8  # int32 in the low half of word 8: peers bump it to wake this rank
 W_SLEEPING = 9
+W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT = 10, 11, 12  # captured ops: view epoch, key that gave up, ops run
 LANE0 = 16
+GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
+GRAPH_BIT = 1 << (SEQ_BITS - 1)  # in the keys of captured ops
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
 L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
@@ -139,8 +171,8 @@ L_SLOTS = 21  # (offset, nbytes) per slot, then the fingerprint's sends[capacity
 
 _RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
 
-QUEUED, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(10)
-_GPU_BUSY = (PUBLISHING, FOLDING, READING)  # states that wait for this rank's own GPU work
+QUEUED, DEVICE, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(11)
+_GPU_BUSY = (DEVICE, PUBLISHING, FOLDING, READING)  # states that wait for this rank's own GPU work
 _KERNEL_FOLD_OPS = (ReduceOp.SUM, ReduceOp.PRODUCT, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG)
 _KERNEL_FOLD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -149,8 +181,8 @@ class Layout:
     def __init__(self, capacity: int):
         self.capacity = capacity
         lw = (L_SLOTS + 4 * capacity + 7) // 8 * 8
-        self.lane = (LANE0, LANE0 + lw)
-        self.words = LANE0 + 2 * lw
+        self.lane = tuple(LANE0 + i * lw for i in range(4))  # eager lanes 0, 1; GRAPH_LANES
+        self.words = LANE0 + 4 * lw
         self.nbytes = (self.words * 8 + 4095) // 4096 * 4096
 
 
@@ -284,6 +316,26 @@ class _CudaMemory:
                                  flag, stream.cuda_stream)
         self._check(self.lib, rc, f"fold kernel ({ReduceOp(op).name}, {out.dtype}, {len(inputs)} inputs)")
 
+    def map_host(self, addr: int, size: int) -> int:
+        """Register host memory (control words of this or a peer process) for the device; its device address."""
+        dev = ctypes.c_int64(0)
+        self._check(self.lib, self.lib.mc_host_register(addr, size, ctypes.byref(dev)),
+                    f"cudaHostRegister of {size} bytes of control words")
+        return dev.value
+
+    def unmap_host(self, addr: int) -> None:
+        self.lib.mc_host_unregister(addr)
+
+    @contextlib.contextmanager
+    def relaxed_capture(self):
+        """Allocate / open lanes while this thread captures a CUDA graph (relaxed capture mode)."""
+        saved = ctypes.c_int(0)
+        self._check(self.lib, self.lib.mc_capture_mode(1, ctypes.byref(saved)), "cudaThreadExchangeStreamCaptureMode")
+        try:
+            yield
+        finally:
+            self.lib.mc_capture_mode(0, ctypes.byref(saved))
+
     def _view(self, buf: _Buffer, owner_device: int | None = None) -> torch.Tensor:
         """A uint8 tensor over ``buf`` on this rank's device.  A lane of a peer on another GPU of the host
         (opened with peer access) gets a view labelled with this device too, so that the fold and the copies
@@ -388,6 +440,14 @@ class _EmulatedMemory:
     def can_fold(op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
         return False  # CPU tensors: torch ops
 
+    @staticmethod
+    def map_host(addr: int, size: int) -> int:
+        return addr
+
+    @staticmethod
+    def unmap_host(addr: int) -> None:
+        pass
+
     def allocate(self, size: int, tag: str) -> _Buffer:
         seg = Segment.create(tag, size)
         buf = _Buffer(seg.addr, size, struct.pack("<qqq", os.getpid(), seg.fd, size), seg.close, seg)
@@ -413,6 +473,7 @@ class _Peer:
         self.ctl = ctrl.words(0, layout.words)
         self.futex_addr = ctrl.addr + W_FUTEX * 8
         self.lanes: dict[int, tuple[int, _Buffer]] = {}
+        self.retired: list[_Buffer] = []  # captured ops' lanes replaced while a graph may still read them
         self.pidfd: int | None = None
         self.gone = False
         try:
@@ -438,7 +499,10 @@ class _Peer:
             return have[1].view
         if have is not None:
             del self.lanes[lane]
-            have[1].close()
+            if lane in GRAPH_LANES:
+                self.retired.append(have[1])
+            else:
+                have[1].close()
         size = int(self.ctl[base + L_SIZE])
         handle = b"".join(struct.pack("<q", int(self.ctl[base + L_HANDLE + i])) for i in range(8))
         buf = mem.attach(handle, size, f"rank {self.rank}", int(self.ctl[W_DEVICE]))
@@ -446,13 +510,237 @@ class _Peer:
         return buf.view
 
     def close(self) -> None:
-        for _, buf in self.lanes.values():
+        for buf in [b for _, b in self.lanes.values()] + self.retired:
             buf.close()
         self.lanes.clear()
+        self.retired.clear()
         self.ctrl.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+class _DevicePath:
+    """The device path of one group (module doc, "The device path"): every rank's control words mapped into
+    this rank's device, the kernels' block counters, the lanes of captured operations, and the kernels'
+    launches (on the host, step for step, when emulated)."""
+
+    def __init__(self, g: "CudaGroup"):
+        self.g = g
+        mem = g.mem
+        if not mem.emulated:
+            from .lib import DEV_MAX_RANKS
+            layout = (ctypes.c_int64 * 8)()
+            mem.lib.mc_pg_dev_layout(layout)
+            want = (W_GRAPH_EPOCH, L_PUB, L_META, L_DONE, L_HOLD, L_FREE, L_META_NUMEL, L_META_SLOTS)
+            if tuple(layout) != want:
+                raise MooncakeError(f"the CUDA library's control-word layout {tuple(layout)} is not this "
+                                    f"mooncake's {want}: rebuild it")
+            self.max_ranks = DEV_MAX_RANKS
+        else:
+            self.max_ranks = 16
+        self.mapped: dict[int, tuple[int, int]] = {g.rank: (g.ctrl.addr, mem.map_host(g.ctrl.addr, g.ctrl.size))}
+        self.arrive = torch.zeros(4, dtype=torch.int32, device=mem.device)  # blocks done: eager 1, 2; graph 1, 2
+        self.graph_lanes: dict[int, _Buffer] = {}
+        self.retired: list[_Buffer] = []
+        self.reported = 0  # the trouble word's value last handed to the control plane
+        self.outcomes = {"done": 0, "published": 0, "not posted": 0}  # how eager launches ended (tests, stats)
+
+    def map_peer(self, r: int, p: _Peer) -> None:
+        self.unmap_peer(r)
+        self.mapped[r] = (p.ctrl.addr, self.g.mem.map_host(p.ctrl.addr, p.ctrl.size))
+
+    def unmap_peer(self, r: int) -> None:
+        have = self.mapped.pop(r, None)
+        if have is not None:
+            self.g.mem.unmap_host(have[0])
+
+    def close(self) -> None:
+        for r in list(self.mapped):
+            self.unmap_peer(r)
+        for buf in list(self.graph_lanes.values()) + self.retired:
+            buf.close()
+        self.graph_lanes.clear()
+        self.retired.clear()
+
+    # ---- eager operations ----------------------------------------------------------------------------
+    def eager_ok(self, op: "_AllReduce") -> bool:
+        """``op`` may run as one launch: a small in-place all_reduce the kernel folds, every earlier
+        operation of the group committed here, every peer's lane mapped and big enough (so that the
+        peer keeps using the buffer opened now)."""
+        g = self.g
+        nb = _nbytes(op.tensor)
+        if (op.two_phase or not op.in_place or type(op) is not _AllReduce or op.op not in _KERNEL_FOLD_OPS
+                or op.dtype not in _KERNEL_FOLD_DTYPES or not 0 < nb <= DEVICE_MAX_BYTES
+                or len(op.active) > self.max_ranks or (faults.armed() and not g.mem.emulated)):
+            return False
+        for earlier in g.queue:
+            if earlier is op:
+                break
+            if earlier.state < COMMITTED:
+                return False
+        for r in op.others:
+            ctl = g.peer(r).ctl
+            if r not in self.mapped or ctl[op.base + L_GEN] <= 0 or ctl[op.base + L_SIZE] < nb:
+                return False
+        return True
+
+    def post(self, op: "_AllReduce") -> None:
+        """Enqueue ``op`` as one launch on its stream, after writing the words the host protocol needs
+        should it take over (slot table, fingerprint)."""
+        g, base = self.g, op.base
+        nb = _nbytes(op.tensor)
+        mine = g.lane_view(op.lane, nb)
+        ctl = g.ctl
+        ctl[base + L_SLOTS], ctl[base + L_SLOTS + 1] = 0, nb
+        g.fp_words.write(ctl, base, op.fp, 0)
+        ctl[base + L_NSLOTS], ctl[base + L_NBYTES], ctl[base + L_RESULT] = 1, _align(nb), _align(nb)
+        g.flag[0] = 0
+        lanes = [mine if r == op.me else g.peer(r).lane_view(g.mem, op.lane, base) for r in op.active]
+        with g.mem.on(op.stream):
+            if g.mem.emulated:
+                self._emulate(op, lanes, nb)
+            else:
+                self._launch(op.active, op.me, (lanes, lanes), (base, base), op.tensor, op.op, op.key, op.fp,
+                             DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
+            op.ev = g.mem.record(op.stream)
+
+    def _launch(self, active, me, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream) -> None:
+        from .lib import McPgDevArgs, check
+        g, mem = self.g, self.g.mem
+        a = McPgDevArgs()
+        for i, r in enumerate(active):
+            a.ctl[i] = self.mapped[r][1]
+            a.lane[0][i], a.lane[1][i] = lanes[0][i].data_ptr(), lanes[1][i].data_ptr()
+        a.base[0], a.base[1] = bases
+        a.src = a.dst = tensor.data_ptr()
+        a.numel = tensor.numel()
+        a.key = key
+        own = self.mapped[g.rank][1]
+        a.counter = own + 8 * W_GRAPH_COUNT if graph else 0
+        a.trouble = own + 8 * W_GRAPH_TROUBLE if graph else 0
+        a.fp[0], a.fp[1], a.fp[2] = g.fp_words.head(fp, 0)
+        a.timeout_ns = int(timeout_s * 1e9)
+        a.flag = g.flag.data_ptr() if flag else 0
+        a.arrive = self.arrive.data_ptr() + (8 if graph else 0)
+        a.n, a.me, a.op, a.dtype = len(active), active.index(me), int(redop), DTYPE_CODES[tensor.dtype]
+        blocks = max(1, min(16, -(-_nbytes(tensor) // DEVICE_BLOCK_BYTES)))
+        check(mem.lib, mem.lib.mc_pg_dev_all_reduce(ctypes.byref(a), blocks, stream.cuda_stream),
+              f"device all_reduce ({ReduceOp(redop).name}, {tensor.dtype}, {len(active)} ranks)")
+
+    def _emulate(self, op: "_AllReduce", lanes: list[torch.Tensor], nb: int) -> None:
+        """The kernel's steps on the host, on the same words in the same order (MOONCAKE_FAST_CUDA_EMULATE)."""
+        g, base, key = self.g, op.base, op.key
+        ctls = {r: (g.ctl if r == op.me else g.peer(r).ctl) for r in op.active}
+        deadline = time.monotonic() + DEVICE_WAIT_S
+
+        def wait_all(cond) -> bool:
+            for r in op.others:
+                while not cond(ctls[r]):
+                    if time.monotonic() > deadline:
+                        return cond(ctls[r])
+                    time.sleep(20e-6)
+            return True
+
+        if not wait_all(lambda c: c[base + L_FREE] >= c[base + L_HOLD] or c[base + L_HOLD] >= key):
+            return
+        lanes[op.active.index(op.me)][:nb].copy_(op.tensor.reshape(-1).view(torch.uint8))
+        if op.others:
+            faults.hit("mid_transfer")
+        head = g.fp_words.head(op.fp, 0)
+        mine = ctls[op.me]
+        mine[base + L_META], mine[base + L_META_NUMEL], mine[base + L_META_SLOTS] = head
+        mine[base + L_PUB] = key
+        g.wake(op.others)
+        if not wait_all(lambda c: c[base + L_PUB] == key):
+            return
+        if any((ctls[r][base + L_META], ctls[r][base + L_META_NUMEL], ctls[r][base + L_META_SLOTS]) != head
+               for r in op.others):
+            return
+        mine[base + L_HOLD] = key
+        result = fold(op.op, [lane[:nb].view(op.dtype) for lane in lanes])
+        op.tensor.reshape(-1).copy_(result.reshape(-1))
+        if op.others:
+            faults.hit("after_data")
+        mine[base + L_FREE] = key
+        mine[base + L_DONE] = key
+        g.wake(op.others)
+
+    # ---- captured operations -----------------------------------------------------------------------------
+    def capture_refusal(self, view, tensor: torch.Tensor, op: ReduceOp) -> str | None:
+        """Why this all_reduce cannot be captured in a CUDA graph, or None."""
+        if self.g.delegate:
+            return self.g.delegate
+        if self.g.mem.emulated:
+            return "the CUDA plane is emulated on the CPU"
+        if not tensor.is_contiguous() or tensor.device != self.g.mem.device:
+            return f"the tensor must be contiguous and on {self.g.mem.device}"
+        if ReduceOp(op) not in _KERNEL_FOLD_OPS or tensor.dtype not in _KERNEL_FOLD_DTYPES:
+            return (f"captured all_reduce takes SUM / AVG / PRODUCT / MIN / MAX of float16, bfloat16, float32, "
+                    f"float64 (got {ReduceOp(op).name} of {tensor.dtype})")
+        if len(view.active) > self.max_ranks:
+            return f"captured all_reduce takes groups of up to {self.max_ranks} active ranks"
+        return None
+
+    def capture(self, view, tensor: torch.Tensor, op: ReduceOp, fp: Fingerprint, timeout_s: float) -> None:
+        """Enqueue ``all_reduce(tensor, op)`` of ``view`` on the capturing stream: keys from the group's
+        counter of captured ops run, the graph lanes (grown now, while capturing, if too small)."""
+        g = self.g
+        nb = max(_nbytes(tensor), 1)
+        active = tuple(view.active)
+        with g.lock, g.mem.relaxed_capture():
+            ctl = g.ctl
+            if ctl[W_GRAPH_EPOCH] != view.epoch:
+                self.reset(view.epoch)
+            mine = [self._graph_lane(lane, nb) for lane in GRAPH_LANES]
+            deadline = time.monotonic() + timeout_s
+            lanes: list[list[torch.Tensor]] = [[], []]
+            for i, lane in enumerate(GRAPH_LANES):
+                base = g.layout.lane[lane]
+                for r in active:
+                    if r == g.rank:
+                        lanes[i].append(mine[i])
+                        continue
+                    p = g.peer(r)
+                    while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < nb:
+                        if time.monotonic() > deadline:
+                            raise MooncakeError(f"all_reduce captured in a CUDA graph: rank {r} did not capture "
+                                                f"a matching all_reduce ({nb} bytes) within {timeout_s:.0f} s; "
+                                                "every rank of the group must capture the same calls")
+                        time.sleep(0.001)
+                    lanes[i].append(p.lane_view(g.mem, lane, base))
+            stream = torch.cuda.current_stream(g.mem.index)
+            key = view.epoch << SEQ_BITS | GRAPH_BIT
+            self._launch(active, g.rank, lanes, tuple(g.layout.lane[x] for x in GRAPH_LANES), tensor, op, key,
+                         fp, timeout_s, graph=True, flag=False, stream=stream)
+
+    def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
+        have = self.graph_lanes.get(lane)
+        if have is None or have.size < nbytes:
+            if have is not None:
+                self.retired.append(have)  # graphs captured earlier keep reading it
+            self.graph_lanes[lane] = have = self.g.publish_lane(lane, nbytes)
+        return have.view
+
+    def trouble(self) -> tuple[int, bool, frozenset[int]] | None:
+        """(view epoch of the op that gave up, whether it was captured under an earlier view than the
+        current captures', peers found dead) once a captured op gave up since the last call, else None."""
+        g = self.g
+        value = int(g.ctl[W_GRAPH_TROUBLE])
+        if value == 0 or value == self.reported:
+            return None
+        self.reported = value
+        g._live_checked = 0.0
+        epoch = value >> SEQ_BITS
+        return epoch, epoch < int(g.ctl[W_GRAPH_EPOCH]), g.failed(tuple(g.peers))
+
+    def reset(self, epoch: int) -> None:
+        """Captured ops start over under view ``epoch`` (ops captured under another view give up at once)."""
+        ctl = self.g.ctl
+        ctl[W_GRAPH_COUNT] = 0
+        ctl[W_GRAPH_TROUBLE] = 0
+        ctl[W_GRAPH_EPOCH] = epoch
+        self.reported = 0
 
 
 class CudaGroup:
@@ -497,6 +785,13 @@ class CudaGroup:
         self.address = info.addresses.get(self.rank, b"")
         record = _RECORD.pack(_MAGIC, 1, self.capacity, os.getpid(), self.ctrl.fd, self.ctrl.size, self.host,
                               self.mem.index)
+        self.dev: _DevicePath | None = None
+        self.dev_reason: str | None = None  # why the device path is off
+        mode = os.environ.get(DEVICE_ENV, "auto").strip().lower()
+        if mode == "on" or (mode == "auto" and not self.mem.emulated):
+            self._device_path(lambda: _DevicePath(self))
+        else:
+            self.dev_reason = f"{DEVICE_ENV}={mode or 'auto'}"
         info.store.set(_record_key(self.prefix, self.rank), record + self.address)
         try:
             self.add_ranks({r: a for r, a in info.addresses.items() if r != info.rank})
@@ -531,9 +826,23 @@ class CudaGroup:
                                         "use MOONCAKE_IMPL=ref") from None
                 old = self.peers.pop(r, None)
                 if old is not None:
+                    if self.dev is not None:
+                        self.dev.unmap_peer(r)
                     old.close()
-                self.peers[r] = _Peer(r, pid, todo[r], ctrl, self.layout)
+                self.peers[r] = peer = _Peer(r, pid, todo[r], ctrl, self.layout)
                 self._dead.discard(r)
+                if self.dev is not None:
+                    self._device_path(lambda: self.dev.map_peer(r, peer) or self.dev)
+
+    def _device_path(self, make) -> None:
+        """Set up (a part of) the device path; where that fails the group keeps to the host protocol."""
+        try:
+            self.dev = make()
+        except Exception as exc:  # noqa: BLE001 - a CudaError / MooncakeError: the host protocol serves
+            if self.dev is not None:
+                self.dev.close()
+            self.dev, self.dev_reason = None, f"the device path is off: {exc}"
+            log.logger.info("rank %d: fast CUDA plane: %s", self.rank, self.dev_reason)
 
     def _records(self, addresses: dict[int, bytes]) -> dict[int, tuple]:
         store = self.info.store
@@ -577,19 +886,23 @@ class CudaGroup:
             return have.view
         if nbytes == 0:
             return None if have is None else have.view
-        size = max(MIN_LANE_BYTES, 1 << math.ceil(math.log2(nbytes)))
         if have is not None:
             del self.lanes[lane]
             have.close()
+        self.lanes[lane] = buf = self.publish_lane(lane, nbytes)
+        return buf.view
+
+    def publish_lane(self, lane: int, nbytes: int) -> _Buffer:
+        """A new buffer of at least ``nbytes`` for ``lane``, its handle published in the lane's words."""
+        size = max(MIN_LANE_BYTES, 1 << math.ceil(math.log2(nbytes)))
         buf = self.mem.allocate(size, f"mooncake-fastcuda-{self.rank}-lane{lane}")
         self.gen += 1
-        self.lanes[lane] = buf
         base = self.layout.lane[lane]
         for i in range(8):
             self.ctl[base + L_HANDLE + i] = struct.unpack_from("<q", buf.handle.ljust(64, b"\0"), 8 * i)[0]
         self.ctl[base + L_SIZE] = size
         self.ctl[base + L_GEN] = self.gen
-        return buf.view
+        return buf
 
     def stream_for(self, seq: int):
         """The stream operation ``seq`` runs on: the caller's current one when first posted."""
@@ -641,6 +954,8 @@ class CudaGroup:
         with self.lock:
             for op in list(self.queue):
                 if op.state == QUEUED and not op.try_post():
+                    return
+                if op.state == DEVICE and not op.try_device_done():
                     return
                 if op.state == PUBLISHING and not op.try_pub():
                     return
@@ -711,6 +1026,9 @@ class CudaGroup:
                 op.abandon()
             self.ctl[W_CLOSED] = 1
             self.wake(list(self.peers))
+            if self.dev is not None:
+                self.dev.close()
+                self.dev = None
             for p in self.peers.values():
                 p.close()
             self.peers.clear()
@@ -767,6 +1085,7 @@ class _Op:
         self.fold_slice: tuple[int, int] | None = None
         self.kernel_flag = False  # the fold kernel computes the host-fold flag itself
         self.two_phase = False  # large all_reduce: fold one part per rank, then gather the parts
+        self.device_tried = False  # posted through the device path once (a second post takes the host protocol)
 
     # -- the PlaneOp interface -------------------------------------------------------------------
     @property
@@ -793,7 +1112,7 @@ class _Op:
         with self.g.lock:
             if self.state == QUEUED:
                 return tuple(r for r in self.others if not self._released(r))
-            if self.state == POSTED:
+            if self.state in (DEVICE, POSTED):
                 return tuple(r for r in self.needs if self.g.peer(r).ctl[self.base + L_PUB] != self.key)
             if self.state == REDUCED:
                 return tuple(r for r in self.others if self.g.peer(r).ctl[self.base + L_RED] != self.key)
@@ -850,6 +1169,11 @@ class _Op:
         g = self.g
         if g.closed:
             return False
+        if g.dev is not None and not self.device_tried and self.device_ok():
+            self.device_tried = True
+            g.dev.post(self)
+            self.state = DEVICE
+            return self.try_device_done()
         for r in self.others:
             if not self._released(r):
                 return False
@@ -887,6 +1211,37 @@ class _Op:
         ctl[base + L_RESULT] = result_off
         self.state = PUBLISHING
         return self.try_pub()
+
+    def device_ok(self) -> bool:
+        """This op may take the device path (``_DevicePath.eager_ok``)."""
+        return False
+
+    def try_device_done(self) -> bool:
+        """The device path's launch completed: carry on from where its words say it got (committed here,
+        published only, or nothing) with the host protocol."""
+        g = self.g
+        if not g.mem.done(self.ev):
+            return False
+        self.ev = None
+        ctl, base, key = g.ctl, self.base, self.key
+        g.wake(self.others)
+        outcomes = g.dev.outcomes if g.dev is not None else {}
+        if ctl[base + L_DONE] == key:
+            outcomes["done"] = outcomes.get("done", 0) + 1
+            self.verified = True
+            self.device_result()
+            self.state = DATA
+            return self.try_commit()
+        if ctl[base + L_PUB] == key:
+            outcomes["published"] = outcomes.get("published", 0) + 1
+            self.state = POSTED
+            return self.try_read()
+        outcomes["not posted"] = outcomes.get("not posted", 0) + 1
+        self.state = QUEUED
+        return self.try_post()
+
+    def device_result(self) -> None:
+        """The device path wrote this op's result (``_AllReduce``)."""
 
     def try_pub(self) -> bool:
         if not self.g.mem.done(self.ev):
@@ -1155,6 +1510,19 @@ class _AllReduce(_Op):
 
     def sends(self):
         return [(0, self.tensor)]
+
+    def device_ok(self):
+        return self.g.dev.eager_ok(self)
+
+    def device_result(self):
+        self.wrote = True
+        self.stash = [self.tensor]
+        torch.autograd.graph.increment_version(self.tensor)
+        if self.exact_mode != "never":  # flagged by the kernel (or always): the host fold from the lanes
+            self.fold_op, self.fold_out = self.op, self.tensor
+            self.fold_inputs = [self.src(r, 0, self.tensor) for r in self.active]
+            self.fold_dst, self.fold_slice = self.tensor, None
+        self._exact()
 
     def compute(self):
         inputs = [self.src(r, 0, self.tensor) for r in self.active]
@@ -1490,6 +1858,26 @@ class FastCudaGroup:
             from ...ref import collectives as ref
             return ref.barrier(ctx)
         return self._run(_Barrier(self.g, ctx))
+
+    # ---- CUDA graphs (the device path) -----------------------------------------------------------------
+    def capture_refusal(self, view, tensor: torch.Tensor, op) -> str | None:
+        """Why ``all_reduce(tensor, op)`` cannot be captured in a CUDA graph here, or None."""
+        if self.g.dev is None:
+            return self.g.dev_reason or "the device path is off"
+        return self.g.dev.capture_refusal(view, tensor, op)
+
+    def capture_all_reduce(self, view, tensor: torch.Tensor, op, fp: Fingerprint, timeout_s: float) -> None:
+        self.g.dev.capture(view, tensor, ReduceOp(op), fp, timeout_s)
+
+    def graph_trouble(self) -> tuple[int, bool, frozenset[int]] | None:
+        """(view epoch, captured under an earlier view, peers found dead) once a replayed captured op gave
+        up since the last call."""
+        dev = self.g.dev
+        return None if dev is None or self.g.closed else dev.trouble()
+
+    def graph_reset(self, epoch: int) -> None:
+        if self.g.dev is not None and not self.g.closed:
+            self.g.dev.reset(epoch)
 
     def add_ranks(self, addresses: dict[int, bytes]) -> None:
         self.g.add_ranks(addresses)

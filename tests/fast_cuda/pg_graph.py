@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""The fast CUDA plane's device path on the GPU machine: eager latency, CUDA-graph capture and replay, a
+peer killed during a replay (a check and a benchmark in one script; prints PASS / FAIL / BENCH lines).
+
+    python tests/fast_cuda/pg_graph.py --ranks 2,4,8 --out gpu-out
+
+For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOONCAKE_IMPL=fast``):
+
+* eager ``dist.all_reduce`` median time per call (slowest rank) at 8 B .. 1 MiB, device path on and off;
+* graph: ``OPS`` all_reduces captured in one ``torch.cuda.CUDAGraph`` (each on its own tensor, refilled
+  from fresh inputs before every replay), replayed ``REPLAYS`` times, every output bitwise equal to
+  ``mooncake.model``'s fold of every rank's inputs; the time per captured op;
+* failure: the last rank is killed while the others replay; every survivor's replay ends within the
+  timeout, its next call raises the same ``PeerFailureError`` naming the dead rank, and afterwards an
+  eager all_reduce and a fresh capture over the survivors give the model's bits.
+
+Writes ``<out>/pg_graph.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mooncake.testing.cluster import Cluster  # noqa: E402
+
+OPS = 16
+REPLAYS = 20
+WARMUP = 10
+
+
+def _inputs(rank: int, op: int, replay: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rank * 1_000_003 + op * 7919 + replay * 104729)
+    return (torch.randn(numel, generator=g) * 100).to(dtype)
+
+
+def _expected(ranks, op: int, replay: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    from mooncake.model.reduce import ReduceOp, fold
+    return fold(ReduceOp.SUM, [_inputs(r, op, replay, numel, dtype) for r in ranks])
+
+
+def eager_loop(numel: int, iters: int):
+    x = torch.ones(numel, dtype=torch.float32, device="cuda")
+    dist.barrier()
+    times = []
+    for i in range(iters + WARMUP):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        torch.cuda.synchronize()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t0)
+        x.fill_(1)
+    return times
+
+
+def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
+    """Capture OPS all_reduces, replay; returns (mismatches, seconds per replay)."""
+    dtype = getattr(torch, dtype_name)
+    rank, ranks = dist.get_rank(), list(range(dist.get_world_size()))
+    static_in = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
+    bufs = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            for i in range(OPS):
+                bufs[i].copy_(static_in[i])
+                dist.all_reduce(bufs[i])
+    bad, times = [], []
+    for rep in range(replays):
+        for i in range(OPS):
+            static_in[i].copy_(_inputs(rank, i, rep, numel, dtype))
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        for i in range(OPS):
+            want = _expected(ranks, i, rep, numel, dtype)
+            got = bufs[i].cpu()
+            if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                bad.append((rep, i))
+    dist.barrier()
+    return bad, times
+
+
+def die_during_replay(numel: int, victim: int, timeout_s: float):
+    """Capture, replay once cleanly, then replay again while ``victim`` kills itself right after launching
+    its replay.  Returns what the survivor saw (the error of its next call, seconds until its replay ended)."""
+    from mooncake.model.reduce import ReduceOp, fold
+    rank = dist.get_rank()
+    x = torch.full((numel,), float(rank + 1), device="cuda")
+    static_in = x.clone()
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(OPS):
+                x.copy_(static_in)
+                dist.all_reduce(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == victim:
+        graph.replay()
+        time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    replay_s = time.perf_counter() - t0
+    y = torch.ones(numel, device="cuda")
+    error = None
+    try:
+        dist.all_reduce(y)
+    except Exception as exc:  # noqa: BLE001 - the outcome is the result
+        error = f"{type(exc).__name__}: {exc}"
+    # the group goes on over the survivors: eager, then a fresh capture
+    survivors = [r for r in range(dist.get_world_size()) if r != victim]
+    z = torch.full((numel,), float(rank + 1), device="cuda")
+    dist.all_reduce(z)
+    eager_ok = bool(torch.equal(z.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])))
+    g2 = torch.cuda.CUDAGraph()
+    w = torch.zeros(numel, device="cuda")
+    src = torch.full((numel,), float(rank + 1), device="cuda")
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(g2, stream=side):
+            w.copy_(src)
+            dist.all_reduce(w)
+    g2.replay()
+    torch.cuda.synchronize()
+    graph_ok = bool(torch.equal(w.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])))
+    return {"error": error, "replay_s": round(replay_s, 3), "eager_ok": eager_ok, "graph_ok": graph_ok}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", default="2,4,8")
+    ap.add_argument("--sizes", default="8,4096,65536,1048576")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--steps", default="eager,graph,fail")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import pg_graph as P  # the workers import the probes by module name
+    steps = set(args.steps.split(","))
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    record = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    failures = 0
+
+    def note(kind, **fields):
+        record["runs"].append({"kind": kind, **fields})
+        print(kind, json.dumps(fields), flush=True)
+
+    for R in [int(r) for r in args.ranks.split(",") if r]:
+        for device_mode in (("on", "off") if "eager" in steps else ()):
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=120,
+                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_DEVICE": device_mode})
+            try:
+                for size in sizes:
+                    res = c.run(P.eager_loop, max(size // 4, 1), args.iters)
+                    per = sorted(max(ts) for ts in zip(*res))
+                    note("BENCH", mode="eager", device_path=device_mode, ranks=R, bytes=size,
+                         median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
+            finally:
+                c.close()
+        if "graph" in steps:
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
+            try:
+                for size in sizes:
+                    for dtype in (("float32", "bfloat16") if size == 4096 else ("float32",)):
+                        res = c.run(P.graph_run, max(size // 4, 1), REPLAYS, dtype)
+                        bad = [b for r in res for b in r[0]]
+                        per_replay = sorted(max(ts) for ts in zip(*[r[1] for r in res]))[:-2]  # the first replays warm up
+                        ok = not bad
+                        failures += not ok
+                        note("PASS" if ok else "FAIL", what="graph bitwise", ranks=R, bytes=size, dtype=dtype,
+                             mismatches=bad[:5])
+                        note("BENCH", mode="graph", ranks=R, bytes=size, dtype=dtype,
+                             per_op_us=round(statistics.median(per_replay) / OPS * 1e6, 2))
+            finally:
+                c.close()
+        if "fail" in steps and R >= 3:
+            import mooncake.testing.cluster as cluster
+            cluster.FAILURE_GRACE_S = 90.0  # the survivors' replays end at the group's timeout, after the death
+            timeout_s = 5.0  # the group's: a captured op waits this long for a peer
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env={"MOONCAKE_IMPL": "fast"})
+            try:
+                victim = R - 1
+                survivors = list(range(R - 1))
+                try:
+                    c.run(P.die_during_replay, 1024, victim, timeout_s, timeout_s=120)
+                except Exception as exc:  # the victim dies: collect the survivors' answers separately
+                    results = getattr(exc, "results", None) or []
+                else:
+                    results = []
+                outs = [results[r] if r < len(results) else None for r in survivors]
+                errors = {o["error"] if o else None for o in outs}
+                ok = (all(o is not None for o in outs) and len(errors) == 1 and None not in errors
+                      and "PeerFailureError" in next(iter(errors)) and f"[{victim}]" in next(iter(errors))
+                      and all(o["eager_ok"] and o["graph_ok"] for o in outs))
+                failures += not ok
+                note("PASS" if ok else "FAIL", what="rank killed during a replay", ranks=R, survivors=outs)
+            finally:
+                c.close()
+    with open(os.path.join(args.out, "pg_graph.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"pg_graph: {failures} failure(s)", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
