@@ -594,8 +594,15 @@ MC_API int mc_malloc_zeroed(int64_t bytes, int64_t* ptr) {
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, (size_t)bytes);
   if (err != cudaSuccess) return (int)err;
-  err = cudaMemset(p, 0, (size_t)bytes);
-  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  // on a private non-blocking stream: no device-wide synchronisation (allowed while a graph is captured)
+  cudaStream_t s = nullptr;
+  err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (err == cudaSuccess) {
+    err = cudaMemsetAsync(p, 0, (size_t)bytes, s);
+    cudaError_t done = cudaStreamSynchronize(s);
+    if (err == cudaSuccess) err = done;
+    cudaStreamDestroy(s);
+  }
   if (err != cudaSuccess) {
     cudaFree(p);
     return (int)err;

@@ -62,7 +62,7 @@ echo "=== pg_check rc=$rc at ${SECONDS}s" | tee -a "$out/summary.txt"
 grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check)" "$out/pg_check.txt" >> "$out/summary.txt"
 
 if [ $((budget - SECONDS)) -gt 60 ]; then
-  timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py \
+  timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py tests/fast_cuda/test_cuda_pg_face.py \
     -k "test_cuda_" -rfEs > "$out/pytest.txt" 2>&1
   echo "=== pytest (CUDA tests) rc=$? at ${SECONDS}s: $(tail -n 1 "$out/pytest.txt")" | tee -a "$out/summary.txt"
 fi

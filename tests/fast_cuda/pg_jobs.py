@@ -208,9 +208,10 @@ def wait_on_other_stream(numel: int, iters: int):
     return wrong
 
 
-def capture_refused():
-    """A collective issued while a CUDA graph is being captured is refused before it communicates; the
-    group then still works.  Returns (error type, message, the following all_reduce's value)."""
+def capture_refused(op: str = "broadcast"):
+    """A collective (``op``: "broadcast", or "all_reduce" where the plane cannot capture it) issued while a
+    CUDA graph is being captured is refused before it communicates; the group then still works.  Returns
+    (error type, message, the following all_reduce's value)."""
     rank = dist.get_rank()
     dev = _dev()
     x = torch.ones(16, device=dev)
@@ -220,7 +221,7 @@ def capture_refused():
     with torch.cuda.stream(stream):
         try:
             with torch.cuda.graph(graph, stream=stream):
-                dist.all_reduce(x)
+                dist.broadcast(x, 0) if op == "broadcast" else dist.all_reduce(x)
         except Exception as exc:  # noqa: BLE001 - returned to the test
             err = (type(exc).__name__, str(exc))
     torch.cuda.synchronize()

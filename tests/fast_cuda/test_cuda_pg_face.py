@@ -33,10 +33,22 @@ def test_wait_orders_the_callers_stream(cluster_factory, impl):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
-    results = _dist(cluster_factory, 2, impl).run(J.capture_refused, timeout_s=120)
-    for err, after in results:
+    c = _dist(cluster_factory, 2, impl)
+    for err, after in c.run(J.capture_refused, "broadcast", timeout_s=120):
         assert err is not None and err[0] == "ArgumentError" and "CUDA graph capture" in err[1], err
         assert after == [3.0] * 4
+    if impl == "ref":  # all_reduce is captured by the fast plane only
+        for err, after in c.run(J.capture_refused, "all_reduce", timeout_s=120):
+            assert err is not None and err[0] == "ArgumentError" and "cannot be captured" in err[1], err
+            assert after == [3.0] * 4
+
+
+@pytest.mark.timeout(300)
+def test_all_reduce_captured_and_replayed_bitwise(cluster_factory):
+    """The fast plane's captured all_reduce: every replay's outputs equal the model's fold, bit for bit."""
+    import pg_graph as G
+    for bad, _ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
+        assert not bad, bad[:5]
 
 
 @pytest.mark.timeout(300)
