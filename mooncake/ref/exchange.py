@@ -8,8 +8,11 @@ header is validated against the expected one before its payload is handed out.
 With a job secret (control/auth.py) every header carries its group's MAC, and DONEs are MACed whole.
 A received message that does not verify -- forged, garbage, or oversized (UCX reports it truncated)
 -- is dropped, logged once, and its receive posted again: it never fails a peer or reaches a tensor.
-The one exception keeps the contract for honest ranks that disagree on sizes: a truncated payload
-from a rank whose authenticated DONE then arrives was that rank's own (a size mismatch).
+Honest ranks that disagree on sizes (or on a root) keep their verdict: an oversized payload cannot be
+told from a forgery, so its receive is posted again, but the DONEs still go out (with the fingerprints);
+when the sender's authenticated DONE shows a call that disagrees with this rank's, the oversized payload
+was its own and the operation fails with the usual ``MismatchError``; when it agrees, the oversized
+message was not its and the operation waits for its payload before it commits.
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ class Exchange:
         self._verified: set[int] = set()      # ids of received requests whose MAC checked out
         self._truncated: dict[int, Request] = {}  # rank -> its oversized payload, until its DONE vouches for it
         self.data_complete = False
+        # DONEs went out: every payload is in, or (with a secret) some receive got an oversized message
+        # that its sender's DONE must still vouch for (``_screen``) before the op may commit
+        self._done_sent = False
         self.committed = False
         self.error: BaseException | None = None
         self._progress_lock = threading.Lock()
@@ -138,13 +144,14 @@ class Exchange:
     def _progress(self) -> None:
         if self._auth is not None:
             self._screen()
-        if not self.data_complete and all(r.completed for r in self._recv_reqs.values()):
+        if not self._done_sent and all(r.completed or rank in self._truncated
+                                       for rank, r in self._recv_reqs.items()):
             self._check_senders()
             if self._garbage:
                 return  # no DONE: nobody commits; failed_peers() names them for the agreement
             if self._commit_peers:
                 faults.hit("after_data")
-            self.data_complete = True
+            self._done_sent = True
             payload = b"" if self._fingerprint is None else self._fingerprint.encode()
             for rank, expected in self._commit_peers.items():
                 header = dataclasses.replace(expected, src=expected.dst, dst=rank, num_bytes=len(payload))
@@ -154,6 +161,9 @@ class Exchange:
                 if self._auth is not None:
                     self._auth.sign(buffer, control=True)
                 self._done_out[rank] = self._engine.send(self._peers[rank], header.tag(), buffer)
+        if self._done_sent and not self.data_complete and not self._truncated \
+                and all(r.completed for r in self._recv_reqs.values()):
+            self.data_complete = True
         if self.data_complete and not self.committed and self.error is None \
                 and all(r.completed and r.error() is None for r in self._done_in.values()) \
                 and all(r.completed for r in self._send_reqs.values()):
@@ -218,7 +228,7 @@ class Exchange:
         kind, source) comes from a broken or foreign sender: that peer counts as failed.  Headers
         that merely disagree (another op, size or dtype) are a mismatch the fingerprints name."""
         for rank, req in self._recv_reqs.items():
-            if req.error() is not None:
+            if rank in self._truncated or req.error() is not None:
                 continue  # truncated (a mismatch) or lost (failed_peers)
             try:
                 header = Header.unpack(memoryview(req.buffer))
