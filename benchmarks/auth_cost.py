@@ -83,12 +83,13 @@ def _make_group(impl: str, secret: str | None):
         mooncake.impl.select.cache_clear()
 
 
-def _loop(group, t, n: int) -> float:
+def _loop(group, t, n: int) -> tuple[float, float]:
+    """Seconds per call: wall clock, and CPU time of this process (all its threads)."""
     dist.barrier(group=group)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         dist.all_reduce(t, group=group)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def _max(value: float) -> float:
@@ -116,20 +117,25 @@ def worker(rank: int, args, port: int, secret: str) -> None:
         for key, g in groups.items():
             for _ in range(3):
                 dist.all_reduce(tensors[key], group=g)
-            per = _loop(g, tensors[key], 3)
+            per = _loop(g, tensors[key], 3)[0]
             iters[key] = int(_max(min(20000, max(5, args.min_time / max(per, 1e-7)))))
         samples = {k: [] for k in groups}
+        cpu = {k: [] for k in groups}
         for _ in range(args.repeats):
             for key, g in groups.items():
-                samples[key].append(_loop(g, tensors[key], iters[key]))
+                wall, used = _loop(g, tensors[key], iters[key])
+                samples[key].append(wall)
+                cpu[key].append(used)
         for key, g in groups.items():
             t = torch.full((numel,), float(rank + 1), dtype=torch.float32)
             dist.all_reduce(t, group=g)
             want = args.ranks * (args.ranks + 1) / 2
             wrong = int(_max(float((t != want).sum().item())))
             med = _max(statistics.median(samples[key]))
+            cpu_med = _max(statistics.median(cpu[key]))
             records.append({"impl": key[0], "secret": key[1], "bytes": size, "iters": iters[key],
                             "time_us": med * 1e6, "samples_us": [s * 1e6 for s in samples[key]],
+                            "cpu_us": cpu_med * 1e6,
                             "algbw_GBps": size / med / 1e9, "wrong": wrong})
     if rank == 0:
         report(args, records)
@@ -161,19 +167,21 @@ def _size(n: int) -> str:
 def report(args, records: list[dict]) -> None:
     by = {(r["impl"], r["secret"], r["bytes"]): r for r in records}
     lines = [f"{'size':>8} {'impl':>5} {'off us':>10} {'on us':>10} {'overhead':>9} "
-             f"{'off GB/s':>9} {'on GB/s':>9} {'#wrong':>6}"]
+             f"{'off GB/s':>9} {'on GB/s':>9} {'off cpu':>9} {'on cpu':>9} {'#wrong':>6}"]
     rows = []
     for size in args.size_list:
         for impl in args.impl_list:
             off, on = by[(impl, "off", size)], by[(impl, "on", size)]
             overhead = on["time_us"] / off["time_us"] - 1
             rows.append({"impl": impl, "bytes": size, "off_us": off["time_us"], "on_us": on["time_us"],
-                         "overhead": overhead, "off_GBps": off["algbw_GBps"], "on_GBps": on["algbw_GBps"]})
+                         "overhead": overhead, "off_GBps": off["algbw_GBps"], "on_GBps": on["algbw_GBps"],
+                         "off_cpu_us": off["cpu_us"], "on_cpu_us": on["cpu_us"]})
             lines.append(f"{_size(size):>8} {impl:>5} {off['time_us']:10.1f} {on['time_us']:10.1f} "
                          f"{overhead * 100:8.1f}% {off['algbw_GBps']:9.3f} {on['algbw_GBps']:9.3f} "
-                         f"{off['wrong'] + on['wrong']:6d}")
+                         f"{off['cpu_us']:9.1f} {on['cpu_us']:9.1f} {off['wrong'] + on['wrong']:6d}")
     mac = mac_cost_us()
-    lines.append(f"one wire MAC (sign + verify of a 64-byte header): {mac:.2f} us")
+    lines.append(f"one wire MAC (sign + verify of a 64-byte header): {mac:.2f} us; "
+                 "cpu: CPU time per call of the busiest rank's process, all threads")
     print("\n".join(lines), flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
