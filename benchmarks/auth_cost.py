@@ -7,8 +7,11 @@
 Every rank creates, in the same processes, one ``mooncake-cpu`` group per (implementation, secret
 off/on) -- the secret is bound to a group when it is created (``mooncake.pg.set_job_secret``) -- and
 times them interleaved size by size, round by round, so machine noise hits both alike.  Per size:
-warm-up, then ``--repeats`` rounds each timing every group once (a barrier, then ``n`` calls);
-the median over rounds, the MAX over ranks.  ``overhead`` = on / off - 1.  The values are checked
+warm-up, then ``--repeats`` rounds each timing every group once (a barrier, then ``n`` calls; every
+other round in the reverse order);
+the median over rounds, the MAX over ranks (``best``: the fastest round, less sensitive to other load on
+the machine).  ``overhead`` = on / off - 1; ``paired``: the median over rounds of each round's on / off
+(timed back to back, so slow drifts of the machine's load cancel) - 1; ``cpu``: CPU time per call of the process (all threads).  The values are checked
 after timing (every rank's all_reduce result must be exact).
 
 Also printed: the cost of one wire MAC (sign + verify of a 64-byte header) in this interpreter.
@@ -121,8 +124,9 @@ def worker(rank: int, args, port: int, secret: str) -> None:
             iters[key] = int(_max(min(20000, max(5, args.min_time / max(per, 1e-7)))))
         samples = {k: [] for k in groups}
         cpu = {k: [] for k in groups}
-        for _ in range(args.repeats):
-            for key, g in groups.items():
+        for i in range(args.repeats):
+            order = list(groups.items())  # ABBA: alternate the order, so neither mode always goes first
+            for key, g in (order if i % 2 == 0 else order[::-1]):
                 wall, used = _loop(g, tensors[key], iters[key])
                 samples[key].append(wall)
                 cpu[key].append(used)
@@ -133,10 +137,17 @@ def worker(rank: int, args, port: int, secret: str) -> None:
             wrong = int(_max(float((t != want).sum().item())))
             med = _max(statistics.median(samples[key]))
             cpu_med = _max(statistics.median(cpu[key]))
+            best = _max(min(samples[key]))
             records.append({"impl": key[0], "secret": key[1], "bytes": size, "iters": iters[key],
                             "time_us": med * 1e6, "samples_us": [s * 1e6 for s in samples[key]],
-                            "cpu_us": cpu_med * 1e6,
+                            "cpu_us": cpu_med * 1e6, "best_us": best * 1e6,
                             "algbw_GBps": size / med / 1e9, "wrong": wrong})
+    for impl in args.impl_list:  # paired: each round's on / off (timed one after the other), median over rounds
+        for size in args.size_list:
+            off = next(r for r in records if (r["impl"], r["secret"], r["bytes"]) == (impl, "off", size))
+            on = next(r for r in records if (r["impl"], r["secret"], r["bytes"]) == (impl, "on", size))
+            ratio = statistics.median(b / a for a, b in zip(off["samples_us"], on["samples_us"]))
+            on["paired_overhead"] = _max(ratio) - 1
     if rank == 0:
         report(args, records)
     for g in groups.values():
@@ -157,6 +168,31 @@ def mac_cost_us() -> float:
     return timeit.timeit(one, number=n) / n * 1e6
 
 
+def auth_work_us() -> float:
+    """The work a secret adds to one ref collective per peer, timed alone: sign the payload's header
+    and the DONE, verify both on the way in, check both messages' binding fields."""
+    import numpy as np
+    from mooncake.control import auth
+    from mooncake.control.wire import Header, Kind, OpCode
+    from mooncake.ref.exchange import _replayed
+    w = auth.Keyring(os.urandom(32)).wire(1)
+    data_h = Header(Kind.COLLECTIVE, OpCode.ALL_REDUCE, 1, 1, 0, 0, 5, 8, 5, 0)
+    done_h = Header(Kind.DONE, OpCode.ALL_REDUCE, 1, 1, 0, 0, 5, 40, 0, 0)
+    data, done = np.zeros(64 + 8, np.uint8), np.zeros(64 + 40, np.uint8)
+    data_h.pack_into(memoryview(data))
+    done_h.pack_into(memoryview(done))
+
+    def one():
+        w.sign(data)
+        w.sign(done, control=True)
+        w.verify(data)
+        w.verify(done, control=True)
+        _replayed(data, data_h, Kind.COLLECTIVE)
+        _replayed(done, done_h, Kind.DONE)
+    n = 20000
+    return timeit.timeit(one, number=n) / n * 1e6
+
+
 def _size(n: int) -> str:
     for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale and n % scale == 0:
@@ -167,27 +203,35 @@ def _size(n: int) -> str:
 def report(args, records: list[dict]) -> None:
     by = {(r["impl"], r["secret"], r["bytes"]): r for r in records}
     lines = [f"{'size':>8} {'impl':>5} {'off us':>10} {'on us':>10} {'overhead':>9} "
-             f"{'off GB/s':>9} {'on GB/s':>9} {'off cpu':>9} {'on cpu':>9} {'#wrong':>6}"]
+             f"{'off GB/s':>9} {'on GB/s':>9} {'off cpu':>9} {'on cpu':>9} "
+             f"{'best off':>9} {'best on':>9} {'overhead':>9} {'paired':>8} {'#wrong':>6}"]
     rows = []
     for size in args.size_list:
         for impl in args.impl_list:
             off, on = by[(impl, "off", size)], by[(impl, "on", size)]
             overhead = on["time_us"] / off["time_us"] - 1
+            best_overhead = on["best_us"] / off["best_us"] - 1
             rows.append({"impl": impl, "bytes": size, "off_us": off["time_us"], "on_us": on["time_us"],
                          "overhead": overhead, "off_GBps": off["algbw_GBps"], "on_GBps": on["algbw_GBps"],
-                         "off_cpu_us": off["cpu_us"], "on_cpu_us": on["cpu_us"]})
+                         "off_cpu_us": off["cpu_us"], "on_cpu_us": on["cpu_us"],
+                         "off_best_us": off["best_us"], "on_best_us": on["best_us"], "best_overhead": best_overhead,
+                         "paired_overhead": on["paired_overhead"]})
             lines.append(f"{_size(size):>8} {impl:>5} {off['time_us']:10.1f} {on['time_us']:10.1f} "
                          f"{overhead * 100:8.1f}% {off['algbw_GBps']:9.3f} {on['algbw_GBps']:9.3f} "
-                         f"{off['cpu_us']:9.1f} {on['cpu_us']:9.1f} {off['wrong'] + on['wrong']:6d}")
+                         f"{off['cpu_us']:9.1f} {on['cpu_us']:9.1f} {off['best_us']:9.1f} {on['best_us']:9.1f} "
+                         f"{best_overhead * 100:8.1f}% {on['paired_overhead'] * 100:7.1f}% "
+                         f"{off['wrong'] + on['wrong']:6d}")
     mac = mac_cost_us()
-    lines.append(f"one wire MAC (sign + verify of a 64-byte header): {mac:.2f} us; "
-                 "cpu: CPU time per call of the busiest rank's process, all threads")
+    work = auth_work_us()
+    lines.append(f"one wire MAC (sign + verify of a 64-byte header): {mac:.2f} us; a secret's work per ref "
+                 f"collective and peer (2 signs, 2 verifies, 2 binding checks): {work:.2f} us")
+    lines.append("cpu: CPU time per call of the busiest rank's process, all threads; best: the fastest round")
     print("\n".join(lines), flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
             "python": platform.python_version(), "torch": torch.__version__, "ranks": args.ranks,
             "repeats": args.repeats, "min_time_s": args.min_time, "collective": "all_reduce float32 SUM",
-            "mac_sign_verify_us": mac}
+            "mac_sign_verify_us": mac, "auth_work_per_peer_us": work}
     if args.output_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
         with open(args.output_file, "w") as f:

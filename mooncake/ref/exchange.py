@@ -182,7 +182,7 @@ class Exchange:
         for table, expected, control in ((self._recv_reqs, self._expected, False),
                                          (self._done_in, self._commit_peers, True)):
             for rank, req in list(table.items()):
-                if not req.completed or id(req) in self._verified:
+                if id(req) in self._verified or not req.completed:  # (completed asks UCX: not free)
                     continue
                 error = req.error()
                 header = expected[rank]

@@ -69,14 +69,18 @@ class _Sleeper(NamedTuple):
 class Request:
     """One posted send or receive; ``buffer`` stays referenced until the request completes."""
 
-    __slots__ = ("handle", "buffer", "peer_key")
+    __slots__ = ("handle", "buffer", "peer_key", "_completed")
 
     def __init__(self, handle, buffer: np.ndarray, peer_key: bytes):
         self.handle, self.buffer, self.peer_key = handle, buffer, peer_key
+        self._completed = False
 
     @property
     def completed(self) -> bool:
-        return self.handle.completed
+        """Asks UCX until it says yes (each ask costs a call into ucxx), then remembers."""
+        if not self._completed:
+            self._completed = self.handle.completed
+        return self._completed
 
     def error(self) -> BaseException | None:
         """The UCX error of a completed request, or None when it succeeded."""
