@@ -9,6 +9,9 @@ Tag layout (UCX matches on it; it must separate groups, sources, views and opera
     37..30 epoch (mod 256)   29..0  sequence (collective, done; 0 for nack) /
                                     user tag 14 bits + seq 16 bits (p2p)
 
+Header bytes 40..56 are zero, or, with a job secret, the message's MAC (control/auth.py): a receiver
+that has a secret drops every message whose MAC does not verify before it reads a single field.
+
 ``DONE`` ends every collective: a header-only message saying "I hold every payload of this op"
 (see control/plane.py).  ``NACK`` is one header-only message per view: "I could not commit an
 operation of this epoch; join the agreement" (see control/agreement.py).
