@@ -155,12 +155,14 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //      fold every active rank's lane (ascending active order, the model's fold) into the output; (last
 //      block) system fence, FREE = k, DONE = k.
 //
-// A wait that passes timeout_ns (GPU clock) gives up: the kernel exits without writing the output (or,
-// past step 2's wait, writes it completely).  Eager: the host finds how far it got in the words (PUB /
+// A wait that passes timeout_ns (GPU clock) gives up: the kernel exits without writing the output (a block
+// that gets past step 2's wait writes its part of it; the host protocol writes all of it again).  Eager: the host finds how far it got in the words (PUB /
 // DONE) and carries on with the host protocol.  Captured in a CUDA graph (counter != 0): seq comes from
-// the group's counter of captured ops run (a word of this rank's control words; every replay advances it), and a kernel that gives up writes its key to
-// *trouble; every later captured kernel of the group sees *trouble != 0, or a view epoch other than its
-// own in the control words, and exits at once.  Mismatched fingerprints give up at once.
+// the group's counter of captured ops run (a control word every replay advances), and a kernel that gives
+// up writes its key to the trouble word; every later captured kernel of the group sees it, or a view
+// epoch other than its own, and exits at once.  Mismatched fingerprints give up at once.  The words stay
+// in host memory, also for captured ops: a peer's device memory goes away with its process, and a
+// survivor polling it would fault.
 
 constexpr int kDevMaxRanks = 16;
 constexpr int kDevThreads = 512;
@@ -180,7 +182,7 @@ struct McPgDevArgs {
   int64_t fp[3];                   // fingerprint words (meta, numel, slots) of this call
   int64_t timeout_ns;              // per wait
   int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
-  int64_t arrive;                  // device int32[2]: blocks finished with step 1 / step 2
+  int64_t arrive;                  // device int32[4]: blocks through step 1 / step 2, whether one gave up
   int32_t n, me, op, dtype, phase, pad;
 };
 
@@ -188,6 +190,8 @@ __device__ __forceinline__ int64_t* words(const McPgDevArgs& a, int i) {
   return reinterpret_cast<int64_t*>(a.ctl[i]);
 }
 
+// A captured op gave up: its key in this rank's trouble word (later captured ops exit at once; the PG face
+// raises), the first one only.
 __device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
   if (a.trouble) {
     int64_t* t = reinterpret_cast<int64_t*>(a.trouble);
@@ -195,26 +199,39 @@ __device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
   }
 }
 
-// Thread 0: spin until cond(i) holds for every other active rank, or the deadline; false on expiry.
+// Every thread of the block: thread i < n spins until cond(i) holds for active rank i (not this rank), or
+// the deadline; true on every thread iff it held for every rank.
 template <typename Cond>
 __device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
-  for (int i = 0; i < a.n; ++i) {
-    if (i == a.me) continue;
+  bool ok = true;
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < a.n && i != a.me) {
     while (!cond(i)) {
-      if (static_cast<int64_t>(mc_sync::global_timer_ns() - start) > a.timeout_ns) return cond(i);
+      if (static_cast<int64_t>(mc_sync::global_timer_ns() - start) > a.timeout_ns) {
+        ok = cond(i);
+        break;
+      }
       __nanosleep(32);
     }
   }
-  return true;
+  return __syncthreads_and(ok) != 0;
 }
 
-// The last block of a step to arrive (the counter is reset for the next launch).
-__device__ __forceinline__ bool last_block(const McPgDevArgs& a, int which) {
-  if (gridDim.x == 1) return true;
+// Thread 0 of each block, once the block is through a step: whether it is the last block of the launch to
+// get there (the step's counter is reset for the next launch) and, if so, in *failed whether some block of
+// the step gave up (reset too).  arrive: int32 [count step 1, count step 2, failed step 1, failed step 2].
+__device__ __forceinline__ bool last_block(const McPgDevArgs& a, int step, bool gave_up, bool* failed) {
+  if (gridDim.x == 1) {
+    *failed = gave_up;
+    return true;
+  }
+  int* count = reinterpret_cast<int*>(a.arrive) + step;
+  int* fail = count + 2;
+  if (gave_up) atomicOr(fail, 1);
   __threadfence();
-  int* c = reinterpret_cast<int*>(a.arrive) + which;
-  if (atomicAdd(c, 1) != static_cast<int>(gridDim.x) - 1) return false;
-  *c = 0;
+  if (atomicAdd(count, 1) != static_cast<int>(gridDim.x) - 1) return false;
+  *count = 0;
+  *failed = atomicExch(fail, 0) != 0;
   __threadfence();
   return true;
 }
@@ -231,7 +248,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
     if (a.counter) {
       key |= mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(a.counter));
       const int64_t now_epoch = mc_sync::ld_acquire_sys(words(a, a.me) + kWGraphEpoch);
-      if (mc_sync::ld_acquire_sys(reinterpret_cast<int64_t*>(a.trouble)) != 0 || now_epoch != (key >> kSeqBits)) {
+      if (mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(a.trouble)) != 0 || now_epoch != (key >> kSeqBits)) {
         give_up(a, key);
         go = 0;
       }
@@ -248,70 +265,71 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
   const int64_t nbytes = a.numel * static_cast<int64_t>(sizeof(T));
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool failed = false;
 
   if (a.phase & 1) {
+    const bool released = wait_all(a, start, [&](int i) {
+      const int64_t* w = words(a, i);
+      const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
+      return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
+    });
+    if (released) {
+      uint8_t* lane = reinterpret_cast<uint8_t*>(a.lane[par][a.me]);
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(a.src);
+      if (nbytes % 16 == 0 && a.src % 16 == 0) {
+        for (int64_t v = tid; v < nbytes / 16; v += nthreads)
+          reinterpret_cast<uint4*>(lane)[v] = reinterpret_cast<const uint4*>(src)[v];
+      } else {
+        for (int64_t b = tid; b < nbytes; b += nthreads) lane[b] = src[b];
+      }
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
-      s_go = wait_all(a, start, [&](int i) {
-        const int64_t* w = words(a, i);
-        const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
-        return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
-      });
-      if (!s_go) give_up(a, key);
+      if (!released) give_up(a, key);
+      if (last_block(a, 0, !released, &failed) && !failed) {  // every block copied its part: publish
+        __threadfence_system();
+        mine[base + kLMeta] = a.fp[0];
+        mine[base + kLMetaNumel] = a.fp[1];
+        mine[base + kLMetaSlots] = a.fp[2];
+        mc_sync::st_release_sys(mine + base + kLPub, key);
+      }
     }
-    __syncthreads();
-    if (!s_go) return;
-    uint8_t* lane = reinterpret_cast<uint8_t*>(a.lane[par][a.me]);
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(a.src);
-    if (nbytes % 16 == 0 && a.src % 16 == 0) {
-      for (int64_t v = tid; v < nbytes / 16; v += nthreads)
-        reinterpret_cast<uint4*>(lane)[v] = reinterpret_cast<const uint4*>(src)[v];
-    } else {
-      for (int64_t b = tid; b < nbytes; b += nthreads) lane[b] = src[b];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0 && last_block(a, 0)) {
-      __threadfence_system();
-      mine[base + kLMeta] = a.fp[0];
-      mine[base + kLMetaNumel] = a.fp[1];
-      mine[base + kLMetaSlots] = a.fp[2];
-      mc_sync::st_release_sys(mine + base + kLPub, key);
-    }
-    if (!(a.phase & 2)) return;
+    if (!released || !(a.phase & 2)) return;
     __syncthreads();
   }
 
-  if (threadIdx.x == 0) {
-    s_go = wait_all(a, start, [&](int i) {
-      const int64_t* w = words(a, i);
-      return mc_sync::ld_acquire_sys(w + base + kLPub) == key;
-    });
-    for (int i = 0; s_go && i < a.n; ++i) {
-      const int64_t* w = words(a, i);
-      if (i != a.me && (w[base + kLMeta] != a.fp[0] || w[base + kLMetaNumel] != a.fp[1] ||
-                        w[base + kLMetaSlots] != a.fp[2]))
-        s_go = 0;  // the ranks disagree on the call: the host names the difference
+  const bool published = wait_all(a, start, [&](int i) {
+    return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
+  });
+  bool same = true;  // the ranks agree on the call (else the host names the difference)
+  const int t = static_cast<int>(threadIdx.x);
+  if (published && t < a.n && t != a.me) {
+    const int64_t* w = words(a, t);
+    same = w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
+  }
+  const bool ok = __syncthreads_and(published && same) != 0;
+  if (ok) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
+    const T* in[kDevMaxRanks];
+    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]);
+    T* out = reinterpret_cast<T*>(a.dst);
+    int bad = 0;
+    for (int64_t e = tid; e < a.numel; e += nthreads) {
+      A acc = widen(__ldcg(in[0] + e));
+      for (int i = 1; i < a.n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
+      out[e] = narrow<T>(finalize<OP>(acc, a.n, bad));
     }
-    if (!s_go) give_up(a, key);
-    else if (blockIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
+    if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
   }
   __syncthreads();
-  if (!s_go) return;
-  const T* in[kDevMaxRanks];
-  for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]);
-  T* out = reinterpret_cast<T*>(a.dst);
-  int bad = 0;
-  for (int64_t e = tid; e < a.numel; e += nthreads) {
-    A acc = widen(__ldcg(in[0] + e));
-    for (int i = 1; i < a.n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
-    out[e] = narrow<T>(finalize<OP>(acc, a.n, bad));
-  }
-  if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block(a, 1)) {
-    __threadfence_system();
-    mc_sync::st_release_sys(mine + base + kLFree, key);
-    mc_sync::st_release_sys(mine + base + kLDone, key);
-    if (a.counter) mc_sync::st_release_sys(reinterpret_cast<int64_t*>(a.counter), (key & ((1LL << (kSeqBits - 1)) - 1)) + 1);
+  if (threadIdx.x == 0) {
+    if (!ok) give_up(a, key);
+    if (last_block(a, 1, !ok, &failed) && !failed) {  // every block folded its part: done
+      __threadfence_system();
+      mc_sync::st_release_sys(mine + base + kLFree, key);
+      mc_sync::st_release_sys(mine + base + kLDone, key);
+      if (a.counter) mc_sync::st_release_sys(reinterpret_cast<int64_t*>(a.counter), (key & ((1LL << (kSeqBits - 1)) - 1)) + 1);
+    }
   }
 }
 

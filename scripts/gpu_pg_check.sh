@@ -10,7 +10,8 @@
 #   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
 #   5. stop MPS
 # GRAPH_RANKS (e.g. 2,4,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs,
-# a rank killed during a replay) within GRAPH_S seconds.
+# a rank killed during a replay) within GRAPH_S seconds; GRAPH_ARGS more arguments of it.  LATENCY_RANKS (e.g. 2):
+# first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
 set -uo pipefail
@@ -43,6 +44,13 @@ if nvidia-cuda-mps-control -d; then
 else
   echo "MPS did not start: ranks are time-sliced" | tee -a "$out/summary.txt"
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+
+if [ -n "${LATENCY_RANKS:-}" ]; then  # where a small all_reduce's time goes: rank 0's profile of the dist loop
+  timeout 150 python3 tests/fast_cuda/pg_latency.py --ranks "$LATENCY_RANKS" --sizes 8,4096 --iters 200 --profile \
+    --label "${LATENCY_LABEL:-run}" --out "$out" > /dev/null 2>&1
+  echo "=== pg_latency rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
+  grep -E "^ *run|R=" "$out/latency.txt" | grep -v "^ " | tee -a "$out/summary.txt"
 fi
 
 if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, graph capture + replay, a rank killed mid-replay

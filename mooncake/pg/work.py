@@ -105,7 +105,10 @@ class MooncakeWork(dist.Work):
         self._lock = threading.Lock()
         self._state = _PENDING
         self._error: BaseException | None = None
-        self._future: torch.futures.Future = torch.futures.Future()
+        # made on first ask (a torch Future costs about as much as a small operation on the device path)
+        self._future: torch.futures.Future | None = None
+        self._future_lock = threading.Lock()
+        self._future_settled = False
         self._source_rank_value = source_rank
         self._collective = collective
         self._awaiting_decision = collective is not None and not collective.posted
@@ -263,7 +266,7 @@ class MooncakeWork(dist.Work):
             return
         self._state = _DONE
         self._engine.remove_poller(self._advance)
-        self._future.set_result(self._outputs)
+        self._settle_future()
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, OpTimeoutError):
@@ -276,7 +279,18 @@ class MooncakeWork(dist.Work):
         elif isinstance(exc, OpTimeoutError):
             self.failed_ranks = exc.pending_ranks
         self._engine.remove_poller(self._advance)
-        self._future.set_exception(exc)
+        self._settle_future()
+
+    def _settle_future(self) -> None:
+        """Complete the future, once the operation ended and someone asked for it (exactly once)."""
+        with self._future_lock:
+            if self._future is None or self._future_settled or self._state == _PENDING:
+                return
+            self._future_settled = True
+        if self._state == _DONE:
+            self._future.set_result(self._outputs)
+        else:
+            self._future.set_exception(self._error)
 
     # -- dist.Work API -------------------------------------------------------------------------
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
@@ -327,6 +341,10 @@ class MooncakeWork(dist.Work):
     def get_future(self) -> torch.futures.Future:
         """Completed, with callbacks run, by whichever thread sees the operation commit: asking for
         it wakes the engine's thread, since whoever waits on a future does not drive the operation."""
+        with self._future_lock:
+            if self._future is None:
+                self._future = torch.futures.Future()
+        self._settle_future()
         if self._state == _PENDING:
             self._engine.kick()
         return self._future

@@ -540,7 +540,8 @@ class _DevicePath:
         else:
             self.max_ranks = 16
         self.mapped: dict[int, tuple[int, int]] = {g.rank: (g.ctrl.addr, mem.map_host(g.ctrl.addr, g.ctrl.size))}
-        self.arrive = torch.zeros(4, dtype=torch.int32, device=mem.device)  # blocks done: eager 1, 2; graph 1, 2
+        # the kernels' block counters (McPgDevArgs.arrive): eager ops, then captured ops
+        self.arrive = torch.zeros(8, dtype=torch.int32, device=mem.device)
         self.graph_lanes: dict[int, _Buffer] = {}
         self.retired: list[_Buffer] = []
         self.reported = 0  # the trouble word's value last handed to the control plane
@@ -602,21 +603,24 @@ class _DevicePath:
             if g.mem.emulated:
                 self._emulate(op, lanes, nb)
             else:
-                self._launch(op.active, op.me, (lanes, lanes), (base, base), op.tensor, op.op, op.key, op.fp,
+                self._launch(op.active, op.me, tuple(self.mapped[r][1] for r in op.active), (lanes, lanes),
+                             (base, base), op.tensor, op.op, op.key, op.fp,
                              DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
             op.ev = g.mem.record(op.stream)
 
-    def _launch(self, active, me, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream) -> None:
+    def _launch(self, active, me, ctls, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream) -> None:
+        """Enqueue the kernel(s) on ``stream``: ``ctls`` the device addresses of the active ranks' words,
+        ``lanes`` their lane buffers for lane parity 0 and 1, ``bases`` the lane blocks' word indices."""
         from .lib import McPgDevArgs, check
         g, mem = self.g, self.g.mem
         ptrs = (tuple(x.data_ptr() for x in lanes[0]), tuple(x.data_ptr() for x in lanes[1]))
-        shape = (active, ptrs, bases, tensor.data_ptr(), tensor.numel(), tensor.dtype, int(redop), fp, timeout_s, graph,
-                 flag)
+        shape = (active, ctls, ptrs, bases, tensor.data_ptr(), tensor.numel(), tensor.dtype, int(redop), fp, timeout_s,
+                 graph, flag)
         a = self.args.get(shape)
         if a is None:  # arguments of a call seen before are reused with a new key (DDP's buckets, decode steps)
             a = McPgDevArgs()
             for i, r in enumerate(active):
-                a.ctl[i] = self.mapped[r][1]
+                a.ctl[i] = ctls[i]
                 a.lane[0][i], a.lane[1][i] = ptrs[0][i], ptrs[1][i]
             a.base[0], a.base[1] = bases
             a.src = a.dst = tensor.data_ptr()
@@ -627,7 +631,7 @@ class _DevicePath:
             a.fp[0], a.fp[1], a.fp[2] = g.fp_words.head(fp, 0)
             a.timeout_ns = int(timeout_s * 1e9)
             a.flag = g.flag.data_ptr() if flag else 0
-            a.arrive = self.arrive.data_ptr() + (8 if graph else 0)
+            a.arrive = self.arrive.data_ptr() + (16 if graph else 0)
             a.n, a.me, a.op, a.dtype = len(active), active.index(me), int(redop), DTYPE_CODES[tensor.dtype]
             if len(self.args) >= 64:
                 self.args.clear()
@@ -703,6 +707,11 @@ class _DevicePath:
                 self.reset(view.epoch)
             mine = [self._graph_lane(lane, nb) for lane in GRAPH_LANES]
             deadline = time.monotonic() + timeout_s
+            missing = [r for r in active if r not in self.mapped]
+            if missing:
+                raise MooncakeError(f"all_reduce captured in a CUDA graph: the control words of rank(s) {missing} "
+                                    "could not be mapped into this device")
+            ctls = tuple(self.mapped[r][1] for r in active)
             lanes: list[list[torch.Tensor]] = [[], []]
             for i, lane in enumerate(GRAPH_LANES):
                 base = g.layout.lane[lane]
@@ -720,8 +729,8 @@ class _DevicePath:
                     lanes[i].append(p.lane_view(g.mem, lane, base))
             stream = torch.cuda.current_stream(g.mem.index)
             key = view.epoch << SEQ_BITS | GRAPH_BIT
-            self._launch(active, g.rank, lanes, tuple(g.layout.lane[x] for x in GRAPH_LANES), tensor, op, key,
-                         fp, timeout_s, graph=True, flag=False, stream=stream)
+            self._launch(active, g.rank, ctls, lanes, tuple(g.layout.lane[x] for x in GRAPH_LANES), tensor,
+                         op, key, fp, timeout_s, graph=True, flag=False, stream=stream)
 
     def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
         have = self.graph_lanes.get(lane)
@@ -744,7 +753,8 @@ class _DevicePath:
         return epoch, epoch < int(g.ctl[W_GRAPH_EPOCH]), g.failed(tuple(g.peers))
 
     def reset(self, epoch: int) -> None:
-        """Captured ops start over under view ``epoch`` (ops captured under another view give up at once)."""
+        """Captured ops start over under view ``epoch`` (ops captured under another view give up at once;
+        no captured op may be running)."""
         ctl = self.g.ctl
         ctl[W_GRAPH_COUNT] = 0
         ctl[W_GRAPH_TROUBLE] = 0
@@ -1527,11 +1537,12 @@ class _AllReduce(_Op):
         self.wrote = True
         self.stash = [self.tensor]
         torch.autograd.graph.increment_version(self.tensor)
-        if self.exact_mode != "never":  # flagged by the kernel (or always): the host fold from the lanes
+        mode = self.exact_mode
+        if mode == "always" or (mode == "auto" and int(self.g.flag[0])):  # flagged: the host fold from the lanes
             self.fold_op, self.fold_out = self.op, self.tensor
             self.fold_inputs = [self.src(r, 0, self.tensor) for r in self.active]
             self.fold_dst, self.fold_slice = self.tensor, None
-        self._exact()
+            self._exact()
 
     def compute(self):
         inputs = [self.src(r, 0, self.tensor) for r in self.active]
