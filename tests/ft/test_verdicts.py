@@ -265,3 +265,40 @@ def test_a_rank_waiting_in_an_op_answers_the_agreement(cluster_factory, impl):
     message = one_error(results, "OpTimeoutError")
     assert "rank(s) [2] had not called it" in message, message
     next_ops_agree(cluster, 3, 490)
+
+
+# ----------------------------------------------------------------------------- CUDA graph replays
+# The fast CUDA plane's captured ops report a replay that gave up through a trouble word; the PG face turns
+# it into one verdict (check_graphs).  Here a stand-in plane reports it, so the host logic runs on the CPU
+# (the GPU run, tests/fast_cuda/pg_graph.py, kills a rank during real replays).
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("impl", ["ref", "fast"])
+def test_a_replay_that_gave_up_on_a_dead_peer_raises_one_verdict(cluster_factory, impl):
+    c = _cluster(cluster_factory, impl, 3)
+    assert c.run(vj.fake_graph_trouble, [2], ranks=[0, 1]) == [0, 0, None]
+    c.kill(2)
+    res = c.run(vj.outcome_of_all_reduce, 7, ranks=[0, 1], timeout_s=RUN_S)
+    msg = one_error(res, "PeerFailureError", ranks=[0, 1])
+    assert "rank(s) [2] failed" in msg and "capture the graph again" in msg, msg
+    assert res[0][1] == (2,)
+    assert c.run(vj.graph_resets, ranks=[0, 1])[:2] == [[1], [1]]  # captured ops start over in the new view
+    next_ops_agree(c, 3, 11, ranks=[0, 1], mask=[1, 1, 0])
+
+
+@pytest.mark.timeout(180)
+def test_a_replay_that_timed_out_with_nobody_failed(cluster_factory):
+    c = _cluster(cluster_factory, "fast", 2)
+    c.run(vj.fake_graph_trouble, [])
+    msg = one_error(c.run(vj.outcome_of_all_reduce, 7, timeout_s=RUN_S), "OpTimeoutError")
+    assert "agreed nobody failed" in msg, msg
+    next_ops_agree(c, 2, 11)
+
+
+@pytest.mark.timeout(180)
+def test_a_graph_replayed_after_the_view_changed(cluster_factory):
+    c = _cluster(cluster_factory, "fast", 2)
+    c.run(vj.fake_graph_trouble, [], True)
+    msg = one_error(c.run(vj.outcome_of_all_reduce, 7, timeout_s=RUN_S), "MooncakeError")
+    assert "replayed after the view changed" in msg, msg
+    next_ops_agree(c, 2, 11)

@@ -245,3 +245,25 @@ def staggered(seed: int, delays: dict, timeout_s: float):
         return outcome(lambda: family("all_reduce", seed))
     finally:
         jobs.set_group_timeout(1.5)
+
+
+# ----------------------------------------------------------------------------- CUDA graph replays
+
+_graph_resets: list[int] = []
+
+
+def fake_graph_trouble(dead: list[int], stale: bool = False):
+    """Stand in for the fast CUDA plane's trouble word on this rank's (CPU) plane: a captured op of the
+    current view gave up (or, ``stale``, one captured under an earlier view), the peers in ``dead`` seen
+    dead.  The PG face's handling (``check_graphs``) is what runs for real."""
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    epoch = backend.membership.view.epoch
+    pending = [(epoch - 1 if stale else epoch, stale, frozenset(dead))]
+    backend._plane.graph_trouble = lambda: pending.pop() if pending else None
+    backend._plane.graph_reset = _graph_resets.append
+    backend._captured = True
+    return epoch
+
+
+def graph_resets():
+    return list(_graph_resets)
