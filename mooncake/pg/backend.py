@@ -54,7 +54,7 @@ class RootInactiveError(ArgumentError, _model.RootInactiveError):
     """The root of broadcast / reduce / gather / scatter is not active; raised on every caller."""
 
 
-_HELLO = struct.Struct("<HHHB")  # version, capacity, world_size, is_extension; then mask, address
+_HELLO = struct.Struct("<HHHB16s")  # version, capacity, world_size, is_extension, host; then mask, address
 _backend_counts: dict[str, int] = {}
 _world_generation = -1
 _backend_index_lock = threading.Lock()
@@ -257,7 +257,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     def _rendezvous(self) -> None:
         """Publish this rank's address and settings; check the founders' agree with ours."""
-        hello = _HELLO.pack(VERSION, self._capacity, self._world_size, int(self._is_extension))
+        from ..fast.cpu.segment import host_identity
+        hello = _HELLO.pack(VERSION, self._capacity, self._world_size, int(self._is_extension), host_identity())
         view = self._initial_view
         mask = bytes(view.mask()) if not self._is_extension else bytes(self._capacity)
         self._store.set(self._key("hello", self._rank), hello + mask + self._engine.address)
@@ -282,10 +283,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _check_hello(self, rank: int, record: bytes, joining: bool = False) -> bytes:
         """Check a peer's hello record against this rank's settings; returns its UCX address.
         A joiner checks only the wire version (the group may have been extended since)."""
-        version, capacity, world_size, is_extension = _HELLO.unpack_from(record)
+        from ..fast.cpu.segment import host_identity
+        version, capacity, world_size, is_extension, host = _HELLO.unpack_from(record)
         mask = list(record[_HELLO.size:_HELLO.size + capacity])
         if version != VERSION:
             raise MooncakeError(f"rank {rank} runs wire version {version}, this rank {VERSION}")
+        if host != host_identity():
+            _options.check_not_loopback_for([rank])  # never advertise loopback to another host (any plane)
         if joining:
             return bytes(record[_HELLO.size + capacity:])
         if capacity != self._capacity:
