@@ -258,6 +258,7 @@ def fake_graph_trouble(dead: list[int], stale: bool = False):
     dead.  The PG face's handling (``check_graphs``) is what runs for real."""
     backend = dist.group.WORLD._get_backend(torch.device("cpu"))
     epoch = backend.membership.view.epoch
+    _graph_resets.clear()
     pending = [(epoch - 1 if stale else epoch, stale, frozenset(dead))]
     backend._plane.graph_trouble = lambda: pending.pop() if pending else None
     backend._plane.graph_reset = _graph_resets.append
