@@ -40,9 +40,11 @@ def open_plane(prefix: str, capacity: int, ranks: list[int], timeout_s: float = 
     """Open the plane on this worker, knowing ``ranks``; returns (pid, delegate reason)."""
     from mooncake.fast.cuda import open_group
     from mooncake.testing.cluster import worker_context
+    from mooncake.control import auth
     wc = worker_context()
     addresses = {r: f"addr-{r}".encode() for r in ranks}
-    info = GroupInfo(wc.store, prefix, wc.rank, capacity, 7, timeout_s, None, dict(addresses), "cuda")
+    store = auth.wrap_store(wc.store)  # sealed records with a job secret, as the PG face hands it over
+    info = GroupInfo(store, prefix, wc.rank, capacity, 7, timeout_s, None, dict(addresses), "cuda")
     plane = open_group(info)
     _state[prefix] = {"plane": plane, "seq": 0, "epoch": 0, "active": tuple(sorted(ranks)),
                       "capacity": capacity}
@@ -334,3 +336,17 @@ def run_cases_late(prefix: str, cases: list[dict], delay_s: float):
         results.append(outs)
     _sync()
     return results
+
+
+def open_plane_after(delay_s: float, prefix: str, capacity: int, ranks: list[int]):
+    """``open_plane`` after ``delay_s`` (a peer that publishes its record late)."""
+    time.sleep(delay_s)
+    return open_plane(prefix, capacity, ranks)
+
+
+def forge_record(prefix: str, rank: int):
+    """Write an unsigned record under ``rank``'s CUDA-plane key, as an attacker with Store access would."""
+    from mooncake.fast.cuda.pg import _record_key
+    from mooncake.testing.cluster import worker_context
+    worker_context().store.set(_record_key(prefix, rank), b"forged" * 20)
+    return True

@@ -145,6 +145,22 @@ def test_emulated_device_path_mismatch_is_named(cluster_factory):
 
 
 @pytest.mark.timeout(300)
+def test_emulated_forged_record_is_waited_past(cluster_factory):
+    """With a job secret, an unsigned record under a peer's key is dropped and the peer's authentic one,
+    published later, is used: the plane opens and computes the model's bits."""
+    c = _emu(cluster_factory, 2, MOONCAKE_JOB_SECRET=os.urandom(32).hex())
+    prefix = C.prefix("emu-forged")
+    c.run(H.forge_record, prefix, 1, ranks=[0])
+    c.run_each({0: (H.open_plane, (prefix, 2, [0, 1]), {}), 1: (H.open_plane_after, (1.0, prefix, 2, [0, 1]), {})})
+    try:
+        cases = [C.case("all_reduce", "float32", 7, red="SUM", salt="forged")]
+        bad = C.mismatches(cases, c.run(H.run_cases, prefix, cases), [0, 1], 2)
+        assert not bad, bad
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["always", "never"])
 def test_emulated_host_fold_modes(cluster_factory, mode):
     """The host fold (taken for NaN / MIN-MAX zero results) and its absence give the model's bits."""

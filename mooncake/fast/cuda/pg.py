@@ -125,6 +125,7 @@ import torch
 
 from ... import log
 from ...control import faults
+from ...control.auth import AuthError
 from ...control.streams import is_current
 from ...control.procs import exited, process_state
 from ...control.errors import MismatchError, MooncakeError, WireError
@@ -875,10 +876,14 @@ class CudaGroup:
         out, pending = {}, dict(addresses)
         while pending:
             for r in list(pending):
-                raw = store.get(keys[r])
-                rec = _RECORD.unpack_from(raw)
-                if rec[0] != _MAGIC:
-                    raise MooncakeError(f"fast CUDA plane: rank {r} published a malformed record")
+                try:
+                    raw = store.get(keys[r])
+                except AuthError:
+                    continue  # not signed with the job's secret: dropped, wait for the authentic one
+                rec = _RECORD.unpack_from(raw) if len(raw) >= _RECORD.size else None
+                if rec is None or rec[0] != _MAGIC:
+                    raise MooncakeError(f"fast CUDA plane: rank {r} published a malformed record ({len(raw)} "
+                                        "bytes); was the Store written by another job?")
                 if not pending[r] or bytes(raw[_RECORD.size:]) == pending[r]:
                     out[r] = rec
                     del pending[r]
