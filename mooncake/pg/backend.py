@@ -804,6 +804,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"tensor has dtype {t.dtype}, which mooncake does not carry")
         op = _reduce_op(opts)
         self._check_reduce(op, t)
+        if _premul_factor(opts, t.dtype) is not None:
+            raise ArgumentError("all_reduce with PREMUL_SUM cannot be captured in a CUDA graph: scale the "
+                                "tensor inside the captured region and all_reduce it with SUM")
         view = self._membership.view
         refusal = getattr(self._plane, "capture_refusal", None)
         reason = (refusal(view, t, op) if refusal is not None else

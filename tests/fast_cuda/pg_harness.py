@@ -350,3 +350,38 @@ def forge_record(prefix: str, rank: int):
     from mooncake.testing.cluster import worker_context
     worker_context().store.set(_record_key(prefix, rank), b"forged" * 20)
     return True
+
+
+def device_gave_up_mid_fold(prefix: str, case: dict):
+    """Post ``case`` (an all_reduce the device path takes) with the device launch replaced by one that did
+    what a multi-block kernel can do before its deadline: copied the input into the lane, published,
+    held its peers' lanes and written part of the output, then gave up; abandon the op once the host
+    protocol has it.  Returns (this rank's tensor afterwards, its input, whether it freed its hold)."""
+    from mooncake.fast.cuda import pg as P
+    plane = _state[prefix]["plane"]
+    dev = plane.g.dev
+
+    def gave_up_mid_fold(op, lanes, nb):
+        lanes[op.active.index(op.me)][:nb].copy_(op.tensor.reshape(-1).view(torch.uint8))
+        ctl = plane.g.ctl
+        ctl[op.base + P.L_META], ctl[op.base + P.L_META_NUMEL], ctl[op.base + P.L_META_SLOTS] = \
+            plane.g.fp_words.head(op.fp, 0)
+        ctl[op.base + P.L_PUB] = op.key
+        ctl[op.base + P.L_HOLD] = op.key
+        op.tensor.reshape(-1)[: op.tensor.numel() // 2] = -1  # the part of a block past its wait
+
+    dev._emulate = gave_up_mid_fold
+    op, x = post_case(prefix, case)
+    want = case_inputs(case, worker_context_rank())
+    deadline = time.monotonic() + 30
+    while op.state == P.DEVICE and time.monotonic() < deadline:
+        op.wait(0.01)
+    state = op.state
+    op.abandon()
+    freed = int(plane.g.ctl[op.base + P.L_FREE]) == op.key
+    return state, x, want, freed
+
+
+def worker_context_rank() -> int:
+    from mooncake.testing.cluster import worker_context
+    return worker_context().rank

@@ -209,9 +209,10 @@ def wait_on_other_stream(numel: int, iters: int):
 
 
 def capture_refused(op: str = "broadcast"):
-    """A collective (``op``: "broadcast", or "all_reduce" where the plane cannot capture it) issued while a
-    CUDA graph is being captured is refused before it communicates; the group then still works.  Returns
-    (error type, message, the following all_reduce's value)."""
+    """A collective (``op``: "broadcast", "all_reduce" where the plane cannot capture it, or "premul": an
+    all_reduce with PREMUL_SUM, which no plane captures) issued while a CUDA graph is being captured is
+    refused before it communicates; the group then still works.  Returns (error type, message, the following
+    all_reduce's value)."""
     rank = dist.get_rank()
     dev = _dev()
     x = torch.ones(16, device=dev)
@@ -221,7 +222,12 @@ def capture_refused(op: str = "broadcast"):
     with torch.cuda.stream(stream):
         try:
             with torch.cuda.graph(graph, stream=stream):
-                dist.broadcast(x, 0) if op == "broadcast" else dist.all_reduce(x)
+                if op == "broadcast":
+                    dist.broadcast(x, 0)
+                elif op == "premul":
+                    dist.all_reduce(x, op=dist._make_nccl_premul_sum(0.5))
+                else:
+                    dist.all_reduce(x)
         except Exception as exc:  # noqa: BLE001 - returned to the test
             err = (type(exc).__name__, str(exc))
     torch.cuda.synchronize()

@@ -41,6 +41,9 @@ def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
         for err, after in c.run(J.capture_refused, "all_reduce", timeout_s=120):
             assert err is not None and err[0] == "ArgumentError" and "cannot be captured" in err[1], err
             assert after == [3.0] * 4
+    for err, after in c.run(J.capture_refused, "premul", timeout_s=120):
+        assert err is not None and err[0] == "ArgumentError" and "PREMUL_SUM" in err[1], err
+        assert after == [3.0] * 4
 
 
 @pytest.mark.timeout(300)

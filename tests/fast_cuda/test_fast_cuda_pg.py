@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pg_cases as C  # noqa: E402
 import pg_harness as H  # noqa: E402
-from mooncake.fast.cuda.pg import unavailable_reason  # noqa: E402
+from mooncake.fast.cuda.pg import POSTED, unavailable_reason  # noqa: E402
 
 TIMEOUT_S = 120
 EMU = {"MOONCAKE_FAST_CUDA_EMULATE": "cpu", "MOONCAKE_FAST_CUDA_EMULATE_LAG": "2", "MOONCAKE_FAST_CUDA_PARTS_MIN": "100"}
@@ -123,6 +123,26 @@ def test_emulated_device_path_late_peer_falls_back(cluster_factory):
         assert not bad, bad[:5]
         early = c.run(H.device_outcomes, prefix, ranks=[0])[0]
         assert early["published"] == len(cases), early  # gave up waiting, the host protocol finished each
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
+def test_emulated_device_launch_that_gave_up_mid_fold_is_undone(cluster_factory):
+    """A launch that published, held its peers' lanes and wrote part of the output before giving up (one
+    block of several past its deadline), then the op abandoned: the caller's tensor is its input again and
+    the hold is freed, so peers can reuse the lane."""
+    c = _emu(cluster_factory, 2, **DEVICE_ON)
+    prefix = C.prefix("emudev-midfold")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        warm = [C.case("all_reduce", "float32", 3, red="SUM", salt=f"warm{i}") for i in range(2)]
+        c.run(H.run_cases, prefix, warm)  # both lanes allocated: the next op is eligible for the device path
+        case = C.case("all_reduce", "float32", 8, red="SUM", salt="midfold")
+        state, after, want, freed = c.run(H.device_gave_up_mid_fold, prefix, case, ranks=[0])[0]
+        assert state == POSTED, state  # the host protocol took over from the published launch
+        assert torch.equal(after, want), (after, want)
+        assert freed
     finally:
         c.run(H.close_plane, prefix)
 

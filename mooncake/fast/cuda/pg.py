@@ -1176,6 +1176,8 @@ class _Op:
             try:
                 if self.state in _GPU_BUSY and self.ev is not None:
                     self.g.mem.sync(self.ev)  # nothing of this op may still touch a lane
+                    if self.state == DEVICE:
+                        self._adopt_device_words()
                 self._restore()
             finally:
                 self._free()
@@ -1249,6 +1251,7 @@ class _Op:
         self.ev = None
         ctl, base, key = g.ctl, self.base, self.key
         g.wake(self.others)
+        self._adopt_device_words()
         outcomes = g.dev.outcomes if g.dev is not None else {}
         if ctl[base + L_DONE] == key:
             outcomes["done"] = outcomes.get("done", 0) + 1
@@ -1263,6 +1266,20 @@ class _Op:
         outcomes["not posted"] = outcomes.get("not posted", 0) + 1
         self.state = QUEUED
         return self.try_post()
+
+    def _adopt_device_words(self) -> None:
+        """After the device path's launch: take over what its words say it did.  HOLD = key: this rank
+        reads its peers' lanes until it writes FREE (also when the op is abandoned).  PUB = key: the lane
+        holds the whole input and blocks past their wait may have written their part of the output, so a
+        failed op restores the caller's tensor from the lane."""
+        ctl, base, key = self.g.ctl, self.base, self.key
+        if ctl[base + L_HOLD] == key:
+            self.held = True
+        if ctl[base + L_PUB] == key:
+            self.device_published()
+
+    def device_published(self) -> None:
+        """The device path published this op and may have written part of its output (``_AllReduce``)."""
 
     def device_result(self) -> None:
         """The device path wrote this op's result (``_AllReduce``)."""
@@ -1537,6 +1554,9 @@ class _AllReduce(_Op):
 
     def device_ok(self):
         return self.g.dev.eager_ok(self)
+
+    def device_published(self):
+        self.wrote = True
 
     def device_result(self):
         self.wrote = True
