@@ -271,13 +271,13 @@ class MooncakeWork(dist.Work):
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, OpTimeoutError):
             _log.warning("%s", exc)
-        self._state = _FAILED
-        self._error = exc
+        self._error = exc  # before the state: another thread that sees _FAILED raises _error
         if isinstance(exc, PeerFailureError):
             self.failed_ranks = exc.failed_ranks
             self.failed_ranks_hint |= set(exc.failed_ranks)
         elif isinstance(exc, OpTimeoutError):
             self.failed_ranks = exc.pending_ranks
+        self._state = _FAILED
         self._engine.remove_poller(self._advance)
         self._settle_future()
 
