@@ -112,8 +112,10 @@ def load():
         return None, f"{path} is not a mooncake CUDA library of this version ({exc}); rebuild it"
     if (lib.mc_abi_version() != ABI_VERSION or lib.mc_ep_args_size() != ctypes.sizeof(McEpArgs)
             or lib.mc_pg_dev_args_size() != ctypes.sizeof(McPgDevArgs) or lib.mc_pg_dev_max_ranks() != DEV_MAX_RANKS):
-        return None, (f"{path} has ABI {lib.mc_abi_version()} / args {lib.mc_ep_args_size()} B, this mooncake "
-                      f"expects ABI {ABI_VERSION} / {ctypes.sizeof(McEpArgs)} B: built from other sources; rebuild")
+        return None, (f"{path} has ABI {lib.mc_abi_version()}, EP args {lib.mc_ep_args_size()} B, PG device args "
+                      f"{lib.mc_pg_dev_args_size()} B for {lib.mc_pg_dev_max_ranks()} ranks; this mooncake expects "
+                      f"ABI {ABI_VERSION}, {ctypes.sizeof(McEpArgs)} B, {ctypes.sizeof(McPgDevArgs)} B for "
+                      f"{DEV_MAX_RANKS} ranks: built from other sources; rebuild")
     driver = ctypes.c_int(0)
     rc = lib.mc_driver_version(ctypes.byref(driver))
     built = lib.mc_cudart_version()
