@@ -11,31 +11,13 @@
 //     active[src] (§6) -- never nvshmem_quiet, never a collective after nvshmem_malloc;
 //   * keys epoch << 48 | seq << 16 | count, compared on the bits above the count (§3).
 //
-// Build (nvshmem_probe.py does it):
-//   nvcc -O2 -std=c++17 -rdc=true -arch=sm_90 -Xcompiler -fPIC -shared nvshmem_probe.cu
-//        -I$NVSHMEM/include -L$NVSHMEM/lib -l:libnvshmem_device.a -l:libnvshmem_host.so.3 -o libmc_nvshmem_probe.so
+// Build: nvshmem_common.py (see nvshmem_common.cuh, which holds the bootstrap shim).
 
-#include <cuda_runtime.h>
-#include <nvshmem.h>
-#include <nvshmemx.h>
-#include <stdint.h>
-#include <string.h>
-
-#define MC_API extern "C" __attribute__((visibility("default")))
+#include "nvshmem_common.cuh"
 
 namespace {
 
-__device__ __forceinline__ uint64_t now_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ uint64_t ld_acquire_u64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
+using mc_nvs::kCountMask;
 
 // Per-PE symmetric region of one probe: sig[2][R] (uint64), then data[2][R][bytes]: one slot per source and
 // round parity (in a ring a PE is at most one round ahead of its next, so it never writes a slot that
@@ -54,7 +36,7 @@ __global__ void ring_kernel(Probe pr, uint64_t key, int force_put, int silent, i
                             int* active, int* status) {
   const int me = nvshmem_my_pe(), n = nvshmem_n_pes();
   const int next = (me + 1) % n, prev = (me + n - 1) % n;
-  const uint64_t count = (uint64_t)(pr.bytes & 0xFFFF);
+  const uint64_t count = (uint64_t)pr.bytes & kCountMask;
   const int par = (int)((key >> 16) & 1);
   uint64_t* sigs = pr.sig + (int64_t)par * n;
   uint8_t* slots = pr.data + (int64_t)par * n * pr.bytes;
@@ -71,7 +53,7 @@ __global__ void ring_kernel(Probe pr, uint64_t key, int force_put, int silent, i
       if (threadIdx.x == 0) {
         __threadfence_system();
         uint64_t* dsig = (uint64_t*)nvshmem_ptr(sig, next);
-        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(dsig), "l"(key | count) : "memory");
+        mc_nvs::st_release_u64(dsig, key | count);
         status[1] = 1;
       }
     } else {
@@ -80,16 +62,15 @@ __global__ void ring_kernel(Probe pr, uint64_t key, int force_put, int silent, i
     }
   }
   if (threadIdx.x == 0) {
-    const uint64_t t0 = now_ns();
+    const uint64_t deadline_ns = timeout_ns >= 0 ? mc_nvs::now_ns() + (uint64_t)timeout_ns : 0;
+    const uint64_t got = mc_nvs::wait_key(sigs + prev, key, deadline_ns, nullptr);
     int st = 0;
-    while ((ld_acquire_u64(sigs + prev) >> 16) < (key >> 16)) {
-      if (timeout_ns >= 0 && (int64_t)(now_ns() - t0) > timeout_ns) {
-        active[prev] = 0;
-        st = 1;
-        break;
-      }
+    if (got == 0) {
+      active[prev] = 0;
+      st = 1;
+    } else if ((got & kCountMask) != count) {
+      st = 2;
     }
-    if (st == 0 && (ld_acquire_u64(sigs + prev) & 0xFFFF) != count) st = 2;
     status[0] = st;
   }
   __syncthreads();
@@ -101,47 +82,6 @@ __global__ void ring_kernel(Probe pr, uint64_t key, int force_put, int silent, i
 }
 
 }  // namespace
-
-MC_API int mc_nvs_uid_size() { return (int)sizeof(nvshmemx_uniqueid_t); }
-
-MC_API int mc_nvs_get_uid(uint8_t* out) {
-  nvshmemx_uniqueid_t uid;
-  memset(&uid, 0, sizeof(uid));
-  const int st = nvshmemx_get_uniqueid(&uid);
-  memcpy(out, &uid, sizeof(uid));
-  return st;
-}
-
-// The body of the header's inline nvshmemx_init_attr(), minus its exit(-1): returns the status.
-MC_API int mc_nvs_init(const uint8_t* uid_bytes, int rank, int npes) {
-  nvshmemx_uniqueid_t uid;
-  memcpy(&uid, uid_bytes, sizeof(uid));
-  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
-  int st = nvshmemx_set_attr_uniqueid_args(rank, npes, &uid, &attr);
-  if (st != 0) return 1000 + st;
-  int provided = 0;
-  nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
-                                NVSHMEM_VENDOR_PATCH_VERSION};
-  nvshmemx_init_init_attr_ver_only(attr);
-  return nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr,
-                              version);
-}
-
-MC_API int mc_nvs_my_pe() { return nvshmem_my_pe(); }
-MC_API int mc_nvs_n_pes() { return nvshmem_n_pes(); }
-
-// Collective (every PE, same size): the only NVSHMEM collective the design calls after init.
-MC_API int64_t mc_nvs_malloc(int64_t bytes) {
-  void* p = nvshmem_malloc((size_t)bytes);
-  if (p != nullptr) cudaMemset(p, 0, (size_t)bytes);
-  cudaDeviceSynchronize();
-  return (int64_t)p;
-}
-
-MC_API int64_t mc_nvs_ptr(int64_t local, int pe) { return (int64_t)nvshmem_ptr((void*)local, pe); }
-
-// Collective; the design skips it after a failure (it would wait for the dead PE).
-MC_API void mc_nvs_finalize() { nvshmem_finalize(); }
 
 // One ring round on the current device; returns cudaError, fills status[2] (host memory).
 MC_API int mc_nvs_ring(int64_t base, int npes, int64_t bytes, uint64_t key, int force_put, int silent,
