@@ -271,6 +271,10 @@ class SealedStore:
     def inner(self):
         return self._inner
 
+    def over(self, store) -> "SealedStore":
+        """``store`` sealed with this one's keys."""
+        return SealedStore(store, self._ring)
+
     def set(self, key: str, value) -> None:
         self._inner.set(key, self._ring.seal(key, value))
 

@@ -22,6 +22,7 @@ from .. import log
 from ..control import auth, faults
 from ..control.agreement import Decision, Proposal, ProposalKind, Report, StoreAgreement, VerdictKind
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError, RemovedError
+from ..control.store import BoundedStore
 from ..control.view import View
 from ..control.wire import HEADER_BYTES, Header, Kind, OpCode
 
@@ -31,6 +32,8 @@ except ImportError:  # pragma: no cover - older ucxx
     _TRUNCATED = ()
 
 FAILURE_MODES = ("complete", "raise")
+#: a Store call of the agreement may take the group timeout, and at least this long (seconds)
+STORE_MIN_DEADLINE_S = 5.0
 
 
 class ProposalStatus(enum.IntEnum):
@@ -90,14 +93,18 @@ def _add_to_runs(runs: list[list[int]], seq: int) -> None:
         runs.insert(i, [seq, seq + 1])
 
 
-def _private_connection(store):
+def _private_connection(store, deadline_s: Callable[[], float]):
     """A Store client of the agreement's own: torch's TCPStore serves one request at a time per
     client, so an agreement sharing the user's client would wait behind any ``store.wait`` the
-    user's thread makes (and the rank would be removed for being silent)."""
+    user's thread makes (and the rank would be removed for being silent).  Every call on it ends
+    within ``deadline_s()`` (``BoundedStore``), so a lost Store host fails the agreement instead
+    of hanging it.  Signed with the job's keys where there is a secret."""
+    sealed = auth.wrap_store(store)
     try:
-        return store.clone()
+        conn = BoundedStore(auth.raw_store(sealed).clone(), deadline_s)
     except (AttributeError, RuntimeError, NotImplementedError):
-        return store  # a Store without clone() (HashStore, FileStore): no network client to share
+        return sealed  # a Store without clone() (HashStore, FileStore): no network client to share
+    return sealed.over(conn) if isinstance(sealed, auth.SealedStore) else conn
 
 
 def agreement_window_s(timeout_s: float) -> float:
@@ -126,7 +133,7 @@ class Membership:
         self.next_seq = 0
         self.evicted: str | None = None            # why this rank can no longer take part
         self._agreement_failed = False             # ...because the agreement itself failed
-        self._store = StoreAgreement(_private_connection(auth.wrap_store(store)), prefix)
+        self._store = StoreAgreement(_private_connection(store, lambda: max(timeout_s(), STORE_MIN_DEADLINE_S)), prefix)
         self._auth = auth.bind_group(group_key)    # with a job secret: every message carries the group's MAC
         self._engine, self._peers, self._group_key = engine, peers, group_key
         self._addresses = addresses
@@ -532,3 +539,6 @@ class Membership:
                 self._store.report(report)
             except Exception:  # noqa: BLE001 - the Store may be gone already; leaving goes on
                 pass
+        conn = auth.raw_store(self._store.raw)
+        if isinstance(conn, BoundedStore):
+            conn.close()

@@ -89,6 +89,11 @@ class TwoHosts:
         return ["ip", "netns", "exec", self.names[host], "unshare", "--uts", "sh", "-c",
                 'hostname "$0" && exec "$@"', hostname, *argv]
 
+    def set_link(self, host: int, up: bool) -> None:
+        """Bring host ``host``'s end of the pair down (the host is cut off: nothing it sent before arrives
+        later, nothing answers) or up again."""
+        _ip("netns", "exec", self.names[host], "ip", "link", "set", self._veth[host], "up" if up else "down")
+
     def close(self) -> None:
         if self._closed:
             return
