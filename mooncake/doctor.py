@@ -8,7 +8,8 @@ the native extension (built for this torch/CUDA or not), the shared-memory plane
 (prebuilt in the wheel or built on first use; the cache's ownership; the compiler), the CUDA kernels' build
 (sources, architectures, cache, nvcc; with a GPU), ``import mooncake.pg`` (backend registration), the
 implementation ``MOONCAKE_IMPL`` / ``auto`` picks per device and why, UCX (version, transports, CUDA support,
-bounded in time), the host address and network-device filter, RDMA devices, CUDA devices, peer access,
+bounded in time), whether CUDA tensors go to UCX in device memory or are staged through host memory and why
+(with a GPU, or ``MOONCAKE_UCX_CUDA`` set), the host address and network-device filter, RDMA devices, CUDA devices, peer access,
 CUDA IPC and MPS (when CUDA exists), and the c10d Store given with ``--store`` (bounded in time).
 
 Every line has a verdict: ``ok``, ``warn`` (works, but probably not as you want) or ``fail`` (something
@@ -422,10 +423,16 @@ except Exception:
     config = {"NET_DEVICES": net} if net and "UCX_NET_DEVICES" not in os.environ else {}
 ctx = u.UCXContext(config_dict=config, feature_flags=(u.Feature.TAG, u.Feature.WAKEUP))
 resources = re.findall(r"resource\s+\d+\s*:.*?--\s*(\S+)\s*$", ctx.info, re.M)
+try:
+    from mooncake.ref.ucx import cuda_choice
+    cuda_memory = cuda_choice(ctx)._asdict()
+except Exception as exc:
+    cuda_memory = {"error": f"{type(exc).__name__}: {exc}"}
 worker = u.UCXWorker(ctx)
 print(json.dumps({"ucxx": getattr(ucxx, "__version__", None),
                   "ucx": ".".join(map(str, u.get_ucx_version())),
                   "resources": resources, "cuda_support": bool(getattr(ctx, "cuda_support", False)),
+                  "cuda_memory": cuda_memory,
                   "config": {k: ctx.config.get(k) for k in ("TLS", "NET_DEVICES")}, "requested": config,
                   "seconds": round(time.monotonic() - t0, 3)}))
 """
@@ -484,6 +491,37 @@ def check_ucx(timeout_s: float) -> tuple[Check, dict | None]:
                          "interface (see the device_filter line)",
                      details=details), result
     return Check("ucx", "ok", summary, details=details), result
+
+
+def check_ucx_cuda(ucx_result: dict | None) -> list[Check]:
+    """Whether the ref plane hands CUDA tensors' device memory to UCX or stages them through host memory,
+    and why (``MOONCAKE_UCX_CUDA``).  A line only where it matters: torch sees a GPU, or the variable is set."""
+    import torch
+
+    raw = os.environ.get("MOONCAKE_UCX_CUDA")
+    if raw is None and not torch.cuda.is_available():
+        return []
+    choice = (ucx_result or {}).get("cuda_memory")
+    details = {"MOONCAKE_UCX_CUDA": raw, "choice": choice}
+    if choice is None:
+        return [Check("ucx.cuda", "fail", "cannot tell whether UCX takes CUDA memory: the UCX probe failed",
+                      fix="see the ucx line", details=details)]
+    if "error" in choice:
+        return [Check("ucx.cuda", "fail", f"cannot decide how CUDA tensors travel: {choice['error']}",
+                      fix="set MOONCAKE_UCX_CUDA to auto, on or off (or unset it)", details=details)]
+    if choice["on"]:
+        return [Check("ucx.cuda", "ok", f"CUDA tensors go to UCX in device memory: {choice['reason']}",
+                      details=details)]
+    summary = f"CUDA tensors are staged through host memory: {choice['reason']}"
+    if choice["mode"] == "on":
+        return [Check("ucx.cuda", "fail", summary + " (MOONCAKE_UCX_CUDA=on: CUDA groups on the ref plane fail)",
+                      fix="run where torch sees a GPU, with the UCX wheel built with CUDA (libucx-cu13 / "
+                          "libucx-cu12) and cuda_copy in UCX_TLS, or set MOONCAKE_UCX_CUDA=auto", details=details)]
+    if choice["mode"] == "auto" and torch.cuda.is_available():  # a GPU, but UCX cannot take its memory
+        return [Check("ucx.cuda", "warn", summary,
+                      fix="install the UCX wheel built with CUDA (libucx-cu13 / libucx-cu12) and keep cuda_copy in "
+                          "UCX_TLS (or unset it)", details=details)]
+    return [Check("ucx.cuda", "ok", summary, details=details)]
 
 
 def _rdma_devices() -> list[dict[str, Any]]:
@@ -770,6 +808,7 @@ def run_checks(store: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
         return check
 
     checks += _safe("ucx", ucx)
+    checks += _safe("ucx.cuda", lambda: check_ucx_cuda(ucx_holder[0]))
     checks += _safe("host", check_host)
     checks += _safe("device_filter", check_device_filter)
     checks += _safe("rdma", lambda: check_rdma(ucx_holder[0]))

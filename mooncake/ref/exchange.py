@@ -13,6 +13,15 @@ told from a forgery, so its receive is posted again, but the DONEs still go out 
 when the sender's authenticated DONE shows a call that disagrees with this rank's, the oversized payload
 was its own and the operation fails with the usual ``MismatchError``; when it agrees, the oversized
 message was not its and the operation waits for its payload before it commits.
+
+Payload memory.  A message lives where its payload does: a CUDA tensor's payload goes out of (and a
+receive meant for a CUDA tensor lands in) one device buffer, header and payload together, when the
+engine hands CUDA memory to UCX (``Engine.cuda``) and payloads are not MACed byte by byte
+(``MOONCAKE_AUTH_PAYLOAD=1`` needs them on the host); otherwise it is staged through host memory.  The
+wire is the same either way.  Device buffers are filled on the operation's stream, which is synchronised
+before anything is posted (UCX reads and writes them outside stream order, and a fresh buffer may be
+memory the caching allocator just freed from pending work); a completed receive is in device memory,
+visible to every stream; only its 64-byte header is copied to the host, to be checked.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from ..control import auth, faults
 from ..control import fingerprint as fp
 from ..control.errors import MismatchError, PeerFailureError, WireError
 from ..control.wire import HEADER_BYTES, Header, Kind
-from .ucx import Engine, Peer, Request
+from ..control.streams import on_stream
+from .ucx import Buffer, Engine, Peer, Request
 
 try:
     from ucxx._lib.libucxx import UCXMessageTruncatedError as _Truncated
@@ -67,9 +77,18 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def payload_tensor(buffer: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The payload of a received message as a tensor (zero-copy view of ``buffer``)."""
+def payload_tensor(buffer: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The payload of a received message as a tensor (zero-copy view of ``buffer``, host or device)."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer[HEADER_BYTES:].view(dtype).reshape(shape)
     return torch.from_numpy(buffer[HEADER_BYTES:]).view(dtype).reshape(shape)
+
+
+def on_device(device: torch.device | None, num_bytes: int, cuda_on: bool, mac_payload: bool) -> bool:
+    """Whether a message with ``num_bytes`` of payload for a tensor on ``device`` lives in device memory
+    (else in host memory: staged)."""
+    return (device is not None and device.type == "cuda" and num_bytes > 0 and cuda_on
+            and not mac_payload)
 
 
 class Exchange:
@@ -85,7 +104,10 @@ class Exchange:
     def __init__(self, engine: Engine, peers: dict[int, Peer], op_name: str,
                  sends: dict[int, tuple[Header, torch.Tensor]], recvs: dict[int, Header],
                  commit_peers: dict[int, Header] | None = None, fingerprint: "fp.Fingerprint | None" = None,
-                 me: int = -1):
+                 me: int = -1, recv_devices: dict[int, torch.device] | None = None,
+                 stream: "torch.cuda.Stream | None" = None):
+        """``recv_devices`` names the device of the tensor each receive is for (absent: the host);
+        ``stream`` is the CUDA stream the operation's device work is ordered on."""
         self.op_name = op_name
         self._engine = engine
         self._peers = peers
@@ -101,6 +123,10 @@ class Exchange:
         any_header = next(iter([*recvs.values(), *(h for h, _ in sends.values()), *self._commit_peers.values()]),
                           None)
         self._auth = None if any_header is None else auth.wire_auth(any_header.group_key)
+        mac_payload = self._auth is not None and self._auth.mac_payload
+        self._stream = stream
+        self._recv_devices = {rank: device for rank, device in (recv_devices or {}).items()
+                              if on_device(device, recvs[rank].num_bytes, engine.cuda.on, mac_payload)}
         self._verified: set[int] = set()      # ids of received requests whose MAC checked out
         self._truncated: dict[int, Request] = {}  # rank -> its oversized payload, until its DONE vouches for it
         self.data_complete = False
@@ -112,23 +138,73 @@ class Exchange:
         self._progress_lock = threading.Lock()
         done_bytes = HEADER_BYTES + (fp.MAX_BYTES if fingerprint is not None else 0)
         self._done_bytes = done_bytes
+        recv_buffers = {rank: self._recv_buffer(rank, HEADER_BYTES + header.num_bytes)
+                        for rank, header in recvs.items()}
+        send_buffers = {rank: self._message(header, payload, engine.cuda.on, mac_payload)
+                        for rank, (header, payload) in sends.items()}
+        if any(isinstance(b, torch.Tensor) for b in [*recv_buffers.values(), *send_buffers.values()]):
+            self._settle()
         for rank, header in self._commit_peers.items():
             self._done_in[rank] = engine.recv(peers[rank], header.tag(), np.empty(done_bytes, np.uint8))
         for rank, header in recvs.items():
-            buffer = np.empty(HEADER_BYTES + header.num_bytes, np.uint8)
-            self._recv_reqs[rank] = engine.recv(peers[rank], header.tag(), buffer)
-        for rank, (header, payload) in sends.items():
-            buffer = np.empty(HEADER_BYTES + header.num_bytes, np.uint8)
-            header.pack_into(memoryview(buffer))
-            buffer[HEADER_BYTES:] = tensor_bytes(payload)
-            if self._auth is not None:
-                self._auth.sign(buffer)
-            self._send_reqs[rank] = engine.send(peers[rank], header.tag(), buffer)
+            self._recv_reqs[rank] = engine.recv(peers[rank], header.tag(), recv_buffers[rank])
+        for rank, (header, _) in sends.items():
+            self._send_reqs[rank] = engine.send(peers[rank], header.tag(), send_buffers[rank])
             if len(self._send_reqs) == 1 and self._commit_peers:
                 faults.hit("mid_transfer")
         if not sends and self._commit_peers:
             faults.hit("mid_transfer")
         self.progress()
+
+    # -- message memory --------------------------------------------------------------------------
+    def _device_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        if self._stream is None:
+            self._stream = torch.cuda.current_stream(device)
+        return self._stream
+
+    def _recv_buffer(self, rank: int, num_bytes: int) -> Buffer:
+        """A buffer for ``rank``'s message: on its tensor's device where messages may live there."""
+        device = self._recv_devices.get(rank)
+        if device is None:
+            return np.empty(num_bytes, np.uint8)
+        with on_stream(self._device_stream(device)):
+            return torch.empty(num_bytes, dtype=torch.uint8, device=device)
+
+    def _message(self, header: Header, payload: torch.Tensor, cuda_on: bool, mac_payload: bool) -> Buffer:
+        """The message for ``header``: header and payload in one buffer, on the payload's device where
+        messages may live there (``on_device``), else on the host."""
+        device = on_device(payload.device, header.num_bytes, cuda_on, mac_payload)
+        head = np.empty(HEADER_BYTES if device else HEADER_BYTES + header.num_bytes, np.uint8)
+        header.pack_into(memoryview(head))
+        if not device:
+            if header.num_bytes:
+                with on_stream(self._stream if payload.is_cuda else None):
+                    head[HEADER_BYTES:] = tensor_bytes(payload.to("cpu") if payload.is_cuda else payload)
+            if self._auth is not None:
+                self._auth.sign(head)
+            return head
+        if self._auth is not None:
+            self._auth.sign(head)  # over the header: the payload is MACed only with MOONCAKE_AUTH_PAYLOAD=1
+        with on_stream(self._device_stream(payload.device)):
+            buffer = torch.empty(HEADER_BYTES + header.num_bytes, dtype=torch.uint8, device=payload.device)
+            buffer[HEADER_BYTES:].copy_(payload.detach().reshape(-1).view(torch.uint8))
+            buffer[:HEADER_BYTES].copy_(torch.from_numpy(head))  # from pageable memory: waits for the stream
+        return buffer
+
+    def _settle(self) -> None:
+        """Wait until the stream's work up to the device buffers' copies is done: the producer's writes
+        and the buffers' earlier users (UCX works outside stream order)."""
+        self._stream.synchronize()
+
+    def _head(self, req: Request) -> np.ndarray:
+        """The host bytes of a completed received message: a host buffer itself; for a device buffer, a
+        host copy of its header (made once, on a side stream: UCX's writes are complete)."""
+        if not isinstance(req.buffer, torch.Tensor):
+            return req.buffer
+        if req.head is None:
+            with torch.cuda.stream(_side_stream(req.buffer.device)):
+                req.head = req.buffer[:HEADER_BYTES].to("cpu").numpy()
+        return req.head
 
     def requests(self) -> list[Request]:
         return [*self._recv_reqs.values(), *self._send_reqs.values(), *self._done_in.values(),
@@ -187,10 +263,11 @@ class Exchange:
                 error = req.error()
                 header = expected[rank]
                 if error is None:
-                    if not self._auth.verify(req.buffer, _claimed_length(req.buffer), control):
+                    head = self._head(req)
+                    if not self._auth.verify(head, _claimed_length(head), control):
                         reason = "bad or missing MAC"
                     else:
-                        reason = _replayed(req.buffer, header, Kind.DONE if control else header.kind)
+                        reason = _replayed(head, header, Kind.DONE if control else header.kind)
                         if reason is None:
                             self._verified.add(id(req))
                             continue
@@ -202,8 +279,13 @@ class Exchange:
                     continue  # a lost connection: failed_peers() names it
                 auth.drop(f"a sender posing as rank {rank} (group {header.group_key}, "
                           f"{'DONE' if control else header.kind.name}, epoch {header.epoch})", reason)
-                size = self._done_bytes if control else HEADER_BYTES + header.num_bytes
-                table[rank] = self._engine.recv(self._peers[rank], header.tag(), np.empty(size, np.uint8))
+                if control:
+                    buffer = np.empty(self._done_bytes, np.uint8)
+                else:
+                    buffer = self._recv_buffer(rank, HEADER_BYTES + header.num_bytes)
+                    if isinstance(buffer, torch.Tensor):
+                        self._settle()
+                table[rank] = self._engine.recv(self._peers[rank], header.tag(), buffer)
         for rank in list(self._truncated):
             if id(self._recv_reqs[rank]) in self._verified:
                 del self._truncated[rank]  # its authentic payload came: the oversized one was forged
@@ -232,7 +314,7 @@ class Exchange:
             if rank in self._truncated or req.error() is not None:
                 continue  # truncated (a mismatch) or lost (failed_peers)
             try:
-                header = Header.unpack(memoryview(req.buffer))
+                header = Header.unpack(memoryview(self._head(req)))
             except WireError:
                 self._garbage.add(rank)
                 continue
@@ -282,8 +364,8 @@ class Exchange:
         """Hand unfinished requests to the engine so their buffers outlive them."""
         self._engine.keep_alive([r for r in self.requests() if not r.completed])
 
-    def result(self) -> dict[int, np.ndarray]:
-        """Received buffers (header + payload) by peer rank, headers checked; raises on a lost
+    def result(self) -> dict[int, Buffer]:
+        """Received buffers (header + payload, host or device) by peer rank, headers checked; raises on a lost
         connection or a message that does not match."""
         failed = self.failed_peers() & set(self._recv_reqs)
         if failed:
@@ -295,6 +377,17 @@ class Exchange:
             if isinstance(req.error(), _Truncated):
                 raise WireError(f"{self.op_name}: rank {rank} sent more than the {expected.num_bytes} "
                                 "bytes this rank expects: tensor sizes must agree across ranks")
-            Header.unpack(memoryview(req.buffer)).check_matches(expected)
+            Header.unpack(memoryview(self._head(req))).check_matches(expected)
             out[rank] = req.buffer
         return out
+
+
+_side_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """A stream of ``device`` for reading received headers, ordered after no user work."""
+    stream = _side_streams.get(device.index)
+    if stream is None:
+        stream = _side_streams.setdefault(device.index, torch.cuda.Stream(device))
+    return stream

@@ -1,5 +1,9 @@
 """Point-to-point messages.  Each (peer, tag) pair is its own FIFO: the n-th send to a peer with a
-tag matches the n-th receive from that peer with that tag, whatever other traffic is in flight."""
+tag matches the n-th receive from that peer with that tag, whatever other traffic is in flight.
+
+A CUDA tensor's message lives in device memory when UCX takes CUDA memory (``takes_device_tensors``),
+ordered on the caller's current stream: the send's copy is taken, and the receive's result written, on it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from ..control.wire import Header, Kind, OpCode
 from ..model.reduce import DTYPE_CODES
 from .collectives import Op, OpContext
 from .exchange import Exchange, payload_tensor
+from .ucx import Engine
 
 
 def _header(ctx: OpContext, src: int, dst: int, t: torch.Tensor, tag: int, seq: int) -> Header:
@@ -18,17 +23,31 @@ def _header(ctx: OpContext, src: int, dst: int, t: torch.Tensor, tag: int, seq: 
                   t.numel() * t.element_size(), DTYPE_CODES[t.dtype], 0, tag)
 
 
+def takes_device_tensors(engine: Engine, tensor: torch.Tensor) -> bool:
+    """Whether ``send`` / ``recv`` may be handed ``tensor`` on its CUDA device (else: a host copy)."""
+    return tensor.is_cuda and engine.cuda.on
+
+
+def _stream(tensor: torch.Tensor) -> "torch.cuda.Stream | None":
+    """The caller's current stream for a CUDA tensor (a P2P operation is never posted again)."""
+    return torch.cuda.current_stream(tensor.device) if tensor.is_cuda else None
+
+
 def send(ctx: OpContext, tensor: torch.Tensor, dst: int, tag: int, seq: int) -> Op:
+    stream = _stream(tensor)
     exchange = Exchange(ctx.engine, ctx.peers([dst]), f"send to rank {dst}",
-                        {dst: (_header(ctx, ctx.rank, dst, tensor, tag, seq), tensor)}, {})
-    return Op(ctx, exchange, lambda bufs: None)
+                        {dst: (_header(ctx, ctx.rank, dst, tensor, tag, seq), tensor)}, {}, stream=stream)
+    return Op(ctx, exchange, lambda bufs: None, stream)
 
 
 def recv(ctx: OpContext, tensor: torch.Tensor, src: int, tag: int, seq: int) -> Op:
+    stream = _stream(tensor)
+    devices = {src: tensor.device} if tensor.is_cuda else {}
     exchange = Exchange(ctx.engine, ctx.peers([src]), f"recv from rank {src}", {},
-                        {src: _header(ctx, src, ctx.rank, tensor, tag, seq)})
+                        {src: _header(ctx, src, ctx.rank, tensor, tag, seq)}, recv_devices=devices,
+                        stream=stream)
     return Op(ctx, exchange, lambda bufs: tensor.copy_(payload_tensor(bufs[src], tensor.dtype,
-                                                                       tuple(tensor.shape))))
+                                                                       tuple(tensor.shape))), stream)
 
 
 class RecvAny:

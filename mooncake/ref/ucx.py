@@ -1,10 +1,10 @@
 """One UCX worker per process, driven by our own progress loop (no ucxx progress thread, no asyncio).
 
-Endpoints are created with error handling on, so a dead peer is reported (UCX then uses TCP only,
-see DESIGN §8): pending endpoint-bound receives fail with ``UCXCanceledError`` and in-flight sends
-with ``UCXConnectionResetError`` within tens of milliseconds, and the endpoint's close callback
-marks the peer dead.  Receives are always posted on the endpoint, never on the worker, so a dead
-peer's receive can never steal a replacement's message.
+Endpoints are created with error handling on, so a dead peer is reported (UCX 1.21 then uses TCP only;
+over shared memory a SIGKILLed peer is never reported): pending endpoint-bound receives fail with
+``UCXCanceledError`` and in-flight sends with ``UCXConnectionResetError`` within tens of milliseconds,
+and the endpoint's close callback marks the peer dead.  Receives are always posted on the endpoint,
+never on the worker, so a dead peer's receive can never steal a replacement's message.
 
 Threads: callers post and progress under one lock; a single named background thread drives the
 registered operations (pollers) while nobody else is waiting on one, and otherwise sleeps, with no
@@ -14,13 +14,23 @@ and, while operations are pending, the doorbells of the shared-memory planes (``
 wakes at the earliest deadline of a pending operation, never on a timer, so an idle rank uses no CPU
 and an operation nobody waits on completes (its Work, its future and the callbacks chained on it)
 as soon as the event that commits it arrives.
+
+CUDA memory.  Once per process, when the engine starts, ``cuda_choice`` decides whether messages may live
+in CUDA device memory (``MOONCAKE_UCX_CUDA``: ``auto`` (default) uses it where UCX can take it, ``on``
+requires it, ``off`` stages every payload through host memory): UCX must report CUDA among the memory
+types of its context (``ucp_context_query``; ucxx's own ``cuda_support`` flag tests the host bit and is
+true without a GPU) and list its ``cuda_copy`` transport, and torch must see a GPU.  Which CUDA transport
+then moves the bytes (``cuda_copy`` staging through UCX's pipeline, ``cuda_ipc``, GPUDirect RDMA) is
+UCX's choice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import re
 import select
 import socket
 import threading
@@ -28,6 +38,7 @@ import time
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, unused here
 try:
@@ -42,7 +53,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
         name=exc.name) from exc
 
 from .. import log as _log  # noqa: F401 - applies MOONCAKE_LOG_LEVEL before the first group logs
-from ..control.errors import MooncakeError
+from ..control.errors import ArgumentError, MooncakeError
 
 _SPIN_S = 50e-6  # busy-progress this long before sleeping on the event fd
 # A poller registered without a deadline (an older caller) is re-run at least this often while
@@ -66,13 +77,18 @@ class _Sleeper(NamedTuple):
     own_fd: int  # the engine's duplicate of ``fd``: a plane may close its fd while the thread selects on it
 
 
+Buffer = np.ndarray | torch.Tensor  # host bytes, or a contiguous uint8 CUDA tensor (device memory)
+
+
 class Request:
-    """One posted send or receive; ``buffer`` stays referenced until the request completes."""
+    """One posted send or receive; ``buffer`` stays referenced until the request completes.  ``head``:
+    a host copy of a received device buffer's header, once its reader made one."""
 
-    __slots__ = ("handle", "buffer", "peer_key", "_completed")
+    __slots__ = ("handle", "buffer", "peer_key", "head", "_completed")
 
-    def __init__(self, handle, buffer: np.ndarray, peer_key: bytes):
+    def __init__(self, handle, buffer: Buffer, peer_key: bytes):
         self.handle, self.buffer, self.peer_key = handle, buffer, peer_key
+        self.head: np.ndarray | None = None
         self._completed = False
 
     @property
@@ -97,7 +113,7 @@ class FailedRequest:
     __slots__ = ("buffer", "peer_key", "_error")
     completed = True
 
-    def __init__(self, buffer: np.ndarray, peer_key: bytes, error: BaseException):
+    def __init__(self, buffer: Buffer, peer_key: bytes, error: BaseException):
         self.buffer, self.peer_key, self._error = buffer, peer_key, error
 
     def error(self) -> BaseException:
@@ -121,7 +137,7 @@ class Peer:
         self._engine.peer_closed(self)
 
 
-def _failed(peer: "Peer | UnreachablePeer", buffer: np.ndarray) -> FailedRequest:
+def _failed(peer: "Peer | UnreachablePeer", buffer: Buffer) -> FailedRequest:
     """A request to a peer known gone fails at once, never touching its endpoint: UCX must not be asked
     to post on an endpoint it has failed."""
     error = getattr(peer, "error", None) or ConnectionResetError("UCX closed the endpoint: the peer is gone")
@@ -135,6 +151,86 @@ class UnreachablePeer:
 
     def __init__(self, address: bytes, error: BaseException):
         self.address, self.error = address, error
+
+
+CUDA_ENV = "MOONCAKE_UCX_CUDA"
+CUDA_MODES = ("auto", "on", "off")
+_MEMORY_TYPE_CUDA = 1  # ucs_memory_type_t: UCS_MEMORY_TYPE_HOST = 0, UCS_MEMORY_TYPE_CUDA = 1
+_ATTR_FIELD_MEMORY_TYPES = 1 << 2  # UCP_ATTR_FIELD_MEMORY_TYPES
+_CUDA_TRANSPORTS = ("cuda_copy", "cuda_ipc", "gdr_copy")
+_RESOURCE = re.compile(r"^#\s*resource\s+\d+\s*:.*?\s(\S+)/\S+\s*$", re.M)
+
+
+class CudaChoice(NamedTuple):
+    """Whether this process hands CUDA device memory to UCX (``on``), and why."""
+
+    on: bool
+    mode: str  # MOONCAKE_UCX_CUDA: auto | on | off
+    reason: str
+    memory_types: int | None  # UCX's bit mask of ucs_memory_type_t (None: could not ask)
+    transports: tuple[str, ...]  # UCX's CUDA transports in this context
+
+
+class _ContextAttr(ctypes.Structure):
+    """The head of ``ucp_context_attr_t`` up to ``memory_types`` (the only field asked for)."""
+
+    _fields_ = [("field_mask", ctypes.c_uint64), ("request_size", ctypes.c_size_t),
+                ("thread_mode", ctypes.c_int), ("memory_types", ctypes.c_uint64),
+                ("tail", ctypes.c_char * 64)]  # name and later fields: never written for this mask
+
+
+def cuda_mode() -> str:
+    """``MOONCAKE_UCX_CUDA`` (default ``auto``); ``ArgumentError`` for any other value."""
+    mode = os.environ.get(CUDA_ENV, "auto").strip().lower() or "auto"
+    if mode not in CUDA_MODES:
+        raise ArgumentError(f"MOONCAKE_UCX_CUDA must be one of auto, on, off, got {os.environ[CUDA_ENV]!r}")
+    return mode
+
+
+def memory_types(context) -> int | None:
+    """The memory types UCX supports in ``context`` (``ucp_context_query``), or None when the UCX library
+    that ucxx loaded cannot be found."""
+    try:
+        lib = ctypes.CDLL("libucp.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)  # the copy ucxx loaded
+    except OSError:
+        return None
+    attr = _ContextAttr(field_mask=_ATTR_FIELD_MEMORY_TYPES)
+    lib.ucp_context_query.argtypes = [ctypes.c_void_p, ctypes.POINTER(_ContextAttr)]
+    lib.ucp_context_query.restype = ctypes.c_int
+    if lib.ucp_context_query(context.handle, ctypes.byref(attr)) != 0:
+        return None
+    return int(attr.memory_types)
+
+
+def cuda_transports(info: str) -> tuple[str, ...]:
+    """The CUDA transports among the resources ``ucp_context_print_info`` lists (the context's ``info``)."""
+    found = [tl for tl in _RESOURCE.findall(info) if tl.startswith(_CUDA_TRANSPORTS)]
+    return tuple(dict.fromkeys(found))
+
+
+def decide_cuda(mode: str, gpu: bool, mem_types: int | None, transports: tuple[str, ...]) -> CudaChoice:
+    """The choice for ``mode`` given the facts: torch sees a GPU, UCX's memory types and CUDA transports."""
+    def choice(on: bool, reason: str) -> CudaChoice:
+        return CudaChoice(on, mode, reason, mem_types, transports)
+
+    if mode == "off":
+        return choice(False, f"{CUDA_ENV}=off: CUDA tensors are staged through host memory")
+    if not gpu:
+        return choice(False, "torch sees no CUDA device")
+    if mem_types is None:
+        return choice(False, "could not ask UCX for its memory types (libucp.so.0 is not loaded by that name)")
+    if not mem_types & (1 << _MEMORY_TYPE_CUDA):
+        return choice(False, "UCX does not support CUDA memory here (built without CUDA, or its CUDA module "
+                             "failed to load)")
+    if "cuda_copy" not in transports:
+        return choice(False, "UCX has no cuda_copy transport in this context (check UCX_TLS)")
+    return choice(True, f"UCX takes CUDA memory (transports: {', '.join(transports)})")
+
+
+def cuda_choice(context) -> CudaChoice:
+    """The choice for this process's UCX ``context`` and ``MOONCAKE_UCX_CUDA``."""
+    return decide_cuda(cuda_mode(), torch.cuda.is_available(), memory_types(context),
+                       cuda_transports(context.info))
 
 
 def _ucx_config(net_devices: str | None) -> dict[str, str]:
@@ -153,6 +249,9 @@ class Engine:
         self.net_devices = net_devices
         self.context = ucx_api.UCXContext(config_dict=_ucx_config(net_devices),
                                           feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+        self.cuda = cuda_choice(self.context)
+        self.device_messages = 0  # messages posted in device memory (benchmarks/ucx_cuda.py reports them)
+        self._cuda_device: int | None = None  # the device of the first CUDA buffer posted
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
         self.address: bytes = bytes(self.worker.address)
@@ -226,16 +325,32 @@ class Engine:
             listener(peer.address)
 
     # -- posting -------------------------------------------------------------------------------
-    def send(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
+    def check_cuda(self) -> None:
+        """Raise ``MooncakeError`` when ``MOONCAKE_UCX_CUDA=on`` asks for what this process cannot do."""
+        if self.cuda.mode == "on" and not self.cuda.on:
+            raise MooncakeError(f"MOONCAKE_UCX_CUDA=on, but CUDA memory cannot go to UCX: {self.cuda.reason} "
+                                "(set MOONCAKE_UCX_CUDA=auto to stage through host memory instead)")
+
+    def _note_device(self, buffer: Buffer) -> None:
+        """Count a device buffer; remember the device of the first: the background thread makes it
+        current before it drives UCX (a thread's current CUDA device is its own)."""
+        if isinstance(buffer, torch.Tensor):
+            self.device_messages += 1
+            if self._cuda_device is None:
+                self._cuda_device = buffer.device.index
+
+    def send(self, peer: Peer | UnreachablePeer, tag: int, buffer: Buffer) -> Request | FailedRequest:
         if not peer.alive:
             return _failed(peer, buffer)
+        self._note_device(buffer)
         with self.lock:
             handle = peer.endpoint.tag_send(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
 
-    def recv(self, peer: Peer | UnreachablePeer, tag: int, buffer: np.ndarray) -> Request | FailedRequest:
+    def recv(self, peer: Peer | UnreachablePeer, tag: int, buffer: Buffer) -> Request | FailedRequest:
         if not peer.alive:
             return _failed(peer, buffer)
+        self._note_device(buffer)
         with self.lock:
             handle = peer.endpoint.tag_recv(Array(buffer), ucx_api.UCXXTag(tag))
         return Request(handle, buffer, peer.address)
@@ -375,6 +490,7 @@ class Engine:
             select.select([self.worker.epoll_file_descriptor], [], [], max(timeout_s, 0.0))
 
     def _background(self) -> None:
+        bound_device = None
         while True:
             with self._wake:
                 while self._waiters or not (self._pollers or self._watches):
@@ -384,6 +500,9 @@ class Engine:
                 self._kicked = False
                 pollers = list(self._pollers.values())
                 watches = list(self._watches)
+            if self._cuda_device is not None and bound_device is None:
+                bound_device = self._cuda_device
+                torch.cuda.set_device(bound_device)
             self.progress()
             for p in pollers:
                 p.poll()
