@@ -31,7 +31,7 @@
 #include "mc_device_sync.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 5
+#define MC_ABI_VERSION 6
 
 namespace {
 

@@ -144,63 +144,84 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 
 // ------------------------------------------------------------------------------------- device protocol
 //
-// all_reduce with no host step between launch and commit (mooncake/fast/cuda/pg.py, "The device path").
-// Every rank's control words (a host shared-memory segment, registered and mapped into the device) and
-// lanes (device memory shared by CUDA IPC) are reachable from every rank's kernels.  One operation, key
-// k = epoch << 40 | seq, on lane block `base` (seq parity):
+// Collectives with no host step between launch and commit (mooncake/fast/cuda/pg.py, "The device path"):
+// eager all_reduce, and all_reduce, reduce_scatter, all_gather, all_to_all and broadcast captured in CUDA
+// graphs.  Every rank's control words (a host shared-memory segment, registered and mapped into the device)
+// and lanes (device memory shared by CUDA IPC) are reachable from every rank's kernels.  One operation, key
+// k = epoch << 40 | seq, on lane block `base` (seq parity), `kind` saying what goes in and what is read:
 //
-//   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k); copy the input into
-//      this rank's lane; (last block) system fence, write the fingerprint words, PUB = k.
-//   2. read: wait until every peer's PUB == k and its fingerprint words equal this rank's; HOLD = k;
-//      fold every active rank's lane (ascending active order, the model's fold) into the output; (last
-//      block) system fence, FREE = k, DONE = k.
+//   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k); copy in_bytes of the
+//      input into this rank's lane (none for a broadcast's non-root); (last block) system fence, write the
+//      fingerprint words, PUB = k.
+//   2. read: wait until every peer's PUB == k and its fingerprint words equal this rank's (every rank waits
+//      for every peer, so a rank that called something else is seen by all); HOLD = k; read the peers'
+//      lanes from rd_off on: fold kinds (all_reduce, reduce_scatter) fold `count` elements of every active
+//      rank's lane (ascending active order, the model's fold: fold_range) into the output; copy kinds copy
+//      `count` bytes into each of `slots` output slots: slot s from the lane of the rank whose group rank is
+//      s (zeros where that rank is inactive), or every slot from the root's (broadcast); (last block)
+//      system fence, FREE = k, DONE = k.
 //
-// A wait that passes timeout_ns (GPU clock) gives up: the kernel exits without writing the output (a block
-// that gets past step 2's wait writes its part of it; the host protocol writes all of it again).  Eager: the host finds how far it got in the words (PUB /
-// DONE) and carries on with the host protocol.  Captured in a CUDA graph (counter != 0): seq comes from
-// the group's counter of captured ops run (a control word every replay advances), and a kernel that gives
-// up writes its key to the trouble word; every later captured kernel of the group sees it, or a view
-// epoch other than its own, and exits at once.  Mismatched fingerprints give up at once.  The words stay
-// in host memory, also for captured ops: a peer's device memory goes away with its process, and a
-// survivor polling it would fault.
+// Every wait of a launch ends by the launch's start + timeout_ns (GPU clock; the two launches of a
+// multi-block operation each have their own start); a wait that passes it gives up: the kernel exits without
+// writing the output (a block that gets past step 2's wait writes its part of it; the host protocol writes
+// all of it again).  Eager: the host finds how far it got in the words (PUB / DONE) and carries on with the
+// host protocol.  Captured in a CUDA graph (graph != 0): seq comes from the count word (epoch << 40 | ops of
+// that epoch run, so the first captured op of a new view starts at 0), and a kernel that gives up writes its
+// key into the trouble word of every active rank; a later captured kernel of that epoch sees it and exits
+// at once, and one captured under a view epoch other than the current (the epoch word) writes its key into
+// its rank's stale word and exits at once.  Every block keeps the block counters (arrive) right whichever
+// way it leaves.  Mismatched fingerprints give up at once.  The words stay in host memory, also for captured
+// ops: a peer's device memory goes away with its process, and a survivor polling it would fault.
 
 constexpr int kDevMaxRanks = 16;
 constexpr int kDevThreads = 512;
 // word indices, as mooncake/fast/cuda/pg.py lays them out (checked there through mc_pg_dev_layout)
-constexpr int kWGraphEpoch = 10;
+constexpr int kWGraphEpoch = 10, kWGraphTrouble = 11, kWGraphCount = 12, kWGraphStale = 13;
 constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLMetaNumel = 19, kLMetaSlots = 20;
 constexpr int kSeqBits = 40;
+constexpr int64_t kGraphBit = 1LL << (kSeqBits - 1);
+// what a launch moves (mooncake/fast/cuda/pg.py, KIND_*): fold kinds first
+enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4 };
 
 struct McPgDevArgs {
   int64_t ctl[kDevMaxRanks];       // control words of each active rank, in active order (device pointers)
   int64_t lane[2][kDevMaxRanks];   // lane buffers of each active rank for lane parity 0 / 1
   int64_t base[2];                 // word index of the lane block for parity 0 / 1
-  int64_t src, dst, numel;         // this rank's input (copied into its lane) and output, elements
+  int64_t src, dst;                // this rank's input and output (device pointers)
+  int64_t in_bytes;                // bytes of src copied into this rank's lane (0: it sends nothing)
+  int64_t rd_off;                  // bytes: where the part this rank reads starts in each lane
+  int64_t count;                   // fold kinds: elements folded into dst; copy kinds: bytes per output slot
   int64_t key;                     // eager: the operation's key; graph: epoch << 40 | graph bit
-  int64_t counter;                 // graph: host-mapped int64, the group's count of captured ops run (0: eager)
-  int64_t trouble;                 // graph: host-mapped int64, key of the first op that gave up (0: none)
   int64_t fp[3];                   // fingerprint words (meta, numel, slots) of this call
-  int64_t timeout_ns;              // per wait
+  int64_t timeout_ns;              // every wait of the launch ends by its start + this
   int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
   int64_t arrive;                  // device int32[4]: blocks through step 1 / step 2, whether one gave up
-  int32_t n, me, op, dtype, phase, pad;
+  int32_t n, me, op, dtype, phase, kind;
+  int32_t graph;                   // 1: captured in a CUDA graph (count, trouble and stale words)
+  int32_t slots;                   // copy kinds: output slots of `count` bytes
+  int32_t root;                    // broadcast: the root's active index
+  int32_t pad;
+  int32_t rank[kDevMaxRanks];      // group rank of each active rank (its output slot for copy kinds)
 };
 
 __device__ __forceinline__ int64_t* words(const McPgDevArgs& a, int i) {
   return reinterpret_cast<int64_t*>(a.ctl[i]);
 }
 
-// A captured op gave up: its key in this rank's trouble word (later captured ops exit at once; the PG face
-// raises), the first one only.
+// A captured op gave up: its key into the trouble word of every active rank that holds no trouble of this
+// epoch or a later one (later captured ops of the epoch exit at once everywhere; every survivor's PG face
+// raises at its next call, also where the rank's own replay got through).  Eager: nothing.
 __device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
-  if (a.trouble) {
-    int64_t* t = reinterpret_cast<int64_t*>(a.trouble);
-    if (mc_sync::ld_acquire_sys(t) == 0) mc_sync::st_release_sys(t, key);
+  if (!a.graph) return;
+  for (int i = 0; i < a.n; ++i) {
+    int64_t* t = words(a, i) + kWGraphTrouble;
+    const int64_t have = mc_sync::ld_acquire_sys(t);
+    if (have == 0 || (have >> kSeqBits) < (key >> kSeqBits)) mc_sync::st_release_sys(t, key);
   }
 }
 
 // Every thread of the block: thread i < n spins until cond(i) holds for active rank i (not this rank), or
-// the deadline; true on every thread iff it held for every rank.
+// the launch's deadline; true on every thread iff it held for every rank.
 template <typename Cond>
 __device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
   bool ok = true;
@@ -217,9 +238,10 @@ __device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
   return __syncthreads_and(ok) != 0;
 }
 
-// Thread 0 of each block, once the block is through a step: whether it is the last block of the launch to
-// get there (the step's counter is reset for the next launch) and, if so, in *failed whether some block of
-// the step gave up (reset too).  arrive: int32 [count step 1, count step 2, failed step 1, failed step 2].
+// Thread 0 of each block, once the block is through a step (or skips it): whether it is the last block of
+// the launch to get there (the step's counter is reset for the next launch) and, if so, in *failed whether
+// some block of the step gave up (reset too).  arrive: int32 [count step 1, count step 2, failed step 1,
+// failed step 2].  Every block of a launch calls it for every step the launch runs, whichever way it leaves.
 __device__ __forceinline__ bool last_block(const McPgDevArgs& a, int step, bool gave_up, bool* failed) {
   if (gridDim.x == 1) {
     *failed = gave_up;
@@ -236,21 +258,83 @@ __device__ __forceinline__ bool last_block(const McPgDevArgs& a, int step, bool 
   return true;
 }
 
+// bytes [0, n) of src to dst, every thread of the launch a share (16-byte vectors where everything is aligned)
+__device__ __forceinline__ void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n, int64_t tid, int64_t nthreads) {
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(n)) & 15) == 0) {
+    for (int64_t v = tid; v < n / 16; v += nthreads)
+      reinterpret_cast<uint4*>(dst)[v] = __ldcg(reinterpret_cast<const uint4*>(src) + v);
+  } else {
+    for (int64_t b = tid; b < n; b += nthreads) dst[b] = __ldcg(src + b);
+  }
+}
+
+__device__ __forceinline__ void zero_bytes(uint8_t* dst, int64_t n, int64_t tid, int64_t nthreads) {
+  for (int64_t b = tid; b < n; b += nthreads) dst[b] = 0;
+}
+
+// out[e] = fold(op, in[0][e], ..., in[n-1][e]) for e in [0, numel), every thread of the launch a share: the
+// model's fold (the one definition of it for every kind of the device protocol); returns whether an output
+// this thread wrote needs the host fold.
 template <typename T, int OP>
-__global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
+__device__ __forceinline__ int fold_range(const T* const* in, int n, T* out, int64_t numel, int64_t tid, int64_t nthreads) {
   using A = typename Acc<T>::type;
+  int bad = 0;
+  for (int64_t e = tid; e < numel; e += nthreads) {
+    A acc = widen(__ldcg(in[0] + e));
+    for (int i = 1; i < n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
+    out[e] = narrow<T>(finalize<OP>(acc, n, bad));
+  }
+  return bad;
+}
+
+// Step 2's reads (the protocol above): this rank's outputs from the lanes of parity `par`.
+template <typename T, int OP>
+__device__ void read_lanes(const McPgDevArgs& a, int par, int64_t tid, int64_t nthreads) {
+  if (a.kind == kAllReduce || a.kind == kReduceScatter) {
+    const T* in[kDevMaxRanks];
+    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i] + a.rd_off);
+    const int bad = fold_range<T, OP>(in, a.n, reinterpret_cast<T*>(a.dst), a.count, tid, nthreads);
+    if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
+    return;
+  }
+  uint8_t* out = reinterpret_cast<uint8_t*>(a.dst);
+  for (int s = 0; s < a.slots; ++s) {
+    int from = a.kind == kBroadcast ? a.root : -1;
+    for (int i = 0; from < 0 && i < a.n; ++i)
+      if (a.rank[i] == s) from = i;
+    uint8_t* d = out + static_cast<int64_t>(s) * a.count;
+    if (from < 0) {
+      zero_bytes(d, a.count, tid, nthreads);
+    } else if (from != a.me || a.src != a.dst) {  // a broadcast's root holds its result already
+      copy_bytes(d, reinterpret_cast<const uint8_t*>(a.lane[par][from] + a.rd_off), a.count, tid, nthreads);
+    }
+  }
+}
+
+template <typename T, int OP>
+__global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
   __shared__ int s_go;
   const uint64_t start = mc_sync::global_timer_ns();
+  bool failed = false;
   if (threadIdx.x == 0) {
     int64_t key = a.key;
     int go = 1;
-    if (a.counter) {
-      key |= mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(a.counter));
-      const int64_t now_epoch = mc_sync::ld_acquire_sys(words(a, a.me) + kWGraphEpoch);
-      if (mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(a.trouble)) != 0 || now_epoch != (key >> kSeqBits)) {
-        give_up(a, key);
+    if (a.graph) {
+      int64_t* own = words(a, a.me);
+      const int64_t epoch = key >> kSeqBits;
+      const int64_t ran = mc_sync::ld_acquire_sys(own + kWGraphCount);
+      key |= (ran >> kSeqBits) == epoch ? (ran & (kGraphBit - 1)) : 0;
+      const int64_t trouble = mc_sync::ld_acquire_sys(own + kWGraphTrouble);
+      if (mc_sync::ld_acquire_sys(own + kWGraphEpoch) != epoch) {  // captured under an earlier view
+        if (mc_sync::ld_acquire_sys(own + kWGraphStale) == 0) mc_sync::st_release_sys(own + kWGraphStale, key);
         go = 0;
+      } else if (trouble != 0 && (trouble >> kSeqBits) >= epoch) {  // a captured op of this view gave up
+        go = 0;
+      }
+      if (!go) {  // the block counters stay right for the next launch
+        if (a.phase & 1) last_block(a, 0, true, &failed);
+        if (a.phase & 2) last_block(a, 1, true, &failed);
       }
     }
     s_key = key;
@@ -262,10 +346,8 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
   const int par = static_cast<int>(key & 1);
   const int64_t base = a.base[par];
   int64_t* mine = words(a, a.me);
-  const int64_t nbytes = a.numel * static_cast<int64_t>(sizeof(T));
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  bool failed = false;
 
   if (a.phase & 1) {
     const bool released = wait_all(a, start, [&](int i) {
@@ -273,16 +355,9 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
       const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
       return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
     });
-    if (released) {
-      uint8_t* lane = reinterpret_cast<uint8_t*>(a.lane[par][a.me]);
-      const uint8_t* src = reinterpret_cast<const uint8_t*>(a.src);
-      if (nbytes % 16 == 0 && a.src % 16 == 0) {
-        for (int64_t v = tid; v < nbytes / 16; v += nthreads)
-          reinterpret_cast<uint4*>(lane)[v] = reinterpret_cast<const uint4*>(src)[v];
-      } else {
-        for (int64_t b = tid; b < nbytes; b += nthreads) lane[b] = src[b];
-      }
-    }
+    if (released && a.in_bytes > 0)
+      copy_bytes(reinterpret_cast<uint8_t*>(a.lane[par][a.me]), reinterpret_cast<const uint8_t*>(a.src), a.in_bytes,
+                 tid, nthreads);
     __syncthreads();
     if (threadIdx.x == 0) {
       if (!released) give_up(a, key);
@@ -294,41 +369,37 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
         mc_sync::st_release_sys(mine + base + kLPub, key);
       }
     }
-    if (!released || !(a.phase & 2)) return;
+    if (!(a.phase & 2)) return;
+    if (!released) {  // one launch of both steps (a single block): step 2 is skipped too
+      if (threadIdx.x == 0) last_block(a, 1, true, &failed);
+      return;
+    }
     __syncthreads();
   }
 
   const bool published = wait_all(a, start, [&](int i) {
     return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
   });
-  bool same = true;  // the ranks agree on the call (else the host names the difference)
+  bool same = true;  // the ranks agree on the call (else the host names the difference), and this rank published
   const int t = static_cast<int>(threadIdx.x);
-  if (published && t < a.n && t != a.me) {
+  if (published && t < a.n) {
     const int64_t* w = words(a, t);
-    same = w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
+    same = t == a.me ? mc_sync::ld_acquire_sys(w + base + kLPub) == key
+                     : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
   }
   const bool ok = __syncthreads_and(published && same) != 0;
   if (ok) {
     if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
-    const T* in[kDevMaxRanks];
-    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]);
-    T* out = reinterpret_cast<T*>(a.dst);
-    int bad = 0;
-    for (int64_t e = tid; e < a.numel; e += nthreads) {
-      A acc = widen(__ldcg(in[0] + e));
-      for (int i = 1; i < a.n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
-      out[e] = narrow<T>(finalize<OP>(acc, a.n, bad));
-    }
-    if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
+    read_lanes<T, OP>(a, par, tid, nthreads);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     if (!ok) give_up(a, key);
-    if (last_block(a, 1, !ok, &failed) && !failed) {  // every block folded its part: done
+    if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read its part: done
       __threadfence_system();
       mc_sync::st_release_sys(mine + base + kLFree, key);
       mc_sync::st_release_sys(mine + base + kLDone, key);
-      if (a.counter) mc_sync::st_release_sys(reinterpret_cast<int64_t*>(a.counter), (key & ((1LL << (kSeqBits - 1)) - 1)) + 1);
+      if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
     }
   }
 }
@@ -336,11 +407,11 @@ __global__ void __launch_bounds__(kDevThreads) dev_all_reduce(McPgDevArgs a) {
 template <typename T>
 cudaError_t dev_launch_typed(const McPgDevArgs& a, int blocks, cudaStream_t stream) {
   switch (a.op) {
-    case kSum: dev_all_reduce<T, kSum><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kProduct: dev_all_reduce<T, kProduct><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kMin: dev_all_reduce<T, kMin><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kMax: dev_all_reduce<T, kMax><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kAvg: dev_all_reduce<T, kAvg><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kSum: dev_collective<T, kSum><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kProduct: dev_collective<T, kProduct><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kMin: dev_collective<T, kMin><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kMax: dev_collective<T, kMax><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kAvg: dev_collective<T, kAvg><<<blocks, kDevThreads, 0, stream>>>(a); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -387,17 +458,23 @@ MC_API int mc_pg_fold(int op, int dtype, const int64_t* inputs, int num_inputs, 
 MC_API int mc_pg_dev_args_size(void) { return (int)sizeof(McPgDevArgs); }
 MC_API int mc_pg_dev_max_ranks(void) { return kDevMaxRanks; }
 
-// The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS.
+// The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS,
+// graph trouble, graph count, graph stale.
 MC_API void mc_pg_dev_layout(int64_t* out) {
-  const int64_t w[8] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots};
-  for (int i = 0; i < 8; ++i) out[i] = w[i];
+  const int64_t w[11] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots,
+                         kWGraphTrouble, kWGraphCount, kWGraphStale};
+  for (int i = 0; i < 11; ++i) out[i] = w[i];
 }
 
-// Enqueue one all_reduce of the device protocol on `stream`: blocks == 1 runs both steps in one kernel,
-// more runs step 1 then step 2 as two kernels of `blocks` blocks.  Capturable in a CUDA graph.
-MC_API int mc_pg_dev_all_reduce(const McPgDevArgs* args, int blocks, int64_t stream) {
+// Enqueue one operation of the device protocol on `stream`: blocks == 1 runs both steps in one kernel, more
+// runs step 1 then step 2 as two kernels of `blocks` blocks.  Fold kinds take the kernel fold's dtypes and
+// ops; copy kinds move bytes (any dtype).  Capturable in a CUDA graph.
+MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream) {
   McPgDevArgs a = *args;
-  if (a.n < 1 || a.n > kDevMaxRanks || a.me < 0 || a.me >= a.n || a.numel < 0 || blocks < 1 || blocks > 1024)
+  const bool fold = a.kind == kAllReduce || a.kind == kReduceScatter;
+  if (a.n < 1 || a.n > kDevMaxRanks || a.me < 0 || a.me >= a.n || a.count < 0 || a.in_bytes < 0 || a.rd_off < 0 ||
+      a.kind < kAllReduce || a.kind > kBroadcast || (!fold && a.slots < 1) ||
+      (a.kind == kBroadcast && (a.root < 0 || a.root >= a.n)) || blocks < 1 || blocks > 1024)
     return (int)cudaErrorInvalidValue;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int steps[2] = {1, 2};
@@ -405,12 +482,17 @@ MC_API int mc_pg_dev_all_reduce(const McPgDevArgs* args, int blocks, int64_t str
   for (int l = 0; l < launches; ++l) {
     a.phase = blocks == 1 ? 3 : steps[l];
     cudaError_t rc;
-    switch (a.dtype) {
-      case kFloat16: rc = dev_launch_typed<__half>(a, blocks, s); break;
-      case kBFloat16: rc = dev_launch_typed<__nv_bfloat16>(a, blocks, s); break;
-      case kFloat32: rc = dev_launch_typed<float>(a, blocks, s); break;
-      case kFloat64: rc = dev_launch_typed<double>(a, blocks, s); break;
-      default: rc = cudaErrorInvalidValue;
+    if (!fold) {  // the fold's type and op are not used
+      dev_collective<float, kSum><<<blocks, kDevThreads, 0, s>>>(a);
+      rc = cudaGetLastError();
+    } else {
+      switch (a.dtype) {
+        case kFloat16: rc = dev_launch_typed<__half>(a, blocks, s); break;
+        case kBFloat16: rc = dev_launch_typed<__nv_bfloat16>(a, blocks, s); break;
+        case kFloat32: rc = dev_launch_typed<float>(a, blocks, s); break;
+        case kFloat64: rc = dev_launch_typed<double>(a, blocks, s); break;
+        default: rc = cudaErrorInvalidValue;
+      }
     }
     if (rc != cudaSuccess) return (int)rc;
   }

@@ -9,8 +9,10 @@
 #      (survivors agree, bitwise), all_reduce bandwidth at 64-256 MiB vs the device-copy HBM floor
 #   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
 #   5. stop MPS
-# GRAPH_RANKS (e.g. 2,4,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs,
-# a rank killed during a replay) within GRAPH_S seconds; GRAPH_ARGS more arguments of it.  LATENCY_RANKS (e.g. 2):
+# GRAPH_RANKS (e.g. 2,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs of
+# all_reduce, every captured collective bitwise against the model, a rank killed during a replay of all_reduces
+# and of all_gathers for 3+ ranks) within GRAPH_S seconds; GRAPH_ARGS more arguments of it (default: 100
+# eager iterations per size).  LATENCY_RANKS (e.g. 2):
 # first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
@@ -56,7 +58,7 @@ fi
 if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, graph capture + replay, a rank killed mid-replay
   echo "=== pg_graph (ranks $GRAPH_RANKS)" | tee -a "$out/summary.txt"
   timeout "${GRAPH_S:-240}" python3 tests/fast_cuda/pg_graph.py --ranks "$GRAPH_RANKS" --out "$out" \
-    ${GRAPH_ARGS:-} > "$out/pg_graph.txt" 2>&1
+    ${GRAPH_ARGS:---iters 100} > "$out/pg_graph.txt" 2>&1
   echo "=== pg_graph rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
   grep -E "^(PASS|FAIL|BENCH|pg_graph)" "$out/pg_graph.txt" | tee -a "$out/summary.txt"
 fi

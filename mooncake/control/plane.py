@@ -33,6 +33,24 @@ class GroupInfo:
     device: str                # "cpu" or "cuda": the device of the user's tensors
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphCall:
+    """A collective issued while the caller's stream is captured into a CUDA graph (docs/semantics.md,
+    "CUDA graphs"), its arguments checked by the PG face; contiguous tensors on this rank's device.
+
+    ``kind``: "all_reduce" and "broadcast" (``input`` is ``output``; ``root`` the broadcast's group rank),
+    "reduce_scatter" (``input`` holds ``slots`` slots of ``output``'s size, slot r for rank r),
+    "all_gather" (``output`` holds ``slots`` slots of ``input``'s size), "all_to_all" (``input`` and
+    ``output`` both hold ``slots`` equal slots).  ``op``: the ``ReduceOp`` of the reducing kinds."""
+
+    kind: str
+    input: torch.Tensor
+    output: torch.Tensor
+    slots: int = 1
+    op: int = 0
+    root: int = -1
+
+
 class PlaneOp(Protocol):
     """One collective posted on one rank."""
 

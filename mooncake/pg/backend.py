@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import os
 import struct
 import threading
@@ -27,7 +28,7 @@ from torch._C import _distributed_c10d as c10d
 from .. import impl
 from ..control import auth, faults, join
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError
-from ..control.plane import GroupInfo
+from ..control.plane import GraphCall, GroupInfo
 from ..control.view import View, initial_view
 from ..control.fingerprint import Fingerprint
 from ..control.wire import MAX_P2P_TAG, MAX_RANKS, VERSION, OpCode
@@ -124,6 +125,13 @@ def _fp(op: OpCode, t: torch.Tensor, reduce_op: ReduceOp = ReduceOp.SUM, **field
 
 
 _REDUCING = (OpCode.ALL_REDUCE, OpCode.REDUCE, OpCode.REDUCE_SCATTER)
+
+
+def _stream_captured(t) -> bool:
+    """``t`` is a CUDA tensor and the caller's current stream is being captured into a CUDA graph."""
+    return isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 _calls = threading.local()  # the collective call being validated on this thread (see _collective)
 
 
@@ -319,6 +327,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _on_view(self, view: View) -> None:
         """A new view was adopted (failure agreement or elastic protocol)."""
         self._plane.add_ranks({r: self._addresses[r] for r in view.active if r in self._addresses})
+        graph_view = getattr(self._plane, "graph_view", None)
+        if graph_view is not None:  # graphs captured under an earlier view no longer run (check_graphs says so)
+            graph_view(view.epoch)
         self._sync_mask_tensor()
         self._store.set(join.view_key(self._prefix), str(view.epoch))
 
@@ -630,7 +641,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if self._membership.evicted:
             raise self._membership.removed_error(self._backend_name)
 
-    def _check_tensor(self, t: torch.Tensor, what: str) -> None:
+    def _check_tensor(self, t: torch.Tensor, what: str, capturable: bool = False) -> None:
+        """``t`` is a tensor this backend carries (``capturable``: also while a CUDA graph is captured)."""
         if not isinstance(t, torch.Tensor):
             raise ArgumentError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if t.is_sparse:
@@ -642,14 +654,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if t.device.type != want:
             raise ArgumentError(f"{what} is on {t.device}, but backend {self._backend_name} takes "
                                 f"{want} tensors")
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        if not capturable and _stream_captured(t):
             raise ArgumentError(f"{what}: CUDA graph capture of this mooncake process-group operation is not "
                                 "supported (it commits through host-side control words, which a graph cannot "
-                                "replay); issue it outside the captured region. all_reduce on the fast CUDA "
-                                "plane and mooncake.ep.Buffer dispatch/combine can be captured.")
+                                "replay); issue it outside the captured region. all_reduce, reduce_scatter_tensor, "
+                                "all_gather(_into_tensor), all_to_all_single (equal splits) and broadcast on the "
+                                "fast CUDA plane, and mooncake.ep.Buffer dispatch/combine, can be captured.")
 
-    def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str) -> None:
-        self._check_tensor(t, what)
+    def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str, capturable: bool = False) -> None:
+        self._check_tensor(t, what, capturable)
         if t.dtype != ref_t.dtype or t.numel() != ref_t.numel():
             raise ArgumentError(f"{what} must match the input: expected {ref_t.numel()} elements of "
                                 f"{ref_t.dtype}, got {t.numel()} of {t.dtype}")
@@ -759,11 +772,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
     def _stage(self, t: torch.Tensor, staged: list, is_output: bool, p2p: bool = False) -> torch.Tensor:
         """A contiguous tensor to work on: the caller's own when it is a contiguous CPU tensor, or a
-        contiguous device tensor and the collective's data plane takes device tensors (the CUDA fast
-        plane: ``takes_device_tensors``); else a contiguous copy (on the device for such a plane, on the
-        CPU otherwise; P2P tensors are always staged on the CPU).  Outputs are copied back on completion."""
-        on_device = (not p2p and t.device.type != "cpu"
-                     and getattr(self._plane, "takes_device_tensors", False))
+        contiguous device tensor and the data plane takes device tensors (collectives: the plane's
+        ``takes_device_tensors``; P2P: UCX that takes CUDA memory, where the plane has no P2P of its own);
+        else a contiguous copy (on the device for such a plane, on the CPU otherwise).  Outputs are copied
+        back on completion."""
+        if p2p:
+            on_device = (t.device.type != "cpu" and getattr(self._plane, "p2p_send", None) is None
+                         and ref_p2p.takes_device_tensors(self._engine, t))
+        else:
+            on_device = t.device.type != "cpu" and getattr(self._plane, "takes_device_tensors", False)
         if (on_device or t.device.type == "cpu") and t.is_contiguous():
             return t
         if on_device:
@@ -779,52 +796,65 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors, opts=None):
         opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
-        if isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._capture_all_reduce(t, opts)
-        self._check_tensor(t, "tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "tensor", capturing)
         op = _reduce_op(opts)
         self._check_reduce(op, t)
         factor = _premul_factor(opts, t.dtype)
+        fingerprint = _fp(OpCode.ALL_REDUCE, t, op, numel=t.numel())
+        if capturing:
+            if factor is not None:
+                raise ArgumentError("all_reduce with PREMUL_SUM cannot be captured in a CUDA graph: scale the "
+                                    "tensor inside the captured region and all_reduce it with SUM")
+            return self._capture("all_reduce", GraphCall("all_reduce", t, t, op=op), fingerprint, opts)
         staged: list = []
         x = self._stage(t, staged, True)
         if factor is not None:  # the plane sums scaled copies; the result lands in t on completion
             x = premul(x, factor)
             staged.append((t, x))
         return self._issue("all_reduce", opts, lambda ctx: self._plane.all_reduce(ctx, x, op), [t], staged,
-                           fingerprint=_fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()))
+                           fingerprint=fingerprint)
 
-    def _capture_all_reduce(self, t: torch.Tensor, opts) -> CapturedWork:
-        """all_reduce issued while the caller's stream is captured into a CUDA graph: enqueued into the
-        graph by the fast CUDA plane's device path and run at each replay (docs/semantics.md, "CUDA
-        graphs").  It takes no sequence number: every rank captures the same calls."""
-        _calls.issued = 1  # a refused capture is refused alike on every rank: nothing to tell the peers
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    @staticmethod
+    def _enter_capture(t) -> bool:
+        """Whether this call is issued while the caller's stream is captured into a CUDA graph.  Such a
+        call takes no sequence number, so a refusal concerns this rank alone: nothing to tell the peers."""
+        if not _stream_captured(t):
+            return False
+        _calls.issued = math.inf
+        return True
+
+    def _capture(self, name: str, call: GraphCall, fingerprint: Fingerprint, opts,
+                 outputs: list[torch.Tensor] | None = None) -> CapturedWork:
+        """``call`` (its arguments checked) issued while the caller's stream is captured into a CUDA graph:
+        enqueued into the graph by the fast CUDA plane's device path and run at each replay
+        (docs/semantics.md, "CUDA graphs").  It takes no sequence number: every rank captures the same
+        calls.  ``outputs``: what the Work reports (default: ``call.output``)."""
         self._check_open()
         self.check_graphs()
-        if t.dtype not in DTYPE_CODES:
-            raise ArgumentError(f"tensor has dtype {t.dtype}, which mooncake does not carry")
-        op = _reduce_op(opts)
-        self._check_reduce(op, t)
-        if _premul_factor(opts, t.dtype) is not None:
-            raise ArgumentError("all_reduce with PREMUL_SUM cannot be captured in a CUDA graph: scale the "
-                                "tensor inside the captured region and all_reduce it with SUM")
         view = self._membership.view
+        if not view.is_active(self._rank):
+            raise ArgumentError(f"{name} cannot be captured in a CUDA graph on rank {self._rank}: this rank is not "
+                                f"in the group's view (active ranks {list(view.active)}); join the group first")
         refusal = getattr(self._plane, "capture_refusal", None)
-        reason = (refusal(view, t, op) if refusal is not None else
+        reason = (refusal(view, call) if refusal is not None else
                   f"the {self.implementation} plane runs every operation through host-side control words")
         if reason:
-            raise ArgumentError(f"all_reduce cannot be captured in a CUDA graph here: {reason}; issue it "
-                                "outside the captured region")
-        self._plane.capture_all_reduce(view, t, op, _fp(OpCode.ALL_REDUCE, t, op, numel=t.numel()),
-                                       self._timeout_of(opts))
+            raise ArgumentError(f"{name} cannot be captured in a CUDA graph here: {reason}; issue it outside "
+                                "the captured region")
+        self._plane.capture(view, call, fingerprint, self._timeout_of(opts))
         self._captured = True
-        return CapturedWork([t])
+        return CapturedWork(outputs if outputs is not None else [call.output])
 
     def check_graphs(self) -> None:
-        """Raise what a CUDA-graph replay of this group's captured operations ran into since the last
-        call, then let captured operations start over (capture the graph again):
-        ``PeerFailureError`` naming the ranks the survivors agreed failed (the same on every survivor),
-        ``OpTimeoutError`` when they agree nobody failed, or ``MooncakeError`` for a graph captured
-        under an earlier view.  Every operation of the group calls it first."""
+        """Raise what a CUDA-graph replay of this group's captured collectives ran into since the last
+        call, then let captured collectives start over (capture the graph again):
+        ``PeerFailureError`` naming the ranks the survivors agreed failed, ``OpTimeoutError`` when they
+        agree nobody failed (a peer was late, or the ranks captured different calls), or ``MooncakeError``
+        for a graph captured under an earlier view.  A replay that gives up tells every active rank, also
+        one whose own replay got through, and the agreement is one per view epoch: every survivor raises
+        the same error.  Every operation of the group calls it first."""
         trouble = getattr(self._plane, "graph_trouble", None)
         found = trouble() if trouble is not None else None
         if found is None:
@@ -834,24 +864,24 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if stale:
             self._plane.graph_reset(membership.view.epoch)
             raise MooncakeError(f"a CUDA graph captured under view epoch {epoch} of this group was replayed "
-                                "after the view changed: its operations did not run; capture it again")
+                                "after the view changed: its collectives did not run; capture it again")
         if epoch == membership.view.epoch:
             membership.trouble(epoch, suspects=dead)
             decision = membership._wait_decision(epoch, membership._bound())
-        else:  # the members already agreed on that epoch (a peer's report or a NACK came first)
+        else:  # the members already agreed on that epoch (this rank's own report, a peer's, or a NACK came first)
             decision = membership.decision(epoch)
         self._plane.graph_reset(membership.view.epoch)
         if decision is None:
-            raise OpTimeoutError(f"a replay of a CUDA graph's all_reduce gave up under view epoch {epoch}; "
+            raise OpTimeoutError(f"a replay of a CUDA graph's collective gave up under view epoch {epoch}; "
                                  "its outputs are not valid; capture the graph again", ())
         if decision.failed:
-            raise PeerFailureError(f"a replay of a CUDA graph's all_reduce gave up: rank(s) "
+            raise PeerFailureError(f"a replay of a CUDA graph's collective gave up: rank(s) "
                                    f"{sorted(decision.failed)} failed and the survivors {list(decision.active)} "
                                    "agreed on it; that replay's outputs are not valid; capture the graph "
                                    "again", tuple(sorted(decision.failed)))
-        raise OpTimeoutError(f"a replay of a CUDA graph's all_reduce timed out waiting for a peer; the "
-                             f"members {list(decision.active)} agreed nobody failed; that replay's outputs "
-                             "are not valid; capture the graph again", ())
+        raise OpTimeoutError(f"a replay of a CUDA graph's collective gave up waiting for a peer (late, or it "
+                             f"captured a different call); the members {list(decision.active)} agreed nobody "
+                             "failed; that replay's outputs are not valid; capture the graph again", ())
 
     @_collective("all_reduce_coalesced", list_arg=0)
     def allreduce_coalesced(self, tensors, opts=None):
@@ -862,9 +892,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def broadcast(self, tensors, opts=None):
         opts = opts or c10d.BroadcastOptions()
         t = _one(tensors)
-        self._check_tensor(t, "tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "tensor", capturing)
         root = opts.rootRank
         self._check_root(root, "broadcast src")
+        if capturing:
+            return self._capture("broadcast", GraphCall("broadcast", t, t, root=root),
+                                 _fp(OpCode.BROADCAST, t, root=root, numel=t.numel()), opts)
         staged: list = []
         x = self._stage(t, staged, True)
         return self._issue("broadcast", opts, lambda ctx: self._plane.broadcast(ctx, x, root), [t], staged, root,
@@ -894,15 +928,24 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.AllgatherOptions()
         t = _one(input_tensors, "input_tensors")
         outs = _one(output_tensors, "output_tensors")
-        self._check_tensor(t, "input tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "input tensor", capturing)
         self._check_slots(len(outs), "the all_gather output list")
         for i, o in enumerate(outs):
-            self._check_like(o, t, f"output_tensor_list[{i}]")
+            self._check_like(o, t, f"output_tensor_list[{i}]", capturing)
+        fingerprint = _fp(OpCode.ALL_GATHER, t, numel=t.numel(), slots=len(outs))
+        if capturing:  # into one buffer (the graph's memory), then copies into the list, in the graph
+            flat = torch.empty((len(outs), t.numel()), dtype=t.dtype, device=t.device)
+            work = self._capture("all_gather", GraphCall("all_gather", t, flat, slots=len(outs)), fingerprint,
+                                 opts, outs)
+            for o, slot in zip(outs, flat.unbind(0)):
+                o.copy_(slot.view(o.shape))
+            return work
         staged: list = []
         x = self._stage(t, staged, False)
         ys = [self._stage(o, staged, True) for o in outs]
         return self._issue("all_gather", opts, lambda ctx: self._plane.all_gather(ctx, ys, x), outs, staged,
-                           fingerprint=_fp(OpCode.ALL_GATHER, t, numel=t.numel(), slots=len(outs)))
+                           fingerprint=fingerprint)
 
     @_collective("all_gather_coalesced", list_arg=1)
     def allgather_coalesced(self, output_lists, input_list, opts=None):
@@ -916,11 +959,16 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     @_collective("all_gather_into_tensor")
     def all_gather_single(self, output, input, opts=None):
         opts = opts or c10d.AllgatherOptions()
-        self._check_tensor(input, "input_tensor")
-        self._check_tensor(output, "output_tensor")
+        capturing = self._enter_capture(input)
+        self._check_tensor(input, "input_tensor", capturing)
+        self._check_tensor(output, "output_tensor", capturing)
         k = self._slots_of(output.numel(), input.numel(), "all_gather_into_tensor output")
         if output.dtype != input.dtype:
             raise ArgumentError(f"all_gather_into_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
+        fingerprint = _fp(OpCode.ALL_GATHER, input, numel=input.numel(), slots=k)
+        if capturing:
+            return self._capture("all_gather_into_tensor", GraphCall("all_gather", input, output, slots=k),
+                                 fingerprint, opts)
         staged: list = []
         x = self._stage(input, staged, False)
         y = self._stage(output, staged, True)
@@ -928,7 +976,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         xs = x.reshape(-1)
         return self._issue("all_gather_into_tensor", opts,
                            lambda ctx: self._plane.all_gather(ctx, slots, xs), [output], staged,
-                           fingerprint=_fp(OpCode.ALL_GATHER, input, numel=input.numel(), slots=k))
+                           fingerprint=fingerprint)
 
     _allgather_base = all_gather_single
 
@@ -1008,14 +1056,22 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     @_collective("reduce_scatter_tensor")
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
-        self._check_tensor(input, "input_tensor")
-        self._check_tensor(output, "output_tensor")
+        capturing = self._enter_capture(input)
+        self._check_tensor(input, "input_tensor", capturing)
+        self._check_tensor(output, "output_tensor", capturing)
         op = _reduce_op(opts)
         self._check_reduce(op, input)
         k = self._slots_of(input.numel(), output.numel(), "reduce_scatter_tensor input")
         if output.dtype != input.dtype:
             raise ArgumentError(f"reduce_scatter_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
         factor = _premul_factor(opts, input.dtype)
+        fingerprint = _fp(OpCode.REDUCE_SCATTER, output, op, numel=output.numel(), slots=k)
+        if capturing:
+            if factor is not None:
+                raise ArgumentError("reduce_scatter_tensor with PREMUL_SUM cannot be captured in a CUDA graph: "
+                                    "scale the input inside the captured region and reduce it with SUM")
+            return self._capture("reduce_scatter_tensor",
+                                 GraphCall("reduce_scatter", input, output, slots=k, op=op), fingerprint, opts)
         staged: list = []
         y = self._stage(output, staged, True)
         x = self._stage(input, staged, False)
@@ -1023,7 +1079,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         ys = y.reshape(-1)
         return self._issue("reduce_scatter_tensor", opts,
                            lambda ctx: self._plane.reduce_scatter(ctx, ys, xs, op), [output], staged,
-                           fingerprint=_fp(OpCode.REDUCE_SCATTER, output, op, numel=output.numel(), slots=k))
+                           fingerprint=fingerprint)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -1065,8 +1121,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     @_collective("all_to_all_single")
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         opts = opts or c10d.AllToAllOptions()
-        self._check_tensor(input, "input")
-        self._check_tensor(output, "output")
+        capturing = self._enter_capture(input)
+        self._check_tensor(input, "input", capturing)
+        self._check_tensor(output, "output", capturing)
         if output.dtype != input.dtype:
             raise ArgumentError(f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}")
         k = len(input_split_sizes) or len(output_split_sizes) or self.size()
@@ -1075,6 +1132,18 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if in_splits[self._rank] != out_splits[self._rank]:
             raise ArgumentError(f"all_to_all_single: this rank sends itself {in_splits[self._rank]} rows "
                                 f"but expects {out_splits[self._rank]}")
+        if capturing:
+            for what, splits in (("input_split_sizes", in_splits), ("output_split_sizes", out_splits)):
+                if len(set(splits)) > 1:
+                    raise ArgumentError(f"all_to_all_single with uneven splits cannot be captured in a CUDA graph: "
+                                        f"{what} is {splits}; pass equal splits (or none) or issue it outside the "
+                                        "captured region")
+            if input.numel() != output.numel():
+                raise ArgumentError(f"all_to_all_single captured in a CUDA graph needs equal slots on both sides: "
+                                    f"input has {input.numel()} elements, output {output.numel()}")
+            part = input.numel() // k
+            return self._capture("all_to_all_single", GraphCall("all_to_all", input, output, slots=k),
+                                 _fp(OpCode.ALL_TO_ALL, input, slots=k, sends=(part,) * k, recvs=(part,) * k), opts)
         staged: list = []
         x = self._stage(input, staged, False)
         y = self._stage(output, staged, True)

@@ -10,9 +10,14 @@ For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOO
 * graph: ``OPS`` all_reduces captured in one ``torch.cuda.CUDAGraph`` (each on its own tensor, refilled
   from fresh inputs before every replay), replayed ``REPLAYS`` times, every output bitwise equal to
   ``mooncake.model``'s fold of every rank's inputs; the time per captured op;
-* failure: the last rank is killed while the others replay; every survivor's replay ends within the
-  timeout, its next call raises the same ``PeerFailureError`` naming the dead rank, and afterwards an
-  eager all_reduce and a fresh capture over the survivors give the model's bits.
+* collectives: one graph holding all_reduce (SUM, AVG), reduce_scatter_tensor (SUM, AVG),
+  all_gather_into_tensor, all_gather into a list, broadcast and all_to_all_single, replayed ``REPLAYS``
+  times with fresh inputs, every output bitwise equal to ``mooncake.model``'s (float32 and bfloat16; and
+  an int64 group of the copy collectives);
+* failure: the last rank is killed while the others replay (a graph of all_reduces, and one of
+  all_gathers); every survivor's replay ends within the timeout, its next call raises the same
+  ``PeerFailureError`` naming the dead rank, and afterwards an eager all_reduce and a fresh capture over
+  the survivors give the model's bits.
 
 Writes ``<out>/pg_graph.json``.
 """
@@ -97,23 +102,105 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
     return bad, times
 
 
-def die_during_replay(numel: int, victim: int, timeout_s: float):
+COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
+               "all_gather_into_tensor", "all_gather", "broadcast", "all_to_all_single")
+
+
+def _expected_collective(name: str, world: int, i: int, replay: int, numel: int, dtype: torch.dtype):
+    """Every rank's outputs of collective ``name`` (entry ``i`` of the graph) by ``mooncake.model``."""
+    from mooncake.model import collectives as M
+    from mooncake.model.reduce import ReduceOp
+    kind, _, red = name.partition(":")
+    mask = [1] * world
+    per_rank = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single") else numel
+    xs = [_inputs(r, i, replay, per_rank, dtype) for r in range(world)]
+    if kind == "all_reduce":
+        return M.all_reduce(xs, ReduceOp[red], mask)
+    if kind == "reduce_scatter_tensor":
+        return M.reduce_scatter_tensor(xs, ReduceOp[red], mask)
+    if kind == "all_gather_into_tensor":
+        return M.all_gather_into_tensor(xs, mask)
+    if kind == "all_gather":
+        return [torch.cat(outs) for outs in M.all_gather(xs, mask)]
+    if kind == "broadcast":
+        return M.broadcast(xs, 1 % world, mask)
+    return M.all_to_all_single(xs, mask)
+
+
+def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", names=COLLECTIVES):
+    """Capture one of each collective in ``names`` in one graph (each on its own tensors, refilled from fresh
+    inputs before every replay), replay; returns (mismatches as (replay, name), seconds per replay)."""
+    dtype = getattr(torch, dtype_name)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ins, outs, calls = [], [], []
+    for name in names:
+        kind = name.partition(":")[0]
+        n_in = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single") else numel
+        n_out = numel * world if kind in ("all_gather_into_tensor", "all_gather", "all_to_all_single") else numel
+        ins.append(torch.zeros(n_in, dtype=dtype, device="cuda"))
+        outs.append(torch.zeros(n_out, dtype=dtype, device="cuda"))
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            for name, x, y in zip(names, ins, outs):
+                kind, _, red = name.partition(":")
+                op = getattr(dist.ReduceOp, red) if red else None
+                if kind == "all_reduce":
+                    y.copy_(x)
+                    dist.all_reduce(y, op=op)
+                elif kind == "reduce_scatter_tensor":
+                    dist.reduce_scatter_tensor(y, x, op=op)
+                elif kind == "all_gather_into_tensor":
+                    dist.all_gather_into_tensor(y, x)
+                elif kind == "all_gather":
+                    dist.all_gather(list(y.chunk(world)), x)
+                elif kind == "broadcast":
+                    y.copy_(x)
+                    dist.broadcast(y, 1 % world)
+                else:
+                    dist.all_to_all_single(y, x)
+    bad, times = [], []
+    for rep in range(replays):
+        for i, (name, x) in enumerate(zip(names, ins)):
+            x.copy_(_inputs(rank, i, rep, x.numel(), dtype))
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        for i, (name, y) in enumerate(zip(names, outs)):
+            want = _expected_collective(name, world, i, rep, numel, dtype)[rank]
+            if not torch.equal(y.cpu().view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+                bad.append((rep, name))
+    dist.barrier()
+    return bad, times
+
+
+def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "all_reduce"):
     """Capture, replay once cleanly, then replay again on the survivors while ``victim`` is killed (before its
     own replay publishes anything: a payload published by a process that then dies is freed with it, see
-    docs/semantics.md "CUDA graphs").  Returns what the survivor saw (the error of its next call, seconds
-    until its replay ended, whether the group then works in eager and in a new capture)."""
+    docs/semantics.md "CUDA graphs").  ``kind``: the graph holds all_reduces, or all_gather_into_tensors.
+    Returns what the survivor saw (the error of its next call, seconds until its replay ended, whether the
+    group then works in eager and in a new capture)."""
     from mooncake.model.reduce import ReduceOp, fold
     rank = dist.get_rank()
     x = torch.full((numel,), float(rank + 1), device="cuda")
     static_in = x.clone()
+    gathered = torch.zeros(numel * dist.get_world_size(), device="cuda")
     side = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     dist.barrier()
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph, stream=side):
             for _ in range(OPS):
-                x.copy_(static_in)
-                dist.all_reduce(x)
+                if kind == "all_gather":
+                    dist.all_gather_into_tensor(gathered, static_in)
+                else:
+                    x.copy_(static_in)
+                    dist.all_reduce(x)
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier()
@@ -136,15 +223,22 @@ def die_during_replay(numel: int, victim: int, timeout_s: float):
     dist.all_reduce(z)
     eager_ok = bool(torch.equal(z.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])))
     g2 = torch.cuda.CUDAGraph()
-    w = torch.zeros(numel, device="cuda")
+    w = torch.zeros(numel * (dist.get_world_size() if kind == "all_gather" else 1), device="cuda")
     src = torch.full((numel,), float(rank + 1), device="cuda")
     with torch.cuda.stream(side):
         with torch.cuda.graph(g2, stream=side):
-            w.copy_(src)
-            dist.all_reduce(w)
+            if kind == "all_gather":
+                dist.all_gather_into_tensor(w, src)
+            else:
+                w.copy_(src)
+                dist.all_reduce(w)
     g2.replay()
     torch.cuda.synchronize()
-    graph_ok = bool(torch.equal(w.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])))
+    if kind == "all_gather":
+        want = torch.cat([torch.full((numel,), float(r + 1)) for r in range(dist.get_world_size())])
+    else:
+        want = fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])
+    graph_ok = bool(torch.equal(w.cpu(), want))
     return {"error": error, "replay_s": round(replay_s, 3), "eager_ok": eager_ok, "graph_ok": graph_ok}
 
 
@@ -154,7 +248,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="8,4096,65536,1048576")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--steps", default="eager,graph,fail")
+    ap.add_argument("--steps", default="eager,graph,collectives,fail")
+    ap.add_argument("--fail-kinds", default="all_reduce,all_gather", help="what the graph of the kill case holds")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import pg_graph as P  # the workers import the probes by module name
@@ -179,10 +274,10 @@ def main() -> int:
                          median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
             finally:
                 c.close()
-        if "graph" in steps:
+        if steps & {"graph", "collectives"}:
             c = Cluster(R, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
             try:
-                for size in sizes:
+                for size in (sizes if "graph" in steps else ()):
                     for dtype in (("float32", "bfloat16") if size == 4096 else ("float32",)):
                         res = c.run(P.graph_run, max(size // 4, 1), REPLAYS, dtype)
                         bad = [b for r in res for b in r[0]]
@@ -193,9 +288,19 @@ def main() -> int:
                              mismatches=bad[:5])
                         note("BENCH", mode="graph", ranks=R, bytes=size, dtype=dtype,
                              per_op_us=round(statistics.median(per_replay) / OPS * 1e6, 2))
+                if "collectives" in steps:
+                    cases = [(n, d) for n in (3, 1000, 16384) for d in ("float32", "bfloat16")]
+                    for numel, dtype in cases + [(1000, "int64")]:
+                        names = COLLECTIVES if dtype != "int64" else tuple(
+                            n for n in COLLECTIVES if not n.startswith(("all_reduce", "reduce_scatter")))
+                        res = c.run(P.graph_collectives, numel, 4, dtype, names)
+                        bad = sorted({b for r in res for b in r[0]})
+                        failures += bool(bad)
+                        note("PASS" if not bad else "FAIL", what="captured collectives bitwise", ranks=R,
+                             numel=numel, dtype=dtype, collectives=list(names), mismatches=bad[:8])
             finally:
                 c.close()
-        if "fail" in steps and R >= 3:
+        for kind in (args.fail_kinds.split(",") if "fail" in steps and R >= 3 else ()):
             import mooncake.testing.cluster as cluster
             cluster.FAILURE_GRACE_S = 90.0  # the survivors' replays end at the group's timeout, after the death
             timeout_s = 5.0  # the group's: a captured op waits this long for a peer
@@ -205,7 +310,7 @@ def main() -> int:
                 survivors = list(range(R - 1))
                 errors = {}
                 try:
-                    results = c.run(P.die_during_replay, 1024, victim, timeout_s, timeout_s=120)
+                    results = c.run(P.die_during_replay, 1024, victim, timeout_s, kind, timeout_s=120)
                 except Exception as exc:  # the victim dies: collect the survivors' answers separately
                     results = getattr(exc, "results", None) or []
                     errors = {r: str(e)[-1500:] for r, e in getattr(exc, "errors", {}).items() if r != victim}
@@ -215,8 +320,8 @@ def main() -> int:
                       and "PeerFailureError" in next(iter(seen)) and f"[{victim}]" in next(iter(seen))
                       and all(o["eager_ok"] and o["graph_ok"] for o in outs))
                 failures += not ok
-                note("PASS" if ok else "FAIL", what="rank killed during a replay", ranks=R, survivors=outs,
-                     errors=errors)
+                note("PASS" if ok else "FAIL", what=f"rank killed during a replay of {kind}", ranks=R,
+                     survivors=outs, errors=errors)
             finally:
                 c.close()
     with open(os.path.join(args.out, "pg_graph.json"), "w") as f:

@@ -208,11 +208,11 @@ def wait_on_other_stream(numel: int, iters: int):
     return wrong
 
 
-def capture_refused(op: str = "broadcast"):
-    """A collective (``op``: "broadcast", "all_reduce" where the plane cannot capture it, or "premul": an
-    all_reduce with PREMUL_SUM, which no plane captures) issued while a CUDA graph is being captured is
-    refused before it communicates; the group then still works.  Returns (error type, message, the following
-    all_reduce's value)."""
+def capture_refused(op: str = "reduce"):
+    """A collective issued while a CUDA graph is being captured is refused before it communicates; the group
+    then still works.  ``op``: "reduce" (no plane captures it), "broadcast" or "all_reduce" (where the plane
+    cannot capture them), "premul" (an all_reduce with PREMUL_SUM, which no plane captures), "uneven" (an
+    all_to_all_single with uneven splits).  Returns (error type, message, the following all_reduce's value)."""
     rank = dist.get_rank()
     dev = _dev()
     x = torch.ones(16, device=dev)
@@ -222,10 +222,16 @@ def capture_refused(op: str = "broadcast"):
     with torch.cuda.stream(stream):
         try:
             with torch.cuda.graph(graph, stream=stream):
-                if op == "broadcast":
+                if op == "reduce":
+                    dist.reduce(x, 0)
+                elif op == "broadcast":
                     dist.broadcast(x, 0)
                 elif op == "premul":
                     dist.all_reduce(x, op=dist._make_nccl_premul_sum(0.5))
+                elif op == "uneven":
+                    world = dist.get_world_size()
+                    splits = [16 - (world - 1)] + [1] * (world - 1)
+                    dist.all_to_all_single(torch.empty_like(x), x, splits, splits)
                 else:
                     dist.all_reduce(x)
         except Exception as exc:  # noqa: BLE001 - returned to the test

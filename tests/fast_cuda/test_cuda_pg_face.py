@@ -1,7 +1,7 @@
 """The PG face (backend ``mooncake``) on CUDA tensors, for ref and fast: stream ordering of ``Work.wait``,
-refusing CUDA graph capture, P2P of CUDA tensors.  Skipped where no CUDA device is usable.  On a machine
-with several GPUs the ranks spread over them (rank % device_count), so the fast plane's cross-GPU lanes are
-exercised as well."""
+CUDA graph capture (refused, or captured and replayed bitwise), P2P of CUDA tensors.  Skipped where no CUDA
+device is usable.  On a machine with several GPUs the ranks spread over them (rank % device_count), so the
+fast plane's cross-GPU lanes are exercised as well."""
 
 from __future__ import annotations
 
@@ -34,15 +34,19 @@ def test_wait_orders_the_callers_stream(cluster_factory, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
     c = _dist(cluster_factory, 2, impl)
-    for err, after in c.run(J.capture_refused, "broadcast", timeout_s=120):
+    for err, after in c.run(J.capture_refused, "reduce", timeout_s=120):
         assert err is not None and err[0] == "ArgumentError" and "CUDA graph capture" in err[1], err
         assert after == [3.0] * 4
-    if impl == "ref":  # all_reduce is captured by the fast plane only
-        for err, after in c.run(J.capture_refused, "all_reduce", timeout_s=120):
-            assert err is not None and err[0] == "ArgumentError" and "cannot be captured" in err[1], err
-            assert after == [3.0] * 4
+    if impl == "ref":  # captured by the fast plane only
+        for op in ("all_reduce", "broadcast"):
+            for err, after in c.run(J.capture_refused, op, timeout_s=120):
+                assert err is not None and err[0] == "ArgumentError" and "cannot be captured" in err[1], err
+                assert after == [3.0] * 4
     for err, after in c.run(J.capture_refused, "premul", timeout_s=120):
         assert err is not None and err[0] == "ArgumentError" and "PREMUL_SUM" in err[1], err
+        assert after == [3.0] * 4
+    for err, after in c.run(J.capture_refused, "uneven", timeout_s=120):
+        assert err is not None and err[0] == "ArgumentError" and "input_split_sizes" in err[1], err
         assert after == [3.0] * 4
 
 
@@ -52,6 +56,17 @@ def test_all_reduce_captured_and_replayed_bitwise(cluster_factory):
     import pg_graph as G
     for bad, _ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
         assert not bad, bad[:5]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_collectives_captured_and_replayed_bitwise(cluster_factory, dtype):
+    """all_reduce, reduce_scatter_tensor, all_gather(_into_tensor), broadcast and all_to_all_single captured
+    in one graph on the fast plane: every replay's outputs equal the model's, bit for bit."""
+    import pg_graph as G
+    for numel in (3, 1000):
+        for bad, _ in _dist(cluster_factory, 2, "fast").run(G.graph_collectives, numel, 2, dtype, timeout_s=240):
+            assert not bad, bad[:8]
 
 
 @pytest.mark.timeout(300)

@@ -302,3 +302,19 @@ def test_a_graph_replayed_after_the_view_changed(cluster_factory):
     msg = one_error(c.run(vj.outcome_of_all_reduce, 7, timeout_s=RUN_S), "MooncakeError")
     assert "replayed after the view changed" in msg, msg
     next_ops_agree(c, 2, 11)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_whose_replay_got_through_raises_the_same_error(cluster_factory):
+    """Rank 0's replay gave up, rank 1's got through (its peer was late only for rank 0): rank 0's next call
+    runs the agreement; rank 1, idle, adopts its decision (the plane is told the new view, so graphs of the
+    old one stop running) and learns of the replay from its trouble word, written late by rank 0's kernel.
+    Both raise the same OpTimeoutError at their next call."""
+    c = _cluster(cluster_factory, "fast", 2)
+    res = c.run_each({0: (vj.graph_trouble_seen_late, (7, True), {}), 1: (vj.graph_trouble_seen_late, (7, False), {})},
+                     timeout_s=RUN_S)
+    epoch = res[0][0]
+    msg = one_error([r[1] for r in res], "OpTimeoutError")
+    assert "agreed nobody failed" in msg and "capture the graph again" in msg, msg
+    assert all(r[2] == [epoch + 1] for r in res), [r[2] for r in res]
+    next_ops_agree(c, 2, 11)

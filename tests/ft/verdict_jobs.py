@@ -268,3 +268,27 @@ def fake_graph_trouble(dead: list[int], stale: bool = False):
 
 def graph_resets():
     return list(_graph_resets)
+
+
+_graph_views: list[int] = []
+
+
+def graph_trouble_seen_late(seed: int, gave_up: bool):
+    """One rank's replay gave up (``gave_up``: its trouble word says so now); the other's got through and
+    learns of it only once the agreement moved the view on (its trouble word written late by the peer's
+    kernel).  Each then calls all_reduce; returns (the epoch before, the outcome, the epochs the plane was
+    told of as the views changed)."""
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    epoch = backend.membership.view.epoch
+    pending = [(epoch, False, frozenset())] if gave_up else []
+    _graph_views.clear()
+    backend._plane.graph_trouble = lambda: pending.pop() if pending else None
+    backend._plane.graph_reset = lambda e: None
+    backend._plane.graph_view = _graph_views.append
+    backend._captured = True
+    if not gave_up:
+        deadline = time.monotonic() + 60
+        while backend.membership.view.epoch == epoch and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pending.append((epoch, False, frozenset()))
+    return epoch, outcome_of_all_reduce(seed), list(_graph_views)

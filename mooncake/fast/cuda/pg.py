@@ -92,17 +92,24 @@ re-posts.  The host only launches, then reads the words once the launch's event 
 flags (a NaN, a MIN/MAX zero) is folded again on the host as above.  ``MOONCAKE_FAST_CUDA_DEVICE=off`` turns
 it off (``on`` also in the CPU emulation, where the kernel's steps run on the host).
 
-CUDA graphs.  all_reduce issued while the caller's stream is captured (``torch.cuda.graph``) is enqueued as
-the device path's kernel on dedicated lanes (``GRAPH_LANES``) and keys ``epoch << 40 | GRAPH_BIT | n``, n
-read at run time from a word every captured op advances (so every replay has fresh keys; all ranks replay in
-step).  Lanes are allocated and peers' lanes opened while capturing (relaxed capture mode); replaced ones stay
-mapped while the group lives, since older graphs hold their addresses.  A captured op that waits past the
-group's timeout writes its key to the trouble word; every later captured op of the group then exits at once
-(as does one captured under another view epoch), and the group's next call raises (``check_graphs`` in the PG
-face): no re-post inside a graph, the replay's outputs are not valid.
+CUDA graphs.  all_reduce, reduce_scatter_tensor, all_gather_into_tensor (and all_gather into a list),
+all_to_all_single (equal splits) and broadcast issued while the caller's stream is captured
+(``torch.cuda.graph``) are enqueued as one launch of the device path's kernel (``_shape`` says what it copies
+in and reads; the fold is the eager all_reduce's) on dedicated lanes (``GRAPH_LANES``) and keys ``epoch << 40
+| GRAPH_BIT | n``, n read at run time from the count word (``W_GRAPH_COUNT``: the view epoch and the number of
+captured ops run in it; every replay has fresh keys, all ranks replay in step, and a new view starts at 0).
+Lanes are allocated and peers' lanes opened while capturing (relaxed capture mode); replaced lanes, and the
+control words and lanes of a replaced peer, stay mapped while the group lives, since older graphs hold their
+addresses.  A captured op that waits past the group's timeout, or sees a peer's call differ, writes its key
+into the trouble word (``W_GRAPH_TROUBLE``) of every active rank; every later captured op of that view then
+exits at once, on every rank.  The PG face sets the epoch word (``W_GRAPH_EPOCH``) whenever it adopts a new
+view: an op captured under an older one exits at once and leaves its key in the stale word
+(``W_GRAPH_STALE``).  The group's next call raises (``check_graphs`` in the PG face): no re-post inside a
+graph, the replay's outputs are not valid.  Concurrent captured ops of one group (forked streams inside a
+graph) would share the lanes: a group's captured ops must be ordered on one stream.
 
-Not done: zero-copy from the caller's tensors, the device path for the other collectives and for large
-all_reduce (two-phase on the device), capture of the other collectives.
+Not done: zero-copy from the caller's tensors, the device path for the other eager collectives and for large
+all_reduce (two-phase on the device), capture of uneven all_to_all splits, gather, scatter, reduce, P2P.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
@@ -119,7 +126,7 @@ import struct
 import threading
 import time
 from datetime import timedelta
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -161,10 +168,17 @@ _MAGIC = 0x4D43435530303031  # "MCCU0001"
 W_MAGIC, W_VERSION, W_PID, W_CAPACITY, W_CLOSED, W_DEVICE = range(6)
 W_FUTEX = 8  # int32 in the low half of word 8: peers bump it to wake this rank
 W_SLEEPING = 9
-W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT = 10, 11, 12  # captured ops: view epoch, key that gave up, ops run
+# captured ops: the current view epoch, the key of one that gave up, epoch << 40 | ops run in that epoch, the key
+# of one captured under an earlier view (module doc, "CUDA graphs")
+W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE = 10, 11, 12, 13
 LANE0 = 16
 GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
 GRAPH_BIT = 1 << (SEQ_BITS - 1)  # in the keys of captured ops
+# what one launch of the device path moves (McPgDevArgs.kind): fold kinds, then copy kinds
+KIND_ALL_REDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER, KIND_ALL_TO_ALL, KIND_BROADCAST = range(5)
+GRAPH_KINDS = {"all_reduce": KIND_ALL_REDUCE, "reduce_scatter": KIND_REDUCE_SCATTER, "all_gather": KIND_ALL_GATHER,
+               "all_to_all": KIND_ALL_TO_ALL, "broadcast": KIND_BROADCAST}
+_KIND_NAMES = {v: k for k, v in GRAPH_KINDS.items()}
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
 L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
@@ -531,9 +545,10 @@ class _DevicePath:
         mem = g.mem
         if not mem.emulated:
             from .lib import DEV_MAX_RANKS
-            layout = (ctypes.c_int64 * 8)()
+            layout = (ctypes.c_int64 * 11)()
             mem.lib.mc_pg_dev_layout(layout)
-            want = (W_GRAPH_EPOCH, L_PUB, L_META, L_DONE, L_HOLD, L_FREE, L_META_NUMEL, L_META_SLOTS)
+            want = (W_GRAPH_EPOCH, L_PUB, L_META, L_DONE, L_HOLD, L_FREE, L_META_NUMEL, L_META_SLOTS,
+                    W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE)
             if tuple(layout) != want:
                 raise MooncakeError(f"the CUDA library's control-word layout {tuple(layout)} is not this "
                                     f"mooncake's {want}: rebuild it")
@@ -545,7 +560,11 @@ class _DevicePath:
         self.arrive = torch.zeros(8, dtype=torch.int32, device=mem.device)
         self.graph_lanes: dict[int, _Buffer] = {}
         self.retired: list[_Buffer] = []
-        self.reported = 0  # the trouble word's value last handed to the control plane
+        # replaced peers (their words' device mapping, the peer): graphs captured earlier may still read them
+        self.retired_peers: list[tuple[tuple[int, int] | None, _Peer]] = []
+        self.captured = False  # an operation was captured: keep what graphs may read until close()
+        self.reported = 0  # the trouble / stale word's value last handed to the control plane
+        self.handled = -1  # trouble of this view epoch and earlier was raised already
         self.outcomes = {"done": 0, "published": 0, "not posted": 0}  # how eager launches ended (tests, stats)
         self.args: dict[tuple, object] = {}  # kernel arguments by call shape (McPgDevArgs)
 
@@ -558,9 +577,23 @@ class _DevicePath:
         if have is not None:
             self.g.mem.unmap_host(have[0])
 
+    def retire_peer(self, r: int, p: _Peer) -> None:
+        """Rank ``r`` was replaced: keep its old words mapped and its lanes open until close() (graphs
+        captured earlier hold their addresses)."""
+        self.retired_peers.append((self.mapped.pop(r, None), p))
+
     def close(self) -> None:
+        """Unmap everything; after a capture, only once this device's work is done (a replay still
+        running reads these words and lanes; a graph must not be replayed after the group is destroyed)."""
+        if self.captured and not self.g.mem.emulated:
+            torch.cuda.synchronize(self.g.mem.device)
         for r in list(self.mapped):
             self.unmap_peer(r)
+        for mapped, p in self.retired_peers:
+            if mapped is not None:
+                self.g.mem.unmap_host(mapped[0])
+            p.close()
+        self.retired_peers.clear()
         for buf in list(self.graph_lanes.values()) + self.retired:
             buf.close()
         self.graph_lanes.clear()
@@ -609,38 +642,41 @@ class _DevicePath:
                              DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
             op.ev = g.mem.record(op.stream)
 
-    def _launch(self, active, me, ctls, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream) -> None:
+    def _launch(self, active, me, ctls, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
+                shape: "_Shape | None" = None) -> None:
         """Enqueue the kernel(s) on ``stream``: ``ctls`` the device addresses of the active ranks' words,
-        ``lanes`` their lane buffers for lane parity 0 and 1, ``bases`` the lane blocks' word indices."""
+        ``lanes`` their lane buffers for lane parity 0 and 1, ``bases`` the lane blocks' word indices; what
+        is copied in and read: ``shape`` (None: all_reduce of ``tensor`` in place)."""
         from .lib import McPgDevArgs, check
         g, mem = self.g, self.g.mem
+        if shape is None:
+            nb, p = _nbytes(tensor), tensor.data_ptr()
+            shape = _Shape(KIND_ALL_REDUCE, p, p, nb, 0, tensor.numel(), 1, -1, int(redop), DTYPE_CODES[tensor.dtype],
+                           nb, nb)
         ptrs = (tuple(x.data_ptr() for x in lanes[0]), tuple(x.data_ptr() for x in lanes[1]))
-        shape = (active, ctls, ptrs, bases, tensor.data_ptr(), tensor.numel(), tensor.dtype, int(redop), fp, timeout_s,
-                 graph, flag)
-        a = self.args.get(shape)
+        call = (active, ctls, ptrs, bases, shape, fp, timeout_s, graph, flag)
+        a = self.args.get(call)
         if a is None:  # arguments of a call seen before are reused with a new key (DDP's buckets, decode steps)
             a = McPgDevArgs()
             for i, r in enumerate(active):
                 a.ctl[i] = ctls[i]
                 a.lane[0][i], a.lane[1][i] = ptrs[0][i], ptrs[1][i]
+                a.rank[i] = r
             a.base[0], a.base[1] = bases
-            a.src = a.dst = tensor.data_ptr()
-            a.numel = tensor.numel()
-            own = self.mapped[g.rank][1]
-            a.counter = own + 8 * W_GRAPH_COUNT if graph else 0
-            a.trouble = own + 8 * W_GRAPH_TROUBLE if graph else 0
-            a.fp[0], a.fp[1], a.fp[2] = g.fp_words.head(fp, 0)
+            a.src, a.dst, a.in_bytes, a.rd_off, a.count = shape.src, shape.dst, shape.in_bytes, shape.rd_off, shape.count
+            a.kind, a.slots, a.root, a.graph = shape.kind, shape.slots, shape.root, int(graph)
+            a.fp[0], a.fp[1], a.fp[2] = _fp_words(g.fp_words, fp)
             a.timeout_ns = int(timeout_s * 1e9)
             a.flag = g.flag.data_ptr() if flag else 0
             a.arrive = self.arrive.data_ptr() + (16 if graph else 0)
-            a.n, a.me, a.op, a.dtype = len(active), active.index(me), int(redop), DTYPE_CODES[tensor.dtype]
+            a.n, a.me, a.op, a.dtype = len(active), active.index(me), shape.op, shape.dtype
             if len(self.args) >= 64:
                 self.args.clear()
-            self.args[shape] = a
+            self.args[call] = a
         a.key = key
-        blocks = max(1, min(16, -(-_nbytes(tensor) // DEVICE_BLOCK_BYTES)))
-        check(mem.lib, mem.lib.mc_pg_dev_all_reduce(ctypes.byref(a), blocks, stream.cuda_stream),
-              f"device all_reduce ({ReduceOp(redop).name}, {tensor.dtype}, {len(active)} ranks)")
+        blocks = max(1, min(16, -(-max(shape.in_bytes, shape.out_bytes) // DEVICE_BLOCK_BYTES)))
+        check(mem.lib, mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream),
+              f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
 
     def _emulate(self, op: "_AllReduce", lanes: list[torch.Tensor], nb: int) -> None:
         """The kernel's steps on the host, on the same words in the same order (MOONCAKE_FAST_CUDA_EMULATE)."""
@@ -681,57 +717,51 @@ class _DevicePath:
         g.wake(op.others)
 
     # ---- captured operations -----------------------------------------------------------------------------
-    def capture_refusal(self, view, tensor: torch.Tensor, op: ReduceOp) -> str | None:
-        """Why this all_reduce cannot be captured in a CUDA graph, or None."""
+    def capture_refusal(self, view, call) -> str | None:
+        """Why ``call`` (a ``GraphCall``) cannot be captured in a CUDA graph on this group, or None."""
         if self.g.delegate:
             return self.g.delegate
         if self.g.mem.emulated:
             return "the CUDA plane is emulated on the CPU"
-        if not tensor.is_contiguous() or tensor.device != self.g.mem.device:
-            return f"the tensor must be contiguous and on {self.g.mem.device}"
-        if ReduceOp(op) not in _KERNEL_FOLD_OPS or tensor.dtype not in _KERNEL_FOLD_DTYPES:
-            return (f"captured all_reduce takes SUM / AVG / PRODUCT / MIN / MAX of float16, bfloat16, float32, "
-                    f"float64 (got {ReduceOp(op).name} of {tensor.dtype})")
         if len(view.active) > self.max_ranks:
-            return f"captured all_reduce takes groups of up to {self.max_ranks} active ranks"
+            return f"captured collectives take groups of up to {self.max_ranks} active ranks"
         return None
 
-    def capture(self, view, tensor: torch.Tensor, op: ReduceOp, fp: Fingerprint, timeout_s: float) -> None:
-        """Enqueue ``all_reduce(tensor, op)`` of ``view`` on the capturing stream: keys from the group's
-        counter of captured ops run, the graph lanes (grown now, while capturing, if too small)."""
+    def capture(self, view, call, fp: Fingerprint, timeout_s: float) -> None:
+        """Enqueue ``call`` (a ``GraphCall``) of ``view`` on the capturing stream: keys from the count word
+        at run time, the graph lanes (grown now, while capturing, if too small; the peers' as they grow
+        them in their own capture of the same call, waited for up to ``timeout_s``)."""
         g = self.g
-        nb = max(_nbytes(tensor), 1)
         active = tuple(view.active)
+        shape = _shape(call, active, g.rank)
+        nb = max(shape.lane_bytes, 1)
+        bases = tuple(g.layout.lane[x] for x in GRAPH_LANES)
         with g.lock, g.mem.relaxed_capture():
-            ctl = g.ctl
-            if ctl[W_GRAPH_EPOCH] != view.epoch:
-                self.reset(view.epoch)
+            self.captured = True  # from now on a replaced peer stays mapped (retire_peer)
+            self.graph_view(view.epoch)
             mine = [self._graph_lane(lane, nb) for lane in GRAPH_LANES]
-            deadline = time.monotonic() + timeout_s
             missing = [r for r in active if r not in self.mapped]
             if missing:
-                raise MooncakeError(f"all_reduce captured in a CUDA graph: the control words of rank(s) {missing} "
+                raise MooncakeError(f"{call.kind} captured in a CUDA graph: the control words of rank(s) {missing} "
                                     "could not be mapped into this device")
             ctls = tuple(self.mapped[r][1] for r in active)
-            lanes: list[list[torch.Tensor]] = [[], []]
-            for i, lane in enumerate(GRAPH_LANES):
-                base = g.layout.lane[lane]
-                for r in active:
-                    if r == g.rank:
-                        lanes[i].append(mine[i])
-                        continue
-                    p = g.peer(r)
-                    while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < nb:
-                        if time.monotonic() > deadline:
-                            raise MooncakeError(f"all_reduce captured in a CUDA graph: rank {r} did not capture "
-                                                f"a matching all_reduce ({nb} bytes) within {timeout_s:.0f} s; "
-                                                "every rank of the group must capture the same calls")
-                        time.sleep(0.001)
-                    lanes[i].append(p.lane_view(g.mem, lane, base))
+            peers = {r: g.peer(r) for r in active if r != g.rank}
+        deadline = time.monotonic() + timeout_s
+        for r, p in peers.items():  # without the lock: the words stay mapped (captured)
+            for base in bases:
+                while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < nb:
+                    if time.monotonic() > deadline:
+                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured a "
+                                            f"collective that needs {nb} bytes of lane within {timeout_s:.0f} s; "
+                                            "every rank of the group must capture the same calls in the same order")
+                    time.sleep(0.001)
+        with g.lock, g.mem.relaxed_capture():
+            lanes = [[mine[i] if r == g.rank else peers[r].lane_view(g.mem, lane, bases[i]) for r in active]
+                     for i, lane in enumerate(GRAPH_LANES)]
             stream = torch.cuda.current_stream(g.mem.index)
             key = view.epoch << SEQ_BITS | GRAPH_BIT
-            self._launch(active, g.rank, ctls, lanes, tuple(g.layout.lane[x] for x in GRAPH_LANES), tensor,
-                         op, key, fp, timeout_s, graph=True, flag=False, stream=stream)
+            self._launch(active, g.rank, ctls, lanes, bases, call.output, call.op, key, fp, timeout_s,
+                         graph=True, flag=False, stream=stream, shape=shape)
 
     def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
         have = self.graph_lanes.get(lane)
@@ -742,25 +772,103 @@ class _DevicePath:
         return have.view
 
     def trouble(self) -> tuple[int, bool, frozenset[int]] | None:
-        """(view epoch of the op that gave up, whether it was captured under an earlier view than the
-        current captures', peers found dead) once a captured op gave up since the last call, else None."""
+        """What captured ops ran into since the last call, once: (the view epoch of one that gave up, False,
+        peers found dead), or (the view epoch one was captured under, True, ()) for a graph replayed after
+        the view changed; else None."""
         g = self.g
-        value = int(g.ctl[W_GRAPH_TROUBLE])
-        if value == 0 or value == self.reported:
-            return None
-        self.reported = value
-        g._live_checked = 0.0
-        epoch = value >> SEQ_BITS
-        return epoch, epoch < int(g.ctl[W_GRAPH_EPOCH]), g.failed(tuple(g.peers))
+        value, stale = int(g.ctl[W_GRAPH_TROUBLE]), int(g.ctl[W_GRAPH_STALE])
+        if value and value >> SEQ_BITS > self.handled and value != self.reported:
+            self.reported = value
+            g._live_checked = 0.0
+            return value >> SEQ_BITS, False, g.failed(tuple(g.peers))
+        if stale and stale != self.reported:
+            self.reported = stale
+            return stale >> SEQ_BITS, True, frozenset()
+        return None
+
+    def graph_view(self, epoch: int) -> None:
+        """The group adopted view ``epoch``: captured ops of earlier views exit at once from now on."""
+        if self.g.ctl is not None and epoch > int(self.g.ctl[W_GRAPH_EPOCH]):
+            self.g.ctl[W_GRAPH_EPOCH] = epoch
 
     def reset(self, epoch: int) -> None:
-        """Captured ops start over under view ``epoch`` (ops captured under another view give up at once;
-        no captured op may be running)."""
-        ctl = self.g.ctl
-        ctl[W_GRAPH_COUNT] = 0
-        ctl[W_GRAPH_TROUBLE] = 0
-        ctl[W_GRAPH_EPOCH] = epoch
+        """What captured ops ran into was raised: once this device's work is done (a replay may still run),
+        forget trouble of views before ``epoch`` (a peer's late report of it included) and stale reports,
+        zero the captured ops' block counters, and let captured ops run under view ``epoch``."""
+        g = self.g
+        if not g.mem.emulated and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize(g.mem.device)
+            self.arrive[4:8].zero_()
+            torch.cuda.synchronize(g.mem.device)
+        ctl = g.ctl
+        self.handled = max(self.handled, epoch - 1)
+        value = int(ctl[W_GRAPH_TROUBLE])
+        if value and value >> SEQ_BITS < epoch:
+            ctl[W_GRAPH_TROUBLE] = 0
+        ctl[W_GRAPH_STALE] = 0
+        self.graph_view(epoch)
         self.reported = 0
+
+
+def _fp_words(words: LaneWords, fp: Fingerprint) -> tuple[int, int, int]:
+    """The fingerprint words a kernel of the device path publishes and compares: the head of ``fp``, with
+    an all_to_all's element count (the sum of its sends: its splits are equal) in the numel word."""
+    meta, numel, slots = words.head(fp, 0)
+    return meta, sum(fp.sends) if fp.sends else numel, slots
+
+
+def _graph_call_problem(call, device: torch.device) -> str | None:
+    """Why the device path's kernel cannot run ``call`` (a ``GraphCall``) on ``device``, naming the
+    argument, or None."""
+    for what, t in (("input", call.input), ("output", call.output)):
+        if not t.is_contiguous() or t.device != device:
+            return f"the {what} tensor must be contiguous and on {device} (got {t.device}, strides {t.stride()})"
+    if GRAPH_KINDS[call.kind] in (KIND_ALL_REDUCE, KIND_REDUCE_SCATTER) and (
+            ReduceOp(call.op) not in _KERNEL_FOLD_OPS or call.input.dtype not in _KERNEL_FOLD_DTYPES):
+        return (f"captured {call.kind} takes SUM / AVG / PRODUCT / MIN / MAX of float16, bfloat16, float32, "
+                f"float64 (got {ReduceOp(call.op).name} of {call.input.dtype})")
+    return None
+
+
+class _Shape(NamedTuple):
+    """What one launch of the device path moves (``McPgDevArgs``): ``kind`` (KIND_*), this rank's input
+    ``src`` and output ``dst`` (addresses), ``in_bytes`` of src copied into its lane, each read starting
+    ``rd_off`` bytes into a lane, ``count`` elements folded (fold kinds) or bytes per output slot (copy
+    kinds), ``slots`` output slots, ``root`` the broadcast root's active index (else -1), the reduce op and
+    dtype code; ``lane_bytes`` every rank's lane holds at least, ``out_bytes`` written into dst."""
+
+    kind: int
+    src: int
+    dst: int
+    in_bytes: int
+    rd_off: int
+    count: int
+    slots: int
+    root: int
+    op: int
+    dtype: int
+    lane_bytes: int
+    out_bytes: int
+
+
+def _shape(call, active: Sequence[int], rank: int) -> _Shape:
+    """The launch of ``call`` (a ``GraphCall``) on group rank ``rank`` of a view whose active ranks are
+    ``active`` (ascending)."""
+    kind = GRAPH_KINDS[call.kind]
+    x, y = call.input, call.output
+    nin, nout = _nbytes(x), _nbytes(y)
+    src, dst, dtype = x.data_ptr(), y.data_ptr(), DTYPE_CODES[x.dtype]
+    if kind == KIND_ALL_REDUCE:
+        return _Shape(kind, src, dst, nin, 0, x.numel(), 1, -1, int(call.op), dtype, nin, nout)
+    if kind == KIND_REDUCE_SCATTER:
+        return _Shape(kind, src, dst, nin, rank * nout, y.numel(), 1, -1, int(call.op), dtype, nin, nout)
+    if kind == KIND_ALL_GATHER:
+        return _Shape(kind, src, dst, nin, 0, nin, call.slots, -1, 0, dtype, nin, nout)
+    if kind == KIND_ALL_TO_ALL:
+        part = nin // call.slots
+        return _Shape(kind, src, dst, nin, rank * part, part, call.slots, -1, 0, dtype, nin, nout)
+    root = active.index(call.root)
+    return _Shape(kind, src, dst, nin if rank == call.root else 0, 0, nin, 1, root, 0, dtype, nin, nout)
 
 
 class CudaGroup:
@@ -845,7 +953,9 @@ class CudaGroup:
                     raise MooncakeError(f"fast CUDA plane: cannot attach rank {r}'s control words: {exc}; "
                                         "use MOONCAKE_IMPL=ref") from None
                 old = self.peers.pop(r, None)
-                if old is not None:
+                if old is not None and self.dev is not None and self.dev.captured:
+                    self.dev.retire_peer(r, old)  # graphs captured earlier may still read its words and lanes
+                elif old is not None:
                     if self.dev is not None:
                         self.dev.unmap_peer(r)
                     old.close()
@@ -1905,24 +2015,35 @@ class FastCudaGroup:
         return self._run(_Barrier(self.g, ctx))
 
     # ---- CUDA graphs (the device path) -----------------------------------------------------------------
-    def capture_refusal(self, view, tensor: torch.Tensor, op) -> str | None:
-        """Why ``all_reduce(tensor, op)`` cannot be captured in a CUDA graph here, or None."""
+    def capture_refusal(self, view, call) -> str | None:
+        """Why ``call`` (a ``GraphCall``) cannot be captured in a CUDA graph here, or None."""
+        problem = _graph_call_problem(call, self.g.mem.device)
+        if problem:
+            return problem
         if self.g.dev is None:
             return self.g.dev_reason or "the device path is off"
-        return self.g.dev.capture_refusal(view, tensor, op)
+        return self.g.dev.capture_refusal(view, call)
 
-    def capture_all_reduce(self, view, tensor: torch.Tensor, op, fp: Fingerprint, timeout_s: float) -> None:
-        self.g.dev.capture(view, tensor, ReduceOp(op), fp, timeout_s)
+    def capture(self, view, call, fp: Fingerprint, timeout_s: float) -> None:
+        """Enqueue ``call`` into the graph being captured (``capture_refusal`` said None)."""
+        self.g.dev.capture(view, call, fp, timeout_s)
 
     def graph_trouble(self) -> tuple[int, bool, frozenset[int]] | None:
-        """(view epoch, captured under an earlier view, peers found dead) once a replayed captured op gave
-        up since the last call."""
+        """What replayed captured ops ran into since the last call (``_DevicePath.trouble``), or None."""
         dev = self.g.dev
         return None if dev is None or self.g.closed else dev.trouble()
 
     def graph_reset(self, epoch: int) -> None:
-        if self.g.dev is not None and not self.g.closed:
-            self.g.dev.reset(epoch)
+        """The PG face raised what captured ops ran into; they run under view ``epoch`` from now on."""
+        dev = self.g.dev
+        if dev is not None and not self.g.closed:
+            dev.reset(epoch)
+
+    def graph_view(self, epoch: int) -> None:
+        """The PG face adopted view ``epoch``: ops captured under earlier views exit at once."""
+        dev = self.g.dev
+        if dev is not None and not self.g.closed:
+            dev.graph_view(epoch)
 
     def add_ranks(self, addresses: dict[int, bytes]) -> None:
         self.g.add_ranks(addresses)

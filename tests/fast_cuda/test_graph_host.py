@@ -1,0 +1,211 @@
+"""The host side of CUDA-graph capture on the fast CUDA plane, on the CPU (the kernels themselves run in
+tests/fast_cuda/pg_graph.py and test_cuda_pg_face.py on a GPU):
+
+* what one launch of the device path moves for each captured collective (``_shape``), checked by running
+  the kernel's copy-in and reads (csrc/mooncake_pg_cuda.cu, "device protocol") on CPU tensors against
+  ``mooncake.model``, bit for bit, with inactive ranks;
+* the words a replay leaves (trouble, stale) and how they are reported and forgotten (``_DevicePath``);
+* the PG face's argument checks and the planes' refusals for a call issued while capturing: clear errors
+  naming the argument, before any communication; the group still pairs its next op.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import graph_jobs as GJ  # noqa: E402
+from mooncake.control.fingerprint import Fingerprint, LaneWords  # noqa: E402
+from mooncake.control.plane import GraphCall  # noqa: E402
+from mooncake.control.wire import OpCode  # noqa: E402
+from mooncake.fast.cuda import pg as P  # noqa: E402
+from mooncake.model import collectives as M  # noqa: E402
+from mooncake.model.reduce import ReduceOp, fold  # noqa: E402
+
+
+def _run_launches(calls: dict[int, GraphCall], active: list[int]) -> None:
+    """The device path's launches of ``calls`` (rank -> its call) as the kernel runs them: every rank copies
+    ``in_bytes`` of its input into its lane, then reads the lanes (fold kinds: ``fold`` over the active
+    ranks' parts, ascending; copy kinds: slot s from the lane of rank s, or the root's, zeros for an
+    inactive rank)."""
+    shapes = {r: P._shape(c, active, r) for r, c in calls.items()}
+    lanes = {}
+    for r, c in calls.items():
+        lane = torch.zeros(shapes[r].lane_bytes, dtype=torch.uint8)
+        n = shapes[r].in_bytes
+        lane[:n] = c.input.reshape(-1).view(torch.uint8)[:n]
+        lanes[r] = lane
+    for r, c in calls.items():
+        s = shapes[r]
+        out = c.output.reshape(-1)
+        if s.kind in (P.KIND_ALL_REDUCE, P.KIND_REDUCE_SCATTER):
+            parts = [lanes[q][s.rd_off:].view(c.input.dtype)[:s.count] for q in active]
+            out.copy_(fold(ReduceOp(s.op), parts))
+            continue
+        raw = out.view(torch.uint8)
+        for slot in range(s.slots):
+            src = active[s.root] if s.kind == P.KIND_BROADCAST else slot
+            dst = raw[slot * s.count:(slot + 1) * s.count]
+            if src not in active:
+                dst.zero_()
+            elif not (src == r and c.input.data_ptr() == c.output.data_ptr()):
+                dst.copy_(lanes[src][s.rd_off:s.rd_off + s.count])
+
+
+def _inputs(capacity, numel, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(numel, generator=g) * 100).to(dtype) for _ in range(capacity)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capacity,active", [(2, [0, 1]), (4, [0, 2, 3]), (3, [1])])
+def test_launch_shapes_give_the_models_bits(capacity, active, dtype):
+    mask = [int(r in active) for r in range(capacity)]
+    n = 7  # odd: slot offsets that are not 16-byte aligned
+    for red in (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MAX):
+        xs = _inputs(capacity, n, dtype, 1)
+        mine = {r: xs[r].clone() for r in active}
+        calls = {r: GraphCall("all_reduce", mine[r], mine[r], op=red) for r in active}
+        _run_launches(calls, active)
+        want = M.all_reduce(xs, red, mask)
+        assert all(torch.equal(calls[r].output.view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+
+        xs = _inputs(capacity, n * capacity, dtype, 2)
+        calls = {r: GraphCall("reduce_scatter", xs[r], torch.full((n,), -1.0, dtype=dtype), capacity, red)
+                 for r in active}
+        _run_launches(calls, active)
+        want = M.reduce_scatter_tensor(xs, red, mask)
+        assert all(torch.equal(calls[r].output.view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+
+    xs = _inputs(capacity, n, dtype, 3)
+    calls = {r: GraphCall("all_gather", xs[r], torch.full((n * capacity,), -1.0, dtype=dtype), capacity)
+             for r in active}
+    _run_launches(calls, active)
+    want = M.all_gather_into_tensor(xs, mask)
+    assert all(torch.equal(calls[r].output.view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+
+    xs = _inputs(capacity, n * capacity, dtype, 4)
+    calls = {r: GraphCall("all_to_all", xs[r], torch.full((n * capacity,), -1.0, dtype=dtype), capacity)
+             for r in active}
+    _run_launches(calls, active)
+    want = M.all_to_all_single(xs, mask)
+    assert all(torch.equal(calls[r].output.view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+
+    root = active[-1]
+    xs = _inputs(capacity, n, dtype, 5)
+    mine = {r: xs[r].clone() for r in active}
+    calls = {r: GraphCall("broadcast", mine[r], mine[r], root=root) for r in active}
+    _run_launches(calls, active)
+    want = M.broadcast(xs, root, mask)
+    assert all(torch.equal(mine[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+    assert P._shape(calls[active[0]], active, active[0]).in_bytes == (0 if active[0] != root else n * xs[0].element_size())
+
+
+def test_all_to_all_fingerprint_words_carry_the_element_count():
+    words = LaneWords(P.L_META, P.L_META_NUMEL, P.L_META_SLOTS, P.L_SLOTS + 4, 2)
+    a = Fingerprint(OpCode.ALL_TO_ALL, 8, slots=2, sends=(4, 4), recvs=(4, 4))
+    b = Fingerprint(OpCode.ALL_TO_ALL, 8, slots=2, sends=(5, 5), recvs=(5, 5))
+    assert P._fp_words(words, a) != P._fp_words(words, b)  # the kernel compares these three words only
+    c = Fingerprint(OpCode.ALL_GATHER, 8, numel=4, slots=2)
+    assert P._fp_words(words, c) == words.head(c, 0)
+
+
+def test_call_problems_name_the_argument():
+    cpu = torch.device("cpu")
+    x = torch.ones(8)
+    assert P._graph_call_problem(GraphCall("all_reduce", x, x, op=ReduceOp.SUM), cpu) is None
+    bad = P._graph_call_problem(GraphCall("all_gather", x, torch.ones(16, 2)[:, 0], 2), cpu)
+    assert "output tensor must be contiguous" in bad, bad
+    i = torch.ones(8, dtype=torch.int32)
+    bad = P._graph_call_problem(GraphCall("reduce_scatter", i, i[:4], 2, ReduceOp.SUM), cpu)
+    assert "captured reduce_scatter takes" in bad and "torch.int32" in bad, bad
+    assert P._graph_call_problem(GraphCall("all_gather", i, torch.ones(16, dtype=torch.int32), 2), cpu) is None
+
+
+# ------------------------------------------------------------------------------ the words a replay leaves
+
+def _device_path(epoch: int = 0, dead=frozenset()):
+    """A ``_DevicePath`` over plain host words (no device): its trouble / stale reporting."""
+    g = types.SimpleNamespace(ctl=[0] * 64, peers={1: None, 2: None}, _live_checked=0.0,
+                              mem=types.SimpleNamespace(emulated=True), failed=lambda ranks: frozenset(dead))
+    dev = object.__new__(P._DevicePath)
+    dev.g, dev.reported, dev.handled = g, 0, -1
+    dev.graph_view(epoch)
+    return dev, g.ctl
+
+
+def _key(epoch, n):
+    return epoch << P.SEQ_BITS | P.GRAPH_BIT | n
+
+
+def test_trouble_is_reported_once_and_a_late_report_of_a_handled_view_is_dropped():
+    dev, ctl = _device_path(3, dead={2})
+    assert dev.trouble() is None
+    ctl[P.W_GRAPH_TROUBLE] = _key(3, 5)
+    assert dev.trouble() == (3, False, frozenset({2}))
+    assert dev.trouble() is None  # once
+    dev.reset(4)  # the PG face raised it; the agreement moved the view to epoch 4
+    assert ctl[P.W_GRAPH_TROUBLE] == 0 and ctl[P.W_GRAPH_EPOCH] == 4
+    ctl[P.W_GRAPH_TROUBLE] = _key(3, 6)  # a peer's replay of that view gave up later
+    assert dev.trouble() is None
+    ctl[P.W_GRAPH_TROUBLE] = _key(4, 0)  # a new one
+    assert dev.trouble() == (4, False, frozenset({2}))
+
+
+def test_a_peers_report_reaches_a_rank_whose_replay_got_through():
+    """The trouble word of a rank that holds no trouble of its own, written by a peer's kernel (after this
+    rank adopted the view the agreement chose): reported with the epoch it happened in, so the PG face
+    raises that epoch's decision."""
+    dev, ctl = _device_path(5)
+    dev.graph_view(6)  # the agreement on epoch 5 reached this rank first
+    ctl[P.W_GRAPH_TROUBLE] = _key(5, 2)
+    assert dev.trouble() == (5, False, frozenset())
+
+
+def test_stale_replays_are_reported_after_trouble_and_the_view_only_moves_forward():
+    dev, ctl = _device_path(2)
+    dev.graph_view(1)
+    assert ctl[P.W_GRAPH_EPOCH] == 2
+    ctl[P.W_GRAPH_STALE] = _key(1, 0)
+    ctl[P.W_GRAPH_TROUBLE] = _key(2, 1)
+    assert dev.trouble() == (2, False, frozenset())
+    assert dev.trouble() == (1, True, frozenset())
+    dev.reset(3)
+    assert ctl[P.W_GRAPH_STALE] == 0 and dev.trouble() is None
+
+
+# ------------------------------------------------------------------------------ the PG face while capturing
+
+EMU = {"MOONCAKE_FAST_CUDA_EMULATE": "cpu", "MOONCAKE_FAST_CUDA_EMULATE_LAG": "2", "MOONCAKE_FAST_CUDA_DEVICE": "on"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("impl", ["ref", "fast-cuda-emulated"])
+def test_refusals_name_the_argument_and_take_no_sequence_number(cluster_factory, impl):
+    if impl == "ref":
+        c = cluster_factory(2, "mooncake-cpu", env={"MOONCAKE_IMPL": "ref"}, timeout_s=60)
+    else:
+        c = cluster_factory(2, "mooncake-cpu", env={"MOONCAKE_IMPL": "fast", **EMU}, timeout_s=60,
+                            options=("pg_integration.options", (), {}))
+    for out, after in c.run(GJ.capture_refusals, timeout_s=120):
+        assert after == [3.0] * 4
+        assert all(v is not None and v[0] == "ArgumentError" for v in out.values()), out
+        msg = {k: v[1] for k, v in out.items()}
+        assert "PREMUL_SUM" in msg["premul"] and "PREMUL_SUM" in msg["reduce_scatter premul"], msg
+        assert "input_split_sizes is [7, 1]" in msg["uneven"], msg
+        assert "input has 8 elements, output 16" in msg["unequal sides"], msg
+        assert "output dtype torch.float64 != input dtype torch.float32" in msg["dtype"], msg
+        assert "CUDA graph capture of this mooncake process-group operation is not supported" in msg["reduce"], msg
+        if impl == "ref":
+            for k in ("all_reduce", "broadcast", "non-contiguous", "all_reduce BAND"):
+                assert "cannot be captured in a CUDA graph here: the ref plane" in msg[k], msg
+        else:
+            assert "the CUDA plane is emulated on the CPU" in msg["all_reduce"], msg
+            assert "the output tensor must be contiguous" in msg["non-contiguous"], msg
+            assert "captured all_reduce takes SUM / AVG" in msg["all_reduce BAND"], msg
