@@ -2,7 +2,7 @@
 
     python benchmarks/epbench.py --ranks 8 --out benchmarks/results/cuda
 
-Configuration (DeepEP low-latency, anchors.md §1.1): 128 tokens per rank, hidden 7168, top-8, 256 experts,
+Configuration (DeepEP's published low-latency setting): 128 tokens per rank, hidden 7168, top-8, 256 experts,
 FP8 dispatch, BF16 combine.  Routing shapes: ``uniform`` (K distinct experts uniformly at random),
 ``incast`` (every token's experts are rank 0's: a k-hot incast into one receiver), ``zipf`` (expert
 popularity ~ 1/rank^1.2 over a random permutation, K distinct per token).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 8 on a host of several GPUs (one rank per GPU): faults on GPUs, and the helpers of
+"""The multi-GPU run on a host of several GPUs (one rank per GPU): faults on GPUs, and the helpers of
 ``scripts/multigpu_run.sh``.
 
 Subcommands::
@@ -59,15 +59,16 @@ for _p in (FCUDA, HERE, REPO):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-# Published peer figures (../shared/reference/anchors.md §1.1 and §1.4); DeepEP: H800, LL kernels over
-# NVLink since DeepEP PR #173, FP8 dispatch, 288 experts.  NCCL EP: H100, LL, BF16 dispatch and combine.
+# Published peer figures: DeepEP's low-latency table (H800, LL kernels over NVLink where possible, FP8
+# dispatch, 288 experts) and NCCL EP's README (NCCL EP 0.1.0; H100, LL, BF16 dispatch and combine).
 PEERS = {
     "DeepEP EP8 (H800, FP8 dispatch)": dict(dispatch_us=77.0, dispatch_GBps=98.0, combine_us=114.0,
                                             combine_GBps=127.0),
     "NCCL EP EP8 (H100, BF16 dispatch)": dict(dispatch_us=None, dispatch_GBps=224.3, combine_us=None,
                                               combine_GBps=185.2),
 }
-# NCCL all_reduce of 1 GiB, one process per GPU, NVLS off, seen on this workplace's H100 hosts (KINDS.md)
+# NCCL all_reduce of 1 GiB (bus bandwidth), one process per GPU, NVLS off, seen on the H100 hosts of our
+# multi-GPU machines (2, 4 and 8 GPUs)
 NCCL_SEEN_1GIB_BUSBW = {2: 329.0, 4: 355.0, 8: 361.0}
 
 PG_ELEMENTS = 1 << 18  # 1 MiB of float32 per rank: several UCX messages, so mid_transfer is mid-way
@@ -673,7 +674,8 @@ def ep_compare(args) -> int:
              "",
              "Ours: uniform routing, p50 over ranks and iterations, DeepEP byte accounting (dispatch "
              "H + H/128*4 + 16 = 7408 B, combine 2H = 14336 B per selected (token, expert)), GB/s per rank.",
-             "Peers: published EP8 figures (anchors.md §1.1, §1.4), not measured here. DeepEP: H800, 288 experts. "
+             "Peers: published EP8 figures (DeepEP's low-latency table, NCCL EP's README), not measured here. "
+             "DeepEP: H800, 288 experts. "
              "NCCL EP dispatches BF16 (14336 B per pair), so its dispatch GB/s is not the same workload as our FP8 "
              "dispatch; combine is BF16 in all three.",
              "",
@@ -755,8 +757,8 @@ def pg_compare(args) -> int:
           if r["collective"] == "all_reduce" and r["backend"] == "nccl" and r["size_bytes"] == 1 << 30]
     if ar and world in NCCL_SEEN_1GIB_BUSBW:
         m = ar[0].get("in_place") or ar[0]["out_of_place"]
-        lines.append(f"Sanity: nccl all_reduce 1 GiB busbw {m['busbw']:.0f} GB/s here; this workplace's H100 hosts "
-                     f"showed {NCCL_SEEN_1GIB_BUSBW[world]:.0f} GB/s with {world} GPUs (KINDS.md, NVLS off).")
+        lines.append(f"Sanity: nccl all_reduce 1 GiB busbw {m['busbw']:.0f} GB/s here; our H100 multi-GPU hosts "
+                     f"showed {NCCL_SEEN_1GIB_BUSBW[world]:.0f} GB/s with {world} GPUs (NVLS off).")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:

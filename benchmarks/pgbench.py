@@ -2,7 +2,8 @@
 """pgbench: nccl-tests-style collective benchmark for torch.distributed backends, several side by side.
 
 Same command line and table as upstream Mooncake's ``mooncake-pg/benchmark/pgbench.py`` (itself
-modelled on nccl-tests), so the seed guide's smoke command runs as written with our paths::
+modelled on nccl-tests), so the smoke command of upstream Mooncake's troubleshooting guide runs as
+written with our paths::
 
     python benchmarks/pgbench.py --collective all_reduce --backend mooncake --device cuda -g 2 -b 8 -e 1M -f 2
 

@@ -44,7 +44,7 @@ class MooncakeBackendOptions:
             the failed ranks stay in the view (suspended) and every later collective raises the
             same way until the framework calls ``deactivate_ranks`` (or ``activate_ranks``).
             ``auto_sync_on_failure=True`` requires ``auto_deactivate_on_failure=True``.
-        failure_mode: the seed spelling of the first two modes (``"complete"`` or ``"raise"``).
+        failure_mode: the mask spelling of the first two modes (``"complete"`` or ``"raise"``).
     """
 
     def __init__(self, active_ranks=None, is_extension: bool = False, max_world_size=None,

@@ -36,7 +36,7 @@ DTYPES = {
     "int32": torch.int32, "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "float32": torch.float32, "float64": torch.float64,
 }
-# weights: the dtypes the brief names first, the rest now and then
+# weights: the common dtypes most often, the rest now and then
 DTYPE_WEIGHTS = {"int32": 4, "int64": 3, "float32": 5, "float64": 3, "bfloat16": 3, "float16": 3, "uint8": 2,
                  "int8": 1, "int16": 1, "bool": 1}
 OPS = {  # op -> weight

@@ -1,4 +1,5 @@
-"""docs/troubleshooting.md quotes only messages that the code really raises, and covers the seed guide's topics.
+"""docs/troubleshooting.md quotes only messages that the code really raises, and covers upstream Mooncake's
+PG/EP troubleshooting guide's topics.
 
 Convention (stated at the top of the guide): in every Markdown table whose first header cell is ``Message``,
 the first cell of each row is one code span holding a message exactly as the code raises it, where ``…``
@@ -23,7 +24,7 @@ PACKAGE = REPO_ROOT / "mooncake"
 NOT_MESSAGES = {PACKAGE / "doctor.py"}  # the doctor's own texts are advice, not errors the library raises
 HOLE = "…"
 
-# The topics of upstream Mooncake's PG/EP troubleshooting guide (the seed guide), by heading.
+# The topics of upstream Mooncake's PG/EP troubleshooting guide, by heading.
 SEED_TOPICS = [
     "Import fails with a PyTorch version error",
     "`activeRanks must be int` or device mismatch",

@@ -169,7 +169,7 @@ def test_device_filter_known_device_ok():
 
 
 def test_native_extension_built_for_another_torch(monkeypatch):
-    """The seed guide's "Mooncake EP was not built against torch==..." case, with a fake extension."""
+    """Upstream Mooncake's troubleshooting guide's "Mooncake EP was not built against torch==..." case, with a fake extension."""
     import mooncake
 
     fake = Path(mooncake.__file__).parent / "ep" / "_native.cpython-311-x86_64-linux-gnu.so"

@@ -1,5 +1,6 @@
 """benchmarks/pgbench.py runs end to end: every collective, three backends side by side, no wrong
-elements, the nccl-tests table, JSON and a plot; the seed guide's CUDA smoke command parses."""
+elements, the nccl-tests table, JSON and a plot; upstream Mooncake's troubleshooting guide's CUDA smoke
+command parses."""
 
 from __future__ import annotations
 

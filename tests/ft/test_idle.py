@@ -1,4 +1,4 @@
-"""DESIGN §9: an idle rank uses about no CPU, and its threads are few and named."""
+"""An idle rank uses about no CPU, and its threads are few and named."""
 
 from ft import jobs
 from ft.test_failures import TIMEOUT_S

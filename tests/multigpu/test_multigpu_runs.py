@@ -1,4 +1,4 @@
-"""Issue 8 on a host of >= 2 GPUs, one rank per GPU (the same runs as scripts/multigpu_run.sh, smaller).
+"""The multi-GPU run on a host of >= 2 GPUs, one rank per GPU (the same runs as scripts/multigpu_run.sh, smaller).
 
 Everything here skips without two GPUs, so CI (no GPU) skips it all.  ``MOONCAKE_MULTIGPU_CPU_CHECK=1``
 also runs the fault driver's CPU mode (mooncake-cpu and gloo, 2-4 processes), which needs no GPU.
