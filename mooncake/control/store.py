@@ -29,7 +29,7 @@ class BoundedStore:
         self._lock = threading.Lock()  # one request at a time, as one client connection serves them
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._lost: str | None = None
-        threading.Thread(target=self._serve, name="mooncake-store", daemon=True).start()
+        self._thread: threading.Thread | None = None  # started by the first call (a healthy group makes none)
 
     def _serve(self) -> None:
         while True:
@@ -45,6 +45,9 @@ class BoundedStore:
         with self._lock:
             if self._lost is not None:
                 raise StoreTimeout(self._lost)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="mooncake-store", daemon=True)
+                self._thread.start()
             answer: queue.SimpleQueue = queue.SimpleQueue()
             self._requests.put((lambda: method(*args, **kwargs), answer))
             limit = self._deadline_s()
@@ -63,7 +66,7 @@ class BoundedStore:
 
     def close(self) -> None:
         """Stop the connection's thread (a call still blocked in it stays blocked)."""
-        if self._lost is None:
+        if self._lost is None and self._thread is not None:
             self._requests.put((None, None))
 
     def __getattr__(self, name: str):
