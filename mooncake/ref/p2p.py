@@ -23,9 +23,17 @@ def _header(ctx: OpContext, src: int, dst: int, t: torch.Tensor, tag: int, seq: 
                   t.numel() * t.element_size(), DTYPE_CODES[t.dtype], 0, tag)
 
 
+#: a CUDA tensor of fewer bytes is sent and received through a host copy: below this, the stream synchronisation
+#: and device copies of a device message cost more than staging (an H100 over UCX's TCP path: 8 B to 32 KiB
+#: were 40-65 % slower in device memory, 256 KiB and up faster; benchmarks/results/ucx-cuda)
+P2P_DEVICE_MIN_BYTES = 128 << 10
+
+
 def takes_device_tensors(engine: Engine, tensor: torch.Tensor) -> bool:
-    """Whether ``send`` / ``recv`` may be handed ``tensor`` on its CUDA device (else: a host copy)."""
-    return tensor.is_cuda and engine.cuda.on
+    """Whether ``send`` / ``recv`` may be handed ``tensor`` on its CUDA device (else: a host copy): UCX takes
+    CUDA memory and the message has at least ``P2P_DEVICE_MIN_BYTES``."""
+    return (tensor.is_cuda and engine.cuda.on
+            and tensor.numel() * tensor.element_size() >= P2P_DEVICE_MIN_BYTES)
 
 
 def _stream(tensor: torch.Tensor) -> "torch.cuda.Stream | None":

@@ -110,6 +110,18 @@ def test_p2p_takes_device_tensors_only_where_ucx_does():
     assert not p2p.takes_device_tensors(SimpleNamespace(cuda=choice(False)), torch.ones(2))
 
 
+def _cuda_like(num_bytes: int):
+    return SimpleNamespace(is_cuda=True, numel=lambda: num_bytes // 4, element_size=lambda: 4)
+
+
+def test_p2p_stages_small_cuda_messages():
+    """Device memory only from P2P_DEVICE_MIN_BYTES on (smaller ones were slower that way)."""
+    on, off = SimpleNamespace(cuda=choice(True)), SimpleNamespace(cuda=choice(False))
+    assert not p2p.takes_device_tensors(on, _cuda_like(p2p.P2P_DEVICE_MIN_BYTES - 4))
+    assert p2p.takes_device_tensors(on, _cuda_like(p2p.P2P_DEVICE_MIN_BYTES))
+    assert not p2p.takes_device_tensors(off, _cuda_like(p2p.P2P_DEVICE_MIN_BYTES))
+
+
 # ------------------------------------------------------------------------------------------ buffers
 
 CUDA0 = torch.device("cuda", 0)
