@@ -1,7 +1,7 @@
 """EP dispatch/combine over NVSHMEM on one GPU, bitwise against mooncake.model.ep (docs/design/internode.md §11).
 
-Written and compiled without a GPU (against the nvidia-nvshmem-cu13 3.4.5 wheel); see the design page for
-what has run.  For the GPU machine, one GPU, R processes under MPS::
+Ran on one H100 with R = 2 and 4 (every case bitwise; benchmarks/results/internode/nvshmem-h100-run1).  For
+the GPU machine, one GPU, R processes under MPS::
 
     python benchmarks/internode/nvshmem_ep.py --ranks 4 --mps --out /tmp/ep4
     python benchmarks/internode/nvshmem_ep.py --ranks 4 --mps --force-put --out /tmp/ep4-put

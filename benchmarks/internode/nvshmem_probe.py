@@ -1,6 +1,6 @@
 """NVSHMEM probe for docs/design/internode.md: bootstrap through our Store, put-with-signal keys, deadlines.
 
-NOT RUN YET (written without a GPU; the .cu compiles and links against the nvidia-nvshmem-cu13 3.4.5 wheel).
+Ran on one H100 with R = 2 (benchmarks/results/internode/nvshmem-h100-run1).
 For the GPU machine, one GPU, R processes under MPS (docs/design/internode.md §10 item 3)::
 
     python benchmarks/internode/nvshmem_probe.py --ranks 2 --mps --out /tmp/probe
