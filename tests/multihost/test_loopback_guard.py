@@ -10,21 +10,9 @@ import sys
 
 import pytest
 
-from mooncake.testing.netns import TwoHosts
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LIMIT_S = 60
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    why = TwoHosts.unavailable()
-    if why:
-        pytest.skip(f"two-host tests need network namespaces: {why}")
-    h = TwoHosts()
-    yield h
-    h.close()
 
 
 @pytest.mark.timeout(LIMIT_S + 30)

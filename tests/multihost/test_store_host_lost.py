@@ -17,21 +17,9 @@ import time
 
 import pytest
 
-from mooncake.testing.netns import TwoHosts
-
 TIMEOUT_S = 5  # the group timeout; a Store call of the agreement then gives up after 5 s as well
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    why = TwoHosts.unavailable()
-    if why:
-        pytest.skip(f"two-host tests need network namespaces: {why}")
-    h = TwoHosts()
-    yield h
-    h.close()
 
 
 def _read(path):

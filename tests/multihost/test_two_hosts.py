@@ -29,22 +29,10 @@ import time
 
 import pytest
 
-from mooncake.testing.netns import TwoHosts
-
 WORLD = 4
 LIMIT_S = 120  # one launch (4 founders + 2 replacements, the faults), every process killed after it
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    why = TwoHosts.unavailable()
-    if why:
-        pytest.skip(f"two-host tests need network namespaces: {why}")
-    h = TwoHosts()
-    yield h
-    h.close()
 
 
 def _start(hosts, impl, tmp_path, env, rank, host, role):
