@@ -4,7 +4,8 @@
 
 What it does differently from torchrun (docs/launcher.md has the whole contract):
 
-* it hosts the c10d ``TCPStore`` itself (on node 0), so the Store outlives every worker: the workers
+* it hosts the c10d ``TCPStore`` itself (on node 0; ``--store external`` uses one served elsewhere, e.g. by
+  ``mooncake-run --serve-store`` on a host of its own), so the Store outlives every worker: the workers
   connect to it as clients (``TORCHELASTIC_USE_AGENT_STORE=True`` makes torch's ``env://``
   rendezvous do exactly that), and any rank, rank 0 included, may die without taking the group down;
 * when a worker dies it starts a **replacement** with the same ``RANK`` / ``LOCAL_RANK`` and
@@ -110,7 +111,7 @@ class Launcher:
 
     # -- the Store ---------------------------------------------------------------------------
     def host_store(self) -> None:
-        if self.args.node_rank != 0:
+        if self.args.node_rank != 0 or self.args.store == "external":
             return
         from datetime import timedelta
 
@@ -397,9 +398,25 @@ def parse_args(argv: list[str] | None = None):
                         "new random one (single node); off: no secret (docs/semantics.md, \"Trust model\")")
     p.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no-python", action="store_true", help="run the script as an executable, not with python")
-    p.add_argument("script", help="the training script (or module with -m, executable with --no-python)")
+    p.add_argument("--store", choices=("launcher", "external"), default="launcher",
+                   help="launcher (default): node 0's launcher hosts the Store; external: a Store already "
+                        "listens at --master-addr:--master-port (e.g. `mooncake-run --serve-store` on a host "
+                        "of its own, so that the job survives losing node 0)")
+    p.add_argument("--serve-store", action="store_true",
+                   help="host only the Store at --master-addr:--master-port until SIGINT / SIGTERM (no script)")
+    p.add_argument("script", nargs="?", help="the training script (or module with -m, executable with --no-python)")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    if args.serve_store:
+        if args.script is not None:
+            p.error("--serve-store runs no script")
+        if args.master_port == 0:
+            p.error("--serve-store needs --master-port: the job's launchers must know it")
+        return args
+    if args.script is None:
+        p.error("the script to run is missing")
+    if args.store == "external" and args.master_port == 0:
+        p.error("--store external needs --master-port: the port the Store listens on")
     if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         p.error("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
     if args.master_port == 0 and args.nnodes > 1:
@@ -419,6 +436,23 @@ def command_of(args) -> list[str]:
     return [sys.executable, "-u", args.script, *args.script_args]
 
 
+def serve_store(args) -> int:
+    """Host the job's Store alone (``--serve-store``) until SIGINT / SIGTERM; exit status 0."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    store = dist.TCPStore(args.master_addr, args.master_port, None, True,
+                          timeout=timedelta(seconds=args.store_timeout), wait_for_workers=False)
+    _log(f"Store at {args.master_addr}:{store.port} (serving only, pid {os.getpid()})")
+    while not stop.wait(0.5):
+        pass
+    _log("Store stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_exec"]:
@@ -426,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--_standby"]:
         _standby(argv[1:])
     args = parse_args(argv)
+    if args.serve_store:
+        return serve_store(args)
     from .control.errors import ArgumentError
     try:
         launcher = Launcher(args, command_of(args))

@@ -147,6 +147,59 @@ def test_signal_ends_every_child(tmp_path, sig):
         assert session_pids(proc.pid) == []
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_external_store_outlives_node_0(tmp_path):
+    """A Store served on its own (``--serve-store``) and two one-worker "nodes" launched with ``--store
+    external``: node 0 is killed whole (its launcher SIGKILLed, its worker with it) in the middle of the
+    all_reduces; node 1's worker goes on over itself and exits 0, and so does its launcher (with node 0's
+    launcher hosting the Store, the agreement would have lost it)."""
+    port = _free_port()
+    job = script(tmp_path, """
+        import os, time
+        from datetime import timedelta
+        import torch, torch.distributed as dist
+        import mooncake.pg as pg
+        dist.init_process_group("mooncake-cpu", timeout=timedelta(seconds=10))
+        rank, seen = dist.get_rank(), set()
+        for i in range(400):
+            x = torch.ones(4)
+            dist.all_reduce(x)
+            seen.add(int(x[0]))
+            if i == 20:
+                print("running", flush=True)
+            time.sleep(0.02)
+        print("done", sorted(seen), pg.get_active_ranks(dist.group.WORLD).tolist(), flush=True)
+        dist.destroy_process_group()
+    """)
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-port", str(port), "--store", "external",
+              "--max-replacements", "0"]
+    import secrets
+    secret = {"MOONCAKE_JOB_SECRET": secrets.token_hex(16)}  # one for both nodes
+    with launcher(["--serve-store", "--master-port", str(port)]) as store, \
+            launcher([*common, "--node-rank", "0", job], env=secret) as node0, \
+            launcher([*common, "--node-rank", "1", job], env=secret) as node1:
+        assert "serving only" in store.stdout.readline()
+        for line in node0.stdout:
+            if line.rstrip().endswith("] running"):
+                break
+        else:
+            pytest.fail("node 0's worker never ran")
+        kill_session(node0.pid)  # node 0 lost whole: launcher and worker
+        try:
+            out, _ = node1.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("node 1 did not finish after node 0 was lost")
+        assert node1.returncode == 0, out
+        assert "[rank 1] done [1, 2] [0, 1]" in out, out  # sums over both, then over itself alone
+        assert store.poll() is None  # the Store is still serving
+
+
 def test_killed_launcher_takes_its_workers(tmp_path):
     job = script(tmp_path, """
         import os, time
