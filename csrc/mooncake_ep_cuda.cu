@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "mc_device_sync.cuh"
+#include "mc_fp8.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
 #define MC_ABI_VERSION 6
@@ -239,20 +240,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(McEpArgs a) {
         const uint2 raw = *reinterpret_cast<const uint2*>(xs + b * 128 + 4 * lane);
         const __nv_bfloat162 p0 = *reinterpret_cast<const __nv_bfloat162*>(&raw.x);
         const __nv_bfloat162 p1 = *reinterpret_cast<const __nv_bfloat162*>(&raw.y);
-        float v[4] = {__low2float(p0), __high2float(p0), __low2float(p1), __high2float(p1)};
-        float amax = __int_as_float(0x38D1B717);  // fl32(1e-4)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
-        const float scale = __fdiv_rn(448.0f, amax);
-        const float scale_inv = __fmul_rn(amax, __int_as_float(0x3B124925));  // fl32(1/448)
-        uint32_t packed = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const __nv_fp8_storage_t c = __nv_cvt_float_to_fp8(__fmul_rn(v[i], scale), __NV_SATFINITE, __NV_E4M3);
-          packed |= (uint32_t)c << (8 * i);
-        }
+        const float v[4] = {__low2float(p0), __high2float(p0), __low2float(p1), __high2float(p1)};
+        float scale_inv;
+        const uint32_t packed = mc_fp8_quantize_group(v, &scale_inv);
         *reinterpret_cast<uint32_t*>(q + b * 128 + 4 * lane) = packed;
         if (lane == 0) scale_inv_out[b] = scale_inv;
       }
@@ -549,17 +539,11 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const __nv_bfloat16*
       float v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(xr[i]);
-      float amax = __int_as_float(0x38D1B717);
+      float group_scale_inv;
+      const uint32_t packed = mc_fp8_quantize_group(v, &group_scale_inv);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
-      const float scale = __fdiv_rn(448.0f, amax);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        q[(int64_t)t * H + b * 128 + 4 * lane + i] =
-            __nv_cvt_float_to_fp8(__fmul_rn(v[i], scale), __NV_SATFINITE, __NV_E4M3);
-      if (lane == 0) scale_inv[(int64_t)t * S + b] = __fmul_rn(amax, __int_as_float(0x3B124925));
+      for (int i = 0; i < 4; ++i) q[(int64_t)t * H + b * 128 + 4 * lane + i] = (uint8_t)(packed >> (8 * i));
+      if (lane == 0) scale_inv[(int64_t)t * S + b] = group_scale_inv;
     }
   }
 }
