@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "mc_device_sync.cuh"
+
 #define MC_API extern "C" __attribute__((visibility("default")))
 
 namespace mc_nvs {
@@ -21,20 +23,15 @@ namespace mc_nvs {
 constexpr int kCountBits = 16;
 constexpr uint64_t kCountMask = (1ull << kCountBits) - 1;
 
-__device__ __forceinline__ uint64_t now_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+// The project's device helpers (csrc/mc_device_sync.cuh), on the unsigned signal words NVSHMEM uses.
+__device__ __forceinline__ uint64_t now_ns() { return mc_sync::global_timer_ns(); }
 
 __device__ __forceinline__ uint64_t ld_acquire_u64(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
+  return static_cast<uint64_t>(mc_sync::ld_acquire_sys(reinterpret_cast<const int64_t*>(p)));
 }
 
 __device__ __forceinline__ void st_release_u64(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+  mc_sync::st_release_sys(reinterpret_cast<int64_t*>(p), static_cast<int64_t>(v));
 }
 
 // Spin until (*sig >> 16) >= (key >> 16), or `deadline_ns` (%globaltimer; 0 = no deadline) passes, or

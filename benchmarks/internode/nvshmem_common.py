@@ -28,6 +28,7 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 COMMON_HEADER = HERE / "nvshmem_common.cuh"
+CSRC = HERE.parent.parent / "csrc"  # mc_device_sync.cuh, shared with the library's kernels
 STORE_TIMEOUT_S = 60
 
 
@@ -58,10 +59,11 @@ def detect_arch(arch: str | None) -> str:
 def build(source: Path, build_dir: Path, arch: str, root: Path) -> Path:
     """Compile and link ``source`` into a shared library in ``build_dir``; reuse it if the inputs are unchanged.
 
-    The name carries a hash of the source, the common header, ``arch`` and ``root``.
+    The name carries a hash of the source, the common headers, ``arch`` and ``root``.
     """
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), COMMON_HEADER.read_bytes(), arch.encode(), str(root).encode()):
+    for part in (source.read_bytes(), COMMON_HEADER.read_bytes(), (CSRC / "mc_device_sync.cuh").read_bytes(),
+                 arch.encode(), str(root).encode()):
         digest.update(part)
     build_dir.mkdir(parents=True, exist_ok=True)
     lib = build_dir / f"lib{source.stem}-{digest.hexdigest()[:12]}.so"
@@ -69,7 +71,7 @@ def build(source: Path, build_dir: Path, arch: str, root: Path) -> Path:
         return lib
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     cmd = ["nvcc", "-O2", "-std=c++17", "-rdc=true", f"-arch=sm_{arch}", "-Xcompiler", "-fPIC", "-shared",
-           f"-I{HERE}", str(source), str(root / "lib" / "libnvshmem_device.a"), f"-I{root / 'include'}",
+           f"-I{HERE}", f"-I{CSRC}", str(source), str(root / "lib" / "libnvshmem_device.a"), f"-I{root / 'include'}",
            f"-L{root / 'lib'}", "-l:libnvshmem_host.so.3", "-Xlinker", "-rpath", "-Xlinker", str(root / "lib"),
            "-o", str(tmp)]
     subprocess.run(cmd, check=True)
@@ -104,6 +106,16 @@ def compile_for(args, source: Path) -> Path:
     out = Path(args.out)
     build_dir = Path(args.build_dir) if args.build_dir else out / "build"
     return build(source, build_dir, detect_arch(args.arch), nvshmem_root(args.nvshmem_root))
+
+
+def driver_start(args, source: Path) -> tuple[Path, Path] | None:
+    """The driver's first steps: make ``--out``, build ``source`` (printing the library); None when
+    ``--compile-only`` asked for nothing more, else (out, library)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lib = compile_for(args, source)
+    print(f"built {lib}")
+    return None if args.compile_only else (out, lib)
 
 
 def launch(args, lib: Path, child_argv: Callable[[int], list[str]], extra_env: dict[str, str]) -> list[int | None]:

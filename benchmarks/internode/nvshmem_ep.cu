@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include "mc_fp8.cuh"
 #include "nvshmem_common.cuh"
 
 namespace {
@@ -88,6 +89,32 @@ __device__ __forceinline__ void block_copy16(void* dst, const void* src, int64_t
   for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d[i] = s[i];
 }
 
+// One block sends `bytes` of `src` to PE `pe`'s symmetric `dst`, then sets `pe`'s `sig` to `value`: where
+// nvshmem_ptr reaches the peer (and not force_put), direct stores, a system fence and a release store (bit
+// `pe` of status[ST_DIRECT] set); else one put-with-signal from `put_src`, which must be symmetric (`src`
+// itself, or a staging buffer `src` is first copied into), or a lone signal for an empty block.
+__device__ void send_block(void* dst, const uint8_t* src, uint8_t* put_src, int64_t bytes, uint64_t* sig,
+                           uint64_t value, int pe, bool force_put, uint32_t* status) {
+  void* direct = force_put ? nullptr : nvshmem_ptr(dst, pe);
+  if (direct != nullptr) {
+    block_copy16(direct, src, bytes);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      mc_nvs::st_release_u64(static_cast<uint64_t*>(nvshmem_ptr(sig, pe)), value);
+      atomicOr(status + ST_DIRECT, 1u << pe);
+    }
+  } else if (bytes > 0) {
+    if (put_src != src) {
+      block_copy16(put_src, src, bytes);
+      __syncthreads();
+    }
+    nvshmemx_putmem_signal_nbi_block(dst, put_src, (size_t)bytes, sig, value, NVSHMEM_SIGNAL_SET, pe);
+  } else if (threadIdx.x == 0) {
+    nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
 // One block of 1024 threads.  For every expert e: count[e] = #tokens routed to e, slot[t][k] = #{t' < t
 // routed to e} for topk[t][k] == e; ebase = exclusive prefix of count over experts (ebase[E] = total).
 __global__ void route_kernel(const int64_t* topk, int N, int K, int E, int* slot, int* count, int* ebase) {
@@ -148,17 +175,8 @@ __global__ void pack_kernel(const __nv_bfloat16* x, const int64_t* topk, int K, 
     float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(row[b * 128 + 4 * lane + i]);
-    float amax = __int_as_float(0x38D1B717);  // fl32(1e-4)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, off));
-    const float scale = __fdiv_rn(448.0f, amax);
-    const float scale_inv = __fmul_rn(amax, __int_as_float(0x3B124925));  // fl32(1/448)
-    uint32_t packed = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      packed |= (uint32_t)__nv_cvt_float_to_fp8(__fmul_rn(v[i], scale), __NV_SATFINITE, __NV_E4M3) << (8 * i);
+    float scale_inv;
+    const uint32_t packed = mc_fp8_quantize_group(v, &scale_inv);
     for (int k = 0; k < K; ++k) {
       if (tk[k] < 0) continue;
       uint8_t* m = send + (int64_t)(ebase[tk[k]] + slot[(int64_t)t * K + k]) * msg;
@@ -181,20 +199,7 @@ __global__ void dispatch_send_kernel(Ctx c, uint64_t key, int h, int force_put, 
   uint8_t* dst = c.dstage + (((int64_t)h * c.R + c.me) * c.cap + pre) * c.msg;
   uint64_t* sig = c.dsig + ((int64_t)h * c.L + l) * c.R + c.me;
   const uint64_t value = key | (uint64_t)n;
-  void* direct = force_put ? nullptr : nvshmem_ptr(dst, q);
-  if (direct != nullptr) {
-    block_copy16(direct, src, n * c.msg);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      mc_nvs::st_release_u64(static_cast<uint64_t*>(nvshmem_ptr(sig, q)), value);
-      atomicOr(c.status + ST_DIRECT, 1u << q);
-    }
-  } else if (n > 0) {
-    nvshmemx_putmem_signal_nbi_block(dst, src, (size_t)(n * c.msg), sig, value, NVSHMEM_SIGNAL_SET, q);
-  } else if (threadIdx.x == 0) {
-    nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, q);
-  }
+  send_block(dst, src, const_cast<uint8_t*>(src), n * c.msg, sig, value, q, force_put, c.status);
 }
 
 // One block, one warp per peer p, lanes over local experts: wait for the L signals sigs[l][p] (stride R)
@@ -281,23 +286,8 @@ __global__ void combine_send_kernel(Ctx c, const __nv_bfloat16* expert_out, uint
   uint8_t* dst = c.cstage + (((int64_t)h * R + c.me) * c.cap + pre) * row_bytes;
   uint64_t* sig = c.csig + ((int64_t)h * c.L + l) * R + c.me;
   const uint64_t value = key | (uint64_t)n;
-  void* direct = force_put ? nullptr : nvshmem_ptr(dst, r);
-  if (direct != nullptr) {
-    block_copy16(direct, rows, n * row_bytes);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      mc_nvs::st_release_u64(static_cast<uint64_t*>(nvshmem_ptr(sig, r)), value);
-      atomicOr(c.status + ST_DIRECT, 1u << r);
-    }
-  } else if (n > 0) {
-    uint8_t* staged = c.csend + (((int64_t)h * R + r) * c.cap + pre) * row_bytes;  // symmetric put source
-    block_copy16(staged, rows, n * row_bytes);
-    __syncthreads();
-    nvshmemx_putmem_signal_nbi_block(dst, staged, (size_t)(n * row_bytes), sig, value, NVSHMEM_SIGNAL_SET, r);
-  } else if (threadIdx.x == 0) {
-    nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, r);
-  }
+  uint8_t* staged = c.csend + (((int64_t)h * R + r) * c.cap + pre) * row_bytes;  // symmetric put source
+  send_block(dst, rows, staged, n * row_bytes, sig, value, r, force_put, c.status);
 }
 
 // One block per token t, threads over channels: acc = +0.0; for k in top-k order, skipping -1 entries and

@@ -47,7 +47,7 @@ from nvshmem_common import (  # noqa: E402
     add_common_args,
     bootstrap,
     die_with_parent,
-    compile_for,
+    driver_start,
     launch,
     read_rank_outputs,
     store_barrier,
@@ -397,12 +397,10 @@ def main() -> int:
     if args.child is not None:
         child(args)
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lib = compile_for(args, SOURCE)
-    print(f"built {lib}")
-    if args.compile_only:
+    started = driver_start(args, SOURCE)
+    if started is None:
         return 0
+    out, lib = started
     forward = ["--experts-per-rank", str(args.experts_per_rank), "--tokens", str(args.tokens), "--hidden",
                str(args.hidden), "--topk", str(args.topk), "--iters", str(args.iters), "--seed", str(args.seed),
                "--timeout-us", str(args.timeout_us), "--silent-timeout-us", str(args.silent_timeout_us),

@@ -35,7 +35,7 @@ from nvshmem_common import (
     RankRecord,
     add_common_args,
     bootstrap,
-    compile_for,
+    driver_start,
     die_with_parent,
     launch,
     read_rank_outputs,
@@ -105,12 +105,10 @@ def main() -> int:
     if args.child is not None:
         child(args)
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lib = compile_for(args, SOURCE)
-    print(f"built {lib}")
-    if args.compile_only:
+    started = driver_start(args, SOURCE)
+    if started is None:
         return 0
+    out, lib = started
     extra_env = {"NVSHMEM_SYMMETRIC_SIZE": "256M"}
     if args.remote_ucx:
         extra_env.update(NVSHMEM_REMOTE_TRANSPORT="ucx", NVSHMEM_DISABLE_P2P="1", UCX_TLS="tcp,self")
