@@ -40,12 +40,10 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $out/NAME.txt, remember failur
   return $code
 }
 
-if ls .whl/*.whl >/dev/null 2>&1; then  # ucxx for the PG steps
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$out/wheels.txt" 2>&1 || echo "wheel install failed: $(tail -n 3 "$out/wheels.txt")" | tee -a "$out/summary.txt"
-  rm -f "$out/wheels.txt"
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
+source scripts/carried_wheels.sh  # ucxx for the PG steps
+install_carried_wheels "$out/wheels.txt" \
+  || echo "wheel install failed: $(tail -n 3 "$out/wheels.txt")" | tee -a "$out/summary.txt"
+rm -f "$out/wheels.txt"
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
   nvcc --version | tail -2; } > "$out/machine.txt" 2>&1

@@ -21,13 +21,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 budget=${BUDGET_S:-330}
 ranks=${RANKS:-2,4}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$out/setup.txt" 2>&1 || { echo "wheel install failed" | tee -a "$out/summary.txt"; cat "$out/setup.txt"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/carried_wheels.sh
+export PYTHONPATH=$PWD
+: > "$out/setup.txt"
+install_carried_wheels "$out/setup.txt" \
+  || { echo "wheel install failed" | tee -a "$out/summary.txt"; cat "$out/setup.txt"; exit 1; }
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

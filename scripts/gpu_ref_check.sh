@@ -6,12 +6,9 @@
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 parts=${*:-pg ep}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/carried_wheels.sh"
+export PYTHONPATH=$PWD
+install_carried_wheels /dev/stderr || exit 1
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 { nvidia-smi -L; nproc; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'; } 2>&1 | tee "$out/machine.txt"
 rc=0

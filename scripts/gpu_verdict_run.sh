@@ -10,10 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 { nproc --all; lscpu | grep -E "Model name|^CPU\(s\)"; free -g | head -2; } > "$out/machine.txt" 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then  # (gpu_pg_check.sh installs them too; a second install is a no-op)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$out/machine.txt" 2>&1
-fi
+source scripts/carried_wheels.sh
+install_carried_wheels "$out/machine.txt"  # (gpu_pg_check.sh installs them too: the second call skips it)
 ( export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
   timeout $(( ${SOAK_S:-300} + 90 )) python3 benchmarks/correctness_soak.py --seed "${SOAK_SEED:-9001}" \
     --duration "${SOAK_S:-300}" --parallel "${SOAK_PARALLEL:-6}" --impls fast --world-sizes 2,3,4 \

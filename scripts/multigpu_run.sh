@@ -32,7 +32,7 @@
 # NGPUS (use fewer GPUs than the host has), DRY_RANKS, PG_MAXBYTES (1G; 1M dry), PG_REF_MAXBYTES (1M),
 # PG_ITERS (20), PG_WARMUP (5), EP_RANKS (2,4,8), EP_ITERS (50), TIME_BUDGET_S (560: the device tool
 # stops a command at 600 s; later steps are skipped, and say so, once the budget is spent), PYTHON.
-# Wheels for ucxx & co. in .whl/ are installed into /tmp/site (carry .whl), as scripts/gpu_ref_check.sh.
+# Wheels for ucxx & co. in .whl/ are installed into /tmp/site (carry .whl), as every GPU script (scripts/carried_wheels.sh).
 set -uo pipefail
 set -m  # every step in its own process group, so a step past its limit is stopped with all its children
 cd "$(dirname "$0")/.."
@@ -76,13 +76,9 @@ run_step() {  # run_step NAME LIMIT_S CMD...: log to logs/NAME.txt, stop its pro
 }
 
 # -------------------------------------------------------------------------------- environment
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$logs/wheels.txt" 2>&1 || note "wheels from .whl/ did not install (see logs/wheels.txt)"
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/carried_wheels.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+install_carried_wheels "$logs/wheels.txt" || note "wheels from .whl/ did not install (see logs/wheels.txt)"
 ngpu=0
 command -v nvidia-smi >/dev/null && ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ -n "${NGPUS:-}" ] && ((NGPUS < ngpu)); then
