@@ -803,10 +803,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         factor = _premul_factor(opts, t.dtype)
         fingerprint = _fp(OpCode.ALL_REDUCE, t, op, numel=t.numel())
         if capturing:
-            if factor is not None:
-                raise ArgumentError("all_reduce with PREMUL_SUM cannot be captured in a CUDA graph: scale the "
-                                    "tensor inside the captured region and all_reduce it with SUM")
-            return self._capture("all_reduce", GraphCall("all_reduce", t, t, op=op), fingerprint, opts)
+            return self._capture("all_reduce", GraphCall("all_reduce", t, t, op=op), fingerprint, opts,
+                                 premul=factor)
         staged: list = []
         x = self._stage(t, staged, True)
         if factor is not None:  # the plane sums scaled copies; the result lands in t on completion
@@ -826,11 +824,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return True
 
     def _capture(self, name: str, call: GraphCall, fingerprint: Fingerprint, opts,
-                 outputs: list[torch.Tensor] | None = None) -> CapturedWork:
+                 outputs: list[torch.Tensor] | None = None, premul=None) -> CapturedWork:
         """``call`` (its arguments checked) issued while the caller's stream is captured into a CUDA graph:
         enqueued into the graph by the fast CUDA plane's device path and run at each replay
         (docs/semantics.md, "CUDA graphs").  It takes no sequence number: every rank captures the same
-        calls.  ``outputs``: what the Work reports (default: ``call.output``)."""
+        calls.  ``outputs``: what the Work reports (default: ``call.output``); ``premul``: the PREMUL_SUM
+        factor of a reduction (refused: the kernel does not scale)."""
+        if premul is not None:
+            raise ArgumentError(f"{name} with PREMUL_SUM cannot be captured in a CUDA graph: scale the input "
+                                "inside the captured region and use SUM")
         self._check_open()
         self.check_graphs()
         view = self._membership.view
@@ -1067,11 +1069,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         factor = _premul_factor(opts, input.dtype)
         fingerprint = _fp(OpCode.REDUCE_SCATTER, output, op, numel=output.numel(), slots=k)
         if capturing:
-            if factor is not None:
-                raise ArgumentError("reduce_scatter_tensor with PREMUL_SUM cannot be captured in a CUDA graph: "
-                                    "scale the input inside the captured region and reduce it with SUM")
             return self._capture("reduce_scatter_tensor",
-                                 GraphCall("reduce_scatter", input, output, slots=k, op=op), fingerprint, opts)
+                                 GraphCall("reduce_scatter", input, output, slots=k, op=op), fingerprint, opts,
+                                 premul=factor)
         staged: list = []
         y = self._stage(output, staged, True)
         x = self._stage(input, staged, False)

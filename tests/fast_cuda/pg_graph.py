@@ -54,6 +54,16 @@ def _expected(ranks, op: int, replay: int, numel: int, dtype: torch.dtype) -> to
     return fold(ReduceOp.SUM, [_inputs(r, op, replay, numel, dtype) for r in ranks])
 
 
+def _timed_replay(graph) -> float:
+    """Replay ``graph`` once every rank is ready; seconds until this rank's GPU finished it."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def eager_loop(numel: int, iters: int):
     x = torch.ones(numel, dtype=torch.float32, device="cuda")
     dist.barrier()
@@ -87,12 +97,7 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
     for rep in range(replays):
         for i in range(OPS):
             static_in[i].copy_(_inputs(rank, i, rep, numel, dtype))
-        torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(_timed_replay(graph))
         for i in range(OPS):
             want = _expected(ranks, i, rep, numel, dtype)
             got = bufs[i].cpu()
@@ -165,12 +170,7 @@ def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", nam
     for rep in range(replays):
         for i, (name, x) in enumerate(zip(names, ins)):
             x.copy_(_inputs(rank, i, rep, x.numel(), dtype))
-        torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(_timed_replay(graph))
         for i, (name, y) in enumerate(zip(names, outs)):
             want = _expected_collective(name, world, i, rep, numel, dtype)[rank]
             if not torch.equal(y.cpu().view(torch.uint8), want.reshape(-1).view(torch.uint8)):
