@@ -72,7 +72,9 @@ def test_survivors_end_when_the_store_host_is_lost(hosts, impl, how, tmp_path):
             kind, message = out["error"]
             assert kind == "MooncakeError" and "could not reach the Store" in message, out
             assert out["destroy"] == "ok" and out["destroy_s"] < 5, out
-        assert outs[0]["error"] == outs[1]["error"], outs
+        # one verdict: the same error naming the Store (its cause in brackets is each rank's own socket's:
+        # "Connection reset by peer" on one, "Broken pipe" on the other, after a kill)
+        assert len({out["error"][1].split(" (")[0] for out in outs}) == 1, outs
         assert [procs[r].returncode for r in (2, 3)] == [0, 0]
     finally:
         if link_down:
