@@ -215,9 +215,11 @@ def garbage_decision(seed: int, epoch_offset: int, garbage: bytes):
     import mooncake.pg as pg
     backend = pg._backend(dist.group.WORLD)
     epoch = backend.view.epoch + epoch_offset
+    ready = f"{backend._prefix}/test/garbage-written/{epoch}"
     if _rank() == 0:
         backend._store.set(f"{backend._prefix}/agree/{epoch}/decision", garbage)
-    dist.barrier()
+        backend._store.set(ready, b"1")
+    backend._store.wait([ready])  # not a collective: under load that could itself need the agreement
     first = reject("all_reduce", seed, 1)
     second = outcome(lambda: family("all_reduce", seed + 1))
     return first, second
