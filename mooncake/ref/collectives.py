@@ -41,6 +41,9 @@ class OpContext:
     seq: int
     name: str
     fingerprint: object = None   # control.fingerprint.Fingerprint of this rank's call (collectives)
+    # what carries the messages: ``transport(ctx, sends, recvs, commit, recv_devices, stream)`` returns an
+    # ``Exchange``-like object; None: UCX to every peer (``ucx_exchange``)
+    transport: Callable | None = None
 
 
 class Op:
@@ -127,9 +130,16 @@ def _post(ctx: OpContext, op: OpCode, sends: dict[int, torch.Tensor | None],
     recv_msgs = {p: _header(ctx, op, p, ctx.rank, t, reduce_op) for p, t in recvs.items()}
     commit = {p: _header(ctx, op, p, ctx.rank, None, kind=Kind.DONE) for p in others}
     devices = {p: t.device for p, t in recvs.items() if t is not None and t.is_cuda}
+    transport = ctx.transport or ucx_exchange
+    return Op(ctx, transport(ctx, send_msgs, recv_msgs, commit, devices, stream), finish, stream)
+
+
+def ucx_exchange(ctx: OpContext, sends: dict, recvs: dict, commit: dict, recv_devices: dict, stream,
+                 **halves) -> Exchange:
+    """The messages of one operation over UCX (``halves``: ``Exchange``'s ``gate`` and ``more_prints``)."""
     peers = ctx.peers(sorted(set(sends) | set(recvs) | set(commit)))
-    return Op(ctx, Exchange(ctx.engine, peers, ctx.name, send_msgs, recv_msgs, commit, ctx.fingerprint,
-                            ctx.rank, devices, stream), finish, stream)
+    return Exchange(ctx.engine, peers, ctx.name, sends, recvs, commit, ctx.fingerprint, ctx.rank, recv_devices,
+                    stream, **halves)
 
 
 def _others(ctx: OpContext) -> list[int]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,9 +106,13 @@ class Exchange:
                  sends: dict[int, tuple[Header, torch.Tensor]], recvs: dict[int, Header],
                  commit_peers: dict[int, Header] | None = None, fingerprint: "fp.Fingerprint | None" = None,
                  me: int = -1, recv_devices: dict[int, torch.device] | None = None,
-                 stream: "torch.cuda.Stream | None" = None):
+                 stream: "torch.cuda.Stream | None" = None, gate: "Callable[[], bool] | None" = None,
+                 more_prints: "Callable[[], dict[int, fp.Fingerprint]] | None" = None):
         """``recv_devices`` names the device of the tensor each receive is for (absent: the host);
-        ``stream`` is the CUDA stream the operation's device work is ordered on."""
+        ``stream`` is the CUDA stream the operation's device work is ordered on.  When this exchange is
+        one half of an operation (the fast CPU plane's hybrid: UCX between hosts, shared memory within),
+        the DONEs wait for ``gate()`` as well (the other half's payloads are in), and the verdict also
+        compares ``more_prints()`` (the other half's ranks' fingerprints)."""
         self.op_name = op_name
         self._engine = engine
         self._peers = peers
@@ -119,6 +124,8 @@ class Exchange:
         self._commit_peers = commit_peers or {}
         self._fingerprint = fingerprint
         self._me = me
+        self._gate = gate
+        self._more_prints = more_prints
         self._garbage: set[int] = set()  # peers whose messages are not mooncake's: failed
         any_header = next(iter([*recvs.values(), *(h for h, _ in sends.values()), *self._commit_peers.values()]),
                           None)
@@ -222,7 +229,8 @@ class Exchange:
         if self._auth is not None:
             self._screen()
         if not self._done_sent and all(r.completed or rank in self._truncated
-                                       for rank, r in self._recv_reqs.items()):
+                                       for rank, r in self._recv_reqs.items()) \
+                and (self._gate is None or self._gate()):
             self._check_senders()
             if self._garbage:
                 return  # no DONE: nobody commits; failed_peers() names them for the agreement
@@ -328,7 +336,7 @@ class Exchange:
         sender failed."""
         if self._fingerprint is None or not self._commit_peers:
             return None
-        prints = {self._me: self._fingerprint}
+        prints = {self._me: self._fingerprint, **(self._more_prints() if self._more_prints else {})}
         for rank, req in self._done_in.items():
             try:
                 header = Header.unpack(memoryview(req.buffer))
@@ -341,6 +349,11 @@ class Exchange:
         if self._garbage:
             return None
         return fp.mismatch(self._expected_seq(), prints)
+
+    def payloads_ok(self) -> bool:
+        """The DONEs went out and every payload arrived intact (``data_complete`` also counts a receive
+        that a lost connection ended)."""
+        return self.data_complete and all(r.error() is None for r in self._recv_reqs.values())
 
     def _expected_seq(self) -> int:
         header = next(iter(self._commit_peers.values()))
