@@ -1233,7 +1233,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         peek_seq = lambda src: self._p2p_recv_seq.get((src, tag), 0)  # noqa: E731
         plane_recv_any = getattr(self._plane, "p2p_recv_any", None)
         with self._lock:
-            op = plane_recv_any(y, sources, tag, take_seq, peek_seq) if plane_recv_any is not None else None
+            op = (plane_recv_any(y, sources, tag, take_seq, peek_seq, self._p2p_context())
+                  if plane_recv_any is not None else None)
             if op is None:
                 op = ref_p2p.recv_any(self._p2p_context(), y, sources, tag, take_seq, peek_seq)
         return self._track(MooncakeWork(self._engine, op, self._timeout_s, [t],

@@ -204,6 +204,7 @@ def _worker_main(spec: _WorkerSpec, conn, parent_pid: int) -> None:
     """
     global _context
     os.environ.update(spec.env)
+    os.environ["RANK"] = str(spec.rank)  # as torchrun does (MOONCAKE_FAST_CPU_HOST_ID=rank-mod-N reads it)
     os.dup2(2, 1)  # worker stdout goes to the parent's stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()

@@ -1,6 +1,6 @@
 """The fast CPU plane behind ``mooncake-cpu`` (MOONCAKE_IMPL=fast): the backend reports it, every
-collective matches the model, and a group whose ranks look like different hosts routes its
-collectives through the ref plane (UCX) with the same results."""
+collective matches the model, and a group whose ranks look like different hosts runs hybrid (UCX
+between hosts, shared memory within one) with the same results."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _job():
     g = torch.Generator().manual_seed(100 + r)
     out = {"impl": pg.get_implementation(None)}
     plane = dist.group.WORLD._plane
-    out["delegate"] = getattr(plane, "delegate", "no plane attribute")
+    out["hybrid"] = getattr(plane, "hybrid", "no plane attribute")
     x = torch.randn(1000, generator=g)
     dist.all_reduce(x)
     out["all_reduce"] = x
@@ -49,7 +49,7 @@ def _job():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("host", ["same", "per-process"])
+@pytest.mark.parametrize("host", ["same", "per-process", "rank-mod-2"])
 def test_backend_fast(cluster_factory, host):
     env = {"MOONCAKE_IMPL": "fast"}
     if host != "same":
@@ -67,9 +67,10 @@ def test_backend_fast(cluster_factory, host):
     for r in range(n):
         assert res[r]["impl"][0] == "fast", res[r]["impl"]
         if host == "same":
-            assert res[r]["delegate"] is None
-        else:
-            assert "another host" in res[r]["delegate"]
+            assert res[r]["hybrid"] is None
+        else:  # rank-mod-2: ranks 0 and 2 share a host (shared memory), rank 1 is on the other
+            remote = [s for s in range(n) if s != r and (host == "per-process" or s % 2 != r % 2)]
+            assert res[r]["hybrid"].startswith(f"hybrid: rank(s) {remote} run on other hosts"), res[r]["hybrid"]
         for k, w in want.items():
             assert bitwise_equal(res[r][k], w[r]), (r, k)
         assert res[r]["all_gather"].tolist() == [v + 10 * s for s in range(n) for v in range(4)]

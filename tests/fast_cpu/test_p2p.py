@@ -300,18 +300,34 @@ def test_replaced_peer_never_gets_predecessor_messages(cluster_factory):
 
 
 def _p2p_across_hosts():
+    """A ring (each rank's neighbours: one on its own host, one on the other), then rank 0 receives from
+    any source three times, the senders on both hosts (a mixed receive-any)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     out = torch.zeros(3, dtype=torch.int64)
     for q in dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.full((3,), rank), (rank + 1) % n),
                                      dist.P2POp(dist.irecv, out, (rank - 1) % n)]):
         q.wait()
-    return _delegate(), out.tolist()
+    got = []
+    if rank == 0:
+        for _ in range(n - 1):
+            t = torch.zeros(2, dtype=torch.int32)
+            src = dist.recv(t, tag=9)
+            got.append((src, t.tolist()))
+    else:
+        dist.send(torch.tensor([rank, 7 * rank], dtype=torch.int32), dst=0, tag=9)
+    dist.barrier()
+    plane = dist.group.WORLD._plane
+    return _delegate(), plane.remote_ranks, out.tolist(), sorted(got)
 
 
 @pytest.mark.timeout(300)
-def test_group_spanning_hosts_uses_ref(cluster_factory):
-    env = {**ENV, "MOONCAKE_FAST_CPU_HOST_ID": "per-process"}  # as test_backend.py: one cluster for both
-    res = cluster_factory(3, "mooncake-cpu", env=env, timeout_s=TIMEOUT_S).run(_p2p_across_hosts)
-    for rank, (delegate, got) in enumerate(res):
-        assert delegate and "another host" in delegate
-        assert got == [(rank - 1) % 3] * 3
+def test_group_spanning_hosts_routes_p2p_by_pair(cluster_factory):
+    """Two emulated hosts (rank r on host r % 2): same-host pairs use shared memory, the others UCX; a
+    receive from any source takes senders of both hosts; every message arrives once, in order."""
+    env = {**ENV, "MOONCAKE_FAST_CPU_HOST_ID": "rank-mod-2"}
+    res = cluster_factory(4, "mooncake-cpu", env=env, timeout_s=TIMEOUT_S).run(_p2p_across_hosts)
+    for rank, (delegate, remote, got, anysrc) in enumerate(res):
+        assert delegate is None
+        assert remote == [r for r in range(4) if r % 2 != rank % 2]
+        assert got == [(rank - 1) % 4] * 3
+    assert res[0][3] == [(s, [s, 7 * s]) for s in (1, 2, 3)]

@@ -14,13 +14,22 @@ import pytest  # noqa: E402
 
 from mooncake import impl as _impl  # noqa: E402
 
-IMPLS = ["ref", "fast"]  # every fault and elastic case runs against each data plane
+# every fault and elastic case runs against each data plane; fast-hosts2: the fast plane with the ranks
+# on two emulated hosts (rank r on host r % 2), so operations of three or more ranks run hybrid
+IMPLS = ["ref", "fast", "fast-hosts2"]
+
+
+def impl_env(impl: str) -> dict:
+    """The workers' environment of an entry of ``IMPLS``."""
+    if impl == "fast-hosts2":
+        return {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CPU_HOST_ID": "rank-mod-2"}
+    return {"MOONCAKE_IMPL": impl}
 
 
 @pytest.fixture(params=IMPLS)
 def impl(request):
-    """MOONCAKE_IMPL of the workers; fast is skipped (with the reason) where it cannot run."""
-    if request.param == "fast":
+    """An entry of ``IMPLS``; fast is skipped (with the reason) where it cannot run."""
+    if request.param.startswith("fast"):
         reason = _impl.fast_unavailable_reason("cpu")
         if reason:
             pytest.skip(f"fast CPU plane unavailable: {reason}")

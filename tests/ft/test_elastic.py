@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 from ft import jobs
+from ft.conftest import impl_env
 from ft.test_failures import TIMEOUT_S, expected, run_fault, survivors_agree
 from mooncake.testing.cluster import ClusterError
 from mooncake.testing.compare import bitwise_equal
 
 
 def _cluster(cluster_factory, impl, world, capacity):
-    return cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env={"MOONCAKE_IMPL": impl},
+    return cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env=impl_env(impl),
                            options=("ft.jobs.make_options", (), {"capacity": capacity}))
 
 

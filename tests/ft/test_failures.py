@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ft import jobs
+from ft.conftest import impl_env
 from mooncake.model import collectives as model
 from mooncake.model.reduce import ReduceOp
 from mooncake.testing.cluster import ClusterError
@@ -29,7 +30,7 @@ MATRIX = [(op, world, point) for op in jobs.OPS for world in (2, 3, 4)
 
 def _cluster(cluster_factory, impl, world, timeout_s=TIMEOUT_S, failure_mode="complete"):
     """A cluster whose group timeout is ``timeout_s`` (start-up keeps the long default)."""
-    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env={"MOONCAKE_IMPL": impl},
+    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=TIMEOUT_S, env=impl_env(impl),
                               options=("ft.jobs.make_options", (), {"failure_mode": failure_mode}))
     cluster.run(jobs.set_group_timeout, timeout_s)
     return cluster

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ft import jobs
+from ft.conftest import impl_env
 from ft import membership_jobs as mj
 from mooncake.model import collectives as model
 from mooncake.model.reduce import ReduceOp
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _cluster(cluster_factory, impl, manual, world=3):
-    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=START_S, env={"MOONCAKE_IMPL": impl},
+    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=START_S, env=impl_env(impl),
                               options=("ft.membership_jobs.make_options", (), {"manual": manual}))
     cluster.run(jobs.set_group_timeout, T)
     return cluster

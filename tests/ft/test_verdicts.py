@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ft import jobs
+from ft.conftest import impl_env
 from ft import verdict_jobs as vj
 from mooncake.pg.membership import agreement_window_s
 from mooncake.model import collectives as model
@@ -29,7 +30,7 @@ DELAYS = {"below": 0.3 * T, "between": T + 0.5 * WINDOW, "long": T + WINDOW + 1.
 
 
 def _cluster(cluster_factory, impl, world, failure_mode="complete"):
-    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=START_S, env={"MOONCAKE_IMPL": impl},
+    cluster = cluster_factory(world, "mooncake-cpu", timeout_s=START_S, env=impl_env(impl),
                               options=("ft.jobs.make_options", (), {"failure_mode": failure_mode}))
     cluster.run(jobs.set_group_timeout, T)
     return cluster

@@ -12,7 +12,7 @@ The founders' script, in order:
      the ring again, checked against the model over all four;
   4. rank 1 (host A) dies inside an all_reduce: ranks 0, 2, 3 (on both hosts) complete it, one verdict.
 Writes ``outdir/rank<r>.json`` (a joiner: ``rank<r>j.json``): failures (empty = every result bitwise equal
-to mooncake.model), the implementation, the fast plane's delegate, the UCX address and each fault's outcome.
+to mooncake.model), the implementation, the fast plane's hybrid note, the UCX address and each fault's outcome.
 """
 
 import json
@@ -145,7 +145,7 @@ out["host_ip"] = list(host_ip_choice())
 out["impl"] = list(pg.get_implementation(group))
 
 if role == "founder":
-    out["delegate"] = getattr(group._plane, "delegate", None)
+    out["hybrid"] = getattr(group._plane, "hybrid", None)
     collectives(0, ALL, "start")
     ep_round(group)
     put()
@@ -157,7 +157,8 @@ if role == "founder":
     admit([2, 3])
 else:
     pg.join_group(group, timedelta(seconds=60))
-out["delegate_after_join"] = getattr(group._plane, "delegate", None)
+out["hybrid_after_join"] = getattr(group._plane, "hybrid", None)
+out["remote_after_join"] = getattr(group._plane, "remote_ranks", None)
 out["mask_after_join"] = pg.get_active_ranks(group).tolist()
 collectives(20, ALL, "joined")
 put()

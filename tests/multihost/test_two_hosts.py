@@ -14,9 +14,10 @@ One launch per implementation (MOONCAKE_IMPL=ref and fast) checks, in order:
 4. one rank killed: rank 1 (host A) dies inside an all_reduce; ranks 0 (A), 2 (A) and 3 (B) agree: the
    same mask [1, 0, 1, 1] and the same bits, equal to the model over them.
 
-The fast CPU plane delegates the WHOLE group to ref once any rank is on another host (no hybrid
-shared-memory-within / UCX-between plane yet): the test asserts exactly that (``group._plane.delegate``)
-for the founders and for the replacements.  Rank 0 hosts the TCPStore and is never killed.
+The fast CPU plane runs hybrid once a rank is on another host: shared memory between the ranks of one
+host, UCX between hosts; the test asserts that every rank names exactly the other host's ranks as remote
+(``group._plane.hybrid`` / ``remote_ranks``), for the founders and for the replacements (rank 2's
+replacement moved from host B to host A).  Rank 0 hosts the TCPStore and is never killed.
 
 Skipped, with the reason, where namespaces cannot be made (not root, no iproute2, no CAP_NET_ADMIN).
 """
@@ -101,14 +102,16 @@ def test_two_hosts(hosts, impl, tmp_path):
         assert o["impl"][0] == impl, (n, o)
         if n in ("rank2", "rank3"):
             continue  # host B's founders died in step 2
-        if impl == "fast":  # a rank on the other host: the whole group delegates to ref, and says so
-            assert o["delegate_after_join"] and "another host" in o["delegate_after_join"], (n, o)
+        if impl == "fast":  # hybrid: the other host's ranks (after the joins: 0, 1, 2 on A, 3 on B) over UCX
+            assert o["remote_after_join"] == ([3] if host == 0 else [0, 1, 2]), (n, o)
+            assert o["hybrid_after_join"].startswith("hybrid: "), (n, o)
         else:
-            assert o["delegate_after_join"] is None, (n, o)
+            assert o.get("hybrid_after_join") is None, (n, o)
         assert o["mask_after_join"] == [1] * WORLD, (n, o)
     for n in founders:
         if impl == "fast":
-            assert outs[n]["delegate"] and "another host" in outs[n]["delegate"], outs[n]
+            remote = [2, 3] if n in ("rank0", "rank1") else [0, 1]
+            assert outs[n]["hybrid"].startswith(f"hybrid: rank(s) {remote} run on other hosts"), outs[n]
             assert "mooncake fast cpu: rank(s)" in (tmp_path / f"{n}.log").read_text(), n  # logged (WARNING)
         assert outs[n]["ep_impl"] == "ref", outs[n]
     # the whole of host B (ranks 2, 3) killed: ranks 0, 1 agree

@@ -3,7 +3,9 @@ model (``mooncake.model.collectives``, computed here in the test process) and, w
 exact, with gloo.
 
 Written once for every implementation: ``IMPLS`` lists the values of ``MOONCAKE_IMPL`` the
-clusters run under.  Add "fast" when the fast CPU data plane lands; nothing else changes.
+clusters run under, plus ``fast-hosts2``: the fast plane with the ranks spread over two emulated hosts
+(rank r on host r % 2), so every operation of a group of three or more runs hybrid (UCX between the
+hosts, shared memory within each).
 
 Cost control: a cluster start costs seconds, so each configuration runs ALL its grid cases in one
 job (``pg.jobs.run_grid``) the first time one of its tests asks, and the per-case tests read a
@@ -29,7 +31,7 @@ from mooncake.testing.compare import bitwise_equal
 from pg import jobs
 from pg.conftest import PYTHONPATH
 
-# MOONCAKE_IMPL values to run the whole suite under.
+# MOONCAKE_IMPL values to run the whole suite under (see impl_env).
 IMPLS = ["ref", "fast"]
 
 # MOONCAKE_TEST_DEVICE=cuda runs the grid on CUDA tensors through backend "mooncake" (the GPU machine,
@@ -38,6 +40,16 @@ DEVICE = os.environ.get("MOONCAKE_TEST_DEVICE", "cpu")
 if DEVICE not in ("cpu", "cuda"):
     raise ValueError(f"MOONCAKE_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
 TAG = DEVICE.upper()
+if DEVICE == "cpu":
+    IMPLS.append("fast-hosts2")
+
+
+def impl_env(impl: str) -> dict:
+    """The workers' environment of an entry of ``IMPLS``."""
+    if impl == "fast-hosts2":
+        return {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CPU_HOST_ID": "rank-mod-2"}
+    return {"MOONCAKE_IMPL": impl}
+
 BACKEND = "mooncake" if DEVICE == "cuda" else "mooncake-cpu"
 cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only (MOONCAKE_TEST_DEVICE=cuda runs the grid)")
 TIMEOUT_S = 60  # cluster run deadline and process-group timeout
@@ -107,7 +119,7 @@ FULL = [n for n in ("w1", "w2", "w3", "w4") if n in CONFIG_BY_NAME]  # compared 
 
 
 def mooncake_cluster(cluster_factory, cfg: Config, impl: str):
-    return cluster_factory(cfg.world, BACKEND, options=cfg.options(), env={"MOONCAKE_IMPL": impl},
+    return cluster_factory(cfg.world, BACKEND, options=cfg.options(), env=impl_env(impl),
                            timeout_s=TIMEOUT_S, device=DEVICE)
 
 
@@ -276,7 +288,7 @@ class TestViewCPU:
         cfg = CONFIG_BY_NAME[cfg_name]
         for rank, info in enumerate(mooncake_cluster(cluster_factory, cfg, impl).run(jobs.describe)):
             assert info["rank"] == rank
-            assert info["impl"] == impl
+            assert info["impl"] == impl_env(impl)["MOONCAKE_IMPL"]
             if rank in cfg.extension:  # local-only until it joins: declared size, own slot only
                 assert info["world_size"] == cfg.world
                 continue
@@ -538,7 +550,7 @@ class TestDirectCallsCPU:
 class TestOptionsCPU:
     @pytest.mark.timeout(180)
     def test_bad_options_then_good_init(self, cluster_factory, impl):
-        cluster = cluster_factory(2, BACKEND, init=False, env={"MOONCAKE_IMPL": impl}, timeout_s=TIMEOUT_S)
+        cluster = cluster_factory(2, BACKEND, init=False, env=impl_env(impl), timeout_s=TIMEOUT_S)
         for res in cluster.run(jobs.init_options_errors):
             for label, fragment in (("int64", "activeRanks must be int."),
                                     ("not_cpu", "activeRanks must be on CPU."),
@@ -584,7 +596,7 @@ def _launch(argv: list[str], impl: str, timeout_s: float = 120) -> str:
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"CPU-{i}")
+@pytest.mark.parametrize("impl", ["ref", "fast"], ids=lambda i: f"CPU-{i}")
 class TestLaunchersCPU:
     @pytest.mark.timeout(180)
     def test_torchrun(self, impl):

@@ -3,8 +3,8 @@
 ``open_group(info)`` returns the ``PlaneGroup`` (``mooncake.control.plane``) the control plane
 drives.  While every rank of the group runs on this host, collectives move through shared-memory
 segments (``group.py`` has the protocol), with hot loops in C (``csrc/cpu/mooncake_shm.c``, compiled
-on first use; torch fallbacks when no compiler is found).  When a rank of the group runs on
-another host, the group's collectives use the ref plane (UCX) instead, with identical results.
+on first use; torch fallbacks when no compiler is found).  An operation whose view has a rank on
+another host runs hybrid (``hybrid.py``): shared memory between this host's ranks, UCX to the others.
 Results are bitwise equal to ``mooncake.model`` / ref in every case.
 """
 

@@ -39,6 +39,7 @@ CLOSED word.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import select
@@ -244,7 +245,7 @@ class ShmGroup:
         self.lock = threading.RLock()
         self.queue: list[ShmOp] = []
         self.peers: dict[int, _Peer] = {}
-        self.delegate: str | None = None  # why ops go to the ref plane (a remote rank), else None
+        self.remote: dict[int, bytes] = {}  # ranks on other hosts (their addresses): UCX (hybrid.py), not attached
         self.closed = False
         native.load()
         tag = f"mooncake-fastcpu-{self.rank}"
@@ -276,9 +277,10 @@ class ShmGroup:
 
     # ---- membership ---------------------------------------------------------------------------
     def add_ranks(self, addresses: dict[int, bytes]) -> None:
-        """Attach the segments of ranks not known yet (or replaced: a new address)."""
-        todo = {r: a for r, a in addresses.items()
-                if r != self.rank and (r not in self.peers or self.peers[r].address != a)}
+        """Attach the segments of same-host ranks not known yet (or replaced: a new address); note the
+        ranks on other hosts (``remote``)."""
+        todo = {r: a for r, a in addresses.items() if r != self.rank and self.remote.get(r) != a
+                and (r not in self.peers or self.peers[r].address != a)}
         if not todo:
             return
         records = self._records(todo)
@@ -286,26 +288,26 @@ class ShmGroup:
         from ...pg.options import check_not_loopback_for
         check_not_loopback_for(remote)  # never advertise loopback to another host
         with self.lock:
-            if remote and self.delegate is None:
-                self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use "
-                                 "the ref plane (UCX)")
+            if remote and not self.remote:
                 from ... import log as _log
-                _log.logger.warning("mooncake fast cpu: %s, for every rank (no hybrid plane: shared memory "
-                                    "serves a group only while all its ranks are on one host)", self.delegate)
-            if self.delegate is not None:
-                return
+                _log.logger.warning("mooncake fast cpu: rank(s) %s run on another host; collectives between "
+                                    "hosts go over UCX, within this host over shared memory", remote)
             for r, rec in records.items():
+                old = self.peers.pop(r, None)
+                if old is not None:
+                    old.close()
+                self._dead.discard(r)
+                if r in remote:
+                    self.remote[r] = todo[r]
+                    continue
+                self.remote.pop(r, None)
                 _, _, _, pid, fd, size, _ = rec
                 try:
                     ctrl = Segment.attach(pid, fd, size)
                 except SegmentError as exc:
                     raise MooncakeError(f"fast CPU plane: cannot attach rank {r}'s shared memory: {exc}; "
                                         "use MOONCAKE_IMPL=ref") from None
-                old = self.peers.pop(r, None)
-                if old is not None:
-                    old.close()
                 self.peers[r] = _Peer(r, pid, todo[r], ctrl, self.layout)
-                self._dead.discard(r)
 
     def _records(self, addresses: dict[int, bytes]) -> dict[int, tuple]:
         """The Store records of ``addresses``' ranks, waiting for ones not written yet (or still
@@ -655,6 +657,7 @@ class ShmOp:
 
     opcode: OpCode
     engine_sleeps = True  # the engine's thread sleeps on this plane's doorbell (ShmGroup.arm_bell)
+    fault_points = True  # fault injection (tests) hits its points here (not in one half of a hybrid op)
 
     def __init__(self, group: ShmGroup, ctx, dtype: torch.dtype | None = None, redop: int = 0,
                  root: int = -1):
@@ -775,7 +778,7 @@ class ShmOp:
         waiting)."""
         if not self.verified and not self.verify():
             return self.error is not None
-        if not self.gathered():
+        if not self.gathered() or not self.may_say_done():
             return False
         g, base = self.g, self.base
         # map what finish() will read now, while the peers must keep it (they may exit once
@@ -787,7 +790,7 @@ class ShmOp:
                     p.lane_segment(self.lane, base)
                 except SegmentError as exc:
                     self.stash_error = MooncakeError(f"{self.name}: cannot map rank {r}'s shared memory: {exc}")
-        if self.others:
+        if self.others and self.fault_points:
             faults.hit("after_data")  # fault injection (tests): every payload here, no DONE yet
         ctl = g.ctl
         ctl[base + L_HOLD] = self.key
@@ -807,8 +810,7 @@ class ShmOp:
         for r in self.others:
             if g.peer(r).ctl[at] != key:
                 return False
-        problem = g.fp_words.verdict(self.seq, self.base, self.me, self.fp, self.variant,
-                                     {r: g.peer(r).ctl for r in self.others})
+        problem = self.verdict()
         if problem is not None:
             self.error = MismatchError(problem)
             self.state = ABANDONED
@@ -821,6 +823,17 @@ class ShmOp:
                 g.mark_broken(r, f"{self.name}: rank {r}'s shared-memory record is malformed ({broken})")
                 return False
         self.verified = True
+        return True
+
+    def verdict(self) -> str | None:
+        """The mismatch every rank computes alike from the published fingerprints, or None."""
+        g = self.g
+        return g.fp_words.verdict(self.seq, self.base, self.me, self.fp, self.variant,
+                                  {r: g.peer(r).ctl for r in self.others})
+
+    def may_say_done(self) -> bool:
+        """Whether DONE may go out once every payload this rank needs is in (a hybrid op's half waits
+        for the other half)."""
         return True
 
     def _bounds_problem(self, r: int) -> str | None:
@@ -898,9 +911,9 @@ class ShmOp:
                 if slot >= nslots:
                     nslots = slot + 1
                 off += (nb + 63) & ~63
-                if i == 0 and self.others:
+                if i == 0 and self.others and self.fault_points:
                     faults.hit("mid_transfer")  # fault injection (tests): first payload written
-        elif self.others:
+        elif self.others and self.fault_points:
             faults.hit("mid_transfer")
         self._describe(nslots, total)
         ctl[base + L_PUB] = self.key
@@ -1287,8 +1300,8 @@ class _RingAllReduce(_AllReduce):
 # ======================================================================================== the plane
 
 class FastCpuGroup:
-    """The ``PlaneGroup`` handed to the control plane: shared memory while every rank of the group
-    runs on this host, the ref plane (UCX) once any rank does not."""
+    """The ``PlaneGroup`` handed to the control plane: shared memory between the ranks of this host;
+    an operation whose view has a rank on another host runs hybrid (``hybrid.py``: UCX to those ranks)."""
 
     def __init__(self, info):
         self.info = info
@@ -1310,92 +1323,121 @@ class FastCpuGroup:
             raise
 
     @property
-    def delegate(self) -> str | None:
-        return self.shm.delegate
+    def remote_ranks(self) -> list[int]:
+        """The group's ranks known to run on other hosts (reached over UCX)."""
+        return sorted(self.shm.remote)
+
+    @property
+    def hybrid(self) -> str | None:
+        """How an operation spanning hosts moves its data, once the group has a rank on another host."""
+        if not self.shm.remote:
+            return None
+        return (f"hybrid: rank(s) {self.remote_ranks} run on other hosts and are reached over UCX; ranks of "
+                "this host over shared memory")
 
     @property
     def p2p_delegate(self) -> str | None:
-        """Why P2P goes through the ref plane (UCX) instead of shared memory, or None."""
-        return self.shm.delegate or self._p2p_reason
+        """Why P2P between two ranks of this host goes through the ref plane (UCX) instead of shared
+        memory, or None."""
+        return self._p2p_reason
 
     # ---- point to point (p2p.py): None means "use the ref plane" ----------------------------------
+    def _p2p_local(self, rank: int) -> bool:
+        return self.p2p is not None and rank not in self.shm.remote
+
     def p2p_send(self, tensor, dst, tag, seq):
         """Post message ``seq`` of (this rank, ``dst``, ``tag``) through shared memory; ``tensor`` is
-        contiguous and unchanged until the op completes.  None when ``p2p_delegate`` is set."""
-        return None if self.p2p_delegate else self.p2p.send(tensor, dst, tag, seq)
+        contiguous and unchanged until the op completes.  None (use the ref plane) when ``dst`` runs on
+        another host or ``p2p_delegate`` is set."""
+        return self.p2p.send(tensor, dst, tag, seq) if self._p2p_local(dst) else None
 
     def p2p_recv(self, tensor, src, tag, seq):
         """Post the receive of message ``seq`` of (``src``, this rank, ``tag``) into the contiguous
-        ``tensor``.  None when ``p2p_delegate`` is set."""
-        return None if self.p2p_delegate else self.p2p.recv(tensor, src, tag, seq)
+        ``tensor``.  None as for ``p2p_send``."""
+        return self.p2p.recv(tensor, src, tag, seq) if self._p2p_local(src) else None
 
-    def p2p_recv_any(self, tensor, sources, tag, take_seq, peek_seq):
+    def p2p_recv_any(self, tensor, sources, tag, take_seq, peek_seq, ref_ctx):
         """Post a receive of the next message with ``tag`` from any of ``sources`` (each one's FIFO
         kept: ``peek_seq(src)`` / ``take_seq(src)`` read / consume the seq expected next from it); the
-        op's ``source_rank()`` names the sender.  None when ``p2p_delegate`` is set."""
-        return None if self.p2p_delegate else self.p2p.recv_any(tensor, sources, tag, take_seq, peek_seq)
+        op's ``source_rank()`` names the sender.  None when every source runs on another host or
+        ``p2p_delegate`` is set; sources on both sides of a host boundary: ``hybrid.MixedRecvAny``, its
+        UCX side in the ref plane's P2P context ``ref_ctx``."""
+        if self.p2p is None:
+            return None
+        local = [r for r in sources if r not in self.shm.remote]
+        remote = [r for r in sources if r in self.shm.remote]
+        if not local:
+            return None
+        if not remote:
+            return self.p2p.recv_any(tensor, sources, tag, take_seq, peek_seq)
+        from .hybrid import MixedRecvAny
+        return MixedRecvAny(self.p2p, ref_ctx, tensor, local, remote, tag, take_seq, peek_seq)
 
     def _ref(self):
         from ...ref import collectives as ref
         return ref
 
+    def _spans_hosts(self, ctx) -> bool:
+        return any(r in self.shm.remote for r in ctx.view.active)
+
+    def _hybrid(self, ctx):
+        """``ctx`` for the ref plane's operation, its messages carried by the hybrid transport."""
+        from .hybrid import transport
+        return dataclasses.replace(ctx, transport=transport(self.shm))
+
     def _run(self, op: ShmOp) -> ShmOp:
         return self.shm.enqueue(op)
 
     def all_reduce(self, ctx, tensor, op):
-        if self.shm.delegate:
-            return self._ref().all_reduce(ctx, tensor, op)
+        if self._spans_hosts(ctx):
+            return self._ref().all_reduce(self._hybrid(ctx), tensor, op)
         big = _nbytes(tensor) >= self.pipeline_min and len(ctx.view.active) >= self.ring_min_ranks
         return self._run((_RingAllReduce if big else _AllReduce)(self.shm, ctx, tensor, op))
 
     def broadcast(self, ctx, tensor, root):
-        if self.shm.delegate:
-            return self._ref().broadcast(ctx, tensor, root)
+        if self._spans_hosts(ctx):
+            return self._ref().broadcast(self._hybrid(ctx), tensor, root)
         return self._run(_Broadcast(self.shm, ctx, tensor, root))
 
     def reduce(self, ctx, tensor, op, root):
-        if self.shm.delegate:
-            return self._ref().reduce(ctx, tensor, op, root)
+        if self._spans_hosts(ctx):
+            return self._ref().reduce(self._hybrid(ctx), tensor, op, root)
         return self._run(_Reduce(self.shm, ctx, tensor, op, root))
 
     def all_gather(self, ctx, outputs, tensor):
-        if self.shm.delegate:
-            return self._ref().all_gather(ctx, outputs, tensor)
+        if self._spans_hosts(ctx):
+            return self._ref().all_gather(self._hybrid(ctx), outputs, tensor)
         return self._run(_AllGather(self.shm, ctx, outputs, tensor))
 
     def gather(self, ctx, outputs, tensor, root):
-        if self.shm.delegate:
-            return self._ref().gather(ctx, outputs, tensor, root)
+        if self._spans_hosts(ctx):
+            return self._ref().gather(self._hybrid(ctx), outputs, tensor, root)
         return self._run(_Gather(self.shm, ctx, outputs, tensor, root))
 
     def scatter(self, ctx, tensor, inputs, root):
-        if self.shm.delegate:
-            return self._ref().scatter(ctx, tensor, inputs, root)
+        if self._spans_hosts(ctx):
+            return self._ref().scatter(self._hybrid(ctx), tensor, inputs, root)
         return self._run(_Scatter(self.shm, ctx, tensor, inputs, root))
 
     def reduce_scatter(self, ctx, output, inputs, op):
-        if self.shm.delegate:
-            return self._ref().reduce_scatter(ctx, output, inputs, op)
+        if self._spans_hosts(ctx):
+            return self._ref().reduce_scatter(self._hybrid(ctx), output, inputs, op)
         return self._run(_ReduceScatter(self.shm, ctx, output, inputs, op))
 
     def all_to_all(self, ctx, outputs, inputs):
-        if self.shm.delegate:
-            return self._ref().all_to_all(ctx, outputs, inputs)
+        if self._spans_hosts(ctx):
+            return self._ref().all_to_all(self._hybrid(ctx), outputs, inputs)
         return self._run(_AllToAll(self.shm, ctx, outputs, inputs))
 
     def barrier(self, ctx):
-        if self.shm.delegate:
-            return self._ref().barrier(ctx)
+        if self._spans_hosts(ctx):
+            return self._ref().barrier(self._hybrid(ctx))
         return self._run(_Barrier(self.shm, ctx))
 
     def add_ranks(self, addresses: dict[int, bytes]) -> None:
         self.shm.add_ranks(addresses)
         if self.p2p is not None:
-            if self.shm.delegate:  # a rank on another host: P2P goes through ref from now on
-                self.p2p.close()
-                self.p2p = None
-            else:
-                self.p2p.attach()
+            self.p2p.attach()
 
     def close(self) -> None:
         if self.p2p is not None:

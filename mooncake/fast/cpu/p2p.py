@@ -1,9 +1,9 @@
 """Point-to-point messages (send / recv / recv from any source) through shared memory, between the
 ranks of one host: the P2P half of the fast CPU plane (``group.py`` has the collectives).
 
-Used by ``mooncake.pg`` for ``mooncake-cpu`` with ``MOONCAKE_IMPL=fast`` while every rank of the group
-runs on this host; otherwise (a rank on another host, ``process_vm_readv`` not permitted, or
-``MOONCAKE_FAST_CPU_P2P=0`` — set it alike on every rank) P2P goes through the ref plane (UCX), and
+Used by ``mooncake.pg`` for ``mooncake-cpu`` with ``MOONCAKE_IMPL=fast`` between two ranks of this host;
+a message to or from a rank on another host goes through the ref plane (UCX), and so does every message
+where ``process_vm_readv`` is not permitted or ``MOONCAKE_FAST_CPU_P2P=0`` (set it alike on every rank):
 ``FastCpuGroup.p2p_delegate`` says why.
 
 Segment.  Each rank creates one *P2P segment* per group (a memfd, like the collectives' segments; its
@@ -185,6 +185,8 @@ class ShmP2P:
                 if old is not None:
                     old.retire(revoke_all=True)
                 self.links[r] = _Link(self, r, peer, seg, old.next if old is not None else 1)
+            for r in [r for r in self.links if r not in self.g.peers]:  # replaced by a rank on another host
+                self.links.pop(r).retire(revoke_all=True)
 
     def _attach_segment(self, r: int, peer: _Peer) -> Segment | None:
         """The peer's P2P segment, mapped; None if the peer died before publishing it."""

@@ -99,10 +99,13 @@ def _map(fd: int, size: int) -> int:
 def host_identity() -> bytes:
     """16 bytes equal for processes that can attach each other's segments: same kernel boot,
     same pid namespace (for ``/proc/<pid>``), same host name.  ``MOONCAKE_FAST_CPU_HOST_ID``
-    overrides it (``per-process``: every process looks like its own host; tests use that)."""
+    overrides it (tests of the cross-host path on one host): ``per-process`` makes every process its own
+    host, ``rank-mod-N`` puts global rank ``$RANK`` on host ``RANK % N``, anything else names the host."""
     override = os.environ.get("MOONCAKE_FAST_CPU_HOST_ID")
-    if override == "per-process":  # every process its own "host" (tests of the cross-host path)
+    if override == "per-process":
         override = f"pid-{os.getpid()}"
+    elif override and override.startswith("rank-mod-"):
+        override = f"host-{int(os.environ['RANK']) % int(override[len('rank-mod-'):])}"
     if override:
         return hashlib.sha256(override.encode()).digest()[:16]
     try:
