@@ -13,7 +13,9 @@
 # all_reduce, every captured collective bitwise against the model, a rank killed during a replay of all_reduces
 # and of all_gathers for 3+ ranks) within GRAPH_S seconds; GRAPH_ARGS more arguments of it (default: 100
 # eager iterations per size).  LATENCY_RANKS (e.g. 2):
-# first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.
+# first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.  PROFILE_CASES (e.g.
+# graph,eager,large): tests/fast_cuda/pg_profile.py into profile/ (within PROFILE_S); PG_CHECK=0 skips pg_check
+# and the pytest half.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
 set -uo pipefail
@@ -61,13 +63,24 @@ if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, gra
   grep -E "^(PASS|FAIL|BENCH|pg_graph)" "$out/pg_graph.txt" | tee -a "$out/summary.txt"
 fi
 
+if [ -n "${PROFILE_CASES:-}" ]; then  # where the goal misses spend their time (tests/fast_cuda/pg_profile.py)
+  echo "=== pg_profile ($PROFILE_CASES)" | tee -a "$out/summary.txt"
+  timeout "${PROFILE_S:-240}" python3 tests/fast_cuda/pg_profile.py --cases "$PROFILE_CASES" --out "$out/profile" \
+    > "$out/pg_profile.txt" 2>&1
+  echo "=== pg_profile rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
+  grep -E "^(graph|eager|large) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
+fi
+
+if [ "${PG_CHECK:-1}" = 0 ]; then budget=0; fi  # PG_CHECK=0: only the steps above
 left=$((budget - SECONDS - 45))
+[ "$left" -gt 0 ] && {
 echo "=== pg_check (ranks $ranks, deadline ${left}s)" | tee -a "$out/summary.txt"
 timeout $((left + 40)) python3 tests/fast_cuda/pg_check.py --ranks "$ranks" --fail-ranks "${FAIL_RANKS:-4}" \
   --deadline "$left" --out "$out" 2>&1 | tee "$out/pg_check.txt" | grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check|machine|CUDA)"
 rc=${PIPESTATUS[0]}
 echo "=== pg_check rc=$rc at ${SECONDS}s" | tee -a "$out/summary.txt"
 grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check)" "$out/pg_check.txt" >> "$out/summary.txt"
+}
 
 if [ $((budget - SECONDS)) -gt 60 ]; then
   timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py tests/fast_cuda/test_cuda_pg_face.py \

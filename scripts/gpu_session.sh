@@ -8,6 +8,9 @@
 #   conf     the PG conformance suite on CUDA tensors, fast and ref, PG_CONFIGS (default w2,w8)
 #   ucx      the ref plane with CUDA memory handed to UCX, on against off (scripts/gpu_ucx_cuda.sh)
 #   nvshmem  the NVSHMEM probe and EP prototype (benchmarks/internode/run_gpu.sh)
+#   ep       the CUDA EP fast path: FP8 quantizer vs the model and the EP grid at EP_RANKS (default 1,2,8)
+#            (scripts/gpu_fast_check.sh STEPS="unit grid")
+#   profile  tests/fast_cuda/pg_profile.py: where graph, eager and large all_reduce spend their time
 # Logs: $OUT/<step>/ and $OUT/<step>.txt; a summary on stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +39,16 @@ for step in ${STEPS:-graph conf ucx nvshmem}; do
       OUT=$out/nvshmem PYTHON=python3 timeout $(( $(left) - 5 )) bash benchmarks/internode/run_gpu.sh \
         > "$out/nvshmem.txt" 2>&1
       echo "=== nvshmem rc=$? at ${SECONDS}s"; tail -n 40 "$out/nvshmem.txt" ;;
+    ep)
+      [ "$(left)" -gt 120 ] || { echo "=== ep skipped: $(left) s left"; continue; }
+      OUT=$out/ep STEPS="unit grid" RANKS=${EP_RANKS:-1,2,8} timeout $(( $(left) > 260 ? 250 : $(left) - 5 )) \
+        bash scripts/gpu_fast_check.sh > "$out/ep.txt" 2>&1
+      echo "=== ep rc=$? at ${SECONDS}s"; cat "$out/ep/summary.txt" 2>/dev/null ;;
+    profile)
+      [ "$(left)" -gt 120 ] || { echo "=== profile skipped: $(left) s left"; continue; }
+      OUT=$out/profile PROFILE_CASES=${PROFILE_CASES:-graph,eager,large} PG_CHECK=0 PROFILE_S=$(( $(left) - 60 )) \
+        timeout $(( $(left) - 5 )) bash scripts/gpu_pg_check.sh > "$out/profile.txt" 2>&1
+      echo "=== profile rc=$? at ${SECONDS}s"; cat "$out/profile/summary.txt" 2>/dev/null ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Profiles of the fast CUDA plane where it misses its latency and bandwidth goals (GPU machine, ranks under
+MPS, backend ``mooncake``, ``MOONCAKE_IMPL=fast``).  Each case runs on every rank under ``torch.profiler``
+(CUPTI: every kernel and copy on the device, with its duration) and, on rank 0, ``cProfile`` (the host's
+Python), and reports per operation: the wall time, the time the GPU spent in our kernels and copies, and the
+host functions that took the rest.
+
+    python tests/fast_cuda/pg_profile.py --out gpu-out/profile
+
+Cases: ``graph`` (R = 8: OPS all_reduces of 8 B captured in one CUDA graph, replayed), ``eager`` (R = 8: eager
+8 B all_reduce), ``large`` (R = 4: eager 256 MiB all_reduce).  Writes ``<out>/<case>.txt`` (the tables) and
+``<out>/profile.json`` (the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mooncake.testing.cluster import Cluster  # noqa: E402
+
+OPS = 16
+WARMUP = 5
+
+
+def _device_table(prof) -> tuple[list[dict], str]:
+    """Device-side events (kernels, copies, sets) by name: count and total microseconds, and the table."""
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:90], "count": e.count, "device_us": round(dev_us, 1)})
+    rows.sort(key=lambda r: -r["device_us"])
+    try:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    except (AttributeError, KeyError):  # torch before the device_* names
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    return rows, table
+
+
+def _host_table(pr: cProfile.Profile) -> str:
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(30)
+    return s.getvalue()
+
+
+def profile_case(case: str, iters: int) -> dict:
+    """Run ``case`` on this rank under the profilers; returns wall seconds per op, the device table and, on
+    rank 0, the host profile."""
+    from torch.profiler import ProfilerActivity, profile
+    rank = dist.get_rank()
+    if case == "large":
+        x = torch.ones((256 << 20) // 4, dtype=torch.float32, device="cuda")
+    else:
+        x = torch.ones(2, dtype=torch.float32, device="cuda")
+    graph = None
+    if case == "graph":
+        bufs = [torch.ones(2, device="cuda") for _ in range(OPS)]
+        side = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        dist.barrier()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                for b in bufs:
+                    dist.all_reduce(b)
+
+    def one():
+        if graph is not None:
+            graph.replay()
+        else:
+            dist.all_reduce(x)
+
+    for _ in range(WARMUP):
+        one()
+    torch.cuda.synchronize()
+    dist.barrier()
+    pr = cProfile.Profile() if rank == 0 else None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        if pr is not None:
+            pr.enable()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            one()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        if pr is not None:
+            pr.disable()
+    ops = iters * (OPS if graph is not None else 1)
+    rows, table = _device_table(prof)
+    dist.barrier()
+    return {"wall_us_per_op": wall / ops * 1e6, "ops": ops, "device": rows, "table": table,
+            "host": _host_table(pr) if pr is not None else None}
+
+
+CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="graph,eager,large")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import pg_profile as P  # the workers import the probes by module name
+    record = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    for case in args.cases.split(","):
+        ranks, iters = CASES[case]
+        c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
+        try:
+            res = c.run(P.profile_case, case, iters, timeout_s=300)
+        finally:
+            c.close()
+        wall = max(r["wall_us_per_op"] for r in res)
+        ops = res[0]["ops"]
+        device = {row["name"]: row for row in res[0]["device"]}
+        ours = sum(row["device_us"] for row in res[0]["device"])
+        summary = {"ranks": ranks, "ops": ops, "wall_us_per_op": round(wall, 2),
+                   "rank0_device_us_per_op": round(ours / ops, 2),
+                   "rank0_device_by_name_us_per_op": {k: round(v["device_us"] / ops, 2) for k, v in device.items()}}
+        record["cases"][case] = summary
+        print(case, json.dumps(summary), flush=True)
+        with open(os.path.join(args.out, f"{case}.txt"), "w") as f:
+            f.write(f"{case}: {json.dumps(summary, indent=1)}\n\n== rank 0 device events (torch.profiler)\n")
+            f.write(res[0]["table"])
+            f.write("\n\n== rank 0 host (cProfile, cumulative)\n")
+            f.write(res[0]["host"] or "")
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
