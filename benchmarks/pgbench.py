@@ -523,6 +523,7 @@ def worker(local_rank: int, args) -> None:
         local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
     else:
         rank, world = local_rank, args.ngpus
+        os.environ["RANK"] = str(rank)  # as torchrun does (MOONCAKE_FAST_CPU_HOST_ID=rank-mod-N reads it)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         device = torch.device("cpu")

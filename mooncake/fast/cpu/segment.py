@@ -105,6 +105,9 @@ def host_identity() -> bytes:
     if override == "per-process":
         override = f"pid-{os.getpid()}"
     elif override and override.startswith("rank-mod-"):
+        if not os.environ.get("RANK", "").isdigit():
+            raise ValueError("MOONCAKE_FAST_CPU_HOST_ID=rank-mod-N needs this process's global rank in RANK "
+                             f"(got {os.environ.get('RANK')!r}), as torchrun sets it")
         override = f"host-{int(os.environ['RANK']) % int(override[len('rank-mod-'):])}"
     if override:
         return hashlib.sha256(override.encode()).digest()[:16]
