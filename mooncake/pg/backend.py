@@ -27,6 +27,8 @@ from torch._C import _distributed_c10d as c10d
 
 from .. import impl
 from ..control import auth, faults, join
+from ..control.capture import agree_on_capture
+from ..control.store import BoundedStore
 from ..control.errors import ArgumentError, MooncakeError, OpTimeoutError, PeerFailureError
 from ..control.plane import GraphCall, GroupInfo
 from ..control.view import View, initial_view
@@ -205,6 +207,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         self._lock = threading.RLock()
         self._closed = False
         self._captured = False  # an operation of this group was captured in a CUDA graph
+        self._captures: tuple[int, int] = (-1, 0)  # (view epoch, calls captured in it)
+        self._capture_store: BoundedStore | None = None  # a private Store connection for the capture check
         self._in_flight: "weakref.WeakSet[MooncakeWork]" = weakref.WeakSet()
         self._engine = ucx.engine(_net_devices())
         self._rendezvous()
@@ -845,9 +849,27 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if reason:
             raise ArgumentError(f"{name} cannot be captured in a CUDA graph here: {reason}; issue it outside "
                                 "the captured region")
+        self._agree_on_capture(name, view, fingerprint, self._timeout_of(opts))
         self._plane.capture(view, call, fingerprint, self._timeout_of(opts))
         self._captured = True
         return CapturedWork(outputs if outputs is not None else [call.output])
+
+    def _agree_on_capture(self, name: str, view: View, fingerprint: Fingerprint, timeout_s: float) -> None:
+        """Every active rank's n-th captured call of this view is the same call, else every rank raises the
+        same ``MismatchError`` now, at capture (control/capture.py); a rank that captures nothing within
+        ``timeout_s``: ``OpTimeoutError``."""
+        epoch, count = self._captures
+        index = count if epoch == view.epoch else 0
+        self._captures = (view.epoch, index + 1)
+        if self._capture_store is None:
+            try:
+                conn = self._store.clone()
+            except (AttributeError, RuntimeError):  # a Store without clone(): share the group's connection
+                conn = self._store
+            self._capture_store = BoundedStore(conn, lambda: self._capture_deadline_s)
+        self._capture_deadline_s = timeout_s + 5.0  # the Store's own wait ends first
+        agree_on_capture(self._capture_store, self._prefix, view.epoch, index, self._rank, view.active, fingerprint,
+                         timeout_s, name)
 
     def check_graphs(self) -> None:
         """Raise what a CUDA-graph replay of this group's captured collectives ran into since the last

@@ -14,6 +14,8 @@ For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOO
   all_gather_into_tensor, all_gather into a list, broadcast and all_to_all_single, replayed ``REPLAYS``
   times with fresh inputs, every output bitwise equal to ``mooncake.model``'s (float32 and bfloat16; and
   an int64 group of the copy collectives);
+* mismatch: rank 0 captures another call than its peers: every capture raises the same ``MismatchError``
+  naming both sides, and the group then runs an eager all_reduce and a fresh capture with the model's bits;
 * failure: the last rank is killed while the others replay (a graph of all_reduces, and one of
   all_gathers); every survivor's replay ends within the timeout, its next call raises the same
   ``PeerFailureError`` naming the dead rank, and afterwards an eager all_reduce and a fresh capture over
@@ -242,13 +244,46 @@ def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "al
     return {"error": error, "replay_s": round(replay_s, 3), "eager_ok": eager_ok, "graph_ok": graph_ok}
 
 
+def capture_mismatch():
+    """Rank 0 captures an all_reduce of 4 elements, the others of 8: every rank's capture raises the same
+    ``MismatchError`` naming both sides, before anything is enqueued; afterwards an eager all_reduce and a
+    capture of the same call on every rank give the model's bits.  Returns (error text, eager ok, graph ok)."""
+    from mooncake.model.reduce import ReduceOp, fold
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.ones(4 if rank == 0 else 8, device="cuda")
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    error = None
+    try:
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                dist.all_reduce(x)
+    except Exception as exc:  # noqa: BLE001 - the outcome is the result
+        error = f"{type(exc).__name__}: {exc}"
+    torch.cuda.synchronize()
+    y = torch.full((8,), float(rank + 1), device="cuda")
+    dist.all_reduce(y)
+    want = fold(ReduceOp.SUM, [torch.full((8,), float(r + 1)) for r in range(world)])
+    eager_ok = bool(torch.equal(y.cpu(), want))
+    z = torch.full((8,), float(rank + 1), device="cuda")
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(g2, stream=side):
+            dist.all_reduce(z)
+    z.fill_(float(rank + 1))
+    g2.replay()
+    torch.cuda.synchronize()
+    return error, eager_ok, bool(torch.equal(z.cpu(), want))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", default="2,4,8")
     ap.add_argument("--sizes", default="8,4096,65536,1048576")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--steps", default="eager,graph,collectives,fail")
+    ap.add_argument("--steps", default="eager,graph,collectives,mismatch,fail")
     ap.add_argument("--fail-kinds", default="all_reduce,all_gather", help="what the graph of the kill case holds")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -300,6 +335,18 @@ def main() -> int:
                              numel=numel, dtype=dtype, collectives=list(names), mismatches=bad[:8])
             finally:
                 c.close()
+        if "mismatch" in steps:
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=120, env={"MOONCAKE_IMPL": "fast"})
+            try:
+                res = c.run(P.capture_mismatch)
+            finally:
+                c.close()
+            errors = {r[0] for r in res}
+            text = next(iter(errors)) or ""
+            ok = (len(errors) == 1 and text.startswith("MismatchError: all_reduce captured in a CUDA graph")
+                  and "4 elements" in text and "8 elements" in text and all(r[1] and r[2] for r in res))
+            failures += not ok
+            note("PASS" if ok else "FAIL", what="ranks captured different calls", ranks=R, results=res)
         for kind in (args.fail_kinds.split(",") if "fail" in steps and R >= 3 else ()):
             import mooncake.testing.cluster as cluster
             cluster.FAILURE_GRACE_S = 90.0  # the survivors' replays end at the group's timeout, after the death
