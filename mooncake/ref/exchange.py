@@ -232,8 +232,10 @@ class Exchange:
                                        for rank, r in self._recv_reqs.items()) \
                 and (self._gate is None or self._gate()):
             self._check_senders()
-            if self._garbage:
-                return  # no DONE: nobody commits; failed_peers() names them for the agreement
+            if self._garbage or self._lost():
+                # no DONE: nobody commits (a commit anywhere would promise that this rank holds every
+                # payload); failed_peers() names the senders for the agreement
+                return
             if self._commit_peers:
                 faults.hit("after_data")
             self._done_sent = True
@@ -313,6 +315,11 @@ class Exchange:
                 self._verified.add(id(self._recv_reqs[rank]))
             else:
                 del self._truncated[rank]  # it agrees on the sizes: the oversized message was not its
+
+    def _lost(self) -> bool:
+        """A receive ended by a lost connection (not by an oversized message: that is a mismatch)."""
+        return any(req.completed and req.error() is not None and not isinstance(req.error(), _Truncated)
+                   for rank, req in self._recv_reqs.items() if rank not in self._truncated)
 
     def _check_senders(self) -> None:
         """A received message whose header is not a mooncake header at all (bad magic, version,

@@ -243,3 +243,54 @@ def test_doctor_probe_reports_the_choice():
     assert set(memory) == set(ucx.CudaChoice._fields) and memory["mode"] == "auto"
     if not torch.cuda.is_available():
         assert memory["on"] is False
+
+
+class _LostRequest(_FakeRequest):
+    """A receive that a lost connection ended."""
+    completed = True
+
+    def error(self):
+        return ConnectionResetError("peer gone")
+
+
+class _DoneRequest(_FakeRequest):
+    completed = True
+
+
+class _CollectiveEngine(_FakeEngine):
+    """Rank 0 of three: rank 1's payload arrives, rank 2's connection is lost before its payload did."""
+
+    def __init__(self, heads: dict):
+        super().__init__(False)
+        self.heads = heads  # tag -> the header rank 1's message carries
+
+    def recv(self, peer, tag, buffer):
+        self.posted.append(("recv", tag, buffer))
+        if peer == 2:
+            return _LostRequest(buffer)
+        if tag in self.heads:
+            self.heads[tag].pack_into(memoryview(buffer))
+        return _DoneRequest(buffer)
+
+    def send(self, peer, tag, buffer):
+        self.posted.append(("send", tag, buffer))
+        return _DoneRequest(buffer)
+
+
+def test_a_lost_payload_sends_no_done():
+    """A rank whose receive from a peer ended with a lost connection must not say DONE: a peer that has
+    everything could otherwise commit the op while this rank lacks that payload (two verdicts)."""
+    payload = torch.arange(4, dtype=torch.float32)
+    code = DTYPE_CODES[payload.dtype]
+
+    def header(src, dst, kind=Kind.COLLECTIVE, num_bytes=16):
+        return Header(kind, OpCode.ALL_REDUCE, 7, src, dst, 0, 9, num_bytes, code, 0)
+
+    engine = _CollectiveEngine({header(1, 0).tag(): header(1, 0)})
+    ex = exchange.Exchange(engine, {1: 1, 2: 2}, "all_reduce", {p: (header(0, p), payload) for p in (1, 2)},
+                           {p: header(p, 0) for p in (1, 2)}, {p: header(p, 0, Kind.DONE, 0) for p in (1, 2)},
+                           me=0, recv_devices={}, stream=None)
+    ex.progress()
+    dones = [b for kind, tag, b in engine.posted if kind == "send" and Header.unpack(memoryview(b)).kind is Kind.DONE]
+    assert dones == [] and not ex.data_complete and not ex.committed
+    assert ex.failed_peers() == frozenset({2})
