@@ -1,7 +1,8 @@
 """Randomized correctness soak: random collectives on ref and fast, every rank-result checked bitwise.
 
 Each *round* starts a ``mooncake.testing.cluster.Cluster`` (2-4 ranks, ``init=False``) with one
-implementation (``MOONCAKE_IMPL=ref`` or ``fast``) and a random setting of the fast CPU plane's
+implementation (``MOONCAKE_IMPL=ref`` or ``fast``, or ``fast-hosts2``: fast with the ranks on two emulated
+hosts, rank r on host r % 2, so operations spanning both run the hybrid plane) and a random setting of the fast CPU plane's
 thresholds (lowered through their environment overrides so that small tensors cross them: pipelined
 ring all_reduce, non-temporal copies, chunking, lane segments outgrowing 64 KiB), compiled helpers
 on or off (``MOONCAKE_FAST_CPU_NATIVE=0`` runs the torch fallbacks), and runs *segments* on it until
@@ -51,12 +52,14 @@ def round_config(rng: random.Random, impls: list[str], worlds: list[int], native
     world = rng.choice(worlds)
     chunk = rng.choice((1024, 2048, 4096))
     env = {
-        "MOONCAKE_IMPL": impl,
+        "MOONCAKE_IMPL": "fast" if impl == "fast-hosts2" else impl,
         "MOONCAKE_FAST_CPU_PIPELINE_MIN": str(rng.choice((2048, 4096, 8192))),
         "MOONCAKE_FAST_CPU_NT_MIN": str(rng.choice((8192, 16384, 32768))),
         "MOONCAKE_FAST_CPU_CHUNK": str(chunk),
         "MOONCAKE_FAST_CPU_RING_MIN_RANKS": str(rng.choice((2, 3))),
     }
+    if impl == "fast-hosts2":  # two emulated hosts: rank r on host r % 2 (the hybrid plane)
+        env["MOONCAKE_FAST_CPU_HOST_ID"] = "rank-mod-2"
     if native == "both":
         env["MOONCAKE_FAST_CPU_NATIVE"] = rng.choice(("1", "1", "1", "0"))
     else:
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=60.0, help="seconds in all (cluster start-ups included)")
     p.add_argument("--world-sizes", default="2,3,4")
-    p.add_argument("--impls", default="ref,fast")
+    p.add_argument("--impls", default="ref,fast", help="comma-separated: ref, fast, fast-hosts2")
     p.add_argument("--native", choices=("both", "on", "off"), default="both",
                    help="fast plane's compiled helpers: on, off (torch fallbacks), or both (per round)")
     p.add_argument("--segment-ops", type=int, default=150, help="collectives per segment (per group)")

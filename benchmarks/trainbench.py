@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,4", help="comma-separated world sizes (default 2,4)")
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated; mooncake-cpu:fast / :ref pin MOONCAKE_IMPL (first = baseline: gloo)")
+                   help="comma-separated; mooncake-cpu:fast / :ref pin MOONCAKE_IMPL, mooncake-cpu:fast-hosts2 runs "
+                        "fast with the ranks on two emulated hosts (first = baseline: gloo)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--width", type=int, default=1024, help="Linear width (default 1024: 4 MiB of weights each)")
     p.add_argument("--layers", type=int, default=4, help="Linear(width, width) + ReLU blocks")
@@ -149,8 +150,11 @@ def _exit_when_orphaned(parent: int) -> None:
 def worker(rank: int, world: int, spec: str, port: int, args, queue, parent: int) -> None:
     import threading
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()  # no rank outlives us
-    if ":" in spec:
-        os.environ["MOONCAKE_IMPL"] = spec.split(":", 1)[1]
+    impl_name = spec.split(":", 1)[1] if ":" in spec else None
+    if impl_name == "fast-hosts2":  # fast, the ranks on two emulated hosts (rank r on host r % 2): hybrid
+        os.environ.update(MOONCAKE_IMPL="fast", MOONCAKE_FAST_CPU_HOST_ID="rank-mod-2", RANK=str(rank))
+    elif impl_name:
+        os.environ["MOONCAKE_IMPL"] = impl_name
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch

@@ -14,9 +14,9 @@ from mooncake import impl as _impl
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("which", ["ref", "fast"])
+@pytest.mark.parametrize("which", ["ref", "fast", "fast-hosts2"])
 def test_soak_slice(which, tmp_path):
-    if which == "fast":
+    if which.startswith("fast"):
         reason = _impl.fast_unavailable_reason("cpu")
         if reason:
             pytest.skip(f"fast CPU plane unavailable: {reason}")
