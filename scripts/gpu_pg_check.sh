@@ -22,6 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 budget=${BUDGET_S:-330}
+rc=0
 ranks=${RANKS:-2,4}
 source scripts/carried_wheels.sh
 export PYTHONPATH=$PWD
@@ -59,7 +60,8 @@ if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, gra
   echo "=== pg_graph (ranks $GRAPH_RANKS)" | tee -a "$out/summary.txt"
   timeout "${GRAPH_S:-240}" python3 tests/fast_cuda/pg_graph.py --ranks "$GRAPH_RANKS" --out "$out" \
     ${GRAPH_ARGS:---iters 100} > "$out/pg_graph.txt" 2>&1
-  echo "=== pg_graph rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
+  code=$?; [ $code -eq 0 ] || rc=1
+  echo "=== pg_graph rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
   grep -E "^(PASS|FAIL|BENCH|pg_graph)" "$out/pg_graph.txt" | tee -a "$out/summary.txt"
 fi
 
@@ -67,7 +69,8 @@ if [ -n "${PROFILE_CASES:-}" ]; then  # where the goal misses spend their time (
   echo "=== pg_profile ($PROFILE_CASES)" | tee -a "$out/summary.txt"
   timeout "${PROFILE_S:-240}" python3 tests/fast_cuda/pg_profile.py --cases "$PROFILE_CASES" --out "$out/profile" \
     > "$out/pg_profile.txt" 2>&1
-  echo "=== pg_profile rc=$? at ${SECONDS}s" | tee -a "$out/summary.txt"
+  code=$?; [ $code -eq 0 ] || rc=1
+  echo "=== pg_profile rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
   grep -E "^(graph|eager|large) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
 fi
 
@@ -77,8 +80,8 @@ left=$((budget - SECONDS - 45))
 echo "=== pg_check (ranks $ranks, deadline ${left}s)" | tee -a "$out/summary.txt"
 timeout $((left + 40)) python3 tests/fast_cuda/pg_check.py --ranks "$ranks" --fail-ranks "${FAIL_RANKS:-4}" \
   --deadline "$left" --out "$out" 2>&1 | tee "$out/pg_check.txt" | grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check|machine|CUDA)"
-rc=${PIPESTATUS[0]}
-echo "=== pg_check rc=$rc at ${SECONDS}s" | tee -a "$out/summary.txt"
+code=${PIPESTATUS[0]}; [ $code -eq 0 ] || rc=1
+echo "=== pg_check rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
 grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check)" "$out/pg_check.txt" >> "$out/summary.txt"
 }
 

@@ -35,13 +35,15 @@ WARMUP = 5
 
 
 def _device_table(prof) -> tuple[list[dict], str]:
-    """Device-side events (kernels, copies, sets) by name: count and total microseconds, and the table."""
+    """Device activities (kernels, copies, sets) by name: count and total microseconds, and the table.  Host
+    ops (``aten::*``) and runtime calls (``cuda*``) are left out: the profiler charges them the device time of
+    the activities they launched, which would count those twice."""
     rows = []
     for e in prof.key_averages():
         dev_us = getattr(e, "self_device_time_total", None)
         if dev_us is None:
             dev_us = getattr(e, "self_cuda_time_total", 0)
-        if dev_us > 0:
+        if dev_us > 0 and not e.key.startswith(("aten::", "cuda")):
             rows.append({"name": e.key[:90], "count": e.count, "device_us": round(dev_us, 1)})
     rows.sort(key=lambda r: -r["device_us"])
     try:
