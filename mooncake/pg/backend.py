@@ -455,6 +455,17 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             return settled.response
         return self._respond(won, decision, epoch, mine)
 
+    def admitted_at_this_boundary(self) -> list[int]:
+        """The ranks the latest membership change admitted, if this rank has issued nothing since it was
+        applied: a peer's ``recover_ranks`` that the agreement applied here while this rank was still on its
+        way to the same op boundary (``elastic.admit_replacements`` must then catch those ranks up too)."""
+        membership = self._membership
+        with membership.lock:
+            last = membership.joined_at
+            if last is None or last[1] != membership.next_seq:
+                return []
+            return sorted(r for r in last[0].joined if self.view.is_active(r))
+
     def recover_ranks(self, ranks) -> "_membership.ProposalResponse":
         """Alias of ``activate_ranks`` (upstream's name)."""
         return self.activate_ranks(ranks, "recover_ranks")

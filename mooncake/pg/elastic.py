@@ -124,23 +124,29 @@ def admit_replacements(group, model: torch.nn.Module, optimizer: torch.optim.Opt
     admitted ranks; the caller then wraps DDP again (``wrap_ddp``), as the replacement does.
 
     ``wait=True`` blocks (polling every ``poll_s``) until every missing rank is admitted, or
-    ``timeout`` passes (``OpTimeoutError``)."""
-    from . import get_peer_state, recover_ranks
+    ``timeout`` passes (``OpTimeoutError``).  A survivor that reaches the boundary after a peer admitted
+    the replacements (the agreement applies the peer's ``recover_ranks`` on every member) finds them
+    admitted already and takes part in their catch-up all the same."""
+    from . import _backend, get_peer_state, recover_ranks
     group = _group(group)
     deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
     while True:
+        # a peer reached this boundary first and its recover_ranks is applied here already: join its catch-up
+        ready = _backend(group).admitted_at_this_boundary()
+        if ready:
+            break
         missing = missing_ranks(group)
         if not missing:
             return []
         ready = [r for r, ok in zip(missing, get_peer_state(group, missing)) if ok]
         if ready and (not wait or len(ready) == len(missing)):
+            recover_ranks(group, ready)
             break
         if not wait:
             return []
         if deadline is not None and time.monotonic() > deadline:
             raise OpTimeoutError(f"admit_replacements: rank(s) {missing} not back within {timeout}", tuple(missing))
         time.sleep(poll_s)
-    recover_ranks(group, ready)
     _catch_up(group, model, optimizer, step, joining=False)
     return ready
 

@@ -231,3 +231,39 @@ def idle_cpu(seconds: float):
     start = time.process_time()
     time.sleep(seconds)
     return time.process_time() - start, sorted(t.name for t in threading.enumerate())
+
+
+def _tiny_model(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _digest(model) -> list:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+
+
+def survivor_admits(delay_s: float, step: int):
+    """A survivor at a step boundary ``delay_s`` after its peer: ``elastic.admit_replacements`` (wait), then
+    one all_reduce; returns (admitted ranks, parameters, the all_reduce's result)."""
+    from datetime import timedelta
+
+    from mooncake.pg import elastic
+    group = dist.group.WORLD
+    model, optimizer = _tiny_model(0)
+    time.sleep(delay_s)
+    admitted = elastic.admit_replacements(group, model, optimizer, step, wait=True, timeout=timedelta(seconds=30))
+    x = torch.ones(2)
+    dist.all_reduce(x)
+    return admitted, _digest(model), x.tolist()
+
+
+def replacement_catches_up():
+    """A replacement: ``elastic.join_and_catch_up`` (its model starts off wrong), then one all_reduce;
+    returns (step, parameters, the all_reduce's result)."""
+    from mooncake.pg import elastic
+    model, optimizer = _tiny_model(1234)
+    step = elastic.join_and_catch_up(dist.group.WORLD, model, optimizer)
+    x = torch.ones(2)
+    dist.all_reduce(x)
+    return step, _digest(model), x.tolist()

@@ -124,3 +124,22 @@ def test_subgroup_recovery(cluster_factory, impl):
     for r in range(3):
         world, sub, sub_mask = results[r]
         assert bitwise_equal(world, want[r]) and bitwise_equal(sub, want[r]) and sub_mask.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("late", [0, 1])
+def test_a_survivor_late_to_the_boundary_still_catches_the_replacement_up(cluster_factory, impl, late):
+    """One survivor reaches the step boundary first and admits the replacement (its recover_ranks is applied
+    on every member by the agreement, also on the other survivor, still busy before the boundary); the late
+    survivor's admit_replacements must still take part in the catch-up, or the survivors run different
+    collectives afterwards (seen under load in a launcher run)."""
+    cluster = _cluster(cluster_factory, impl, 3, 3)
+    results = run_fault(cluster, jobs.op_under_fault, "all_reduce", 40, 3, 2, "before_send")
+    survivors_agree(results, [0, 1], "all_reduce", 40, 3, 5.0)
+    cluster.spawn(2, options=_joiner_options(2, 3))
+    calls = {r: (jobs.survivor_admits, (3.0 if r == late else 0.0, 7), {}) for r in (0, 1)}
+    calls[2] = (jobs.replacement_catches_up, (), {})
+    out = cluster.run_each(calls)
+    assert out[0][0] == out[1][0] == [2], out
+    assert out[2][0] == 7
+    assert out[0][1] == out[1][1] == out[2][1]          # the replacement holds the survivors' parameters
+    assert out[0][2] == out[1][2] == out[2][2] == [3.0, 3.0]
