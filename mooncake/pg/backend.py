@@ -672,9 +672,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if not capturable and _stream_captured(t):
             raise ArgumentError(f"{what}: CUDA graph capture of this mooncake process-group operation is not "
                                 "supported (it commits through host-side control words, which a graph cannot "
-                                "replay); issue it outside the captured region. all_reduce, reduce_scatter_tensor, "
-                                "all_gather(_into_tensor), all_to_all_single (equal splits) and broadcast on the "
-                                "fast CUDA plane, and mooncake.ep.Buffer dispatch/combine, can be captured.")
+                                "replay); issue it outside the captured region. all_reduce, reduce, "
+                                "reduce_scatter_tensor, all_gather(_into_tensor), gather, scatter, all_to_all_single "
+                                "(equal splits) and broadcast on the fast CUDA plane, and mooncake.ep.Buffer "
+                                "dispatch/combine, can be captured.")
 
     def _check_like(self, t: torch.Tensor, ref_t: torch.Tensor, what: str, capturable: bool = False) -> None:
         self._check_tensor(t, what, capturable)
@@ -943,12 +944,16 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def reduce(self, tensors, opts=None):
         opts = opts or c10d.ReduceOptions()
         t = _one(tensors)
-        self._check_tensor(t, "tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "tensor", capturing)
         op = _reduce_op(opts)
         self._check_reduce(op, t)
         root = opts.rootRank
         self._check_root(root, "reduce dst")
         factor = _premul_factor(opts, t.dtype)
+        if capturing:
+            return self._capture("reduce", GraphCall("reduce", t, t, op=op, root=root),
+                                 _fp(OpCode.REDUCE, t, op, root=root, numel=t.numel()), opts, premul=factor)
         staged: list = []
         x = self._stage(t, staged, True)
         if factor is not None:  # non-roots keep their input unchanged: only the root's result is copied
@@ -1027,45 +1032,59 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def gather(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.GatherOptions()
         t = _one(input_tensors, "input_tensors")
-        self._check_tensor(t, "input tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "input tensor", capturing)
         root = opts.rootRank
         self._check_root(root, "gather dst")
-        staged: list = []
-        x = self._stage(t, staged, False)
         if self._rank == root:
             outs = _one(output_tensors, "output_tensors")
             self._check_slots(len(outs), "gather_list")
             for i, o in enumerate(outs):
-                self._check_like(o, t, f"gather_list[{i}]")
-            ys = [self._stage(o, staged, True) for o in outs]
+                self._check_like(o, t, f"gather_list[{i}]", capturing)
         else:
             if output_tensors and any(len(o) for o in output_tensors):
                 raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
-            outs, ys = [], None
+            outs = []
+        fingerprint = _fp(OpCode.GATHER, t, root=root, numel=t.numel())
+        if capturing:  # the root's slots into one buffer (the graph's memory), then copies into the list
+            flat = torch.empty((len(outs), t.numel()), dtype=t.dtype, device=t.device) if outs else t
+            work = self._capture("gather", GraphCall("gather", t, flat, slots=len(outs), root=root), fingerprint,
+                                 opts, outs)
+            for o, slot in zip(outs, flat.unbind(0) if outs else ()):
+                o.copy_(slot.view(o.shape))
+            return work
+        staged: list = []
+        x = self._stage(t, staged, False)
+        ys = [self._stage(o, staged, True) for o in outs] if self._rank == root else None
         return self._issue("gather", opts, lambda ctx: self._plane.gather(ctx, ys, x, root), outs, staged, root,
-                           _fp(OpCode.GATHER, t, root=root, numel=t.numel()))
+                           fingerprint)
 
     @_collective("scatter")
     def scatter(self, output_tensors, input_tensors, opts=None):
         opts = opts or c10d.ScatterOptions()
         t = _one(output_tensors, "output_tensors")
-        self._check_tensor(t, "output tensor")
+        capturing = self._enter_capture(t)
+        self._check_tensor(t, "output tensor", capturing)
         root = opts.rootRank
         self._check_root(root, "scatter src")
-        staged: list = []
-        y = self._stage(t, staged, True)
+        ins = []
         if self._rank == root:
             ins = _one(input_tensors, "input_tensors")
             self._check_slots(len(ins), "scatter_list")
             for i, s in enumerate(ins):
-                self._check_like(s, t, f"scatter_list[{i}]")
-            xs = [self._stage(s, staged, False) for s in ins]
-        else:
-            if input_tensors and any(len(i) for i in input_tensors):
-                raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
-            xs = None
+                self._check_like(s, t, f"scatter_list[{i}]", capturing)
+        elif input_tensors and any(len(i) for i in input_tensors):
+            raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
+        fingerprint = _fp(OpCode.SCATTER, t, root=root, numel=t.numel())
+        if capturing:  # the root's slots into one buffer (a copy in the graph), every rank reads its own
+            flat = torch.cat([s.reshape(-1) for s in ins]) if ins else t
+            return self._capture("scatter", GraphCall("scatter", flat, t, slots=len(ins), root=root), fingerprint,
+                                 opts)
+        staged: list = []
+        y = self._stage(t, staged, True)
+        xs = [self._stage(s, staged, False) for s in ins] if self._rank == root else None
         return self._issue("scatter", opts, lambda ctx: self._plane.scatter(ctx, y, xs, root), [t], staged, root,
-                           _fp(OpCode.SCATTER, t, root=root, numel=t.numel()))
+                           fingerprint)
 
     @_collective("reduce_scatter")
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):

@@ -26,6 +26,7 @@ def capture_refusals():
         "non-contiguous": lambda: dist.all_gather_into_tensor(torch.empty(16, 2)[:, 0], x),
         "dtype": lambda: dist.all_gather_into_tensor(torch.empty(16, dtype=torch.float64), x),
         "reduce": lambda: dist.reduce(x, 0),
+        "reduce_scatter list": lambda: dist.reduce_scatter(torch.empty(4), [x[:4].clone(), x[4:].clone()]),
         "broadcast": lambda: dist.broadcast(x, 0),
     }
     saved = B._stream_captured

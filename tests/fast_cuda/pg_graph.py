@@ -110,7 +110,9 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
 
 
 COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
-               "all_gather_into_tensor", "all_gather", "broadcast", "all_to_all_single")
+               "all_gather_into_tensor", "all_gather", "broadcast", "all_to_all_single", "reduce:SUM", "gather",
+               "scatter")
+ROOTED = {"broadcast", "reduce", "gather", "scatter"}  # root: group rank 1 % world
 
 
 def _expected_collective(name: str, world: int, i: int, replay: int, numel: int, dtype: torch.dtype):
@@ -119,8 +121,16 @@ def _expected_collective(name: str, world: int, i: int, replay: int, numel: int,
     from mooncake.model.reduce import ReduceOp
     kind, _, red = name.partition(":")
     mask = [1] * world
-    per_rank = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single") else numel
+    per_rank = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single", "scatter") else numel
     xs = [_inputs(r, i, replay, per_rank, dtype) for r in range(world)]
+    root = 1 % world
+    if kind == "reduce":  # non-roots' tensors: their input, untouched
+        return M.reduce(xs, ReduceOp[red], root, mask)
+    if kind == "gather":  # non-roots' output buffers: never written (zeros)
+        return [torch.cat(o) if r == root else torch.zeros(numel * world, dtype=dtype)
+                for r, o in enumerate(M.gather(xs, root, mask))]
+    if kind == "scatter":
+        return M.scatter(list(xs[root].chunk(world)), root, mask)
     if kind == "all_reduce":
         return M.all_reduce(xs, ReduceOp[red], mask)
     if kind == "reduce_scatter_tensor":
@@ -142,8 +152,9 @@ def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", nam
     ins, outs, calls = [], [], []
     for name in names:
         kind = name.partition(":")[0]
-        n_in = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single") else numel
-        n_out = numel * world if kind in ("all_gather_into_tensor", "all_gather", "all_to_all_single") else numel
+        n_in = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single", "scatter") else numel
+        n_out = numel * world if kind in ("all_gather_into_tensor", "all_gather", "all_to_all_single", "gather") \
+            else numel
         ins.append(torch.zeros(n_in, dtype=dtype, device="cuda"))
         outs.append(torch.zeros(n_out, dtype=dtype, device="cuda"))
     side = torch.cuda.Stream()
@@ -166,6 +177,13 @@ def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", nam
                 elif kind == "broadcast":
                     y.copy_(x)
                     dist.broadcast(y, 1 % world)
+                elif kind == "reduce":
+                    y.copy_(x)
+                    dist.reduce(y, 1 % world, op=op)
+                elif kind == "gather":
+                    dist.gather(x, list(y.chunk(world)) if rank == 1 % world else None, dst=1 % world)
+                elif kind == "scatter":
+                    dist.scatter(y, list(x.chunk(world)) if rank == 1 % world else None, src=1 % world)
                 else:
                     dist.all_to_all_single(y, x)
     bad, times = [], []
@@ -327,7 +345,7 @@ def main() -> int:
                     cases = [(n, d) for n in (3, 1000, 16384) for d in ("float32", "bfloat16")]
                     for numel, dtype in cases + [(1000, "int64")]:
                         names = COLLECTIVES if dtype != "int64" else tuple(
-                            n for n in COLLECTIVES if not n.startswith(("all_reduce", "reduce_scatter")))
+                            n for n in COLLECTIVES if not n.startswith(("all_reduce", "reduce")))
                         res = c.run(P.graph_collectives, numel, 4, dtype, names)
                         bad = sorted({b for r in res for b in r[0]})
                         failures += bool(bad)

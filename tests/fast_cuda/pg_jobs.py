@@ -208,10 +208,10 @@ def wait_on_other_stream(numel: int, iters: int):
     return wrong
 
 
-def capture_refused(op: str = "reduce"):
+def capture_refused(op: str = "reduce_scatter_list"):
     """A collective issued while a CUDA graph is being captured is refused before it communicates; the group
-    then still works.  ``op``: "reduce" (no plane captures it), "broadcast" or "all_reduce" (where the plane
-    cannot capture them), "premul" (an all_reduce with PREMUL_SUM, which no plane captures), "uneven" (an
+    then still works.  ``op``: "reduce_scatter_list" (no plane captures it), "reduce", "broadcast" or
+    "all_reduce" (where the plane cannot capture them), "premul" (an all_reduce with PREMUL_SUM, which no plane captures), "uneven" (an
     all_to_all_single with uneven splits).  Returns (error type, message, the following all_reduce's value)."""
     rank = dist.get_rank()
     dev = _dev()
@@ -222,7 +222,9 @@ def capture_refused(op: str = "reduce"):
     with torch.cuda.stream(stream):
         try:
             with torch.cuda.graph(graph, stream=stream):
-                if op == "reduce":
+                if op == "reduce_scatter_list":
+                    dist.reduce_scatter(x[:8].clone(), [x[:8].clone(), x[8:].clone()])
+                elif op == "reduce":
                     dist.reduce(x, 0)
                 elif op == "broadcast":
                     dist.broadcast(x, 0)

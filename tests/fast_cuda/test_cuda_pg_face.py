@@ -34,11 +34,11 @@ def test_wait_orders_the_callers_stream(cluster_factory, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
     c = _dist(cluster_factory, 2, impl)
-    for err, after in c.run(J.capture_refused, "reduce", timeout_s=120):
+    for err, after in c.run(J.capture_refused, "reduce_scatter_list", timeout_s=120):
         assert err is not None and err[0] == "ArgumentError" and "CUDA graph capture" in err[1], err
         assert after == [3.0] * 4
     if impl == "ref":  # captured by the fast plane only
-        for op in ("all_reduce", "broadcast"):
+        for op in ("all_reduce", "broadcast", "reduce"):
             for err, after in c.run(J.capture_refused, op, timeout_s=120):
                 assert err is not None and err[0] == "ArgumentError" and "cannot be captured" in err[1], err
                 assert after == [3.0] * 4

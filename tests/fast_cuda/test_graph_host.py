@@ -45,8 +45,9 @@ def _run_launches(calls: dict[int, GraphCall], active: list[int]) -> None:
         s = shapes[r]
         out = c.output.reshape(-1)
         if s.kind in (P.KIND_ALL_REDUCE, P.KIND_REDUCE_SCATTER):
-            parts = [lanes[q][s.rd_off:].view(c.input.dtype)[:s.count] for q in active]
-            out.copy_(fold(ReduceOp(s.op), parts))
+            if s.count:
+                parts = [lanes[q][s.rd_off:].view(c.input.dtype)[:s.count] for q in active]
+                out[:s.count].copy_(fold(ReduceOp(s.op), parts))
             continue
         raw = out.view(torch.uint8)
         for slot in range(s.slots):
@@ -105,6 +106,33 @@ def test_launch_shapes_give_the_models_bits(capacity, active, dtype):
     want = M.broadcast(xs, root, mask)
     assert all(torch.equal(mine[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active)
     assert P._shape(calls[active[0]], active, active[0]).in_bytes == (0 if active[0] != root else n * xs[0].element_size())
+
+    # reduce, gather, scatter: the launches of all_reduce, all_gather and broadcast that only some ranks read out
+    size = active[-1] + 1
+    xs = _inputs(capacity, n, dtype, 6)
+    mine = {r: xs[r].clone() for r in active}
+    calls = {r: GraphCall("reduce", mine[r], mine[r], op=ReduceOp.SUM, root=root) for r in active}
+    _run_launches(calls, active)
+    want = M.reduce(xs, ReduceOp.SUM, root, mask)
+    assert torch.equal(mine[root].view(torch.uint8), want[root].view(torch.uint8))
+    assert all(torch.equal(mine[r], xs[r]) for r in active if r != root)  # non-roots' tensors untouched
+
+    xs = _inputs(capacity, n, dtype, 7)
+    outs = {r: torch.full((n * capacity,), -1.0, dtype=dtype) for r in active}
+    calls = {r: GraphCall("gather", xs[r], outs[r], slots=capacity if r == root else 0, root=root) for r in active}
+    _run_launches(calls, active)
+    want = M.gather(xs, root, mask)
+    assert torch.equal(outs[root].view(torch.uint8), torch.cat(want[root]).view(torch.uint8))
+    assert all(torch.equal(outs[r], torch.full((n * capacity,), -1.0, dtype=dtype)) for r in active if r != root)
+
+    slots = _inputs(capacity, n, dtype, 8)  # the root's scatter_list, one slot per rank of the capacity
+    outs = {r: torch.full((n,), -1.0, dtype=dtype) for r in active}
+    calls = {r: GraphCall("scatter", torch.cat(slots) if r == root else outs[r], outs[r],
+                          slots=capacity if r == root else 0, root=root) for r in active}
+    _run_launches(calls, active)
+    want = M.scatter(slots, root, mask)
+    assert all(torch.equal(outs[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active)
+    assert P._shape(calls[root], active, root).in_bytes == size * n * xs[0].element_size()
 
 
 def test_all_to_all_fingerprint_words_carry_the_element_count():
@@ -201,11 +229,13 @@ def test_refusals_name_the_argument_and_take_no_sequence_number(cluster_factory,
         assert "input_split_sizes is [7, 1]" in msg["uneven"], msg
         assert "input has 8 elements, output 16" in msg["unequal sides"], msg
         assert "output dtype torch.float64 != input dtype torch.float32" in msg["dtype"], msg
-        assert "CUDA graph capture of this mooncake process-group operation is not supported" in msg["reduce"], msg
+        assert ("CUDA graph capture of this mooncake process-group operation is not supported"
+                in msg["reduce_scatter list"]), msg
         if impl == "ref":
-            for k in ("all_reduce", "broadcast", "non-contiguous", "all_reduce BAND"):
+            for k in ("all_reduce", "broadcast", "reduce", "non-contiguous", "all_reduce BAND"):
                 assert "cannot be captured in a CUDA graph here: the ref plane" in msg[k], msg
         else:
             assert "the CUDA plane is emulated on the CPU" in msg["all_reduce"], msg
+            assert "the CUDA plane is emulated on the CPU" in msg["reduce"], msg
             assert "the output tensor must be contiguous" in msg["non-contiguous"], msg
             assert "captured all_reduce takes SUM / AVG" in msg["all_reduce BAND"], msg

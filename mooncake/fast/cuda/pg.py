@@ -176,9 +176,12 @@ GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
 GRAPH_BIT = 1 << (SEQ_BITS - 1)  # in the keys of captured ops
 # what one launch of the device path moves (McPgDevArgs.kind): fold kinds, then copy kinds
 KIND_ALL_REDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER, KIND_ALL_TO_ALL, KIND_BROADCAST = range(5)
-GRAPH_KINDS = {"all_reduce": KIND_ALL_REDUCE, "reduce_scatter": KIND_REDUCE_SCATTER, "all_gather": KIND_ALL_GATHER,
-               "all_to_all": KIND_ALL_TO_ALL, "broadcast": KIND_BROADCAST}
-_KIND_NAMES = {v: k for k, v in GRAPH_KINDS.items()}
+_KIND_NAMES = {KIND_ALL_REDUCE: "all_reduce", KIND_REDUCE_SCATTER: "reduce_scatter", KIND_ALL_GATHER: "all_gather",
+               KIND_ALL_TO_ALL: "all_to_all", KIND_BROADCAST: "broadcast"}
+# a captured call's kind -> the launch that runs it: reduce is an all_reduce that only its root reads out, gather
+# an all_gather that only its root reads, scatter a broadcast of every slot from which each rank reads its own
+GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items()}, "reduce": KIND_ALL_REDUCE, "gather": KIND_ALL_GATHER,
+               "scatter": KIND_BROADCAST}
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
 L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
@@ -858,6 +861,17 @@ def _shape(call, active: Sequence[int], rank: int) -> _Shape:
     x, y = call.input, call.output
     nin, nout = _nbytes(x), _nbytes(y)
     src, dst, dtype = x.data_ptr(), y.data_ptr(), DTYPE_CODES[x.dtype]
+    root_reads = rank == call.root
+    if call.kind == "reduce":  # every rank sends, only the root folds
+        return _Shape(kind, src, dst, nin, 0, x.numel() if root_reads else 0, 1, -1, int(call.op), dtype, nin,
+                      nout if root_reads else 0)
+    if call.kind == "gather":  # every rank sends, only the root reads its slots
+        return _Shape(kind, src, dst, nin, 0, nin, call.slots if root_reads else 0, -1, 0, dtype, nin,
+                      nout if root_reads else 0)
+    if call.kind == "scatter":  # the root sends the first `size` slots, rank r reads slot r of the root's lane
+        size = max(active) + 1
+        return _Shape(kind, src, dst, size * nout if root_reads else 0, rank * nout, nout, 1, active.index(call.root),
+                      0, dtype, size * nout, nout)
     if kind == KIND_ALL_REDUCE:
         return _Shape(kind, src, dst, nin, 0, x.numel(), 1, -1, int(call.op), dtype, nin, nout)
     if kind == KIND_REDUCE_SCATTER:
