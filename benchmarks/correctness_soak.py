@@ -48,18 +48,17 @@ OUT_DIR = os.path.join(REPO, "benchmarks", "results", "soak-correctness")
 
 def round_config(rng: random.Random, impls: list[str], worlds: list[int], native: str) -> dict:
     """One cluster's settings."""
+    from mooncake.testing.impls import impl_env
     impl = rng.choice(impls)
     world = rng.choice(worlds)
     chunk = rng.choice((1024, 2048, 4096))
     env = {
-        "MOONCAKE_IMPL": "fast" if impl == "fast-hosts2" else impl,
+        **impl_env(impl),
         "MOONCAKE_FAST_CPU_PIPELINE_MIN": str(rng.choice((2048, 4096, 8192))),
         "MOONCAKE_FAST_CPU_NT_MIN": str(rng.choice((8192, 16384, 32768))),
         "MOONCAKE_FAST_CPU_CHUNK": str(chunk),
         "MOONCAKE_FAST_CPU_RING_MIN_RANKS": str(rng.choice((2, 3))),
     }
-    if impl == "fast-hosts2":  # two emulated hosts: rank r on host r % 2 (the hybrid plane)
-        env["MOONCAKE_FAST_CPU_HOST_ID"] = "rank-mod-2"
     if native == "both":
         env["MOONCAKE_FAST_CPU_NATIVE"] = rng.choice(("1", "1", "1", "0"))
     else:

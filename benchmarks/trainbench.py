@@ -150,11 +150,9 @@ def _exit_when_orphaned(parent: int) -> None:
 def worker(rank: int, world: int, spec: str, port: int, args, queue, parent: int) -> None:
     import threading
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()  # no rank outlives us
-    impl_name = spec.split(":", 1)[1] if ":" in spec else None
-    if impl_name == "fast-hosts2":  # fast, the ranks on two emulated hosts (rank r on host r % 2): hybrid
-        os.environ.update(MOONCAKE_IMPL="fast", MOONCAKE_FAST_CPU_HOST_ID="rank-mod-2", RANK=str(rank))
-    elif impl_name:
-        os.environ["MOONCAKE_IMPL"] = impl_name
+    if ":" in spec:
+        from mooncake.testing.impls import impl_env
+        os.environ.update(impl_env(spec.split(":", 1)[1]), RANK=str(rank))  # RANK as torchrun sets it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch

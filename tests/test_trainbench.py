@@ -16,15 +16,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINBENCH = os.path.join(REPO, "benchmarks", "trainbench.py")
 
 
-@pytest.mark.timeout(400)
-def test_trainbench_parameters_match_gloo(tmp_path):
-    cmd = [sys.executable, TRAINBENCH, "--ranks", "2", "--modes", "ddp,ddp_nosync,ddp_bf16,fsdp2",
-           "--backends", "gloo,mooncake-cpu:fast,mooncake-cpu:ref", "--width", "64", "--layers", "3",
-           "--batch", "8", "--steps", "2", "--warmup", "1", "--timeout", "150", "--check", "--out", str(tmp_path)]
+def _trainbench(tmp_path, ranks: str, modes: str, backends: str, *more: str) -> list[dict]:
+    """Run benchmarks/trainbench.py at the small size; its result rows."""
+    cmd = [sys.executable, TRAINBENCH, "--ranks", ranks, "--modes", modes, "--backends", backends, "--width", "64",
+           "--layers", "3", "--batch", "8", "--steps", "2", "--warmup", "1", "--timeout", "150", *more,
+           "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((tmp_path / "trainbench.json").read_text())["results"]
+    return json.loads((tmp_path / "trainbench.json").read_text())["results"]
+
+
+@pytest.mark.timeout(400)
+def test_trainbench_parameters_match_gloo(tmp_path):
+    rows = _trainbench(tmp_path, "2", "ddp,ddp_nosync,ddp_bf16,fsdp2", "gloo,mooncake-cpu:fast,mooncake-cpu:ref",
+                       "--check")
     assert len(rows) == 4 * 3
     for row in rows:
         assert not row.get("error"), row
@@ -39,13 +45,7 @@ def test_trainbench_parameters_match_gloo(tmp_path):
 def test_training_across_two_hosts_matches_ref(tmp_path):
     """DDP and FSDP2 steps with 4 ranks, ranks 0, 2 on one emulated host and 1, 3 on the other: every final
     parameter bitwise equal to ref's and to fast's on one host (the same fold order, any placement)."""
-    cmd = [sys.executable, TRAINBENCH, "--ranks", "4", "--modes", "ddp,fsdp2",
-           "--backends", "mooncake-cpu:ref,mooncake-cpu:fast,mooncake-cpu:fast-hosts2", "--width", "64",
-           "--layers", "3", "--batch", "8", "--steps", "2", "--warmup", "1", "--timeout", "150", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((tmp_path / "trainbench.json").read_text())["results"]
+    rows = _trainbench(tmp_path, "4", "ddp,fsdp2", "mooncake-cpu:ref,mooncake-cpu:fast,mooncake-cpu:fast-hosts2")
     assert len(rows) == 2 * 3
     for row in rows:
         assert not row.get("error"), row

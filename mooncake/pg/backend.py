@@ -390,10 +390,9 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _redundant(self, ranks, side: str) -> "_membership.ProposalResponse | None":
         """A proposal equivalent to the one the latest membership change applied, made before this
         rank issued anything since (its caller raced the proposer): Applied, at the current epoch."""
-        last = self._membership.joined_at
-        if last is None or last[1] != self._membership.next_seq:
+        decision = self._change_at_this_boundary()
+        if decision is None:
             return None
-        decision = last[0]
         changed = set(decision.left) if side == "left" else set(decision.joined) | (
             set(decision.active) - set(decision.suspended))
         if not set(ranks) <= changed:
@@ -455,16 +454,20 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             return settled.response
         return self._respond(won, decision, epoch, mine)
 
+    def _change_at_this_boundary(self):
+        """The decision of the latest membership change if this rank has issued nothing since it was applied
+        (so it was applied at the op boundary this rank is at), else None."""
+        membership = self._membership
+        with membership.lock:
+            last = membership.joined_at
+            return last[0] if last is not None and last[1] == membership.next_seq else None
+
     def admitted_at_this_boundary(self) -> list[int]:
         """The ranks the latest membership change admitted, if this rank has issued nothing since it was
         applied: a peer's ``recover_ranks`` that the agreement applied here while this rank was still on its
         way to the same op boundary (``elastic.admit_replacements`` must then catch those ranks up too)."""
-        membership = self._membership
-        with membership.lock:
-            last = membership.joined_at
-            if last is None or last[1] != membership.next_seq:
-                return []
-            return sorted(r for r in last[0].joined if self.view.is_active(r))
+        decision = self._change_at_this_boundary()
+        return [] if decision is None else sorted(r for r in decision.joined if self.view.is_active(r))
 
     def recover_ranks(self, ranks) -> "_membership.ProposalResponse":
         """Alias of ``activate_ranks`` (upstream's name)."""

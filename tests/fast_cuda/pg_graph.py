@@ -111,8 +111,7 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
 
 COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
                "all_gather_into_tensor", "all_gather", "broadcast", "all_to_all_single", "reduce:SUM", "gather",
-               "scatter")
-ROOTED = {"broadcast", "reduce", "gather", "scatter"}  # root: group rank 1 % world
+               "scatter")  # the rooted ones' root: group rank 1 % world
 
 
 def _expected_collective(name: str, world: int, i: int, replay: int, numel: int, dtype: torch.dtype):

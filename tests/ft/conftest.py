@@ -13,17 +13,11 @@ for _path in (TESTS_DIR, REPO_ROOT):
 import pytest  # noqa: E402
 
 from mooncake import impl as _impl  # noqa: E402
+from mooncake.testing.impls import EMULATED_HOSTS  # noqa: E402
 
 # every fault and elastic case runs against each data plane; fast-hosts2: the fast plane with the ranks
 # on two emulated hosts (rank r on host r % 2), so operations of three or more ranks run hybrid
-IMPLS = ["ref", "fast", "fast-hosts2"]
-
-
-def impl_env(impl: str) -> dict:
-    """The workers' environment of an entry of ``IMPLS``."""
-    if impl == "fast-hosts2":
-        return {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CPU_HOST_ID": "rank-mod-2"}
-    return {"MOONCAKE_IMPL": impl}
+IMPLS = ["ref", "fast", EMULATED_HOSTS]
 
 
 @pytest.fixture(params=IMPLS)

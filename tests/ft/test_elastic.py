@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ft import jobs
-from ft.conftest import impl_env
+from mooncake.testing.impls import impl_env
 from ft.test_failures import TIMEOUT_S, expected, run_fault, survivors_agree
 from mooncake.testing.cluster import ClusterError
 from mooncake.testing.compare import bitwise_equal

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ft import jobs
-from ft.conftest import impl_env
+from mooncake.testing.impls import impl_env
 from mooncake.model import collectives as model
 from mooncake.model.reduce import ReduceOp
 from mooncake.testing.cluster import ClusterError

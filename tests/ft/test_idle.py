@@ -1,7 +1,7 @@
 """An idle rank uses about no CPU, and its threads are few and named."""
 
 from ft import jobs
-from ft.conftest import impl_env
+from mooncake.testing.impls import impl_env
 from ft.test_failures import TIMEOUT_S
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ft import jobs
-from ft.conftest import impl_env
+from mooncake.testing.impls import impl_env
 from ft import verdict_jobs as vj
 from mooncake.pg.membership import agreement_window_s
 from mooncake.model import collectives as model

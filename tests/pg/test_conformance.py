@@ -28,6 +28,7 @@ import torch
 from mooncake.model import collectives as M
 from mooncake.model.reduce import ReduceOp, check_reducible
 from mooncake.testing.compare import bitwise_equal
+from mooncake.testing.impls import EMULATED_HOSTS, impl_env
 from pg import jobs
 from pg.conftest import PYTHONPATH
 
@@ -41,14 +42,7 @@ if DEVICE not in ("cpu", "cuda"):
     raise ValueError(f"MOONCAKE_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
 TAG = DEVICE.upper()
 if DEVICE == "cpu":
-    IMPLS.append("fast-hosts2")
-
-
-def impl_env(impl: str) -> dict:
-    """The workers' environment of an entry of ``IMPLS``."""
-    if impl == "fast-hosts2":
-        return {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CPU_HOST_ID": "rank-mod-2"}
-    return {"MOONCAKE_IMPL": impl}
+    IMPLS.append(EMULATED_HOSTS)
 
 BACKEND = "mooncake" if DEVICE == "cuda" else "mooncake-cpu"
 cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors only (MOONCAKE_TEST_DEVICE=cuda runs the grid)")

@@ -1309,6 +1309,8 @@ class FastCpuGroup:
         self.pipeline_min = int(os.environ.get("MOONCAKE_FAST_CPU_PIPELINE_MIN", PIPELINE_MIN_BYTES))
         self.ring_min_ranks = int(os.environ.get("MOONCAKE_FAST_CPU_RING_MIN_RANKS", RING_MIN_RANKS))
         self.shm = ShmGroup(info)
+        from .hybrid import transport
+        self._hybrid_transport = transport(self.shm)  # carries the operations that span hosts
         self.p2p = None
         from . import p2p
         self._p2p_reason = p2p.unavailable_reason()
@@ -1382,8 +1384,7 @@ class FastCpuGroup:
 
     def _hybrid(self, ctx):
         """``ctx`` for the ref plane's operation, its messages carried by the hybrid transport."""
-        from .hybrid import transport
-        return dataclasses.replace(ctx, transport=transport(self.shm))
+        return dataclasses.replace(ctx, transport=self._hybrid_transport)
 
     def _run(self, op: ShmOp) -> ShmOp:
         return self.shm.enqueue(op)
