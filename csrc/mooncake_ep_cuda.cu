@@ -21,18 +21,20 @@
 // per-source counts in ascending source order and compacts the staging slots into the outputs.
 // Atomics are only used to find the last finishing block of a kernel (completion, not placement).
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cub/block/block_scan.cuh>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "mc_device_sync.cuh"
 #include "mc_fp8.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 6
+#define MC_ABI_VERSION 7
 
 namespace {
 
@@ -618,6 +620,223 @@ MC_API int mc_ipc_open(const void* handle, int64_t* ptr) {
 }
 
 MC_API int mc_ipc_close(int64_t ptr) { return (int)cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)); }
+
+// ---- shareable device memory (CUDA virtual memory management)
+//
+// Memory another process maps for as long as it keeps the mapping, also after the exporting process died:
+// cuMemCreate'd physical memory is reference counted, and an importer's mapping holds a reference (memory
+// shared by cudaIpcGetMemHandle is freed with its exporter, and a survivor reading it faults).  The
+// exporter gets a POSIX file descriptor (handed to peers over a Unix socket, mooncake/fast/cuda/shared.py).
+// Driver entry points are looked up through the runtime, so the library needs no link to libcuda.  Return
+// values are CUresult codes (mc_driver_error_string).
+
+namespace {
+
+struct Vmm {
+  CUresult (*create)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*, unsigned long long);
+  CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
+  CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+  CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t);
+  CUresult (*export_handle)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long);
+  CUresult (*import_handle)(CUmemGenericAllocationHandle*, void*, CUmemAllocationHandleType);
+  CUresult (*release)(CUmemGenericAllocationHandle);
+  CUresult (*unmap)(CUdeviceptr, size_t);
+  CUresult (*address_free)(CUdeviceptr, size_t);
+  CUresult (*granularity)(size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags);
+  CUresult (*error_string)(CUresult, const char**);
+  CUresult (*device_get)(CUdevice*, int);
+  CUresult (*attribute)(int*, CUdevice_attribute, CUdevice);
+  bool ok;
+};
+
+template <typename F>
+bool entry(const char* name, F* fn) {
+  cudaDriverEntryPointQueryResult found;
+  void* p = nullptr;
+#if CUDART_VERSION >= 12050
+  const cudaError_t rc = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
+#else
+  const cudaError_t rc = cudaGetDriverEntryPoint(name, &p, cudaEnableDefault, &found);
+#endif
+  if (rc != cudaSuccess || found != cudaDriverEntryPointSuccess) return false;
+  *fn = reinterpret_cast<F>(p);
+  return true;
+}
+
+const Vmm& vmm() {
+  static const Vmm v = [] {
+    Vmm d{};
+    d.ok = entry("cuMemCreate", &d.create) && entry("cuMemAddressReserve", &d.reserve) && entry("cuMemMap", &d.map) &&
+           entry("cuMemSetAccess", &d.set_access) && entry("cuMemExportToShareableHandle", &d.export_handle) &&
+           entry("cuMemImportFromShareableHandle", &d.import_handle) && entry("cuMemRelease", &d.release) &&
+           entry("cuMemUnmap", &d.unmap) && entry("cuMemAddressFree", &d.address_free) &&
+           entry("cuMemGetAllocationGranularity", &d.granularity) && entry("cuGetErrorString", &d.error_string) &&
+           entry("cuDeviceGet", &d.device_get) && entry("cuDeviceGetAttribute", &d.attribute);
+    return d;
+  }();
+  return v;
+}
+
+CUmemAllocationProp vmm_prop(int device) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+  return prop;
+}
+
+// Reserve an address range for `h` (size bytes), map it and let `device` read and write it.
+CUresult vmm_map(const Vmm& v, CUmemGenericAllocationHandle h, size_t size, size_t align, int device, int64_t* ptr) {
+  CUdeviceptr va = 0;
+  CUresult rc = v.reserve(&va, size, align, 0, 0);
+  if (rc != CUDA_SUCCESS) return rc;
+  rc = v.map(va, size, 0, h, 0);
+  if (rc != CUDA_SUCCESS) {
+    v.address_free(va, size);
+    return rc;
+  }
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  rc = v.set_access(va, size, &access, 1);
+  if (rc != CUDA_SUCCESS) {
+    v.unmap(va, size);
+    v.address_free(va, size);
+    return rc;
+  }
+  *ptr = static_cast<int64_t>(va);
+  return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+MC_API const char* mc_driver_error_string(int code) {
+  const char* s = nullptr;
+  if (!vmm().ok || vmm().error_string(static_cast<CUresult>(code), &s) != CUDA_SUCCESS || s == nullptr)
+    return "unknown CUDA driver error";
+  return s;
+}
+
+// Whether `device` can share memory this way: 1 yes, 0 no (*why: 1 no driver entry points, 2 no virtual
+// memory management, 3 no POSIX file-descriptor handles, 4 the driver does not know the device).
+MC_API int mc_vmm_supported(int device, int* why) {
+  const Vmm& v = vmm();
+  CUdevice dev = 0;
+  int vmm_ok = 0, fd_ok = 0;
+  *why = 0;
+  if (!v.ok) *why = 1;
+  else if (v.device_get(&dev, device) != CUDA_SUCCESS) *why = 4;
+  else if (v.attribute(&vmm_ok, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) != CUDA_SUCCESS || !vmm_ok)
+    *why = 2;
+  else if (v.attribute(&fd_ok, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev) != CUDA_SUCCESS ||
+           !fd_ok)
+    *why = 3;
+  return *why == 0;
+}
+
+// At least `bytes` of zeroed memory on `device`, mapped here at *ptr (*size bytes: rounded up to the
+// allocation granularity) and exported as the file descriptor *fd (the caller closes it).
+MC_API int mc_vmm_alloc(int device, int64_t bytes, int64_t* ptr, int64_t* size, int* fd) {
+  const Vmm& v = vmm();
+  if (!v.ok) return CUDA_ERROR_NOT_SUPPORTED;
+  if (bytes <= 0) return CUDA_ERROR_INVALID_VALUE;
+  const CUmemAllocationProp prop = vmm_prop(device);
+  size_t gran = 0;
+  CUresult rc = v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  if (rc != CUDA_SUCCESS) return rc;
+  const size_t n = (static_cast<size_t>(bytes) + gran - 1) / gran * gran;
+  CUmemGenericAllocationHandle h;
+  rc = v.create(&h, n, &prop, 0);
+  if (rc != CUDA_SUCCESS) return rc;
+  int64_t va = 0;
+  rc = vmm_map(v, h, n, gran, device, &va);
+  int out_fd = -1;
+  if (rc == CUDA_SUCCESS) rc = v.export_handle(&out_fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+  v.release(h);  // the mapping and the descriptor keep the memory
+  if (rc == CUDA_SUCCESS) {
+    // zeroed on a private non-blocking stream: no device-wide synchronisation (allowed while a graph is captured)
+    cudaStream_t s = nullptr;
+    cudaError_t err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    if (err == cudaSuccess) {
+      err = cudaMemsetAsync(reinterpret_cast<void*>(va), 0, n, s);
+      const cudaError_t done = cudaStreamSynchronize(s);
+      if (err == cudaSuccess) err = done;
+      cudaStreamDestroy(s);
+    }
+    if (err != cudaSuccess) rc = CUDA_ERROR_UNKNOWN;
+  }
+  if (rc != CUDA_SUCCESS) {
+    if (out_fd >= 0) close(out_fd);
+    if (va) {
+      v.unmap(static_cast<CUdeviceptr>(va), n);
+      v.address_free(static_cast<CUdeviceptr>(va), n);
+    }
+    return rc;
+  }
+  *ptr = va;
+  *size = static_cast<int64_t>(n);
+  *fd = out_fd;
+  return CUDA_SUCCESS;
+}
+
+// Map `size` bytes of memory exported by mc_vmm_alloc (as `fd`, in this process now; the caller closes it)
+// at *ptr, for `device` to read and write.
+MC_API int mc_vmm_import(int device, int fd, int64_t size, int64_t* ptr) {
+  const Vmm& v = vmm();
+  if (!v.ok) return CUDA_ERROR_NOT_SUPPORTED;
+  if (size <= 0 || fd < 0) return CUDA_ERROR_INVALID_VALUE;
+  CUmemGenericAllocationHandle h;
+  CUresult rc = v.import_handle(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                                CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+  if (rc != CUDA_SUCCESS) return rc;
+  const CUmemAllocationProp prop = vmm_prop(device);
+  size_t gran = 0;
+  rc = v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  if (rc == CUDA_SUCCESS) rc = vmm_map(v, h, static_cast<size_t>(size), gran, device, ptr);
+  v.release(h);
+  return rc;
+}
+
+MC_API int mc_vmm_free(int64_t ptr, int64_t size) {
+  const Vmm& v = vmm();
+  if (!v.ok) return CUDA_ERROR_NOT_SUPPORTED;
+  CUresult rc = v.unmap(static_cast<CUdeviceptr>(ptr), static_cast<size_t>(size));
+  const CUresult freed = v.address_free(static_cast<CUdeviceptr>(ptr), static_cast<size_t>(size));
+  return rc != CUDA_SUCCESS ? rc : freed;
+}
+
+// One int64 word of device memory of `device` to / from the host, from any thread: through a private
+// non-blocking stream (nothing else is waited for: a kernel may be spinning on the word), in relaxed capture
+// mode (allowed while another thread captures a graph), the thread's current device kept.
+static int copy_word(int device, void* dst, const void* src, cudaMemcpyKind kind) {
+  int was = -1;
+  cudaError_t err = cudaGetDevice(&was);
+  if (err == cudaSuccess && was != device) err = cudaSetDevice(device);
+  if (err != cudaSuccess) return (int)err;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  cudaStream_t s = nullptr;
+  err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(dst, src, sizeof(int64_t), kind, s);
+    const cudaError_t done = cudaStreamSynchronize(s);
+    if (err == cudaSuccess) err = done;
+    cudaStreamDestroy(s);
+  }
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (was != device) cudaSetDevice(was);
+  return (int)err;
+}
+
+MC_API int mc_store64(int device, int64_t dst, int64_t value) {
+  return copy_word(device, reinterpret_cast<void*>(dst), &value, cudaMemcpyHostToDevice);
+}
+
+MC_API int mc_load64(int device, int64_t src, int64_t* value) {
+  return copy_word(device, value, reinterpret_cast<const void*>(src), cudaMemcpyDeviceToHost);
+}
 
 // phase bit 1: send; bit 2: receive (wait + compaction)
 static int set_smem(const void* fn, size_t smem) {

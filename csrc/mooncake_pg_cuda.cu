@@ -146,8 +146,10 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //
 // Collectives with no host step between launch and commit (mooncake/fast/cuda/pg.py, "The device path"):
 // eager all_reduce, and all_reduce, reduce_scatter, all_gather, all_to_all and broadcast captured in CUDA
-// graphs.  Every rank's control words (a host shared-memory segment, registered and mapped into the device)
-// and lanes (device memory shared by CUDA IPC) are reachable from every rank's kernels.  One operation, key
+// graphs.  Every rank's words and lanes are reachable from every rank's kernels: eager ops use the control
+// words (a host shared-memory segment, registered and mapped into the device), captured ops the rank's
+// *pad* (the same word layout in device memory); lanes and pads are device memory shared as allocations
+// that importers keep alive (mc_vmm_alloc), so a dead peer's memory stays readable.  One operation, key
 // k = epoch << 40 | seq, on lane block `base` (seq parity), `kind` saying what goes in and what is read:
 //
 //   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k); copy in_bytes of the
@@ -160,6 +162,11 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //      `count` bytes into each of `slots` output slots: slot s from the lane of the rank whose group rank is
 //      s (zeros where that rank is inactive), or every slot from the root's (broadcast); (last block)
 //      system fence, FREE = k, DONE = k.
+//   All_reduce in parts (kind kAllReduceParts, large messages): in step 2 active rank i folds only part i
+//   (`part` elements, part_range) of every lane into its own lane's result region (from rd_off on), then
+//   (last block) RED = k instead of FREE / DONE; 3. gather: wait until every rank's RED == k; copy every
+//   rank's part from its result region into the output; (last block) system fence, FREE = k, DONE = k.
+//   Per rank that reads the message about twice, whatever the number of ranks (every lane whole: n times).
 //
 // Every wait of a launch ends by the launch's start + timeout_ns (GPU clock; the two launches of a
 // multi-block operation each have their own start); a wait that passes it gives up: the kernel exits without
@@ -167,38 +174,42 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 // all of it again).  Eager: the host finds how far it got in the words (PUB / DONE) and carries on with the
 // host protocol.  Captured in a CUDA graph (graph != 0): seq comes from the count word (epoch << 40 | ops of
 // that epoch run, so the first captured op of a new view starts at 0), and a kernel that gives up writes its
-// key into the trouble word of every active rank; a later captured kernel of that epoch sees it and exits
-// at once, and one captured under a view epoch other than the current (the epoch word) writes its key into
-// its rank's stale word and exits at once.  Every block keeps the block counters (arrive) right whichever
-// way it leaves.  Mismatched fingerprints give up at once.  The words stay in host memory, also for captured
-// ops: a peer's device memory goes away with its process, and a survivor polling it would fault.
+// key into the trouble word of every active rank, in its pad and its host words (`note`); a later captured
+// kernel of that epoch sees it and exits at once, and one captured under a view epoch other than the
+// current (the pad's epoch word) writes its key into its rank's host stale word and exits at once.  The host
+// reads trouble and stale in its host words only, and writes the pad only while no captured op runs (or
+// just its epoch word).  Every block keeps the block counters (arrive) right whichever way it leaves.
+// Mismatched fingerprints give up at once.
 
 constexpr int kDevMaxRanks = 16;
 constexpr int kDevThreads = 512;
 // word indices, as mooncake/fast/cuda/pg.py lays them out (checked there through mc_pg_dev_layout)
 constexpr int kWGraphEpoch = 10, kWGraphTrouble = 11, kWGraphCount = 12, kWGraphStale = 13;
-constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLMetaNumel = 19, kLMetaSlots = 20;
+constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLRed = 9, kLMetaNumel = 19, kLMetaSlots = 20;
 constexpr int kSeqBits = 40;
 constexpr int64_t kGraphBit = 1LL << (kSeqBits - 1);
 // what a launch moves (mooncake/fast/cuda/pg.py, KIND_*): fold kinds first
-enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4 };
+enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4, kAllReduceParts = 5 };
+constexpr int kSteps = 3;  // post, read (or fold a part), gather the parts
 
 struct McPgDevArgs {
   int64_t ctl[kDevMaxRanks];       // control words of each active rank, in active order (device pointers)
+  int64_t note[kDevMaxRanks];      // graph: each active rank's host control words, where the host reads trouble
   int64_t lane[2][kDevMaxRanks];   // lane buffers of each active rank for lane parity 0 / 1
   int64_t base[2];                 // word index of the lane block for parity 0 / 1
   int64_t src, dst;                // this rank's input and output (device pointers)
   int64_t in_bytes;                // bytes of src copied into this rank's lane (0: it sends nothing)
   int64_t rd_off;                  // bytes: where the part this rank reads starts in each lane
   int64_t count;                   // fold kinds: elements folded into dst; copy kinds: bytes per output slot
+  int64_t part;                    // all_reduce in parts: elements per part (part i: [i * part, (i + 1) * part))
   int64_t key;                     // eager: the operation's key; graph: epoch << 40 | graph bit
   int64_t fp[3];                   // fingerprint words (meta, numel, slots) of this call
   int64_t timeout_ns;              // every wait of the launch ends by its start + this
   int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
-  int64_t arrive;                  // device int32[4]: blocks through step 1 / step 2, whether one gave up
+  int64_t arrive;                  // device int32[2 * kSteps]: blocks through each step, whether one gave up
   int32_t n, me, op, dtype, phase, kind;
   int32_t graph;                   // 1: captured in a CUDA graph (count, trouble and stale words)
-  int32_t slots;                   // copy kinds: output slots of `count` bytes
+  int32_t slots;                   // copy kinds: output slots of `count` bytes (0: this rank reads nothing)
   int32_t root;                    // broadcast: the root's active index
   int32_t pad;
   int32_t rank[kDevMaxRanks];      // group rank of each active rank (its output slot for copy kinds)
@@ -208,15 +219,18 @@ __device__ __forceinline__ int64_t* words(const McPgDevArgs& a, int i) {
   return reinterpret_cast<int64_t*>(a.ctl[i]);
 }
 
+
 // A captured op gave up: its key into the trouble word of every active rank that holds no trouble of this
 // epoch or a later one (later captured ops of the epoch exit at once everywhere; every survivor's PG face
 // raises at its next call, also where the rank's own replay got through).  Eager: nothing.
 __device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
   if (!a.graph) return;
   for (int i = 0; i < a.n; ++i) {
-    int64_t* t = words(a, i) + kWGraphTrouble;
-    const int64_t have = mc_sync::ld_acquire_sys(t);
-    if (have == 0 || (have >> kSeqBits) < (key >> kSeqBits)) mc_sync::st_release_sys(t, key);
+    int64_t* where[2] = {words(a, i) + kWGraphTrouble, reinterpret_cast<int64_t*>(a.note[i]) + kWGraphTrouble};
+    for (int64_t* t : where) {
+      const int64_t have = mc_sync::ld_acquire_sys(t);
+      if (have == 0 || (have >> kSeqBits) < (key >> kSeqBits)) mc_sync::st_release_sys(t, key);
+    }
   }
 }
 
@@ -240,15 +254,15 @@ __device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
 
 // Thread 0 of each block, once the block is through a step (or skips it): whether it is the last block of
 // the launch to get there (the step's counter is reset for the next launch) and, if so, in *failed whether
-// some block of the step gave up (reset too).  arrive: int32 [count step 1, count step 2, failed step 1,
-// failed step 2].  Every block of a launch calls it for every step the launch runs, whichever way it leaves.
+// some block of the step gave up (reset too).  arrive: int32 [count of each step, failed of each step].
+// Every block of a launch calls it for every step the launch runs, whichever way it leaves.
 __device__ __forceinline__ bool last_block(const McPgDevArgs& a, int step, bool gave_up, bool* failed) {
   if (gridDim.x == 1) {
     *failed = gave_up;
     return true;
   }
   int* count = reinterpret_cast<int*>(a.arrive) + step;
-  int* fail = count + 2;
+  int* fail = count + kSteps;
   if (gave_up) atomicOr(fail, 1);
   __threadfence();
   if (atomicAdd(count, 1) != static_cast<int>(gridDim.x) - 1) return false;
@@ -288,8 +302,24 @@ __device__ __forceinline__ int fold_range(const T* const* in, int n, T* out, int
 }
 
 // Step 2's reads (the protocol above): this rank's outputs from the lanes of parity `par`.
+// All_reduce in parts: part i of `count` elements (the model's fold of it is the active rank i's job).
+__device__ __forceinline__ void part_range(const McPgDevArgs& a, int i, int64_t* lo, int64_t* hi) {
+  *lo = min(a.count, static_cast<int64_t>(i) * a.part);
+  *hi = min(a.count, *lo + a.part);
+}
+
 template <typename T, int OP>
 __device__ void read_lanes(const McPgDevArgs& a, int par, int64_t tid, int64_t nthreads) {
+  if (a.kind == kAllReduceParts) {  // this rank's part of every lane, into its own lane's result region
+    int64_t lo, hi;
+    part_range(a, a.me, &lo, &hi);
+    const T* in[kDevMaxRanks];
+    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]) + lo;
+    T* out = reinterpret_cast<T*>(a.lane[par][a.me] + a.rd_off) + lo;
+    const int bad = fold_range<T, OP>(in, a.n, out, hi - lo, tid, nthreads);
+    if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
+    return;
+  }
   if (a.kind == kAllReduce || a.kind == kReduceScatter) {
     const T* in[kDevMaxRanks];
     for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i] + a.rd_off);
@@ -327,14 +357,15 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
       key |= (ran >> kSeqBits) == epoch ? (ran & (kGraphBit - 1)) : 0;
       const int64_t trouble = mc_sync::ld_acquire_sys(own + kWGraphTrouble);
       if (mc_sync::ld_acquire_sys(own + kWGraphEpoch) != epoch) {  // captured under an earlier view
-        if (mc_sync::ld_acquire_sys(own + kWGraphStale) == 0) mc_sync::st_release_sys(own + kWGraphStale, key);
+        int64_t* stale = reinterpret_cast<int64_t*>(a.note[a.me]) + kWGraphStale;
+        if (mc_sync::ld_acquire_sys(stale) == 0) mc_sync::st_release_sys(stale, key);
         go = 0;
       } else if (trouble != 0 && (trouble >> kSeqBits) >= epoch) {  // a captured op of this view gave up
         go = 0;
       }
       if (!go) {  // the block counters stay right for the next launch
-        if (a.phase & 1) last_block(a, 0, true, &failed);
-        if (a.phase & 2) last_block(a, 1, true, &failed);
+        for (int step = 0; step < kSteps; ++step)
+          if (a.phase & (1 << step)) last_block(a, step, true, &failed);
       }
     }
     s_key = key;
@@ -370,32 +401,68 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
       }
     }
     if (!(a.phase & 2)) return;
-    if (!released) {  // one launch of both steps (a single block): step 2 is skipped too
-      if (threadIdx.x == 0) last_block(a, 1, true, &failed);
+    if (!released) {  // one launch of every step (a single block): the later steps are skipped too
+      if (threadIdx.x == 0)
+        for (int step = 1; step < kSteps; ++step)
+          if (a.phase & (1 << step)) last_block(a, step, true, &failed);
       return;
     }
     __syncthreads();
   }
 
-  const bool published = wait_all(a, start, [&](int i) {
-    return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
-  });
-  bool same = true;  // the ranks agree on the call (else the host names the difference), and this rank published
-  const int t = static_cast<int>(threadIdx.x);
-  if (published && t < a.n) {
-    const int64_t* w = words(a, t);
-    same = t == a.me ? mc_sync::ld_acquire_sys(w + base + kLPub) == key
-                     : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
+  const bool parts = a.kind == kAllReduceParts;
+  if (a.phase & 2) {
+    const bool published = wait_all(a, start, [&](int i) {
+      return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
+    });
+    bool same = true;  // the ranks agree on the call (else the host names the difference), and this rank published
+    const int t = static_cast<int>(threadIdx.x);
+    if (published && t < a.n) {
+      const int64_t* w = words(a, t);
+      same = t == a.me ? mc_sync::ld_acquire_sys(w + base + kLPub) == key
+                       : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
+    }
+    const bool ok = __syncthreads_and(published && same) != 0;
+    if (ok) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
+      read_lanes<T, OP>(a, par, tid, nthreads);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (!ok) give_up(a, key);
+      if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read (or folded) its part
+        __threadfence_system();
+        if (parts) {
+          mc_sync::st_release_sys(mine + base + kLRed, key);  // this rank's part is in its result region
+        } else {
+          mc_sync::st_release_sys(mine + base + kLFree, key);
+          mc_sync::st_release_sys(mine + base + kLDone, key);
+          if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
+        }
+      }
+    }
+    if (!(a.phase & 4)) return;
+    __syncthreads();
   }
-  const bool ok = __syncthreads_and(published && same) != 0;
-  if (ok) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
-    read_lanes<T, OP>(a, par, tid, nthreads);
+
+  // step 3 (all_reduce in parts): once every rank's part is in its result region, copy all parts out
+  const bool own = __syncthreads_and(mc_sync::ld_acquire_sys(mine + base + kLRed) == key) != 0;
+  const bool reduced = own && wait_all(a, start, [&](int i) {
+    return mc_sync::ld_acquire_sys(words(a, i) + base + kLRed) == key;
+  });
+  if (reduced) {
+    for (int i = 0; i < a.n; ++i) {
+      int64_t lo, hi;
+      part_range(a, i, &lo, &hi);
+      copy_bytes(reinterpret_cast<uint8_t*>(a.dst) + lo * static_cast<int64_t>(sizeof(T)),
+                 reinterpret_cast<const uint8_t*>(a.lane[par][i] + a.rd_off) + lo * static_cast<int64_t>(sizeof(T)),
+                 (hi - lo) * static_cast<int64_t>(sizeof(T)), tid, nthreads);
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    if (!ok) give_up(a, key);
-    if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read its part: done
+    if (!reduced) give_up(a, key);
+    if (last_block(a, 2, !reduced, &failed) && !failed) {  // every block copied its share: done
       __threadfence_system();
       mc_sync::st_release_sys(mine + base + kLFree, key);
       mc_sync::st_release_sys(mine + base + kLDone, key);
@@ -466,21 +533,22 @@ MC_API void mc_pg_dev_layout(int64_t* out) {
   for (int i = 0; i < 11; ++i) out[i] = w[i];
 }
 
-// Enqueue one operation of the device protocol on `stream`: blocks == 1 runs both steps in one kernel, more
-// runs step 1 then step 2 as two kernels of `blocks` blocks.  Fold kinds take the kernel fold's dtypes and
+// Enqueue one operation of the device protocol on `stream`: blocks == 1 runs every step in one kernel, more
+// runs each step (two, or three for an all_reduce in parts) as a kernel of `blocks` blocks.  Fold kinds take the kernel fold's dtypes and
 // ops; copy kinds move bytes (any dtype).  Capturable in a CUDA graph.
 MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream) {
   McPgDevArgs a = *args;
-  const bool fold = a.kind == kAllReduce || a.kind == kReduceScatter;
+  const bool parts = a.kind == kAllReduceParts;
+  const bool fold = a.kind == kAllReduce || a.kind == kReduceScatter || parts;
   if (a.n < 1 || a.n > kDevMaxRanks || a.me < 0 || a.me >= a.n || a.count < 0 || a.in_bytes < 0 || a.rd_off < 0 ||
-      a.kind < kAllReduce || a.kind > kBroadcast || (!fold && a.slots < 1) ||
+      a.kind < kAllReduce || a.kind > kAllReduceParts || (!fold && a.slots < 0) || (parts && a.part < 1) ||
       (a.kind == kBroadcast && (a.root < 0 || a.root >= a.n)) || blocks < 1 || blocks > 1024)
     return (int)cudaErrorInvalidValue;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const int steps[2] = {1, 2};
-  const int launches = blocks == 1 ? 1 : 2;
+  const int steps = parts ? 3 : 2;
+  const int launches = blocks == 1 ? 1 : steps;
   for (int l = 0; l < launches; ++l) {
-    a.phase = blocks == 1 ? 3 : steps[l];
+    a.phase = blocks == 1 ? (1 << steps) - 1 : 1 << l;
     cudaError_t rc;
     if (!fold) {  // the fold's type and op are not used
       dev_collective<float, kSum><<<blocks, kDevThreads, 0, s>>>(a);

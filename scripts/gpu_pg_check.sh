@@ -9,7 +9,7 @@
 #      (survivors agree, bitwise), all_reduce bandwidth at 64-256 MiB vs the device-copy HBM floor
 #   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
 #   5. stop MPS
-# GRAPH_RANKS (e.g. 2,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs of
+# EARLY_TESTS: pytest node ids run first (under MPS).  GRAPH_RANKS (e.g. 2,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs of
 # all_reduce, every captured collective bitwise against the model, a rank killed during a replay of all_reduces
 # and of all_gathers for 3+ ranks) within GRAPH_S seconds; GRAPH_ARGS more arguments of it (default: 100
 # eager iterations per size).  LATENCY_RANKS (e.g. 2):
@@ -49,6 +49,12 @@ else
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
 
+if [ -n "${EARLY_TESTS:-}" ]; then  # pytest node ids to run first, under MPS (e.g. a check that decides the rest)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider $EARLY_TESTS -rfEs > "$out/early.txt" 2>&1
+  code=$?; [ $code -eq 0 ] || rc=1
+  echo "=== early tests rc=$code at ${SECONDS}s: $(tail -n 1 "$out/early.txt")" | tee -a "$out/summary.txt"
+fi
+
 if [ -n "${LATENCY_RANKS:-}" ]; then  # where a small all_reduce's time goes: rank 0's profile of the dist loop
   timeout 150 python3 tests/fast_cuda/pg_latency.py --ranks "$LATENCY_RANKS" --sizes 8,4096 --iters 200 --profile \
     --label "${LATENCY_LABEL:-run}" --out "$out" > /dev/null 2>&1
@@ -86,7 +92,7 @@ grep -E "^(PASS|FAIL|SKIP|BENCH|pg_check)" "$out/pg_check.txt" >> "$out/summary.
 }
 
 if [ $((budget - SECONDS)) -gt 60 ]; then
-  timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py tests/fast_cuda/test_cuda_pg_face.py \
+  timeout $((budget - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider tests/fast_cuda/test_fast_cuda_pg.py tests/fast_cuda/test_cuda_pg_face.py tests/fast_cuda/test_shared_memory.py \
     -k "test_cuda_" -rfEs > "$out/pytest.txt" 2>&1
   echo "=== pytest (CUDA tests) rc=$? at ${SECONDS}s: $(tail -n 1 "$out/pytest.txt")" | tee -a "$out/summary.txt"
 fi

@@ -294,6 +294,24 @@ def capture_mismatch():
     return error, eager_ok, bool(torch.equal(z.cpu(), want))
 
 
+def graph_times(c, R: int, sizes, words: str, note) -> int:
+    """Captured all_reduces of each size replayed on cluster ``c``: bitwise against the model, and the time
+    per op (slowest rank's replay / ops); the number of failures."""
+    import pg_graph as P
+    failures = 0
+    for size in sizes:
+        for dtype in (("float32", "bfloat16") if size == 4096 else ("float32",)):
+            res = c.run(P.graph_run, max(size // 4, 1), REPLAYS, dtype)
+            bad = [b for r in res for b in r[0]]
+            per_replay = sorted(max(ts) for ts in zip(*[r[1] for r in res]))[:-2]  # the first replays warm up
+            failures += bool(bad)
+            note("PASS" if not bad else "FAIL", what="graph bitwise", words=words, ranks=R, bytes=size, dtype=dtype,
+                 mismatches=bad[:5])
+            note("BENCH", mode="graph", words=words, ranks=R, bytes=size, dtype=dtype,
+                 per_op_us=round(statistics.median(per_replay) / OPS * 1e6, 2))
+    return failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", default="2,4,8")
@@ -302,6 +320,8 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--steps", default="eager,graph,collectives,mismatch,fail")
     ap.add_argument("--fail-kinds", default="all_reduce,all_gather", help="what the graph of the kill case holds")
+    ap.add_argument("--graph-words", default="pad", help="where captured ops keep their words: pad and/or host "
+                    "(MOONCAKE_FAST_CUDA_GRAPH_WORDS), each timed")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import pg_graph as P  # the workers import the probes by module name
@@ -326,20 +346,20 @@ def main() -> int:
                          median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
             finally:
                 c.close()
+        for words in (args.graph_words.split(",") if "graph" in steps else ()):
+            if words == "pad":
+                continue  # timed below, with the captured collectives
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=180,
+                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_GRAPH_WORDS": words})
+            try:
+                failures += graph_times(c, R, sizes, words, note)
+            finally:
+                c.close()
         if steps & {"graph", "collectives"}:
             c = Cluster(R, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
             try:
-                for size in (sizes if "graph" in steps else ()):
-                    for dtype in (("float32", "bfloat16") if size == 4096 else ("float32",)):
-                        res = c.run(P.graph_run, max(size // 4, 1), REPLAYS, dtype)
-                        bad = [b for r in res for b in r[0]]
-                        per_replay = sorted(max(ts) for ts in zip(*[r[1] for r in res]))[:-2]  # the first replays warm up
-                        ok = not bad
-                        failures += not ok
-                        note("PASS" if ok else "FAIL", what="graph bitwise", ranks=R, bytes=size, dtype=dtype,
-                             mismatches=bad[:5])
-                        note("BENCH", mode="graph", ranks=R, bytes=size, dtype=dtype,
-                             per_op_us=round(statistics.median(per_replay) / OPS * 1e6, 2))
+                if "graph" in steps and "pad" in args.graph_words.split(","):
+                    failures += graph_times(c, R, sizes, "pad", note)
                 if "collectives" in steps:
                     cases = [(n, d) for n in (3, 1000, 16384) for d in ("float32", "bfloat16")]
                     for numel, dtype in cases + [(1000, "int64")]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import types
 
 import pytest
@@ -41,9 +42,22 @@ def _run_launches(calls: dict[int, GraphCall], active: list[int]) -> None:
         n = shapes[r].in_bytes
         lane[:n] = c.input.reshape(-1).view(torch.uint8)[:n]
         lanes[r] = lane
+    for r, c in calls.items():  # in parts, step 2: rank i folds part i of every lane into its result region
+        s = shapes[r]
+        if s.kind == P.KIND_ALL_REDUCE_PARTS:
+            i, es = active.index(r), c.input.element_size()
+            lo, hi = min(s.count, i * s.part), min(s.count, (i + 1) * s.part)
+            parts = [lanes[q][lo * es:hi * es].view(c.input.dtype) for q in active]
+            lanes[r][s.rd_off + lo * es:s.rd_off + hi * es] = fold(ReduceOp(s.op), parts).view(torch.uint8)
     for r, c in calls.items():
         s = shapes[r]
         out = c.output.reshape(-1)
+        if s.kind == P.KIND_ALL_REDUCE_PARTS:  # step 3: every rank's part from its result region
+            raw, es = out.view(torch.uint8), c.input.element_size()
+            for i, q in enumerate(active):
+                lo, hi = min(s.count, i * s.part), min(s.count, (i + 1) * s.part)
+                raw[lo * es:hi * es] = lanes[q][s.rd_off + lo * es:s.rd_off + hi * es]
+            continue
         if s.kind in (P.KIND_ALL_REDUCE, P.KIND_REDUCE_SCATTER):
             if s.count:
                 parts = [lanes[q][s.rd_off:].view(c.input.dtype)[:s.count] for q in active]
@@ -135,6 +149,31 @@ def test_launch_shapes_give_the_models_bits(capacity, active, dtype):
     assert P._shape(calls[root], active, root).in_bytes == size * n * xs[0].element_size()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capacity,active", [(2, [0, 1]), (4, [0, 2, 3]), (8, list(range(8)))])
+def test_a_large_all_reduce_in_parts_gives_the_models_bits(monkeypatch, capacity, active, dtype):
+    """A captured all_reduce of ``PARTS_MIN_BYTES`` or more runs in parts: each rank folds one part (the
+    model's fold of those elements) and gathers the others' parts.  Sizes that leave the last part short or
+    empty included."""
+    monkeypatch.setattr(P, "PARTS_MIN_BYTES", 64)
+    mask = [int(r in active) for r in range(capacity)]
+    for numel in (40, 700, 2 * P.PART_ALIGN + 1, 3000):
+        xs = _inputs(capacity, numel, dtype, numel)
+        for red in (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MIN):
+            mine = {r: xs[r].clone() for r in active}
+            calls = {r: GraphCall("all_reduce", mine[r], mine[r], op=red) for r in active}
+            shape = P._shape(calls[active[0]], active, active[0])
+            in_parts = len(active) > 1 and numel * xs[0].element_size() >= 64
+            assert (shape.kind == P.KIND_ALL_REDUCE_PARTS) == in_parts
+            if in_parts:
+                assert shape.part % P.PART_ALIGN == 0 and shape.part * len(active) >= numel
+                assert shape.rd_off >= shape.in_bytes and shape.lane_bytes >= shape.rd_off + shape.in_bytes
+            _run_launches(calls, active)
+            want = M.all_reduce(xs, red, mask)
+            assert all(torch.equal(mine[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active), \
+                (numel, red)
+
+
 def test_all_to_all_fingerprint_words_carry_the_element_count():
     words = LaneWords(P.L_META, P.L_META_NUMEL, P.L_META_SLOTS, P.L_SLOTS + 4, 2)
     a = Fingerprint(OpCode.ALL_TO_ALL, 8, slots=2, sends=(4, 4), recvs=(4, 4))
@@ -158,14 +197,40 @@ def test_call_problems_name_the_argument():
 
 # ------------------------------------------------------------------------------ the words a replay leaves
 
-def _device_path(epoch: int = 0, dead=frozenset()):
-    """A ``_DevicePath`` over plain host words (no device): its trouble / stale reporting."""
+class _FakePadMemory:
+    """Device words by address (``store_word`` / ``load_word``), counting the writes."""
+
+    emulated = True
+
+    def __init__(self):
+        self.words: dict[int, int] = {}
+        self.stores = 0
+
+    def store_word(self, addr: int, value: int) -> None:
+        self.words[addr] = value
+        self.stores += 1
+
+    def load_word(self, addr: int) -> int:
+        return self.words.get(addr, 0)
+
+
+PAD_ADDR = 1 << 20
+
+
+def _device_path(epoch: int = 0, dead=frozenset(), pad: bool = False):
+    """A ``_DevicePath`` over plain host words (no device): its trouble / stale reporting; with ``pad``,
+    a pad (the words captured ops read) in fake device memory."""
     g = types.SimpleNamespace(ctl=[0] * 64, peers={1: None, 2: None}, _live_checked=0.0,
-                              mem=types.SimpleNamespace(emulated=True), failed=lambda ranks: frozenset(dead))
+                              mem=_FakePadMemory(), failed=lambda ranks: frozenset(dead))
     dev = object.__new__(P._DevicePath)
-    dev.g, dev.reported, dev.handled = g, 0, -1
+    dev.g, dev.reported, dev.handled, dev.pad_epoch, dev.pad_lock = g, 0, -1, -1, threading.Lock()
+    dev.graph_lanes = {P.PAD_LANE: types.SimpleNamespace(addr=PAD_ADDR)} if pad else {}
     dev.graph_view(epoch)
     return dev, g.ctl
+
+
+def _pad_word(dev, w: int) -> int:
+    return dev.g.mem.load_word(PAD_ADDR + 8 * w)
 
 
 def _key(epoch, n):
@@ -194,6 +259,25 @@ def test_a_peers_report_reaches_a_rank_whose_replay_got_through():
     dev.graph_view(6)  # the agreement on epoch 5 reached this rank first
     ctl[P.W_GRAPH_TROUBLE] = _key(5, 2)
     assert dev.trouble() == (5, False, frozenset())
+
+
+def test_the_pad_follows_the_view_and_forgets_only_older_trouble():
+    """Captured ops read the view epoch and trouble in the rank's pad (device memory): the host writes the
+    epoch there when the view moves (once per change), and a reset clears the pad's trouble of earlier
+    views only, as it does the host word."""
+    dev, ctl = _device_path(3, pad=True)
+    assert _pad_word(dev, P.W_GRAPH_EPOCH) == 3
+    stores = dev.g.mem.stores
+    dev.graph_view(3)
+    dev.graph_view(2)  # never backwards
+    assert dev.g.mem.stores == stores and _pad_word(dev, P.W_GRAPH_EPOCH) == 3
+    dev.g.mem.store_word(PAD_ADDR + 8 * P.W_GRAPH_TROUBLE, _key(3, 1))  # a captured op gave up
+    ctl[P.W_GRAPH_TROUBLE] = _key(3, 1)
+    dev.reset(4)
+    assert _pad_word(dev, P.W_GRAPH_TROUBLE) == 0 and _pad_word(dev, P.W_GRAPH_EPOCH) == 4
+    dev.g.mem.store_word(PAD_ADDR + 8 * P.W_GRAPH_TROUBLE, _key(4, 2))
+    dev.reset(4)  # trouble of the current view stays until raised and the view moves on
+    assert _pad_word(dev, P.W_GRAPH_TROUBLE) == _key(4, 2)
 
 
 def test_stale_replays_are_reported_after_trouble_and_the_view_only_moves_forward():

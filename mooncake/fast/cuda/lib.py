@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 6
+ABI_VERSION = 7
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -34,9 +34,9 @@ class McEpArgs(ctypes.Structure):
 class McPgDevArgs(ctypes.Structure):
     """One operation of the PG device protocol (csrc/mooncake_pg_cuda.cu, ``McPgDevArgs``)."""
 
-    _fields_ = [("ctl", ctypes.c_int64 * DEV_MAX_RANKS), ("lane", (ctypes.c_int64 * DEV_MAX_RANKS) * 2),
+    _fields_ = [("ctl", ctypes.c_int64 * DEV_MAX_RANKS), ("note", ctypes.c_int64 * DEV_MAX_RANKS), ("lane", (ctypes.c_int64 * DEV_MAX_RANKS) * 2),
                 ("base", ctypes.c_int64 * 2), ("src", ctypes.c_int64), ("dst", ctypes.c_int64),
-                ("in_bytes", ctypes.c_int64), ("rd_off", ctypes.c_int64), ("count", ctypes.c_int64),
+                ("in_bytes", ctypes.c_int64), ("rd_off", ctypes.c_int64), ("count", ctypes.c_int64), ("part", ctypes.c_int64),
                 ("key", ctypes.c_int64), ("fp", ctypes.c_int64 * 3), ("timeout_ns", ctypes.c_int64),
                 ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64),
                 ("n", ctypes.c_int32), ("me", ctypes.c_int32), ("op", ctypes.c_int32), ("dtype", ctypes.c_int32),
@@ -59,6 +59,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_sm_count": ([i32, pi32], i32), "mc_malloc_zeroed": ([i64, pi64], i32), "mc_free": ([i64], i32),
         "mc_ipc_handle_size": ([], i32), "mc_ipc_get_handle": ([i64, p], i32), "mc_ipc_open": ([p, pi64], i32),
         "mc_ipc_close": ([i64], i32),
+        "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32),
+        "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
+        "mc_vmm_free": ([i64, i64], i32),
+        "mc_store64": ([i32, i64, i64], i32), "mc_load64": ([i32, i64, pi64], i32),
         "mc_ep_dispatch": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_quantize_fp8": ([i64, i64, i64, i64, i64, i64], i32),

@@ -1,20 +1,21 @@
-"""PG collectives on CUDA tensors between the ranks of one host: CUDA IPC lanes, host control words.
+"""PG collectives on CUDA tensors between the ranks of one host: lanes in shared device memory, host control words.
 
 ``open_group(info)`` returns the ``PlaneGroup`` (``mooncake.control.plane``) for a group whose tensors are
 on CUDA.  It takes the caller's CUDA tensors as they are (``takes_device_tensors``: the PG face need not
 stage them through host memory) and gives the bits of the ref plane / ``mooncake.model``.
 
-Memory.  Each rank owns, per group, two *lanes* (operation ``seq`` uses lane ``seq % 2``): a device buffer
-allocated with ``cudaMalloc`` (``csrc/``'s ``mc_malloc_zeroed``) and exported with ``cudaIpcGetMemHandle``;
-peers open it with ``cudaIpcOpenMemHandle`` and view it as a torch tensor (``__cuda_array_interface__``).
-A lane grows (a new buffer, a new generation) only while every peer has released it.  Each rank also owns a
-small host *control* segment (a ``memfd``, attached by peers through ``/proc``: ``mooncake.fast.cpu.segment``)
-with one block of int64 words per lane; only its owner writes them (except the wake-up futex):
+Memory.  Each rank owns, per group, two *lanes* (operation ``seq`` uses lane ``seq % 2``): device memory
+made with ``cuMemCreate`` and exported as a file descriptor (``mooncake.fast.cuda.shared``); peers map it and
+view it as a torch tensor (``__cuda_array_interface__``).  A mapping keeps the memory alive, so a peer that
+dies while others read its lane leaves them reading valid memory.  A lane grows (a new buffer, a new
+generation) only while every peer has released it.  Each rank also owns a small host *control* segment (a
+``memfd``, attached by peers through ``/proc``: ``mooncake.fast.cpu.segment``) with one block of int64 words
+per lane; only its owner writes them (except the wake-up futex):
 
     PUB   key of the operation whose payload is in the lane (written once the copy has completed on the GPU)
     DONE  key of the operation whose every payload this rank now holds in private memory (the commit round)
     HOLD / FREE   key of the operation whose peers' lanes this rank started / finished reading
-    META, NSLOTS, NBYTES, slot table (offset, bytes per slot), GEN, SIZE, HANDLE (the lane's IPC handle)
+    META, NSLOTS, NBYTES, slot table (offset, bytes per slot), GEN, SIZE, HANDLE (the lane's share handle)
 
 ``key = epoch << 40 | seq``.  An operation, on the caller's current CUDA stream ``S`` (remembered per
 ``seq``, so a re-post after a failure uses it too):
@@ -93,23 +94,28 @@ flags (a NaN, a MIN/MAX zero) is folded again on the host as above.  ``MOONCAKE_
 it off (``on`` also in the CPU emulation, where the kernel's steps run on the host).
 
 CUDA graphs.  all_reduce, reduce_scatter_tensor, all_gather_into_tensor (and all_gather into a list),
-all_to_all_single (equal splits) and broadcast issued while the caller's stream is captured
+all_to_all_single (equal splits), broadcast, reduce, gather and scatter issued while the caller's stream is captured
 (``torch.cuda.graph``) are enqueued as one launch of the device path's kernel (``_shape`` says what it copies
 in and reads; the fold is the eager all_reduce's) on dedicated lanes (``GRAPH_LANES``) and keys ``epoch << 40
 | GRAPH_BIT | n``, n read at run time from the count word (``W_GRAPH_COUNT``: the view epoch and the number of
 captured ops run in it; every replay has fresh keys, all ranks replay in step, and a new view starts at 0).
-Lanes are allocated and peers' lanes opened while capturing (relaxed capture mode); replaced lanes, and the
-control words and lanes of a replaced peer, stay mapped while the group lives, since older graphs hold their
-addresses.  A captured op that waits past the group's timeout, or sees a peer's call differ, writes its key
-into the trouble word (``W_GRAPH_TROUBLE``) of every active rank; every later captured op of that view then
-exits at once, on every rank.  The PG face sets the epoch word (``W_GRAPH_EPOCH``) whenever it adopts a new
-view: an op captured under an older one exits at once and leaves its key in the stale word
-(``W_GRAPH_STALE``).  The group's next call raises (``check_graphs`` in the PG face): no re-post inside a
-graph, the replay's outputs are not valid.  Concurrent captured ops of one group (forked streams inside a
+Captured ops keep their words (the graph lanes' blocks, count, epoch, trouble) in the rank's *pad*: device
+memory with the control segment's word layout, published like a lane (block ``PAD_LANE``), so their waits
+read device memory rather than host memory across PCIe.  Lanes and the pad are allocated and peers' opened
+while capturing (relaxed capture mode); replaced lanes, and the control words, lanes and pad of a replaced
+peer, stay mapped while the group lives, since older graphs hold their addresses.  A captured op that waits
+past the group's timeout, or sees a peer's call differ, writes its key into the trouble word
+(``W_GRAPH_TROUBLE``) of every active rank, in its pad and in its host words; every later captured op of that
+view then exits at once, on every rank.  The PG face sets the epoch word (``W_GRAPH_EPOCH``, host and pad)
+whenever it adopts a new view: an op captured under an older one exits at once and leaves its key in the
+host stale word (``W_GRAPH_STALE``).  The host reads trouble and stale in its host words only.  The group's
+next call raises (``check_graphs`` in the PG face): no re-post inside a graph, the replay's outputs are not
+valid.  Concurrent captured ops of one group (forked streams inside a
 graph) would share the lanes: a group's captured ops must be ordered on one stream.
 
 Not done: zero-copy from the caller's tensors, the device path for the other eager collectives and for large
-all_reduce (two-phase on the device), capture of uneven all_to_all splits, gather, scatter, reduce, P2P.
+all_reduce (two-phase on the device), capture of uneven all_to_all splits, list forms of reduce_scatter and
+all_to_all, barrier and P2P.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
@@ -141,6 +147,7 @@ from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
 from ..cpu import native
 from ..cpu.segment import Segment, SegmentError, host_identity
+from . import shared
 
 EMULATE_ENV = "MOONCAKE_FAST_CUDA_EMULATE"
 EXACT_HOST_ENV = "MOONCAKE_FAST_CUDA_EXACT_HOST"
@@ -150,12 +157,17 @@ SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
 DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
+# where captured ops keep their words: "pad" (default, device memory) or "host" (the control words, for
+# comparison); every rank of a job must use the same
+GRAPH_WORDS_ENV = "MOONCAKE_FAST_CUDA_GRAPH_WORDS"
 #: all_reduce of at most this many bytes may take the device path
 DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
 DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
 DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes, 1 to 16 blocks
+ARRIVE_WORDS = 8  # int32 block counters of one launch (McPgDevArgs.arrive: a count and a flag per step, 3 steps)
 MIN_LANE_BYTES = 1 << 20
+SHARE_FETCH_S = 5.0  # a peer's server hands over a lane's descriptor within this
 #: all_reduce of at least this many bytes (and 2+ ranks) folds one part per rank, then gathers the parts
 PARTS_MIN_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_PARTS_MIN", 1 << 20))
 PART_ALIGN = 256  # elements: part boundaries are multiples of this
@@ -173,17 +185,20 @@ W_SLEEPING = 9
 W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE = 10, 11, 12, 13
 LANE0 = 16
 GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
+PAD_LANE = 4  # the block that publishes the rank's pad (module doc, "CUDA graphs") as if it were a lane
 GRAPH_BIT = 1 << (SEQ_BITS - 1)  # in the keys of captured ops
 # what one launch of the device path moves (McPgDevArgs.kind): fold kinds, then copy kinds
 KIND_ALL_REDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER, KIND_ALL_TO_ALL, KIND_BROADCAST = range(5)
+KIND_ALL_REDUCE_PARTS = 5  # a large all_reduce in two phases: every rank folds one part, then gathers the parts
 _KIND_NAMES = {KIND_ALL_REDUCE: "all_reduce", KIND_REDUCE_SCATTER: "reduce_scatter", KIND_ALL_GATHER: "all_gather",
-               KIND_ALL_TO_ALL: "all_to_all", KIND_BROADCAST: "broadcast"}
+               KIND_ALL_TO_ALL: "all_to_all", KIND_BROADCAST: "broadcast", KIND_ALL_REDUCE_PARTS: "all_reduce in parts"}
 # a captured call's kind -> the launch that runs it: reduce is an all_reduce that only its root reads out, gather
 # an all_gather that only its root reads, scatter a broadcast of every slot from which each rank reads its own
-GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items()}, "reduce": KIND_ALL_REDUCE, "gather": KIND_ALL_GATHER,
+GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items() if k != KIND_ALL_REDUCE_PARTS},
+               "reduce": KIND_ALL_REDUCE, "gather": KIND_ALL_GATHER,
                "scatter": KIND_BROADCAST}
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
-L_HANDLE = 11  # 8 words: the lane's 64-byte IPC handle
+L_HANDLE = 11  # 8 words: the lane's share handle (shared.HANDLE, zero-padded to 64 bytes)
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
 L_SLOTS = 21  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
 
@@ -199,8 +214,8 @@ class Layout:
     def __init__(self, capacity: int):
         self.capacity = capacity
         lw = (L_SLOTS + 4 * capacity + 7) // 8 * 8
-        self.lane = tuple(LANE0 + i * lw for i in range(4))  # eager lanes 0, 1; GRAPH_LANES
-        self.words = LANE0 + 4 * lw
+        self.lane = tuple(LANE0 + i * lw for i in range(5))  # eager lanes 0, 1; GRAPH_LANES; PAD_LANE
+        self.words = LANE0 + 5 * lw
         self.nbytes = (self.words * 8 + 4095) // 4096 * 4096
 
 
@@ -235,7 +250,15 @@ def unavailable_reason() -> str | None:
     if emulated():
         return None
     from .lib import load
-    return load()[1]
+    lib, reason = load()
+    if lib is None:
+        return reason
+    why = ctypes.c_int(0)
+    if not lib.mc_vmm_supported(torch.cuda.current_device(), ctypes.byref(why)):
+        return {1: "the CUDA driver lacks the virtual memory management entry points (cuMemCreate & co.)",
+                2: "the device does not support CUDA virtual memory management",
+                3: "the device cannot export memory as POSIX file descriptors"}.get(why.value, "no shareable memory")
+    return None
 
 
 # ======================================================================================== memory
@@ -264,7 +287,7 @@ class _DevicePointer:
 
 
 class _CudaMemory:
-    """Lanes in device memory shared by CUDA IPC; work on CUDA streams; completion by CUDA events."""
+    """Lanes in shared device memory (``shared``); work on CUDA streams; completion by CUDA events."""
 
     emulated = False
 
@@ -344,6 +367,17 @@ class _CudaMemory:
     def unmap_host(self, addr: int) -> None:
         self.lib.mc_host_unregister(addr)
 
+    def store_word(self, addr: int, value: int) -> None:
+        """The int64 at device address ``addr`` = ``value``, from any thread, also while another captures
+        (waits for nothing else on the device)."""
+        self._check(self.lib, self.lib.mc_store64(self.index, addr, value), "writing a word of device memory")
+
+    def load_word(self, addr: int) -> int:
+        out = ctypes.c_int64(0)
+        self._check(self.lib, self.lib.mc_load64(self.index, addr, ctypes.byref(out)),
+                    "reading a word of device memory")
+        return out.value
+
     @contextlib.contextmanager
     def relaxed_capture(self):
         """Allocate / open lanes while this thread captures a CUDA graph (relaxed capture mode)."""
@@ -368,33 +402,54 @@ class _CudaMemory:
         return t
 
     def allocate(self, size: int, tag: str) -> _Buffer:
-        lib, check = self.lib, self._check
-        check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
-        ptr = ctypes.c_int64(0)
-        check(lib, lib.mc_malloc_zeroed(size, ctypes.byref(ptr)), f"cudaMalloc of {size} bytes ({tag})")
-        addr = ptr.value
-        raw = (ctypes.c_uint8 * 64)()
+        """At least ``size`` bytes of zeroed device memory that peers map (``attach``) and keep alive."""
+        lib = self.lib
+        self._check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
+        ptr, got, fd = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1)
+        rc = lib.mc_vmm_alloc(self.index, size, ctypes.byref(ptr), ctypes.byref(got), ctypes.byref(fd))
+        if rc != 0:
+            raise MooncakeError(f"shareable allocation of {size} bytes ({tag}, cuMemCreate) failed: CUDA driver "
+                                f"error {rc} ({lib.mc_driver_error_string(rc).decode()})")
+        addr, mapped = ptr.value, got.value
         try:
-            check(lib, lib.mc_ipc_get_handle(addr, raw), "cudaIpcGetMemHandle")
-            buf = _Buffer(addr, size, bytes(raw), lambda: lib.mc_free(addr))
+            handle, token = shared.export(fd.value, mapped)
+        except BaseException:
+            os.close(fd.value)
+            lib.mc_vmm_free(addr, mapped)
+            raise
+
+        def release():
+            shared.withdraw(token)
+            lib.mc_vmm_free(addr, mapped)
+
+        buf = _Buffer(addr, size, handle, release)
+        try:
             buf.view = self._view(buf)
         except BaseException:
-            lib.mc_free(addr)
+            buf.close()
             raise
         return buf
 
     def attach(self, handle: bytes, size: int, owner: str, owner_device: int) -> _Buffer:
-        lib, check = self.lib, self._check
-        check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
-        raw = (ctypes.c_uint8 * 64).from_buffer_copy(handle[:64].ljust(64, b"\0"))
+        lib = self.lib
+        self._check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
+        try:
+            fd, mapped = shared.fetch(handle, SHARE_FETCH_S)
+        except shared.FetchError as exc:
+            raise SegmentError(0, f"{owner}'s lane: {exc}") from None
+        if mapped < size:
+            os.close(fd)
+            raise SegmentError(0, f"{owner}'s lane is {mapped} bytes, its words say {size}")
         ptr = ctypes.c_int64(0)
-        rc = lib.mc_ipc_open(raw, ctypes.byref(ptr))
+        try:
+            rc = lib.mc_vmm_import(self.index, fd, mapped, ctypes.byref(ptr))
+        finally:
+            os.close(fd)
         if rc != 0:
-            msg = lib.mc_error_string(rc)
-            raise SegmentError(0, f"cudaIpcOpenMemHandle of {owner}'s lane failed: CUDA error {rc} "
-                                  f"({msg.decode() if msg else '?'})")
+            raise SegmentError(0, f"mapping {owner}'s lane failed: CUDA driver error {rc} "
+                                  f"({lib.mc_driver_error_string(rc).decode()})")
         addr = ptr.value
-        buf = _Buffer(addr, size, handle, lambda: lib.mc_ipc_close(addr))
+        buf = _Buffer(addr, size, handle, lambda: lib.mc_vmm_free(addr, mapped))
         try:
             buf.view = self._view(buf, owner_device)
         except BaseException:
@@ -517,7 +572,7 @@ class _Peer:
             return have[1].view
         if have is not None:
             del self.lanes[lane]
-            if lane in GRAPH_LANES:
+            if lane in GRAPH_LANES or lane == PAD_LANE:
                 self.retired.append(have[1])
             else:
                 have[1].close()
@@ -559,9 +614,14 @@ class _DevicePath:
         else:
             self.max_ranks = 16
         self.mapped: dict[int, tuple[int, int]] = {g.rank: (g.ctrl.addr, mem.map_host(g.ctrl.addr, g.ctrl.size))}
-        # the kernels' block counters (McPgDevArgs.arrive): eager ops, then captured ops
-        self.arrive = torch.zeros(8, dtype=torch.int32, device=mem.device)
-        self.graph_lanes: dict[int, _Buffer] = {}
+        # the kernels' block counters (McPgDevArgs.arrive, 2 per step): eager ops, then captured ops
+        self.arrive = torch.zeros(2 * ARRIVE_WORDS, dtype=torch.int32, device=mem.device)
+        self.graph_lanes: dict[int, _Buffer] = {}  # GRAPH_LANES and the pad (PAD_LANE)
+        self.pad_epoch = -1  # the view epoch last written into the pad
+        self.pad_lock = threading.Lock()  # the pad's words and pad_epoch
+        self.graph_words = os.environ.get(GRAPH_WORDS_ENV, "pad").strip().lower() or "pad"
+        if self.graph_words not in ("pad", "host"):
+            raise MooncakeError(f"{GRAPH_WORDS_ENV}={self.graph_words!r}: expected 'pad' or 'host'")
         self.retired: list[_Buffer] = []
         # replaced peers (their words' device mapping, the peer): graphs captured earlier may still read them
         self.retired_peers: list[tuple[tuple[int, int] | None, _Peer]] = []
@@ -640,16 +700,17 @@ class _DevicePath:
             if g.mem.emulated:
                 self._emulate(op, lanes, nb)
             else:
-                self._launch(op.active, op.me, tuple(self.mapped[r][1] for r in op.active), (lanes, lanes),
-                             (base, base), op.tensor, op.op, op.key, op.fp,
-                             DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
+                ctls = tuple(self.mapped[r][1] for r in op.active)
+                self._launch(op.active, op.me, ctls, ctls, (lanes, lanes), (base, base), op.tensor, op.op, op.key,
+                             op.fp, DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
             op.ev = g.mem.record(op.stream)
 
-    def _launch(self, active, me, ctls, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
+    def _launch(self, active, me, ctls, notes, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
                 shape: "_Shape | None" = None) -> None:
-        """Enqueue the kernel(s) on ``stream``: ``ctls`` the device addresses of the active ranks' words,
-        ``lanes`` their lane buffers for lane parity 0 and 1, ``bases`` the lane blocks' word indices; what
-        is copied in and read: ``shape`` (None: all_reduce of ``tensor`` in place)."""
+        """Enqueue the kernel(s) on ``stream``: ``ctls`` the device addresses of the active ranks' words
+        (captured: their pads), ``notes`` of their host control words, ``lanes`` their lane buffers for lane
+        parity 0 and 1, ``bases`` the lane blocks' word indices; what is copied in and read: ``shape`` (None:
+        all_reduce of ``tensor`` in place)."""
         from .lib import McPgDevArgs, check
         g, mem = self.g, self.g.mem
         if shape is None:
@@ -657,21 +718,22 @@ class _DevicePath:
             shape = _Shape(KIND_ALL_REDUCE, p, p, nb, 0, tensor.numel(), 1, -1, int(redop), DTYPE_CODES[tensor.dtype],
                            nb, nb)
         ptrs = (tuple(x.data_ptr() for x in lanes[0]), tuple(x.data_ptr() for x in lanes[1]))
-        call = (active, ctls, ptrs, bases, shape, fp, timeout_s, graph, flag)
+        call = (active, ctls, notes, ptrs, bases, shape, fp, timeout_s, graph, flag)
         a = self.args.get(call)
         if a is None:  # arguments of a call seen before are reused with a new key (DDP's buckets, decode steps)
             a = McPgDevArgs()
             for i, r in enumerate(active):
-                a.ctl[i] = ctls[i]
+                a.ctl[i], a.note[i] = ctls[i], notes[i]
                 a.lane[0][i], a.lane[1][i] = ptrs[0][i], ptrs[1][i]
                 a.rank[i] = r
             a.base[0], a.base[1] = bases
             a.src, a.dst, a.in_bytes, a.rd_off, a.count = shape.src, shape.dst, shape.in_bytes, shape.rd_off, shape.count
+            a.part = shape.part
             a.kind, a.slots, a.root, a.graph = shape.kind, shape.slots, shape.root, int(graph)
             a.fp[0], a.fp[1], a.fp[2] = _fp_words(g.fp_words, fp)
             a.timeout_ns = int(timeout_s * 1e9)
             a.flag = g.flag.data_ptr() if flag else 0
-            a.arrive = self.arrive.data_ptr() + (16 if graph else 0)
+            a.arrive = self.arrive.data_ptr() + (4 * ARRIVE_WORDS if graph else 0)
             a.n, a.me, a.op, a.dtype = len(active), active.index(me), shape.op, shape.dtype
             if len(self.args) >= 64:
                 self.args.clear()
@@ -739,31 +801,38 @@ class _DevicePath:
         shape = _shape(call, active, g.rank)
         nb = max(shape.lane_bytes, 1)
         bases = tuple(g.layout.lane[x] for x in GRAPH_LANES)
+        pad_base, pad_bytes = g.layout.lane[PAD_LANE], g.layout.words * 8
+        use_pad = self.graph_words != "host"
         with g.lock, g.mem.relaxed_capture():
             self.captured = True  # from now on a replaced peer stays mapped (retire_peer)
+            pad = self._graph_lane(PAD_LANE, pad_bytes) if use_pad else None
             self.graph_view(view.epoch)
             mine = [self._graph_lane(lane, nb) for lane in GRAPH_LANES]
             missing = [r for r in active if r not in self.mapped]
             if missing:
                 raise MooncakeError(f"{call.kind} captured in a CUDA graph: the control words of rank(s) {missing} "
                                     "could not be mapped into this device")
-            ctls = tuple(self.mapped[r][1] for r in active)
+            notes = tuple(self.mapped[r][1] for r in active)
             peers = {r: g.peer(r) for r in active if r != g.rank}
         deadline = time.monotonic() + timeout_s
         for r, p in peers.items():  # without the lock: the words stay mapped (captured)
-            for base in bases:
-                while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < nb:
+            for base, need in [(b, nb) for b in bases] + ([(pad_base, pad_bytes)] if use_pad else []):
+                while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < need:
                     if time.monotonic() > deadline:
-                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured a "
-                                            f"collective that needs {nb} bytes of lane within {timeout_s:.0f} s; "
-                                            "every rank of the group must capture the same calls in the same order")
+                        what = ("its first collective" if base == pad_base
+                                else f"a collective that needs {nb} bytes of lane")
+                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured {what} "
+                                            f"within {timeout_s:.0f} s; every rank of the group must capture the same "
+                                            "calls in the same order")
                     time.sleep(0.001)
         with g.lock, g.mem.relaxed_capture():
             lanes = [[mine[i] if r == g.rank else peers[r].lane_view(g.mem, lane, bases[i]) for r in active]
                      for i, lane in enumerate(GRAPH_LANES)]
+            ctls = notes if pad is None else tuple(
+                (pad if r == g.rank else peers[r].lane_view(g.mem, PAD_LANE, pad_base)).data_ptr() for r in active)
             stream = torch.cuda.current_stream(g.mem.index)
             key = view.epoch << SEQ_BITS | GRAPH_BIT
-            self._launch(active, g.rank, ctls, lanes, bases, call.output, call.op, key, fp, timeout_s,
+            self._launch(active, g.rank, ctls, notes, lanes, bases, call.output, call.op, key, fp, timeout_s,
                          graph=True, flag=False, stream=stream, shape=shape)
 
     def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
@@ -790,9 +859,31 @@ class _DevicePath:
         return None
 
     def graph_view(self, epoch: int) -> None:
-        """The group adopted view ``epoch``: captured ops of earlier views exit at once from now on."""
-        if self.g.ctl is not None and epoch > int(self.g.ctl[W_GRAPH_EPOCH]):
-            self.g.ctl[W_GRAPH_EPOCH] = epoch
+        """The group adopted view ``epoch``: captured ops of earlier views exit at once from now on (called
+        by the thread that adopts views, and under the group's lock)."""
+        ctl = self.g.ctl
+        if ctl is None:
+            return
+        with self.pad_lock:
+            if epoch > int(ctl[W_GRAPH_EPOCH]):
+                ctl[W_GRAPH_EPOCH] = epoch
+            self._write_pad_epoch(force=False)
+
+    def _write_pad_epoch(self, force: bool) -> None:
+        """The pad's epoch word (the one captured ops read) = the host's; best effort off the capture path:
+        a failure is logged and the write retried at the next call (a replay then exits as stale)."""
+        pad = self.graph_lanes.get(PAD_LANE)
+        want = int(self.g.ctl[W_GRAPH_EPOCH])
+        if pad is None or (want == self.pad_epoch and not force):
+            return
+        try:
+            self.g.mem.store_word(pad.addr + 8 * W_GRAPH_EPOCH, want)
+        except Exception as exc:  # noqa: BLE001 - a CudaError: captured ops keep seeing the older view
+            self.pad_epoch = -1
+            log.logger.warning("rank %d: fast CUDA plane: writing view epoch %d into the pad failed: %s",
+                               self.g.rank, want, exc)
+            return
+        self.pad_epoch = want
 
     def reset(self, epoch: int) -> None:
         """What captured ops ran into was raised: once this device's work is done (a replay may still run),
@@ -801,7 +892,7 @@ class _DevicePath:
         g = self.g
         if not g.mem.emulated and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize(g.mem.device)
-            self.arrive[4:8].zero_()
+            self.arrive[ARRIVE_WORDS:].zero_()
             torch.cuda.synchronize(g.mem.device)
         ctl = g.ctl
         self.handled = max(self.handled, epoch - 1)
@@ -809,7 +900,15 @@ class _DevicePath:
         if value and value >> SEQ_BITS < epoch:
             ctl[W_GRAPH_TROUBLE] = 0
         ctl[W_GRAPH_STALE] = 0
-        self.graph_view(epoch)
+        with self.pad_lock:
+            pad = self.graph_lanes.get(PAD_LANE)
+            if pad is not None:
+                value = g.mem.load_word(pad.addr + 8 * W_GRAPH_TROUBLE)
+                if value and value >> SEQ_BITS < epoch:
+                    g.mem.store_word(pad.addr + 8 * W_GRAPH_TROUBLE, 0)
+            if epoch > int(ctl[W_GRAPH_EPOCH]):
+                ctl[W_GRAPH_EPOCH] = epoch
+            self._write_pad_epoch(force=True)
         self.reported = 0
 
 
@@ -838,7 +937,8 @@ class _Shape(NamedTuple):
     ``src`` and output ``dst`` (addresses), ``in_bytes`` of src copied into its lane, each read starting
     ``rd_off`` bytes into a lane, ``count`` elements folded (fold kinds) or bytes per output slot (copy
     kinds), ``slots`` output slots, ``root`` the broadcast root's active index (else -1), the reduce op and
-    dtype code; ``lane_bytes`` every rank's lane holds at least, ``out_bytes`` written into dst."""
+    dtype code; ``lane_bytes`` every rank's lane holds at least, ``out_bytes`` written into dst; ``part``
+    the elements per part of an all_reduce in parts (``rd_off``: its result region), else 0."""
 
     kind: int
     src: int
@@ -852,6 +952,14 @@ class _Shape(NamedTuple):
     dtype: int
     lane_bytes: int
     out_bytes: int
+    part: int = 0
+
+
+def _part_elems(numel: int, n: int) -> int:
+    """Elements per part of an all_reduce in parts over ``n`` ranks: part i is ``[i * p, (i + 1) * p)``
+    clipped to ``numel`` (a multiple of ``PART_ALIGN``, so parts start aligned)."""
+    per = -(-numel // n)
+    return -(-per // PART_ALIGN) * PART_ALIGN
 
 
 def _shape(call, active: Sequence[int], rank: int) -> _Shape:
@@ -872,6 +980,9 @@ def _shape(call, active: Sequence[int], rank: int) -> _Shape:
         size = max(active) + 1
         return _Shape(kind, src, dst, size * nout if root_reads else 0, rank * nout, nout, 1, active.index(call.root),
                       0, dtype, size * nout, nout)
+    if kind == KIND_ALL_REDUCE and len(active) > 1 and nin >= PARTS_MIN_BYTES:  # fold a part, gather the parts
+        return _Shape(KIND_ALL_REDUCE_PARTS, src, dst, nin, _align(nin), x.numel(), 1, -1, int(call.op), dtype,
+                      _align(nin) + nin, nout, _part_elems(x.numel(), len(active)))
     if kind == KIND_ALL_REDUCE:
         return _Shape(kind, src, dst, nin, 0, x.numel(), 1, -1, int(call.op), dtype, nin, nout)
     if kind == KIND_REDUCE_SCATTER:
@@ -1669,8 +1780,7 @@ class _AllReduce(_Op):
         n, numel = len(self.active), tensor.numel()
         if type(self) is _AllReduce and n > 1 and _nbytes(tensor) >= PARTS_MIN_BYTES:
             self.two_phase = True
-            per = -(-numel // n)
-            per = -(-per // PART_ALIGN) * PART_ALIGN
+            per = _part_elems(numel, n)
             self.parts = {r: (min(numel, i * per), min(numel, (i + 1) * per)) for i, r in enumerate(self.active)}
 
     def sends(self):

@@ -1,0 +1,152 @@
+"""Device memory shared between the processes of one host that stays mapped while an importer keeps it.
+
+Memory exported with ``cudaIpcGetMemHandle`` is freed with the process that exported it, and a peer still
+reading it faults (its CUDA context is lost).  Memory made with ``cuMemCreate`` is reference counted: every
+mapping holds a reference, so a survivor keeps reading a dead peer's lanes and words until it lets them go.
+Its exported handle is a POSIX file descriptor, which only travels between processes over a Unix socket:
+
+* ``export(fd)`` hands the descriptor to this process's server (one per process, a daemon thread on an
+  abstract Unix socket that answers only processes of this user) and returns the 32-byte handle peers use:
+  ``(pid, server nonce, token, size)``; ``withdraw(token)`` closes it (the memory lives on while mapped);
+  a forked child closes its copies of the descriptors and starts its own server when it exports;
+* ``fetch(handle, timeout_s)`` asks the owner's server for the descriptor: a duplicate in this process.
+
+Abstract sockets belong to a network namespace: the ranks of one host must share one.  The allocation and
+mapping themselves are ``mc_vmm_alloc`` / ``mc_vmm_import`` / ``mc_vmm_free``
+(``csrc/mooncake_ep_cuda.cu``, "shareable device memory").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+import threading
+
+HANDLE = struct.Struct("<qqqq")  # owner pid, its server's nonce, token, allocation size in bytes
+_TOKEN = struct.Struct("<q")
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_SERVE_TIMEOUT_S = 1.0  # an asker has this long to send its token
+
+
+class FetchError(OSError):
+    """The owner's server did not hand the descriptor over (gone, withdrawn, or not answering)."""
+
+
+def _address(pid: int, nonce: int) -> str:
+    return f"\0mooncake-cuda-shared-{pid}-{nonce:x}"
+
+
+class _Server:
+    def __init__(self):
+        self.pid = os.getpid()
+        self.nonce = secrets.randbits(62)
+        self.fds: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(_address(self.pid, self.nonce))
+        self.sock.listen(128)
+        threading.Thread(target=self._serve, name="mooncake-cuda-shared", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    _, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 _PEERCRED.size))
+                    if uid != os.getuid():
+                        continue
+                    conn.settimeout(_SERVE_TIMEOUT_S)
+                    raw = b""
+                    while len(raw) < _TOKEN.size:
+                        more = conn.recv(_TOKEN.size - len(raw))
+                        if not more:
+                            break
+                        raw += more
+                    if len(raw) != _TOKEN.size:
+                        continue
+                    with self.lock:  # a withdraw closes the descriptor only after it went out
+                        fd = self.fds.get(_TOKEN.unpack(raw)[0])
+                        if fd is None:
+                            conn.sendall(b"\0")
+                        else:
+                            socket.send_fds(conn, [b"\1"], [fd])
+                except OSError:
+                    continue  # the asker went away or stalled: it gets a FetchError
+
+    def forget_in_child(self) -> None:
+        """In a forked child: the descriptors are the parent's to serve (each keeps its memory alive)."""
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.sock.close()
+
+
+_server: _Server | None = None
+_server_lock = threading.Lock()
+
+
+def _this_server() -> _Server:
+    global _server
+    with _server_lock:
+        if _server is None:
+            _server = _Server()
+        return _server
+
+
+def _after_fork_in_child() -> None:
+    global _server, _server_lock
+    _server_lock = threading.Lock()  # another thread may have held it at the fork
+    if _server is not None:
+        _server.lock = threading.Lock()
+        _server.forget_in_child()
+        _server = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def export(fd: int, size: int) -> tuple[bytes, int]:
+    """Serve ``fd`` (owned by the server from now on) to this user's processes; the handle and its token."""
+    os.set_inheritable(fd, False)  # a child process must not keep the memory alive
+    s = _this_server()
+    with s.lock:
+        token = secrets.randbits(62)
+        s.fds[token] = fd
+    return HANDLE.pack(s.pid, s.nonce, token, size), token
+
+
+def withdraw(token: int) -> None:
+    s = _server
+    if s is None:
+        return
+    with s.lock:
+        fd = s.fds.pop(token, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def fetch(handle: bytes, timeout_s: float) -> tuple[int, int]:
+    """The descriptor behind ``handle`` (a duplicate the caller closes) and the allocation's size."""
+    pid, nonce, token, size = HANDLE.unpack_from(handle)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(_address(pid, nonce))
+            sock.sendall(_TOKEN.pack(token))
+            msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    except OSError as exc:
+        raise FetchError(f"process {pid} did not hand over shared device memory: {exc}") from None
+    if msg != b"\1" or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise FetchError(f"process {pid} no longer shares that device memory")
+    return fds[0], size
