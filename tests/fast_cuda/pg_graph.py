@@ -9,9 +9,13 @@ For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOO
 * eager ``dist.all_reduce`` median time per call (slowest rank) at 8 B .. 1 MiB, device path on and off;
 * graph: ``OPS`` all_reduces captured in one ``torch.cuda.CUDAGraph`` (each on its own tensor, refilled
   from fresh inputs before every replay), replayed ``REPLAYS`` times, every output bitwise equal to
-  ``mooncake.model``'s fold of every rank's inputs; the time per captured op;
+  ``mooncake.model``'s fold of every rank's inputs; the time per captured op (``--graph-words``: with the
+  words in the pads and / or in host memory);
+* large (not in the default steps): ``LARGE_OPS`` captured all_reduces of ``--large-sizes`` bytes (in parts),
+  exact on constant inputs, the time per op against the HBM floor (R x one rank's device copy);
 * collectives: one graph holding all_reduce (SUM, AVG), reduce_scatter_tensor (SUM, AVG),
-  all_gather_into_tensor, all_gather into a list, broadcast and all_to_all_single, replayed ``REPLAYS``
+  all_gather_into_tensor, all_gather into a list, broadcast, all_to_all_single, reduce, gather and
+  scatter, replayed ``REPLAYS``
   times with fresh inputs, every output bitwise equal to ``mooncake.model``'s (float32 and bfloat16; and
   an int64 group of the copy collectives);
 * mismatch: rank 0 captures another call than its peers: every capture raises the same ``MismatchError``
@@ -107,6 +111,33 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
                 bad.append((rep, i))
     dist.barrier()
     return bad, times
+
+
+LARGE_OPS = 4
+
+
+def graph_large(numel: int, replays: int):
+    """LARGE_OPS all_reduces of ``numel`` float32 captured on one tensor of ones, replayed ``replays`` times
+    (refilled between replays, untimed): (whether every replay gave world ** LARGE_OPS exactly, seconds per
+    replay).  Constant inputs keep the check cheap at any size (the bitwise grid is ``graph_run``)."""
+    world = dist.get_world_size()
+    x = torch.ones(numel, dtype=torch.float32, device="cuda")
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(LARGE_OPS):
+                dist.all_reduce(x)
+    ok, times = True, []
+    for _ in range(replays):
+        x.fill_(1.0)
+        times.append(_timed_replay(graph))
+        ok &= bool(torch.all(x == float(world ** LARGE_OPS)).item())
+    dist.barrier()
+    del graph, x
+    torch.cuda.empty_cache()
+    return ok, times
 
 
 COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
@@ -319,6 +350,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default=".")
     ap.add_argument("--steps", default="eager,graph,collectives,mismatch,fail")
+    ap.add_argument("--large-sizes", default="67108864,268435456", help="bytes of the large step's all_reduces")
     ap.add_argument("--fail-kinds", default="all_reduce,all_gather", help="what the graph of the kill case holds")
     ap.add_argument("--graph-words", default="pad", help="where captured ops keep their words: pad and/or host "
                     "(MOONCAKE_FAST_CUDA_GRAPH_WORDS), each timed")
@@ -370,6 +402,21 @@ def main() -> int:
                         failures += bool(bad)
                         note("PASS" if not bad else "FAIL", what="captured collectives bitwise", ranks=R,
                              numel=numel, dtype=dtype, collectives=list(names), mismatches=bad[:8])
+            finally:
+                c.close()
+        if "large" in steps:  # captured all_reduces in parts against the HBM floor (R x one rank's copy)
+            import pg_jobs as J
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
+            try:
+                for size in [int(x) for x in args.large_sizes.split(",") if x]:
+                    copy_s = c.run(J.copy_time, size, ranks=[0])[0]
+                    res = c.run(P.graph_large, size // 4, 6)
+                    ok = all(r[0] for r in res)
+                    per_op = statistics.median(sorted(max(ts) for ts in zip(*[r[1] for r in res]))[1:]) / LARGE_OPS
+                    failures += not ok
+                    note("PASS" if ok else "FAIL", what="large graph all_reduce exact", ranks=R, bytes=size)
+                    note("BENCH", mode="graph", what="large", ranks=R, bytes=size, per_op_ms=round(per_op * 1e3, 3),
+                         copy_ms=round(copy_s * 1e3, 3), x_floor=round(per_op / (R * copy_s), 2))
             finally:
                 c.close()
         if "mismatch" in steps:
