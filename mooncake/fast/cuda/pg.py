@@ -818,12 +818,14 @@ class _DevicePath:
         for r, p in peers.items():  # without the lock: the words stay mapped (captured)
             for base, need in [(b, nb) for b in bases] + ([(pad_base, pad_bytes)] if use_pad else []):
                 while p.ctl[base + L_GEN] <= 0 or p.ctl[base + L_SIZE] < need:
+                    if time.monotonic() > deadline and base == pad_base:
+                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured its "
+                                            f"first collective within {timeout_s:.0f} s; every rank of the group "
+                                            "must capture the same calls in the same order")
                     if time.monotonic() > deadline:
-                        what = ("its first collective" if base == pad_base
-                                else f"a collective that needs {nb} bytes of lane")
-                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured {what} "
-                                            f"within {timeout_s:.0f} s; every rank of the group must capture the same "
-                                            "calls in the same order")
+                        raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r} has not captured a "
+                                            f"collective that needs {nb} bytes of lane within {timeout_s:.0f} s; "
+                                            "every rank of the group must capture the same calls in the same order")
                     time.sleep(0.001)
         with g.lock, g.mem.relaxed_capture():
             lanes = [[mine[i] if r == g.rank else peers[r].lane_view(g.mem, lane, bases[i]) for r in active]
