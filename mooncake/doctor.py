@@ -696,8 +696,8 @@ def check_cuda(timeout_s: float) -> list[Check]:
             checks.append(Check("cuda.peer_access", "ok", f"every pair of the {count} GPUs has peer access",
                                 details={"matrix": matrix}))
     else:
-        checks.append(Check("cuda.peer_access", "ok", "one GPU: peer access not needed (ranks sharing it use CUDA "
-                            "IPC)", details={"matrix": {}}))
+        checks.append(Check("cuda.peer_access", "ok", "one GPU: peer access not needed (ranks sharing it map each "
+                            "other's memory directly)", details={"matrix": {}}))
     ok, result, why = probe_ipc("cuda", timeout_s + _CHILD_IMPORT_ALLOWANCE_S)
     if not ok:
         checks.append(Check("cuda.ipc", "fail", f"CUDA IPC between two processes failed ({why or result})",
