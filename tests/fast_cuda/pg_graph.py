@@ -85,20 +85,30 @@ def eager_loop(numel: int, iters: int):
     return times
 
 
+def _captured(body) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``body()``, captured on a side stream once every rank is ready."""
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            body()
+    return graph
+
+
 def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
     """Capture OPS all_reduces, replay; returns (mismatches, seconds per replay)."""
     dtype = getattr(torch, dtype_name)
     rank, ranks = dist.get_rank(), list(range(dist.get_world_size()))
     static_in = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
     bufs = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
-    side = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    dist.barrier()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            for i in range(OPS):
-                bufs[i].copy_(static_in[i])
-                dist.all_reduce(bufs[i])
+
+    def body():
+        for i in range(OPS):
+            bufs[i].copy_(static_in[i])
+            dist.all_reduce(bufs[i])
+
+    graph = _captured(body)
     bad, times = [], []
     for rep in range(replays):
         for i in range(OPS):
@@ -122,13 +132,12 @@ def graph_large(numel: int, replays: int):
     replay).  Constant inputs keep the check cheap at any size (the bitwise grid is ``graph_run``)."""
     world = dist.get_world_size()
     x = torch.ones(numel, dtype=torch.float32, device="cuda")
-    side = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    dist.barrier()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            for _ in range(LARGE_OPS):
-                dist.all_reduce(x)
+
+    def body():
+        for _ in range(LARGE_OPS):
+            dist.all_reduce(x)
+
+    graph = _captured(body)
     ok, times = True, []
     for _ in range(replays):
         x.fill_(1.0)
