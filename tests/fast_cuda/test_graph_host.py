@@ -4,6 +4,8 @@ tests/fast_cuda/pg_graph.py and test_cuda_pg_face.py on a GPU):
 * what one launch of the device path moves for each captured collective (``_shape``), checked by running
   the kernel's copy-in and reads (csrc/mooncake_pg_cuda.cu, "device protocol") on CPU tensors against
   ``mooncake.model``, bit for bit, with inactive ranks;
+* that the compiled kernel's argument checks accept every launch ``_shape`` makes (where nvcc is present
+  and no GPU: the launches then fail for want of a driver, not for their arguments);
 * the words a replay leaves (trouble, stale) and how they are reported and forgotten (``_DevicePath``);
 * the PG face's argument checks and the planes' refusals for a call issued while capturing: clear errors
   naming the argument, before any communication; the group still pairs its next op.
@@ -172,6 +174,62 @@ def test_a_large_all_reduce_in_parts_gives_the_models_bits(monkeypatch, capacity
             want = M.all_reduce(xs, red, mask)
             assert all(torch.equal(mine[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active), \
                 (numel, red)
+
+
+@pytest.fixture(scope="module")
+def cuda_lib(tmp_path_factory):
+    """The CUDA library built here (nvcc, no GPU): its argument checks run, its launches fail for want of a
+    driver.  Not on a machine with a GPU, where a launch with these made-up addresses would run."""
+    import ctypes
+
+    from mooncake.fast.cuda import build
+    from mooncake.fast.cuda.lib import _declare
+    if build.nvcc_path() is None:
+        pytest.skip("no nvcc")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the launches would run")
+    os.environ["MOONCAKE_CUDA_CACHE"] = str(tmp_path_factory.mktemp("cuda-cache"))
+    try:
+        lib = ctypes.CDLL(str(build.build()))
+    finally:
+        del os.environ["MOONCAKE_CUDA_CACHE"]
+    _declare(lib)
+    return lib
+
+
+def test_every_launch_shape_passes_the_kernels_argument_check(cuda_lib, monkeypatch):
+    """Each rank's launch of every capturable call (roots and non-roots, an all_reduce in parts) is accepted by
+    ``mc_pg_dev_launch``'s checks: it fails for want of a driver (cudaErrorInsufficientDriver / NoDevice),
+    never with cudaErrorInvalidValue (a non-root's gather once was)."""
+    import ctypes
+
+    from mooncake.fast.cuda.lib import McPgDevArgs
+    monkeypatch.setattr(P, "PARTS_MIN_BYTES", 1024)
+    invalid_value = 1
+    capacity, active, root, n = 4, [0, 2, 3], 2, 300
+    x = torch.zeros(n)
+    for r in active:
+        calls = [GraphCall("all_reduce", x, x, op=ReduceOp.SUM), GraphCall("all_reduce", x[:8], x[:8], op=ReduceOp.AVG),
+                 GraphCall("reduce", x, x, op=ReduceOp.SUM, root=root),
+                 GraphCall("reduce_scatter", torch.zeros(n * capacity), x, capacity, ReduceOp.SUM),
+                 GraphCall("all_gather", x, torch.zeros(n * capacity), capacity),
+                 GraphCall("gather", x, torch.zeros(n * capacity), slots=capacity if r == root else 0, root=root),
+                 GraphCall("scatter", torch.zeros(n * capacity) if r == root else x, x,
+                           slots=capacity if r == root else 0, root=root),
+                 GraphCall("broadcast", x, x, root=root),
+                 GraphCall("all_to_all", torch.zeros(n * capacity), torch.zeros(n * capacity), capacity)]
+        kinds = set()
+        for call in calls:
+            shape = P._shape(call, active, r)
+            kinds.add(shape.kind)
+            a = McPgDevArgs()
+            a.n, a.me, a.kind, a.slots, a.root, a.part = len(active), active.index(r), shape.kind, shape.slots, \
+                shape.root, shape.part
+            a.in_bytes, a.rd_off, a.count, a.op, a.dtype = shape.in_bytes, shape.rd_off, shape.count, shape.op, \
+                shape.dtype
+            rc = cuda_lib.mc_pg_dev_launch(ctypes.byref(a), 1, 0)
+            assert rc != invalid_value, (r, call.kind, shape)
+        assert P.KIND_ALL_REDUCE_PARTS in kinds
 
 
 def test_all_to_all_fingerprint_words_carry_the_element_count():
