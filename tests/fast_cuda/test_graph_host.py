@@ -188,11 +188,15 @@ def cuda_lib(tmp_path_factory):
         pytest.skip("no nvcc")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the launches would run")
+    before = os.environ.get("MOONCAKE_CUDA_CACHE")
     os.environ["MOONCAKE_CUDA_CACHE"] = str(tmp_path_factory.mktemp("cuda-cache"))
     try:
         lib = ctypes.CDLL(str(build.build()))
     finally:
-        del os.environ["MOONCAKE_CUDA_CACHE"]
+        if before is None:
+            del os.environ["MOONCAKE_CUDA_CACHE"]
+        else:
+            os.environ["MOONCAKE_CUDA_CACHE"] = before
     _declare(lib)
     return lib
 
@@ -209,7 +213,8 @@ def test_every_launch_shape_passes_the_kernels_argument_check(cuda_lib, monkeypa
     capacity, active, root, n = 4, [0, 2, 3], 2, 300
     x = torch.zeros(n)
     for r in active:
-        calls = [GraphCall("all_reduce", x, x, op=ReduceOp.SUM), GraphCall("all_reduce", x[:8], x[:8], op=ReduceOp.AVG),
+        calls = [GraphCall("all_reduce", x, x, op=ReduceOp.SUM),
+                 GraphCall("all_reduce", x[:8], x[:8], op=ReduceOp.AVG),
                  GraphCall("reduce", x, x, op=ReduceOp.SUM, root=root),
                  GraphCall("reduce_scatter", torch.zeros(n * capacity), x, capacity, ReduceOp.SUM),
                  GraphCall("all_gather", x, torch.zeros(n * capacity), capacity),
