@@ -576,19 +576,42 @@ MC_API int mc_sm_count(int device, int* count) {
   return (int)cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
-MC_API int mc_malloc_zeroed(int64_t bytes, int64_t* ptr) {
-  void* p = nullptr;
-  cudaError_t err = cudaMalloc(&p, (size_t)bytes);
-  if (err != cudaSuccess) return (int)err;
-  // on a private non-blocking stream: no device-wide synchronisation (allowed while a graph is captured)
+// Run op(stream) on a private non-blocking stream of `device` and wait for it: no device-wide synchronisation,
+// allowed while this or another thread captures a graph (relaxed capture mode for the call); the thread's
+// current device is kept.
+template <typename Op>
+static cudaError_t on_private_stream(int device, Op op) {
+  int was = -1;
+  cudaError_t err = cudaGetDevice(&was);
+  if (err == cudaSuccess && was != device) err = cudaSetDevice(device);
+  if (err != cudaSuccess) return err;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
   cudaStream_t s = nullptr;
   err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   if (err == cudaSuccess) {
-    err = cudaMemsetAsync(p, 0, (size_t)bytes, s);
-    cudaError_t done = cudaStreamSynchronize(s);
+    err = op(s);
+    const cudaError_t done = cudaStreamSynchronize(s);
     if (err == cudaSuccess) err = done;
     cudaStreamDestroy(s);
   }
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (was != device) cudaSetDevice(was);
+  return err;
+}
+
+static cudaError_t zero_device_memory(int device, void* p, size_t bytes) {
+  return on_private_stream(device, [&](cudaStream_t s) { return cudaMemsetAsync(p, 0, bytes, s); });
+}
+
+MC_API int mc_malloc_zeroed(int64_t bytes, int64_t* ptr) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return (int)err;
+  void* p = nullptr;
+  err = cudaMalloc(&p, (size_t)bytes);
+  if (err != cudaSuccess) return (int)err;
+  err = zero_device_memory(device, p, (size_t)bytes);
   if (err != cudaSuccess) {
     cudaFree(p);
     return (int)err;
@@ -728,7 +751,8 @@ MC_API int mc_vmm_supported(int device, int* why) {
   *why = 0;
   if (!v.ok) *why = 1;
   else if (v.device_get(&dev, device) != CUDA_SUCCESS) *why = 4;
-  else if (v.attribute(&vmm_ok, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) != CUDA_SUCCESS || !vmm_ok)
+  else if (v.attribute(&vmm_ok, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) != CUDA_SUCCESS ||
+           !vmm_ok)
     *why = 2;
   else if (v.attribute(&fd_ok, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev) != CUDA_SUCCESS ||
            !fd_ok)
@@ -756,16 +780,7 @@ MC_API int mc_vmm_alloc(int device, int64_t bytes, int64_t* ptr, int64_t* size, 
   if (rc == CUDA_SUCCESS) rc = v.export_handle(&out_fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
   v.release(h);  // the mapping and the descriptor keep the memory
   if (rc == CUDA_SUCCESS) {
-    // zeroed on a private non-blocking stream: no device-wide synchronisation (allowed while a graph is captured)
-    cudaStream_t s = nullptr;
-    cudaError_t err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    if (err == cudaSuccess) {
-      err = cudaMemsetAsync(reinterpret_cast<void*>(va), 0, n, s);
-      const cudaError_t done = cudaStreamSynchronize(s);
-      if (err == cudaSuccess) err = done;
-      cudaStreamDestroy(s);
-    }
-    if (err != cudaSuccess) rc = CUDA_ERROR_UNKNOWN;
+    if (zero_device_memory(device, reinterpret_cast<void*>(va), n) != cudaSuccess) rc = CUDA_ERROR_UNKNOWN;
   }
   if (rc != CUDA_SUCCESS) {
     if (out_fd >= 0) close(out_fd);
@@ -807,27 +822,12 @@ MC_API int mc_vmm_free(int64_t ptr, int64_t size) {
   return rc != CUDA_SUCCESS ? rc : freed;
 }
 
-// One int64 word of device memory of `device` to / from the host, from any thread: through a private
-// non-blocking stream (nothing else is waited for: a kernel may be spinning on the word), in relaxed capture
-// mode (allowed while another thread captures a graph), the thread's current device kept.
+// One int64 word of device memory of `device` to / from the host, from any thread, on a private stream
+// (nothing else is waited for: a kernel may be spinning on the word).
 static int copy_word(int device, void* dst, const void* src, cudaMemcpyKind kind) {
-  int was = -1;
-  cudaError_t err = cudaGetDevice(&was);
-  if (err == cudaSuccess && was != device) err = cudaSetDevice(device);
-  if (err != cudaSuccess) return (int)err;
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  cudaStream_t s = nullptr;
-  err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(dst, src, sizeof(int64_t), kind, s);
-    const cudaError_t done = cudaStreamSynchronize(s);
-    if (err == cudaSuccess) err = done;
-    cudaStreamDestroy(s);
-  }
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  if (was != device) cudaSetDevice(was);
-  return (int)err;
+  return (int)on_private_stream(device, [&](cudaStream_t s) {
+    return cudaMemcpyAsync(dst, src, sizeof(int64_t), kind, s);
+  });
 }
 
 MC_API int mc_store64(int device, int64_t dst, int64_t value) {

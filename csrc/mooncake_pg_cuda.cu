@@ -341,6 +341,15 @@ __device__ void read_lanes(const McPgDevArgs& a, int par, int64_t tid, int64_t n
   }
 }
 
+// The last block of an operation's last step, once every block got through: the reads of the peers' lanes are
+// over (FREE), this rank holds its results (DONE), and a captured op counts as run.
+__device__ __forceinline__ void finish_op(const McPgDevArgs& a, int64_t* mine, int64_t base, int64_t key) {
+  __threadfence_system();
+  mc_sync::st_release_sys(mine + base + kLFree, key);
+  mc_sync::st_release_sys(mine + base + kLDone, key);
+  if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
+}
+
 template <typename T, int OP>
 __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
@@ -420,7 +429,8 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     if (published && t < a.n) {
       const int64_t* w = words(a, t);
       same = t == a.me ? mc_sync::ld_acquire_sys(w + base + kLPub) == key
-                       : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] && w[base + kLMetaSlots] == a.fp[2];
+                       : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] &&
+                             w[base + kLMetaSlots] == a.fp[2];
     }
     const bool ok = __syncthreads_and(published && same) != 0;
     if (ok) {
@@ -431,13 +441,11 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     if (threadIdx.x == 0) {
       if (!ok) give_up(a, key);
       if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read (or folded) its part
-        __threadfence_system();
         if (parts) {
+          __threadfence_system();
           mc_sync::st_release_sys(mine + base + kLRed, key);  // this rank's part is in its result region
         } else {
-          mc_sync::st_release_sys(mine + base + kLFree, key);
-          mc_sync::st_release_sys(mine + base + kLDone, key);
-          if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
+          finish_op(a, mine, base, key);
         }
       }
     }
@@ -463,10 +471,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   if (threadIdx.x == 0) {
     if (!reduced) give_up(a, key);
     if (last_block(a, 2, !reduced, &failed) && !failed) {  // every block copied its share: done
-      __threadfence_system();
-      mc_sync::st_release_sys(mine + base + kLFree, key);
-      mc_sync::st_release_sys(mine + base + kLDone, key);
-      if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
+      finish_op(a, mine, base, key);
     }
   }
 }
@@ -534,8 +539,8 @@ MC_API void mc_pg_dev_layout(int64_t* out) {
 }
 
 // Enqueue one operation of the device protocol on `stream`: blocks == 1 runs every step in one kernel, more
-// runs each step (two, or three for an all_reduce in parts) as a kernel of `blocks` blocks.  Fold kinds take the kernel fold's dtypes and
-// ops; copy kinds move bytes (any dtype).  Capturable in a CUDA graph.
+// runs each step (two, or three for an all_reduce in parts) as a kernel of `blocks` blocks.  Fold kinds take
+// the kernel fold's dtypes and ops; copy kinds move bytes (any dtype).  Capturable in a CUDA graph.
 MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream) {
   McPgDevArgs a = *args;
   const bool parts = a.kind == kAllReduceParts;

@@ -34,9 +34,11 @@ class McEpArgs(ctypes.Structure):
 class McPgDevArgs(ctypes.Structure):
     """One operation of the PG device protocol (csrc/mooncake_pg_cuda.cu, ``McPgDevArgs``)."""
 
-    _fields_ = [("ctl", ctypes.c_int64 * DEV_MAX_RANKS), ("note", ctypes.c_int64 * DEV_MAX_RANKS), ("lane", (ctypes.c_int64 * DEV_MAX_RANKS) * 2),
+    _fields_ = [("ctl", ctypes.c_int64 * DEV_MAX_RANKS), ("note", ctypes.c_int64 * DEV_MAX_RANKS),
+                ("lane", (ctypes.c_int64 * DEV_MAX_RANKS) * 2),
                 ("base", ctypes.c_int64 * 2), ("src", ctypes.c_int64), ("dst", ctypes.c_int64),
-                ("in_bytes", ctypes.c_int64), ("rd_off", ctypes.c_int64), ("count", ctypes.c_int64), ("part", ctypes.c_int64),
+                ("in_bytes", ctypes.c_int64), ("rd_off", ctypes.c_int64), ("count", ctypes.c_int64),
+                ("part", ctypes.c_int64),
                 ("key", ctypes.c_int64), ("fp", ctypes.c_int64 * 3), ("timeout_ns", ctypes.c_int64),
                 ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64),
                 ("n", ctypes.c_int32), ("me", ctypes.c_int32), ("op", ctypes.c_int32), ("dtype", ctypes.c_int32),

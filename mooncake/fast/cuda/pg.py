@@ -1,4 +1,4 @@
-"""PG collectives on CUDA tensors between the ranks of one host: lanes in shared device memory, host control words.
+"""PG collectives on CUDA tensors between the ranks of one host: shared device lanes, host control words.
 
 ``open_group(info)`` returns the ``PlaneGroup`` (``mooncake.control.plane``) for a group whose tensors are
 on CUDA.  It takes the caller's CUDA tensors as they are (``takes_device_tensors``: the PG face need not
@@ -94,8 +94,8 @@ flags (a NaN, a MIN/MAX zero) is folded again on the host as above.  ``MOONCAKE_
 it off (``on`` also in the CPU emulation, where the kernel's steps run on the host).
 
 CUDA graphs.  all_reduce, reduce_scatter_tensor, all_gather_into_tensor (and all_gather into a list),
-all_to_all_single (equal splits), broadcast, reduce, gather and scatter issued while the caller's stream is captured
-(``torch.cuda.graph``) are enqueued as one launch of the device path's kernel (``_shape`` says what it copies
+all_to_all_single (equal splits), broadcast, reduce, gather and scatter issued while the caller's stream is
+captured (``torch.cuda.graph``) are enqueued as one launch of the device path's kernel (``_shape`` says what it copies
 in and reads; the fold is the eager all_reduce's) on dedicated lanes (``GRAPH_LANES``) and keys ``epoch << 40
 | GRAPH_BIT | n``, n read at run time from the count word (``W_GRAPH_COUNT``: the view epoch and the number of
 captured ops run in it; every replay has fresh keys, all ranks replay in step, and a new view starts at 0).
@@ -867,15 +867,18 @@ class _DevicePath:
         if ctl is None:
             return
         with self.pad_lock:
-            if epoch > int(ctl[W_GRAPH_EPOCH]):
-                ctl[W_GRAPH_EPOCH] = epoch
-            self._write_pad_epoch(force=False)
+            self._adopt_epoch(epoch, force=False)
 
-    def _write_pad_epoch(self, force: bool) -> None:
-        """The pad's epoch word (the one captured ops read) = the host's; best effort off the capture path:
-        a failure is logged and the write retried at the next call (a replay then exits as stale)."""
+    def _adopt_epoch(self, epoch: int, force: bool) -> None:
+        """(Under ``pad_lock``) the host's epoch word moves forward to ``epoch``, and the pad's (the one
+        captured ops read) follows it where it differs from the last write, or always with ``force``; best
+        effort off the capture path: a failure is logged and the write retried at the next call (a replay
+        then exits as stale)."""
+        ctl = self.g.ctl
+        if epoch > int(ctl[W_GRAPH_EPOCH]):
+            ctl[W_GRAPH_EPOCH] = epoch
         pad = self.graph_lanes.get(PAD_LANE)
-        want = int(self.g.ctl[W_GRAPH_EPOCH])
+        want = int(ctl[W_GRAPH_EPOCH])
         if pad is None or (want == self.pad_epoch and not force):
             return
         try:
@@ -898,19 +901,18 @@ class _DevicePath:
             torch.cuda.synchronize(g.mem.device)
         ctl = g.ctl
         self.handled = max(self.handled, epoch - 1)
-        value = int(ctl[W_GRAPH_TROUBLE])
-        if value and value >> SEQ_BITS < epoch:
+
+        def earlier(trouble: int) -> bool:
+            return trouble != 0 and trouble >> SEQ_BITS < epoch
+
+        if earlier(int(ctl[W_GRAPH_TROUBLE])):
             ctl[W_GRAPH_TROUBLE] = 0
         ctl[W_GRAPH_STALE] = 0
         with self.pad_lock:
             pad = self.graph_lanes.get(PAD_LANE)
-            if pad is not None:
-                value = g.mem.load_word(pad.addr + 8 * W_GRAPH_TROUBLE)
-                if value and value >> SEQ_BITS < epoch:
-                    g.mem.store_word(pad.addr + 8 * W_GRAPH_TROUBLE, 0)
-            if epoch > int(ctl[W_GRAPH_EPOCH]):
-                ctl[W_GRAPH_EPOCH] = epoch
-            self._write_pad_epoch(force=True)
+            if pad is not None and earlier(g.mem.load_word(pad.addr + 8 * W_GRAPH_TROUBLE)):
+                g.mem.store_word(pad.addr + 8 * W_GRAPH_TROUBLE, 0)
+            self._adopt_epoch(epoch, force=True)
         self.reported = 0
 
 
