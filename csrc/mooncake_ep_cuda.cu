@@ -604,46 +604,6 @@ static cudaError_t zero_device_memory(int device, void* p, size_t bytes) {
   return on_private_stream(device, [&](cudaStream_t s) { return cudaMemsetAsync(p, 0, bytes, s); });
 }
 
-MC_API int mc_malloc_zeroed(int64_t bytes, int64_t* ptr) {
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return (int)err;
-  void* p = nullptr;
-  err = cudaMalloc(&p, (size_t)bytes);
-  if (err != cudaSuccess) return (int)err;
-  err = zero_device_memory(device, p, (size_t)bytes);
-  if (err != cudaSuccess) {
-    cudaFree(p);
-    return (int)err;
-  }
-  *ptr = reinterpret_cast<int64_t>(p);
-  return 0;
-}
-
-MC_API int mc_free(int64_t ptr) { return (int)cudaFree(reinterpret_cast<void*>(ptr)); }
-
-MC_API int mc_ipc_handle_size(void) { return (int)sizeof(cudaIpcMemHandle_t); }
-
-MC_API int mc_ipc_get_handle(int64_t ptr, void* out) {
-  cudaIpcMemHandle_t h;
-  const cudaError_t err = cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(ptr));
-  if (err != cudaSuccess) return (int)err;
-  memcpy(out, &h, sizeof(h));
-  return 0;
-}
-
-MC_API int mc_ipc_open(const void* handle, int64_t* ptr) {
-  cudaIpcMemHandle_t h;
-  memcpy(&h, handle, sizeof(h));
-  void* p = nullptr;
-  const cudaError_t err = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
-  if (err != cudaSuccess) return (int)err;
-  *ptr = reinterpret_cast<int64_t>(p);
-  return 0;
-}
-
-MC_API int mc_ipc_close(int64_t ptr) { return (int)cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)); }
-
 // ---- shareable device memory (CUDA virtual memory management)
 //
 // Memory another process maps for as long as it keeps the mapping, also after the exporting process died:

@@ -70,7 +70,7 @@ def test_missing_sources_are_named(monkeypatch, tmp_path):
 def test_compiles_and_exports_the_abi(monkeypatch, tmp_path):
     """With nvcc on the machine (no GPU needed): the library builds, loads and agrees on the struct size."""
     from mooncake.fast.cuda import build
-    from mooncake.fast.cuda.lib import ABI_VERSION, McEpArgs, _declare
+    from mooncake.fast.cuda.lib import ABI_VERSION, McEpArgs, McPgDevArgs, _declare
 
     if build.nvcc_path() is None:
         pytest.skip("no nvcc")
@@ -82,5 +82,5 @@ def test_compiles_and_exports_the_abi(monkeypatch, tmp_path):
     _declare(lib)
     assert lib.mc_abi_version() == ABI_VERSION
     assert lib.mc_ep_args_size() == ctypes.sizeof(McEpArgs)
-    assert lib.mc_ipc_handle_size() == 64
+    assert lib.mc_pg_dev_args_size() == ctypes.sizeof(McPgDevArgs)
     assert lib.mc_cudart_version() >= 12000

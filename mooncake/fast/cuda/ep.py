@@ -1,9 +1,11 @@
-"""EP dispatch / combine on CUDA tensors: kernels in ``csrc/`` over CUDA IPC between the ranks of one host.
+"""EP dispatch / combine on CUDA tensors: kernels in ``csrc/`` over shared device memory between the ranks of
+one host.
 
 ``FastEPBuffer`` has the ref ``Buffer``'s ``dispatch`` / ``combine`` / ``get_next_combine_buffer``
 signatures and gives the same bits (docs/ep-semantics.md; checked against ``mooncake.model.ep``).
-Every rank allocates one device buffer, exports it with ``cudaIpcGetMemHandle`` and maps every peer's
-buffer (handles are exchanged with one ``all_gather`` over the group at construction).  Senders write
+Every rank allocates one device buffer (``mooncake.fast.cuda.shared``: memory the peers' mappings keep
+alive, so a rank that dies never leaves the others writing freed memory) and maps every peer's buffer
+(handles are exchanged with one ``all_gather`` over the group at construction).  Senders write
 token messages straight into the receivers' staging slots (slot = rank of the token among the sender's
 tokens routed to that expert: deterministic, no atomics), then raise a per-source signal; receivers wait
 for each active source on the device with a ``timeout_us`` deadline (expiry writes ``active_ranks[src] = 0``),
@@ -46,10 +48,12 @@ import torch.distributed as dist
 from ...control.errors import ArgumentError, MooncakeError
 from ...control.procs import exited, process_state
 from ...model import ep as model
+from . import shared
 from .lib import McEpArgs, check, load
 
 _ids = itertools.count()
 _INFO_WORDS = 16  # int64 words exchanged per rank at construction
+_SHARE_FETCH_S = 10.0  # a peer's process hands over its buffer's descriptor within this
 _CONTROL_SLACK = 1 << 16  # bytes beyond num_ep_buffer_bytes for signals and counts
 
 
@@ -129,7 +133,7 @@ def _host_id() -> int:
 
 
 class _Layout:
-    """Offsets in every rank's IPC buffer for (T, H, E, R, K); identical on all ranks.
+    """Offsets in every rank's shared buffer for (T, H, E, R, K); identical on all ranks.
 
     Dispatch staging: per source ``T * min(K, L)`` message slots (rows for this rank's experts, ordered by
     local expert then token); combine: one bf16 row per (token, top-k position).  Both are at most the
@@ -152,10 +156,10 @@ class _Layout:
 
 
 class FastEPBuffer:
-    """CUDA-IPC EP buffer over ``group`` (all ranks on one host; collective constructor).
+    """EP buffer in shared device memory over ``group`` (all ranks on one host; collective constructor).
 
     Arguments:
-        group: any process group (used once, to exchange IPC handles with ``all_gather``).
+        group: any process group (used once, to exchange the buffers' handles with ``all_gather``).
         num_ep_buffer_bytes: upstream's budget (``get_ep_buffer_size_hint``); this many bytes (plus 64 KiB of
             control space) are allocated on the device.
         device: the CUDA device (default: the current one).
@@ -180,10 +184,10 @@ class FastEPBuffer:
         self._id = next(_ids)
         self._bytes = _align(num_ep_buffer_bytes + _CONTROL_SLACK, 4096)
         self._set_device()
-        base = ctypes.c_int64(0)
-        check(lib, lib.mc_malloc_zeroed(self._bytes, ctypes.byref(base)), f"cudaMalloc of {self._bytes} bytes")
-        self._base = base.value
-        self._opened: list[int] = []
+        # memory the peers' mappings keep alive: a rank that dies never leaves its peers writing freed memory
+        self._mem = shared.allocate(lib, self.device.index, self._bytes, "EP buffer")
+        self._base = self._mem.addr
+        self._opened: list[shared.Mapping] = []
         try:
             self._connect()
         except BaseException:
@@ -215,12 +219,9 @@ class FastEPBuffer:
 
     def _connect(self) -> None:
         lib = self._lib
-        size = lib.mc_ipc_handle_size()
-        raw = (ctypes.c_uint8 * 64)()
-        check(lib, lib.mc_ipc_get_handle(self._base, raw), "cudaIpcGetMemHandle")
         info = torch.zeros(_INFO_WORDS, dtype=torch.int64)
-        info[:8] = torch.frombuffer(bytearray(bytes(raw)), dtype=torch.int64)
-        info[8], info[9], info[10], info[11] = _host_id(), os.getpid(), self._bytes, size
+        info[:4] = torch.frombuffer(bytearray(self._mem.handle), dtype=torch.int64)
+        info[8], info[9], info[10] = _host_id(), os.getpid(), self._bytes
         comm = self._comm_device()
         parts = [torch.empty(_INFO_WORDS, dtype=torch.int64, device=comm) for _ in range(self.num_ranks)]
         dist.all_gather(parts, info.to(comm), group=self.group)
@@ -228,7 +229,7 @@ class FastEPBuffer:
         self._pids = {r: int(p[9]) for r, p in enumerate(parts)}
         for r, p in enumerate(parts):
             if int(p[8]) != int(info[8]):
-                raise FastUnavailable(f"rank {r} runs on another host: the CUDA IPC fast path needs every rank of "
+                raise FastUnavailable(f"rank {r} runs on another host: the CUDA fast path needs every rank of "
                                       "the group on this host")
             if int(p[10]) != self._bytes:
                 raise ArgumentError(f"num_ep_buffer_bytes differs across ranks (rank {r}: {int(p[10])} bytes "
@@ -238,11 +239,12 @@ class FastEPBuffer:
             if r == self.rank:
                 peers.append(self._base)
                 continue
-            handle = (ctypes.c_uint8 * 64).from_buffer_copy(p[:8].numpy().tobytes())
-            ptr = ctypes.c_int64(0)
-            check(lib, lib.mc_ipc_open(handle, ctypes.byref(ptr)), f"cudaIpcOpenMemHandle of rank {r}'s buffer")
-            self._opened.append(ptr.value)
-            peers.append(ptr.value)
+            try:
+                m = shared.attach(lib, self.device.index, p[:4].numpy().tobytes(), _SHARE_FETCH_S)
+            except shared.FetchError as exc:
+                raise MooncakeError(f"EP buffer of rank {r}: {exc}") from None
+            self._opened.append(m)
+            peers.append(m.addr)
         self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
 
     def _release(self) -> None:
@@ -251,11 +253,11 @@ class FastEPBuffer:
             return
         if getattr(self, "_watchdog", None) is not None:
             self._watchdog.stop()
-        for ptr in getattr(self, "_opened", []):
-            lib.mc_ipc_close(ptr)
+        for m in getattr(self, "_opened", []):
+            m.close()
         self._opened = []
         if getattr(self, "_base", 0):
-            lib.mc_free(self._base)
+            self._mem.close()
             self._base = 0
 
     def destroy(self) -> None:

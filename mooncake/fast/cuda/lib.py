@@ -52,15 +52,13 @@ def _version(v: int) -> str:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    i64, i32 = ctypes.c_int64, ctypes.c_int
     pi32, pi64 = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int64)
     sig = {
         "mc_abi_version": ([], i32), "mc_cudart_version": ([], i32), "mc_ep_args_size": ([], i32),
         "mc_error_string": ([i32], ctypes.c_char_p), "mc_driver_version": ([pi32], i32),
         "mc_device_count": ([pi32], i32), "mc_set_device": ([i32], i32), "mc_get_device": ([pi32], i32),
-        "mc_sm_count": ([i32, pi32], i32), "mc_malloc_zeroed": ([i64, pi64], i32), "mc_free": ([i64], i32),
-        "mc_ipc_handle_size": ([], i32), "mc_ipc_get_handle": ([i64, p], i32), "mc_ipc_open": ([p, pi64], i32),
-        "mc_ipc_close": ([i64], i32),
+        "mc_sm_count": ([i32, pi32], i32),
         "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32),
         "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
         "mc_vmm_free": ([i64, i64], i32),

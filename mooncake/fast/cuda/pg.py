@@ -403,26 +403,8 @@ class _CudaMemory:
 
     def allocate(self, size: int, tag: str) -> _Buffer:
         """At least ``size`` bytes of zeroed device memory that peers map (``attach``) and keep alive."""
-        lib = self.lib
-        self._check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
-        ptr, got, fd = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1)
-        rc = lib.mc_vmm_alloc(self.index, size, ctypes.byref(ptr), ctypes.byref(got), ctypes.byref(fd))
-        if rc != 0:
-            raise MooncakeError(f"shareable allocation of {size} bytes ({tag}, cuMemCreate) failed: CUDA driver "
-                                f"error {rc} ({lib.mc_driver_error_string(rc).decode()})")
-        addr, mapped = ptr.value, got.value
-        try:
-            handle, token = shared.export(fd.value, mapped)
-        except BaseException:
-            os.close(fd.value)
-            lib.mc_vmm_free(addr, mapped)
-            raise
-
-        def release():
-            shared.withdraw(token)
-            lib.mc_vmm_free(addr, mapped)
-
-        buf = _Buffer(addr, size, handle, release)
+        m = shared.allocate(self.lib, self.index, size, tag)
+        buf = _Buffer(m.addr, size, m.handle, m.close)
         try:
             buf.view = self._view(buf)
         except BaseException:
@@ -431,25 +413,14 @@ class _CudaMemory:
         return buf
 
     def attach(self, handle: bytes, size: int, owner: str, owner_device: int) -> _Buffer:
-        lib = self.lib
-        self._check(lib, lib.mc_set_device(self.index), f"cudaSetDevice({self.index})")
         try:
-            fd, mapped = shared.fetch(handle, SHARE_FETCH_S)
+            m = shared.attach(self.lib, self.index, handle, SHARE_FETCH_S)
         except shared.FetchError as exc:
             raise SegmentError(0, f"{owner}'s lane: {exc}") from None
-        if mapped < size:
-            os.close(fd)
-            raise SegmentError(0, f"{owner}'s lane is {mapped} bytes, its words say {size}")
-        ptr = ctypes.c_int64(0)
-        try:
-            rc = lib.mc_vmm_import(self.index, fd, mapped, ctypes.byref(ptr))
-        finally:
-            os.close(fd)
-        if rc != 0:
-            raise SegmentError(0, f"mapping {owner}'s lane failed: CUDA driver error {rc} "
-                                  f"({lib.mc_driver_error_string(rc).decode()})")
-        addr = ptr.value
-        buf = _Buffer(addr, size, handle, lambda: lib.mc_vmm_free(addr, mapped))
+        if m.size < size:
+            m.close()
+            raise SegmentError(0, f"{owner}'s lane is {m.size} bytes, its words say {size}")
+        buf = _Buffer(m.addr, size, handle, m.close)
         try:
             buf.view = self._view(buf, owner_device)
         except BaseException:
@@ -2040,8 +2011,8 @@ class _HostStaged:
 # ======================================================================================== the plane
 
 class FastCudaGroup:
-    """The ``PlaneGroup`` handed to the control plane: CUDA IPC while every rank of the group runs on this
-    host, the ref plane (UCX, host copies) once any rank does not."""
+    """The ``PlaneGroup`` handed to the control plane: shared device memory while every rank of the group runs
+    on this host, the ref plane (UCX, host copies) once any rank does not."""
 
     takes_device_tensors = True
 

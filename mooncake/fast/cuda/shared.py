@@ -11,13 +11,15 @@ Its exported handle is a POSIX file descriptor, which only travels between proce
   a forked child closes its copies of the descriptors and starts its own server when it exports;
 * ``fetch(handle, timeout_s)`` asks the owner's server for the descriptor: a duplicate in this process.
 
-Abstract sockets belong to a network namespace: the ranks of one host must share one.  The allocation and
-mapping themselves are ``mc_vmm_alloc`` / ``mc_vmm_import`` / ``mc_vmm_free``
-(``csrc/mooncake_ep_cuda.cu``, "shareable device memory").
+``allocate(lib, device, nbytes, what)`` and ``attach(lib, device, handle, timeout_s)`` put the two together
+with the library's ``mc_vmm_alloc`` / ``mc_vmm_import`` / ``mc_vmm_free`` (``csrc/mooncake_ep_cuda.cu``,
+"shareable device memory"): the PG plane's lanes and the EP buffer use them.  Abstract sockets belong to a
+network namespace: the ranks of one host must share one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import socket
@@ -150,3 +152,59 @@ def fetch(handle: bytes, timeout_s: float) -> tuple[int, int]:
             os.close(fd)
         raise FetchError(f"process {pid} no longer shares that device memory")
     return fds[0], size
+
+
+class Mapping:
+    """Shared device memory mapped in this process: ``addr``, ``size`` bytes (the whole allocation),
+    ``handle`` (for peers' ``attach``); ``close()`` unmaps it (and stops serving it, for the owner)."""
+
+    def __init__(self, addr: int, size: int, handle: bytes, release):
+        self.addr, self.size, self.handle = addr, size, handle
+        self._release = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _driver_error(lib, rc: int) -> str:
+    return f"CUDA driver error {rc} ({lib.mc_driver_error_string(rc).decode()})"
+
+
+def allocate(lib, device: int, nbytes: int, what: str) -> Mapping:
+    """At least ``nbytes`` of zeroed memory on ``device``, served to peers (raises ``MooncakeError``)."""
+    from ...control.errors import MooncakeError
+    ptr, got, fd = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1)
+    rc = lib.mc_vmm_alloc(device, nbytes, ctypes.byref(ptr), ctypes.byref(got), ctypes.byref(fd))
+    if rc != 0:
+        raise MooncakeError(f"shareable allocation of {nbytes} bytes ({what}, cuMemCreate) failed: "
+                            f"{_driver_error(lib, rc)}")
+    addr, size = ptr.value, got.value
+    try:
+        handle, token = export(fd.value, size)
+    except BaseException:
+        os.close(fd.value)
+        lib.mc_vmm_free(addr, size)
+        raise
+
+    def release():
+        withdraw(token)
+        lib.mc_vmm_free(addr, size)
+
+    return Mapping(addr, size, handle, release)
+
+
+def attach(lib, device: int, handle: bytes, timeout_s: float) -> Mapping:
+    """Map the memory behind a peer's ``handle`` for ``device`` (raises ``FetchError``)."""
+    fd, size = fetch(handle, timeout_s)
+    ptr = ctypes.c_int64(0)
+    try:
+        rc = lib.mc_vmm_import(device, fd, size, ctypes.byref(ptr))
+    finally:
+        os.close(fd)
+    if rc != 0:
+        raise FetchError(f"mapping shared device memory of process {HANDLE.unpack_from(handle)[0]} failed: "
+                         f"{_driver_error(lib, rc)}")
+    addr = ptr.value
+    return Mapping(addr, size, handle, lambda: lib.mc_vmm_free(addr, size))
