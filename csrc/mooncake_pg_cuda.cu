@@ -191,6 +191,10 @@ constexpr int64_t kGraphBit = 1LL << (kSeqBits - 1);
 // what a launch moves (mooncake/fast/cuda/pg.py, KIND_*): fold kinds first
 enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4, kAllReduceParts = 5 };
 constexpr int kSteps = 3;  // post, read (or fold a part), gather the parts
+// McPgDevArgs.trace: one record of kTraceWords per op, at seq % kTraceRecords: the key, then the global timer
+// (ns) and the SM's clock (cycles) at each of kTraceMarks points (TraceMark); the last word, the blocks.
+constexpr int kTraceRecords = 256, kTraceMarks = 7, kTraceWords = 16;
+enum TraceMark { kStart, kGo, kReleased, kPublished, kPeersPublished, kRead, kFinished };
 
 struct McPgDevArgs {
   int64_t ctl[kDevMaxRanks];       // control words of each active rank, in active order (device pointers)
@@ -207,6 +211,7 @@ struct McPgDevArgs {
   int64_t timeout_ns;              // every wait of the launch ends by its start + this
   int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
   int64_t arrive;                  // device int32[2 * kSteps]: blocks through each step, whether one gave up
+  int64_t trace;                   // device int64[kTraceRecords * kTraceWords] (single-block launches), or 0
   int32_t n, me, op, dtype, phase, kind;
   int32_t graph;                   // 1: captured in a CUDA graph (count, trouble and stale words)
   int32_t slots;                   // copy kinds: output slots of `count` bytes (0: this rank reads nothing)
@@ -217,6 +222,22 @@ struct McPgDevArgs {
 
 __device__ __forceinline__ int64_t* words(const McPgDevArgs& a, int i) {
   return reinterpret_cast<int64_t*>(a.ctl[i]);
+}
+
+// Profiling (a.trace != 0, single-block launches, thread 0): when this op reached `mark`.  kGo also writes
+// the key and the kernel's start, which come before the key is known.
+__device__ __forceinline__ void trace(const McPgDevArgs& a, int64_t key, TraceMark mark, uint64_t start = 0,
+                                      long long start_clock = 0) {
+  if (a.trace == 0 || gridDim.x != 1 || threadIdx.x != 0) return;
+  int64_t* rec = reinterpret_cast<int64_t*>(a.trace) + ((key & (kGraphBit - 1)) % kTraceRecords) * kTraceWords;
+  rec[1 + mark] = static_cast<int64_t>(mc_sync::global_timer_ns());
+  rec[1 + kTraceMarks + mark] = clock64();
+  if (mark == kGo) {
+    rec[0] = key;
+    rec[1 + kStart] = static_cast<int64_t>(start);
+    rec[1 + kTraceMarks + kStart] = start_clock;
+    rec[kTraceWords - 1] = gridDim.x;
+  }
 }
 
 
@@ -355,6 +376,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
   __shared__ int s_go;
   const uint64_t start = mc_sync::global_timer_ns();
+  const long long start_clock = clock64();
   bool failed = false;
   if (threadIdx.x == 0) {
     int64_t key = a.key;
@@ -383,6 +405,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   __syncthreads();
   if (!s_go) return;
   const int64_t key = s_key;
+  trace(a, key, kGo, start, start_clock);
   const int par = static_cast<int>(key & 1);
   const int64_t base = a.base[par];
   int64_t* mine = words(a, a.me);
@@ -395,6 +418,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
       const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
       return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
     });
+    trace(a, key, kReleased);
     if (released && a.in_bytes > 0)
       copy_bytes(reinterpret_cast<uint8_t*>(a.lane[par][a.me]), reinterpret_cast<const uint8_t*>(a.src), a.in_bytes,
                  tid, nthreads);
@@ -407,6 +431,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];
         mc_sync::st_release_sys(mine + base + kLPub, key);
+        trace(a, key, kPublished);
       }
     }
     if (!(a.phase & 2)) return;
@@ -433,6 +458,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
                              w[base + kLMetaSlots] == a.fp[2];
     }
     const bool ok = __syncthreads_and(published && same) != 0;
+    trace(a, key, kPeersPublished);
     if (ok) {
       if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
       read_lanes<T, OP>(a, par, tid, nthreads);
@@ -440,12 +466,14 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     __syncthreads();
     if (threadIdx.x == 0) {
       if (!ok) give_up(a, key);
+      trace(a, key, kRead);
       if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read (or folded) its part
         if (parts) {
           __threadfence_system();
           mc_sync::st_release_sys(mine + base + kLRed, key);  // this rank's part is in its result region
         } else {
           finish_op(a, mine, base, key);
+          trace(a, key, kFinished);
         }
       }
     }
@@ -472,6 +500,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     if (!reduced) give_up(a, key);
     if (last_block(a, 2, !reduced, &failed) && !failed) {  // every block copied its share: done
       finish_op(a, mine, base, key);
+      trace(a, key, kFinished);
     }
   }
 }
@@ -529,6 +558,12 @@ MC_API int mc_pg_fold(int op, int dtype, const int64_t* inputs, int num_inputs, 
 
 MC_API int mc_pg_dev_args_size(void) { return (int)sizeof(McPgDevArgs); }
 MC_API int mc_pg_dev_max_ranks(void) { return kDevMaxRanks; }
+// McPgDevArgs.trace's shape: records, words per record, marks (TraceMark)
+MC_API void mc_pg_dev_trace_shape(int32_t* out) {
+  out[0] = kTraceRecords;
+  out[1] = kTraceWords;
+  out[2] = kTraceMarks;
+}
 
 // The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS,
 // graph trouble, graph count, graph stale.

@@ -10,6 +10,11 @@ host functions that took the rest.
 Cases: ``graph`` (R = 8: OPS all_reduces of 8 B captured in one CUDA graph, replayed), ``eager`` (R = 8: eager
 8 B all_reduce), ``large`` (R = 4: eager 256 MiB all_reduce).  Writes ``<out>/<case>.txt`` (the tables) and
 ``<out>/profile.json`` (the numbers).
+
+``trace2`` / ``trace8`` (R = 2 / 8): the graph case with no profiler attached but the kernels' own step times
+(``MOONCAKE_FAST_CUDA_TRACE=1``): every rank's GPU writes its global timer at each step of every op, one clock
+for all ranks of the GPU, so the table shows where an op's time goes across ranks: the gap between one
+captured kernel's end and the next one's start, each step's duration, and how far apart the ranks reach a step.
 """
 
 from __future__ import annotations
@@ -107,7 +112,89 @@ def profile_case(case: str, iters: int) -> dict:
             "host": _host_table(pr) if pr is not None else None}
 
 
-CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8)}
+def trace_case(iters: int) -> dict:
+    """The graph case unprofiled, with the kernels' step times on (TRACE_ENV): wall seconds per op and this
+    rank's trace records."""
+    bufs = [torch.ones(2, device="cuda") for _ in range(OPS)]
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    dist.barrier()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            for b in bufs:
+                dist.all_reduce(b)
+    for _ in range(WARMUP):
+        graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    records = dist.group.WORLD._plane.g.dev.trace_records()
+    dist.barrier()
+    return {"wall_us_per_op": wall / (iters * OPS) * 1e6, "records": records}
+
+
+MARKS = ("start", "go", "released", "published", "peers_published", "read", "finished")
+SPANS = (  # (name, from mark, to mark) within one rank's op
+    ("go: own count / trouble / epoch words", "start", "go"),
+    ("lane released by every peer", "go", "released"),
+    ("copy in, fence, publish", "released", "published"),
+    ("wait for every peer's publish", "published", "peers_published"),
+    ("fingerprint, hold, read + fold", "peers_published", "read"),
+    ("fence, free, done, count", "read", "finished"),
+    ("whole kernel", "start", "finished"),
+)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
+
+
+def analyse_trace(per_rank: list[list[dict]]) -> tuple[dict, str]:
+    """Per-op spans (µs, median and p90 over ranks and ops) from the ranks' trace records, matched by key."""
+    m = {name: i for i, name in enumerate(MARKS)}
+    by_key = [{r["key"]: r for r in recs} for recs in per_rank]
+    common = sorted(set.intersection(*(set(k) for k in by_key)))
+    done = [k for k in common if all(bk[k]["ns"][m["finished"]] for bk in by_key)]
+    spans: dict[str, list[float]] = {name: [] for name, _, _ in SPANS}
+    spans["gap: previous kernel's end to this one's start"] = []
+    spans["period: start to the next op's start"] = []
+    spans["ranks apart at start"] = []
+    spans["ranks apart at publish"] = []
+    spans["last publisher's wait for the others"] = []
+    ghz = []
+    for k in done:
+        for bk in by_key:
+            ns, clk = bk[k]["ns"], bk[k]["clock"]
+            for name, a, b in SPANS:
+                spans[name].append((ns[m[b]] - ns[m[a]]) / 1e3)
+            if ns[m["finished"]] > ns[m["start"]]:
+                ghz.append((clk[m["finished"]] - clk[m["start"]]) / (ns[m["finished"]] - ns[m["start"]]))
+            nxt = bk.get(k + 1)
+            if nxt is not None and (k + 1) % OPS != 0:  # the next op of the same replay
+                spans["gap: previous kernel's end to this one's start"].append(
+                    (nxt["ns"][m["start"]] - ns[m["finished"]]) / 1e3)
+                spans["period: start to the next op's start"].append((nxt["ns"][m["start"]] - ns[m["start"]]) / 1e3)
+        starts = [bk[k]["ns"][m["start"]] for bk in by_key]
+        pubs = [bk[k]["ns"][m["published"]] for bk in by_key]
+        spans["ranks apart at start"].append((max(starts) - min(starts)) / 1e3)
+        spans["ranks apart at publish"].append((max(pubs) - min(pubs)) / 1e3)
+        last = max(range(len(by_key)), key=lambda i: pubs[i])
+        lk = by_key[last][k]["ns"]
+        spans["last publisher's wait for the others"].append((lk[m["peers_published"]] - lk[m["published"]]) / 1e3)
+    rows = {name: {"p50_us": round(_pct(v, 50), 3), "p90_us": round(_pct(v, 90), 3), "n": len(v)}
+            for name, v in spans.items()}
+    summary = {"ops_matched": len(done), "sm_clock_ghz_p50": round(_pct(ghz, 50), 3), "spans": rows}
+    lines = [f"{'span':50s} {'p50 us':>8s} {'p90 us':>8s} {'n':>6s}"]
+    lines += [f"{name:50s} {r['p50_us']:8.2f} {r['p90_us']:8.2f} {r['n']:6d}" for name, r in rows.items()]
+    return summary, "\n".join(lines) + "\n"
+
+
+CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8), "trace2": (2, 200), "trace8": (8, 200)}
 
 
 def main() -> int:
@@ -120,11 +207,27 @@ def main() -> int:
     record = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
     for case in args.cases.split(","):
         ranks, iters = CASES[case]
-        c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
+        env = {"MOONCAKE_IMPL": "fast"}
+        if case.startswith("trace"):
+            env["MOONCAKE_FAST_CUDA_TRACE"] = "1"
+        c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env=env)
         try:
-            res = c.run(P.profile_case, case, iters, timeout_s=300)
+            if case.startswith("trace"):
+                res = c.run(P.trace_case, iters, timeout_s=300)
+            else:
+                res = c.run(P.profile_case, case, iters, timeout_s=300)
         finally:
             c.close()
+        if case.startswith("trace"):
+            summary, table = analyse_trace([r["records"] for r in res])
+            summary.update(ranks=ranks, wall_us_per_op=round(max(r["wall_us_per_op"] for r in res), 2))
+            record["cases"][case] = summary
+            print(case, json.dumps({k: v for k, v in summary.items() if k != "spans"}), flush=True)
+            print(table, flush=True)
+            with open(os.path.join(args.out, f"{case}.txt"), "w") as f:
+                f.write(f"{case}: R = {ranks}, {OPS} all_reduces of 8 B per graph, {iters} replays, "
+                        f"{summary['wall_us_per_op']} us per op (wall)\n\n{table}")
+            continue
         wall = max(r["wall_us_per_op"] for r in res)
         ops = res[0]["ops"]
         device = {row["name"]: row for row in res[0]["device"]}

@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 7
+ABI_VERSION = 8
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -40,7 +40,7 @@ class McPgDevArgs(ctypes.Structure):
                 ("in_bytes", ctypes.c_int64), ("rd_off", ctypes.c_int64), ("count", ctypes.c_int64),
                 ("part", ctypes.c_int64),
                 ("key", ctypes.c_int64), ("fp", ctypes.c_int64 * 3), ("timeout_ns", ctypes.c_int64),
-                ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64),
+                ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64), ("trace", ctypes.c_int64),
                 ("n", ctypes.c_int32), ("me", ctypes.c_int32), ("op", ctypes.c_int32), ("dtype", ctypes.c_int32),
                 ("phase", ctypes.c_int32), ("kind", ctypes.c_int32), ("graph", ctypes.c_int32),
                 ("slots", ctypes.c_int32), ("root", ctypes.c_int32), ("pad", ctypes.c_int32),
@@ -70,6 +70,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_pg_fold_max_inputs": ([], i32),
         "mc_pg_fold": ([i32, i32, pi64, i32, i64, i64, i64, i64], i32),
         "mc_pg_dev_args_size": ([], i32), "mc_pg_dev_max_ranks": ([], i32), "mc_pg_dev_layout": ([pi64], None),
+        "mc_pg_dev_trace_shape": ([pi32], None),
         "mc_pg_dev_launch": ([ctypes.POINTER(McPgDevArgs), i32, i64], i32),
         "mc_host_register": ([i64, i64, pi64], i32), "mc_host_unregister": ([i64], i32),
         "mc_capture_mode": ([i32, pi32], i32),

@@ -119,6 +119,10 @@ all_to_all, barrier and P2P.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
+
+Profiling: ``MOONCAKE_FAST_CUDA_TRACE=1`` makes every single-block launch write, per op, the GPU's global
+timer and its SM's clock at each step of the protocol (start, go, lane released, published, peers published,
+read, finished) into a device buffer that ``_DevicePath.trace_records`` reads (tests/fast_cuda/pg_profile.py).
 """
 
 from __future__ import annotations
@@ -160,6 +164,8 @@ DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on
 # where captured ops keep their words: "pad" (default, device memory) or "host" (the control words, for
 # comparison); every rank of a job must use the same
 GRAPH_WORDS_ENV = "MOONCAKE_FAST_CUDA_GRAPH_WORDS"
+# "1": single-block launches of the device path record when each step ran (``_DevicePath.trace_records``)
+TRACE_ENV = "MOONCAKE_FAST_CUDA_TRACE"
 #: all_reduce of at most this many bytes may take the device path
 DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
@@ -601,6 +607,25 @@ class _DevicePath:
         self.handled = -1  # trouble of this view epoch and earlier was raised already
         self.outcomes = {"done": 0, "published": 0, "not posted": 0}  # how eager launches ended (tests, stats)
         self.args: dict[tuple, object] = {}  # kernel arguments by call shape (McPgDevArgs)
+        self.trace: torch.Tensor | None = None  # TRACE_ENV: the kernels' step times (McPgDevArgs.trace)
+        if os.environ.get(TRACE_ENV, "").strip() == "1" and not mem.emulated:
+            shape = (ctypes.c_int32 * 3)()
+            mem.lib.mc_pg_dev_trace_shape(shape)
+            self.trace_shape = tuple(shape)
+            self.trace = torch.zeros(shape[0] * shape[1], dtype=torch.int64, device=mem.device)
+
+    def trace_records(self) -> list[dict]:
+        """The kernels' step times (``TRACE_ENV``; empty when off), once this device's work is done: per op
+        run (the last one of each seq % records), its key and, at each step, the global timer ``ns`` and the
+        SM clock ``clock``; step order: start, go, released, published, peers_published, read, finished (0:
+        not reached)."""
+        if self.trace is None:
+            return []
+        torch.cuda.synchronize(self.g.mem.device)
+        records, width, marks = self.trace_shape
+        rows = self.trace.view(records, width).tolist()
+        return [{"key": r[0], "ns": r[1:1 + marks], "clock": r[1 + marks:1 + 2 * marks], "blocks": r[width - 1]}
+                for r in rows if r[2] != 0]  # the go step reached
 
     def map_peer(self, r: int, p: _Peer) -> None:
         self.unmap_peer(r)
@@ -705,6 +730,7 @@ class _DevicePath:
             a.timeout_ns = int(timeout_s * 1e9)
             a.flag = g.flag.data_ptr() if flag else 0
             a.arrive = self.arrive.data_ptr() + (4 * ARRIVE_WORDS if graph else 0)
+            a.trace = self.trace.data_ptr() if self.trace is not None else 0
             a.n, a.me, a.op, a.dtype = len(active), active.index(me), shape.op, shape.dtype
             if len(self.args) >= 64:
                 self.args.clear()
