@@ -152,9 +152,10 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 // that importers keep alive (mc_vmm_alloc), so a dead peer's memory stays readable.  One operation, key
 // k = epoch << 40 | seq, on lane block `base` (seq parity), `kind` saying what goes in and what is read:
 //
-//   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k); copy in_bytes of the
-//      input into this rank's lane (none for a broadcast's non-root); (last block) system fence, write the
-//      fingerprint words, PUB = k.
+//   1. post: wait until every peer released this lane (FREE >= HOLD, or HOLD >= k; a captured op from the
+//      third of its epoch on knows it: this rank saw every peer publish the op before, which each did after
+//      freeing the lane of the one before that); copy in_bytes of the input into this rank's lane (none for
+//      a broadcast's non-root); (last block) system fence, write the fingerprint words, PUB = k.
 //   2. read: wait until every peer's PUB == k and its fingerprint words equal this rank's (every rank waits
 //      for every peer, so a rank that called something else is seen by all); HOLD = k; read the peers'
 //      lanes from rd_off on: fold kinds (all_reduce, reduce_scatter) fold `count` elements of every active
@@ -168,6 +169,8 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //   rank's part from its result region into the output; (last block) system fence, FREE = k, DONE = k.
 //   Per rank that reads the message about twice, whatever the number of ranks (every lane whole: n times).
 //
+// Launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a kernel starts
+// by waiting for its predecessor's end, so only the launch latency is hidden.
 // Every wait of a launch ends by the launch's start + timeout_ns (GPU clock; the two launches of a
 // multi-block operation each have their own start); a wait that passes it gives up: the kernel exits without
 // writing the output (a block that gets past step 2's wait writes its part of it; the host protocol writes
@@ -365,29 +368,32 @@ __device__ void read_lanes(const McPgDevArgs& a, int par, int64_t tid, int64_t n
 // The last block of an operation's last step, once every block got through: the reads of the peers' lanes are
 // over (FREE), this rank holds its results (DONE), and a captured op counts as run.
 __device__ __forceinline__ void finish_op(const McPgDevArgs& a, int64_t* mine, int64_t base, int64_t key) {
-  __threadfence_system();
-  mc_sync::st_release_sys(mine + base + kLFree, key);
-  mc_sync::st_release_sys(mine + base + kLDone, key);
-  if (a.graph) mc_sync::st_release_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
+  __threadfence_system();  // releases the stores below
+  mc_sync::st_relaxed_sys(mine + base + kLFree, key);
+  mc_sync::st_relaxed_sys(mine + base + kLDone, key);
+  if (a.graph) mc_sync::st_relaxed_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
 }
 
 template <typename T, int OP>
 __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
   __shared__ int s_go;
+  mc_sync::wait_previous_grid();
+  mc_sync::allow_next_grid();
   const uint64_t start = mc_sync::global_timer_ns();
   const long long start_clock = clock64();
   bool failed = false;
   if (threadIdx.x == 0) {
     int64_t key = a.key;
     int go = 1;
-    if (a.graph) {
-      int64_t* own = words(a, a.me);
+    if (a.graph) {  // the count was written by this rank's previous kernel; trouble or a new epoch seen late
+      int64_t* own = words(a, a.me);  // only delays the exit to the first wait that ends
       const int64_t epoch = key >> kSeqBits;
-      const int64_t ran = mc_sync::ld_acquire_sys(own + kWGraphCount);
+      const int64_t ran = mc_sync::ld_relaxed_sys(own + kWGraphCount);
+      const int64_t trouble = mc_sync::ld_relaxed_sys(own + kWGraphTrouble);
+      const int64_t view = mc_sync::ld_relaxed_sys(own + kWGraphEpoch);
       key |= (ran >> kSeqBits) == epoch ? (ran & (kGraphBit - 1)) : 0;
-      const int64_t trouble = mc_sync::ld_acquire_sys(own + kWGraphTrouble);
-      if (mc_sync::ld_acquire_sys(own + kWGraphEpoch) != epoch) {  // captured under an earlier view
+      if (view != epoch) {  // captured under an earlier view
         int64_t* stale = reinterpret_cast<int64_t*>(a.note[a.me]) + kWGraphStale;
         if (mc_sync::ld_acquire_sys(stale) == 0) mc_sync::st_release_sys(stale, key);
         go = 0;
@@ -413,7 +419,10 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
   if (a.phase & 1) {
-    const bool released = wait_all(a, start, [&](int i) {
+    // A captured op from the epoch's third on: this rank saw every peer publish the previous one, which each
+    // did after freeing the lanes of the one before (stream order): the lane of this parity is free.
+    const bool known_free = a.graph && (key & (kGraphBit - 1)) >= 2;
+    const bool released = known_free || wait_all(a, start, [&](int i) {
       const int64_t* w = words(a, i);
       const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
       return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
@@ -430,7 +439,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
         mine[base + kLMeta] = a.fp[0];
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];
-        mc_sync::st_release_sys(mine + base + kLPub, key);
+        mc_sync::st_relaxed_sys(mine + base + kLPub, key);  // after the fence
         trace(a, key, kPublished);
       }
     }
@@ -505,17 +514,44 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   }
 }
 
+// Whether the current device schedules a kernel before the previous one of its stream ended (programmatic
+// dependent launch, sm_90+): the kernel's launch then overlaps its predecessor's last instructions.
+bool overlapping_launch() {
+  static int cached[64] = {};  // per device: 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cached[dev] = major >= 9 ? 2 : 1;
+  }
+  return cached[dev] == 2;
+}
+
+template <typename T, int OP>
+cudaError_t dev_launch_one(const McPgDevArgs& a, int blocks, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kDevThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = overlapping_launch() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, dev_collective<T, OP>, a);
+}
+
 template <typename T>
 cudaError_t dev_launch_typed(const McPgDevArgs& a, int blocks, cudaStream_t stream) {
   switch (a.op) {
-    case kSum: dev_collective<T, kSum><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kProduct: dev_collective<T, kProduct><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kMin: dev_collective<T, kMin><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kMax: dev_collective<T, kMax><<<blocks, kDevThreads, 0, stream>>>(a); break;
-    case kAvg: dev_collective<T, kAvg><<<blocks, kDevThreads, 0, stream>>>(a); break;
+    case kSum: return dev_launch_one<T, kSum>(a, blocks, stream);
+    case kProduct: return dev_launch_one<T, kProduct>(a, blocks, stream);
+    case kMin: return dev_launch_one<T, kMin>(a, blocks, stream);
+    case kMax: return dev_launch_one<T, kMax>(a, blocks, stream);
+    case kAvg: return dev_launch_one<T, kAvg>(a, blocks, stream);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
@@ -591,8 +627,7 @@ MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream)
     a.phase = blocks == 1 ? (1 << steps) - 1 : 1 << l;
     cudaError_t rc;
     if (!fold) {  // the fold's type and op are not used
-      dev_collective<float, kSum><<<blocks, kDevThreads, 0, s>>>(a);
-      rc = cudaGetLastError();
+      rc = dev_launch_one<float, kSum>(a, blocks, s);
     } else {
       switch (a.dtype) {
         case kFloat16: rc = dev_launch_typed<__half>(a, blocks, s); break;
