@@ -54,7 +54,7 @@ def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
 def test_all_reduce_captured_and_replayed_bitwise(cluster_factory):
     """The fast plane's captured all_reduce: every replay's outputs equal the model's fold, bit for bit."""
     import pg_graph as G
-    for bad, _ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
+    for bad, _, _ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
         assert not bad, bad[:5]
 
 
