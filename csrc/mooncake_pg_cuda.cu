@@ -318,8 +318,14 @@ __device__ __forceinline__ int fold_range(const T* const* in, int n, T* out, int
   using A = typename Acc<T>::type;
   int bad = 0;
   for (int64_t e = tid; e < numel; e += nthreads) {
-    A acc = widen(__ldcg(in[0] + e));
-    for (int i = 1; i < n; ++i) acc = combine<OP>(acc, widen(__ldcg(in[i] + e)));
+    T x[kDevMaxRanks];  // every input's element in flight at once, then the fold in order
+#pragma unroll
+    for (int i = 0; i < kDevMaxRanks; ++i)
+      if (i < n) x[i] = __ldcg(in[i] + e);
+    A acc = widen(x[0]);
+#pragma unroll
+    for (int i = 1; i < kDevMaxRanks; ++i)
+      if (i < n) acc = combine<OP>(acc, widen(x[i]));
     out[e] = narrow<T>(finalize<OP>(acc, n, bad));
   }
   return bad;
@@ -469,7 +475,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     const bool ok = __syncthreads_and(published && same) != 0;
     trace(a, key, kPeersPublished);
     if (ok) {
-      if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_release_sys(mine + base + kLHold, key);
+      if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_relaxed_sys(mine + base + kLHold, key);  // orders nothing
       read_lanes<T, OP>(a, par, tid, nthreads);
     }
     __syncthreads();
