@@ -30,6 +30,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <map>
+#include <mutex>
+
 #include "mc_device_sync.cuh"
 #include "mc_fp8.cuh"
 
@@ -780,6 +783,61 @@ MC_API int mc_vmm_free(int64_t ptr, int64_t size) {
   CUresult rc = v.unmap(static_cast<CUdeviceptr>(ptr), static_cast<size_t>(size));
   const CUresult freed = v.address_free(static_cast<CUdeviceptr>(ptr), static_cast<size_t>(size));
   return rc != CUDA_SUCCESS ? rc : freed;
+}
+
+// ---- a pool of shareable memory for torch.cuda.MemPool (torch.cuda.memory.CUDAPluggableAllocator)
+//
+// Tensors allocated from it lie in memory a peer process can map (mc_vmm_alloc's), so the PG plane reads
+// and writes them in place (mooncake/fast/cuda/pool.py).  Each segment torch asks for is one allocation; its
+// descriptor stays open here until the segment is freed, and its id tells a reused address from the old one.
+
+namespace {
+struct PoolSegment {
+  int64_t size;
+  int fd;
+  int64_t id;
+};
+std::mutex pool_mutex;
+std::map<int64_t, PoolSegment> pool_segments;  // by base address
+int64_t pool_next_id = 1;
+}  // namespace
+
+MC_API void* mc_pool_alloc(ssize_t size, int device, cudaStream_t) {
+  int64_t ptr = 0, got = 0;
+  int fd = -1;
+  if (size <= 0 || mc_vmm_alloc(device, size, &ptr, &got, &fd) != CUDA_SUCCESS) return nullptr;
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  pool_segments[ptr] = PoolSegment{got, fd, pool_next_id++};
+  return reinterpret_cast<void*>(ptr);
+}
+
+MC_API void mc_pool_free(void* ptr, ssize_t, int, cudaStream_t stream) {
+  PoolSegment seg{};
+  {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    auto it = pool_segments.find(reinterpret_cast<int64_t>(ptr));
+    if (it == pool_segments.end()) return;
+    seg = it->second;
+    pool_segments.erase(it);
+  }
+  cudaStreamSynchronize(stream);  // work of this process still using it; peers' mappings keep their own reference
+  close(seg.fd);
+  mc_vmm_free(reinterpret_cast<int64_t>(ptr), seg.size);
+}
+
+// The pool segment holding device address `addr`: 1 and its base, size, a duplicate of its descriptor (the
+// caller closes it; fd -1 if none could be made) and id; 0 if `addr` is not in the pool's memory.
+MC_API int mc_pool_find(int64_t addr, int64_t* base, int64_t* size, int* fd, int64_t* id) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  auto it = pool_segments.upper_bound(addr);
+  if (it == pool_segments.begin()) return 0;
+  --it;
+  if (addr >= it->first + it->second.size) return 0;
+  *base = it->first;
+  *size = it->second.size;
+  *fd = dup(it->second.fd);
+  *id = it->second.id;
+  return 1;
 }
 
 // One int64 word of device memory of `device` to / from the host, from any thread, on a private stream

@@ -168,6 +168,13 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //   (last block) RED = k instead of FREE / DONE; 3. gather: wait until every rank's RED == k; copy every
 //   rank's part from its result region into the output; (last block) system fence, FREE = k, DONE = k.
 //   Per rank that reads the message about twice, whatever the number of ranks (every lane whole: n times).
+//   All_reduce in place on the ranks' own tensors (kind kAllReduceDirect: every rank's tensor lies in shared
+//   memory its peers mapped, and `lane[par][i]` is rank i's tensor): step 1 copies nothing and waits for no
+//   release (a peer touches this rank's tensor only inside an op that this rank ends after every peer is
+//   through with it); in step 2 active rank i folds part i of every tensor and writes the result into part i
+//   of every tensor (nobody else reads or writes part i), then RED = k; step 3 waits until every rank's
+//   RED == k (every part is in, and nobody reads this rank's tensor any more), then FREE, DONE.  Per rank
+//   the message is read once and written once.
 //
 // Launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a kernel starts
 // by waiting for its predecessor's end, so only the launch latency is hidden.
@@ -192,7 +199,8 @@ constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLRed =
 constexpr int kSeqBits = 40;
 constexpr int64_t kGraphBit = 1LL << (kSeqBits - 1);
 // what a launch moves (mooncake/fast/cuda/pg.py, KIND_*): fold kinds first
-enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4, kAllReduceParts = 5 };
+enum { kAllReduce = 0, kReduceScatter = 1, kAllGather = 2, kAllToAll = 3, kBroadcast = 4, kAllReduceParts = 5,
+       kAllReduceDirect = 6 };
 constexpr int kSteps = 3;  // post, read (or fold a part), gather the parts
 // McPgDevArgs.trace: one record of kTraceWords per op, at seq % kTraceRecords: the key, then the global timer
 // (ns) and the SM's clock (cycles) at each of kTraceMarks points (TraceMark); the last word, the blocks.
@@ -310,11 +318,13 @@ __device__ __forceinline__ void zero_bytes(uint8_t* dst, int64_t n, int64_t tid,
   for (int64_t b = tid; b < n; b += nthreads) dst[b] = 0;
 }
 
-// out[e] = fold(op, in[0][e], ..., in[n-1][e]) for e in [0, numel), every thread of the launch a share: the
-// model's fold (the one definition of it for every kind of the device protocol); returns whether an output
-// this thread wrote needs the host fold.
+// out[j][e] = fold(op, in[0][e], ..., in[n-1][e]) for e in [0, numel) and each of the nout outputs, every
+// thread of the launch a share: the model's fold (the one definition of it for every kind of the device
+// protocol); every input element is read before the outputs are written (an output may be an input).
+// Returns whether an output this thread wrote needs the host fold.
 template <typename T, int OP>
-__device__ __forceinline__ int fold_range(const T* const* in, int n, T* out, int64_t numel, int64_t tid, int64_t nthreads) {
+__device__ __forceinline__ int fold_range(T* const* in, int n, T* const* out, int nout, int64_t numel, int64_t tid,
+                                          int64_t nthreads) {
   using A = typename Acc<T>::type;
   int bad = 0;
   for (int64_t e = tid; e < numel; e += nthreads) {
@@ -326,7 +336,8 @@ __device__ __forceinline__ int fold_range(const T* const* in, int n, T* out, int
 #pragma unroll
     for (int i = 1; i < kDevMaxRanks; ++i)
       if (i < n) acc = combine<OP>(acc, widen(x[i]));
-    out[e] = narrow<T>(finalize<OP>(acc, n, bad));
+    const T v = narrow<T>(finalize<OP>(acc, n, bad));
+    for (int j = 0; j < nout; ++j) out[j][e] = v;
   }
   return bad;
 }
@@ -340,20 +351,22 @@ __device__ __forceinline__ void part_range(const McPgDevArgs& a, int i, int64_t*
 
 template <typename T, int OP>
 __device__ void read_lanes(const McPgDevArgs& a, int par, int64_t tid, int64_t nthreads) {
-  if (a.kind == kAllReduceParts) {  // this rank's part of every lane, into its own lane's result region
+  if (a.kind == kAllReduceParts || a.kind == kAllReduceDirect) {  // this rank's part of every lane (tensor)
     int64_t lo, hi;
     part_range(a, a.me, &lo, &hi);
-    const T* in[kDevMaxRanks];
-    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i]) + lo;
-    T* out = reinterpret_cast<T*>(a.lane[par][a.me] + a.rd_off) + lo;
-    const int bad = fold_range<T, OP>(in, a.n, out, hi - lo, tid, nthreads);
+    T* in[kDevMaxRanks];
+    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<T*>(a.lane[par][i]) + lo;
+    T* own = reinterpret_cast<T*>(a.lane[par][a.me] + a.rd_off) + lo;  // parts: into this lane's result region
+    const int bad = a.kind == kAllReduceParts ? fold_range<T, OP>(in, a.n, &own, 1, hi - lo, tid, nthreads)
+                                              : fold_range<T, OP>(in, a.n, in, a.n, hi - lo, tid, nthreads);
     if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
     return;
   }
   if (a.kind == kAllReduce || a.kind == kReduceScatter) {
-    const T* in[kDevMaxRanks];
-    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<const T*>(a.lane[par][i] + a.rd_off);
-    const int bad = fold_range<T, OP>(in, a.n, reinterpret_cast<T*>(a.dst), a.count, tid, nthreads);
+    T* in[kDevMaxRanks];
+    for (int i = 0; i < a.n; ++i) in[i] = reinterpret_cast<T*>(a.lane[par][i] + a.rd_off);
+    T* out = reinterpret_cast<T*>(a.dst);
+    const int bad = fold_range<T, OP>(in, a.n, &out, 1, a.count, tid, nthreads);
     if (a.flag && bad) *reinterpret_cast<volatile int*>(a.flag) = 1;
     return;
   }
@@ -427,7 +440,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
   if (a.phase & 1) {
     // A captured op from the epoch's third on: this rank saw every peer publish the previous one, which each
     // did after freeing the lanes of the one before (stream order): the lane of this parity is free.
-    const bool known_free = a.graph && (key & (kGraphBit - 1)) >= 2;
+    const bool known_free = (a.graph && (key & (kGraphBit - 1)) >= 2) || a.kind == kAllReduceDirect;
     const bool released = known_free || wait_all(a, start, [&](int i) {
       const int64_t* w = words(a, i);
       const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
@@ -459,7 +472,7 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     __syncthreads();
   }
 
-  const bool parts = a.kind == kAllReduceParts;
+  const bool parts = a.kind == kAllReduceParts || a.kind == kAllReduceDirect;  // three steps
   if (a.phase & 2) {
     const bool published = wait_all(a, start, [&](int i) {
       return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
@@ -496,12 +509,13 @@ __global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
     __syncthreads();
   }
 
-  // step 3 (all_reduce in parts): once every rank's part is in its result region, copy all parts out
+  // step 3 (all_reduce in parts or direct): once every rank's part is in (parts: in its result region, copied
+  // out now; direct: in this rank's tensor already), the op is done
   const bool own = __syncthreads_and(mc_sync::ld_acquire_sys(mine + base + kLRed) == key) != 0;
   const bool reduced = own && wait_all(a, start, [&](int i) {
     return mc_sync::ld_acquire_sys(words(a, i) + base + kLRed) == key;
   });
-  if (reduced) {
+  if (reduced && a.kind == kAllReduceParts) {
     for (int i = 0; i < a.n; ++i) {
       int64_t lo, hi;
       part_range(a, i, &lo, &hi);
@@ -620,10 +634,10 @@ MC_API void mc_pg_dev_layout(int64_t* out) {
 // the kernel fold's dtypes and ops; copy kinds move bytes (any dtype).  Capturable in a CUDA graph.
 MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream) {
   McPgDevArgs a = *args;
-  const bool parts = a.kind == kAllReduceParts;
+  const bool parts = a.kind == kAllReduceParts || a.kind == kAllReduceDirect;
   const bool fold = a.kind == kAllReduce || a.kind == kReduceScatter || parts;
   if (a.n < 1 || a.n > kDevMaxRanks || a.me < 0 || a.me >= a.n || a.count < 0 || a.in_bytes < 0 || a.rd_off < 0 ||
-      a.kind < kAllReduce || a.kind > kAllReduceParts || (!fold && a.slots < 0) || (parts && a.part < 1) ||
+      a.kind < kAllReduce || a.kind > kAllReduceDirect || (a.kind == kAllReduceDirect && a.in_bytes != 0) || (!fold && a.slots < 0) || (parts && a.part < 1) ||
       (a.kind == kBroadcast && (a.root < 0 || a.root >= a.n)) || blocks < 1 || blocks > 1024)
     return (int)cudaErrorInvalidValue;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

@@ -31,7 +31,7 @@ __all__ = [
     "get_implementation", "extend_group_size_to", "get_peer_state", "recover_ranks", "join_group",
     "activate_ranks", "deactivate_ranks", "sync_after_failure", "get_current_epoch", "get_local_success",
     "get_failed_ranks_hint", "ProposalStatus", "ViewUpdateStatus", "ProposalResponse", "SyncAfterFailureStatus",
-    "SyncAfterFailureResponse",
+    "SyncAfterFailureResponse", "mem_pool",
     "elastic", "ddp_comm_hook", "is_replacement",
 ]
 
@@ -53,6 +53,19 @@ def get_active_ranks(backend) -> torch.Tensor:
     When ``active_ranks`` was passed in the options, this is that very tensor, kept up to date.
     """
     return _backend(backend).active_ranks_tensor()
+
+
+def mem_pool() -> "torch.cuda.MemPool":
+    """A ``torch.cuda.MemPool`` on the current device whose memory the other ranks on this host can map.
+
+    An all_reduce of 1 MiB or more, in place, captured in a CUDA graph on the ``mooncake`` backend
+    (``MOONCAKE_IMPL=fast``) runs on the ranks' tensors directly when every rank's tensor was allocated
+    from such a pool (``with torch.cuda.use_mem_pool(pool): grads = torch.empty(...)``): each rank reads
+    the message once and writes it once, with no copy through a staging buffer.  Other tensors work as
+    before.  Raises ``MooncakeError`` where the CUDA library or shareable memory is unavailable.
+    """
+    from ..fast.cuda.pool import mem_pool as make
+    return make()
 
 
 def get_capacity(backend) -> int:

@@ -864,15 +864,19 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if reason:
             raise ArgumentError(f"{name} cannot be captured in a CUDA graph here: {reason}; issue it outside "
                                 "the captured region")
-        self._agree_on_capture(name, view, fingerprint, self._timeout_of(opts))
-        self._plane.capture(view, call, fingerprint, self._timeout_of(opts))
+        offer = getattr(self._plane, "capture_offer", None)
+        offers = self._agree_on_capture(name, view, fingerprint, self._timeout_of(opts),
+                                        offer(view, call) if offer is not None else b"")
+        self._plane.capture(view, call, fingerprint, self._timeout_of(opts), offers)
         self._captured = True
         return CapturedWork(outputs if outputs is not None else [call.output])
 
-    def _agree_on_capture(self, name: str, view: View, fingerprint: Fingerprint, timeout_s: float) -> None:
+    def _agree_on_capture(self, name: str, view: View, fingerprint: Fingerprint, timeout_s: float,
+                          offer: bytes) -> dict[int, bytes]:
         """Every active rank's n-th captured call of this view is the same call, else every rank raises the
         same ``MismatchError`` now, at capture (control/capture.py); a rank that captures nothing within
-        ``timeout_s``: ``OpTimeoutError``."""
+        ``timeout_s``: ``OpTimeoutError``.  Returns every active rank's ``offer`` (the plane's, for this
+        call)."""
         epoch, count = self._captures
         index = count if epoch == view.epoch else 0
         self._captures = (view.epoch, index + 1)
@@ -883,8 +887,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 conn = self._store
             self._capture_store = BoundedStore(conn, lambda: self._capture_deadline_s)
         self._capture_deadline_s = timeout_s + 5.0  # the Store's own wait ends first
-        agree_on_capture(self._capture_store, self._prefix, view.epoch, index, self._rank, view.active, fingerprint,
-                         timeout_s, name)
+        return agree_on_capture(self._capture_store, self._prefix, view.epoch, index, self._rank, view.active,
+                                fingerprint, timeout_s, name, offer)
 
     def check_graphs(self) -> None:
         """Raise what a CUDA-graph replay of this group's captured collectives ran into since the last

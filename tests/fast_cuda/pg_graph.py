@@ -96,20 +96,30 @@ def _captured(body) -> "torch.cuda.CUDAGraph":
     return graph
 
 
-def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
+def graph_run(numel: int, replays: int, dtype_name: str = "float32", use_pool: bool = False):
     """Capture OPS all_reduces, replay; returns (mismatches, seconds per replay, seconds per replay of
-    ``replays`` replays back to back: the steady state of a serving loop, no barrier between replays)."""
+    ``replays`` replays back to back: the steady state of a serving loop, no barrier between replays, whether
+    the ranks' tensors were read in place).  ``use_pool``: the reduced tensors come from
+    ``mooncake.pg.mem_pool()``."""
+    import contextlib
+
+    import mooncake.pg as mpg
     dtype = getattr(torch, dtype_name)
     rank, ranks = dist.get_rank(), list(range(dist.get_world_size()))
     static_in = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
-    bufs = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
+    pool = mpg.mem_pool() if use_pool else None
+    with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
+        bufs = [torch.zeros(numel, dtype=dtype, device="cuda") for _ in range(OPS)]
 
     def body():
         for i in range(OPS):
             bufs[i].copy_(static_in[i])
             dist.all_reduce(bufs[i])
 
+    dev = dist.group.WORLD._plane.g.dev
+    direct_before = dev.direct_captures
     graph = _captured(body)
+    in_place = dev.direct_captures - direct_before == OPS
     bad, times = [], []
     for rep in range(replays):
         for i in range(OPS):
@@ -128,33 +138,45 @@ def graph_run(numel: int, replays: int, dtype_name: str = "float32"):
     torch.cuda.synchronize()
     steady = (time.perf_counter() - t0) / replays
     dist.barrier()
-    return bad, times, steady
+    return bad, times, steady, in_place
 
 
 LARGE_OPS = 4
 
 
-def graph_large(numel: int, replays: int):
-    """LARGE_OPS all_reduces of ``numel`` float32 captured on one tensor of ones, replayed ``replays`` times
-    (refilled between replays, untimed): (whether every replay gave world ** LARGE_OPS exactly, seconds per
-    replay).  Constant inputs keep the check cheap at any size (the bitwise grid is ``graph_run``)."""
-    world = dist.get_world_size()
-    x = torch.ones(numel, dtype=torch.float32, device="cuda")
+def graph_large(numel: int, replays: int, use_pool: bool = False):
+    """LARGE_OPS all_reduces of ``numel`` float32 captured on one tensor (``use_pool``: allocated from
+    ``mooncake.pg.mem_pool()``, so they run on the ranks' tensors), replayed ``replays`` times (refilled
+    between replays, untimed): (whether every replay was exact, seconds per replay, whether the ranks'
+    tensors were read in place).  Rank r's element e is e % 7 + r: small integers, so every sum is exact and
+    a part written to the wrong place shows (the bitwise grid is ``graph_run``)."""
+    import contextlib
+
+    import mooncake.pg as mpg
+    world, rank = dist.get_world_size(), dist.get_rank()
+    pool = mpg.mem_pool() if use_pool else None
+    with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
+        x = torch.empty(numel, dtype=torch.float32, device="cuda")
+    pattern = (torch.arange(numel, device="cuda") % 7).float()
+    want = (pattern * world + world * (world - 1) / 2) * world ** (LARGE_OPS - 1)
 
     def body():
         for _ in range(LARGE_OPS):
             dist.all_reduce(x)
 
+    dev = dist.group.WORLD._plane.g.dev
+    direct_before = dev.direct_captures
     graph = _captured(body)
+    in_place = dev.direct_captures - direct_before == LARGE_OPS
     ok, times = True, []
     for _ in range(replays):
-        x.fill_(1.0)
+        x.copy_(pattern + rank)
         times.append(_timed_replay(graph))
-        ok &= bool(torch.all(x == float(world ** LARGE_OPS)).item())
+        ok &= bool(torch.equal(x, want))
     dist.barrier()
     del graph, x
     torch.cuda.empty_cache()
-    return ok, times
+    return ok, times, in_place
 
 
 COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
@@ -427,15 +449,18 @@ def main() -> int:
             import pg_jobs as J
             c = Cluster(R, "mooncake", device="cuda", timeout_s=180, env={"MOONCAKE_IMPL": "fast"})
             try:
-                for size in [int(x) for x in args.large_sizes.split(",") if x]:
+                for size, use_pool in [(int(x), p) for x in args.large_sizes.split(",") if x for p in (False, True)]:
                     copy_s = c.run(J.copy_time, size, ranks=[0])[0]
-                    res = c.run(P.graph_large, size // 4, 6)
-                    ok = all(r[0] for r in res)
+                    res = c.run(P.graph_large, size // 4, 6, use_pool)
+                    ok = all(r[0] for r in res) and all(r[2] == use_pool for r in res)
                     per_op = statistics.median(sorted(max(ts) for ts in zip(*[r[1] for r in res]))[1:]) / LARGE_OPS
                     failures += not ok
-                    note("PASS" if ok else "FAIL", what="large graph all_reduce exact", ranks=R, bytes=size)
-                    note("BENCH", mode="graph", what="large", ranks=R, bytes=size, per_op_ms=round(per_op * 1e3, 3),
-                         copy_ms=round(copy_s * 1e3, 3), x_floor=round(per_op / (R * copy_s), 2))
+                    memory = "pool tensors" if use_pool else "lanes"
+                    note("PASS" if ok else "FAIL", what="large graph all_reduce exact", memory=memory, ranks=R,
+                         bytes=size, in_place=[r[2] for r in res])
+                    note("BENCH", mode="graph", what="large", memory=memory, ranks=R, bytes=size,
+                         per_op_ms=round(per_op * 1e3, 3), copy_ms=round(copy_s * 1e3, 3),
+                         x_floor=round(per_op / (R * copy_s), 2))
             finally:
                 c.close()
         if "mismatch" in steps:

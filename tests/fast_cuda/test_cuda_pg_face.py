@@ -54,8 +54,22 @@ def test_graph_capture_is_refused_then_group_works(cluster_factory, impl):
 def test_all_reduce_captured_and_replayed_bitwise(cluster_factory):
     """The fast plane's captured all_reduce: every replay's outputs equal the model's fold, bit for bit."""
     import pg_graph as G
-    for bad, _, _ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
+    for bad, *_ in _dist(cluster_factory, 2, "fast").run(G.graph_run, 1000, 3, "float32", timeout_s=240):
         assert not bad, bad[:5]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_all_reduce_on_pool_tensors_captured_bitwise(cluster_factory, dtype):
+    """Captured in-place all_reduces in parts on tensors of ``mooncake.pg.mem_pool()`` run on the ranks'
+    tensors (no lane) and give the model's fold bit for bit; tensors of ordinary memory keep the lanes."""
+    import pg_graph as G
+    c = cluster_factory(3, "mooncake", device="cuda", timeout_s=120,
+                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"})
+    for use_pool in (True, False):
+        for bad, _, _, in_place in c.run(G.graph_run, 5000, 3, dtype, use_pool, timeout_s=240):
+            assert not bad, bad[:5]
+            assert in_place == use_pool
 
 
 @pytest.mark.timeout(300)

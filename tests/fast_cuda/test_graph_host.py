@@ -32,12 +32,23 @@ from mooncake.model import collectives as M  # noqa: E402
 from mooncake.model.reduce import ReduceOp, fold  # noqa: E402
 
 
-def _run_launches(calls: dict[int, GraphCall], active: list[int]) -> None:
+def _run_launches(calls: dict[int, GraphCall], active: list[int], direct: bool = False) -> None:
     """The device path's launches of ``calls`` (rank -> its call) as the kernel runs them: every rank copies
     ``in_bytes`` of its input into its lane, then reads the lanes (fold kinds: ``fold`` over the active
     ranks' parts, ascending; copy kinds: slot s from the lane of rank s, or the root's, zeros for an
-    inactive rank)."""
-    shapes = {r: P._shape(c, active, r) for r, c in calls.items()}
+    inactive rank).  ``direct``: the all_reduce on the ranks' own tensors (every rank offered a pool tensor):
+    rank i folds part i of every tensor into every tensor."""
+    shapes = {r: P._shape(c, active, r, direct=direct) for r, c in calls.items()}
+    if direct:
+        for r, c in calls.items():
+            s, i = shapes[r], active.index(r)
+            assert s.kind == P.KIND_ALL_REDUCE_DIRECT and s.in_bytes == 0 and s.lane_bytes == 0
+            lo, hi = min(s.count, i * s.part), min(s.count, (i + 1) * s.part)
+            parts = [calls[q].input.reshape(-1)[lo:hi] for q in active]
+            result = fold(ReduceOp(s.op), parts)
+            for q in active:
+                calls[q].output.reshape(-1)[lo:hi] = result
+        return
     lanes = {}
     for r, c in calls.items():
         lane = torch.zeros(shapes[r].lane_bytes, dtype=torch.uint8)
@@ -153,24 +164,27 @@ def test_launch_shapes_give_the_models_bits(capacity, active, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("capacity,active", [(2, [0, 1]), (4, [0, 2, 3]), (8, list(range(8)))])
-def test_a_large_all_reduce_in_parts_gives_the_models_bits(monkeypatch, capacity, active, dtype):
+@pytest.mark.parametrize("direct", [False, True], ids=["lanes", "pool-tensors"])
+def test_a_large_all_reduce_in_parts_gives_the_models_bits(monkeypatch, capacity, active, dtype, direct):
     """A captured all_reduce of ``PARTS_MIN_BYTES`` or more runs in parts: each rank folds one part (the
-    model's fold of those elements) and gathers the others' parts.  Sizes that leave the last part short or
-    empty included."""
+    model's fold of those elements) and gathers the others' parts, or, on pool tensors, writes its part into
+    every rank's tensor.  Sizes that leave the last part short or empty included."""
     monkeypatch.setattr(P, "PARTS_MIN_BYTES", 64)
+    if direct and len(active) < 2:
+        pytest.skip("one rank offers nothing")
     mask = [int(r in active) for r in range(capacity)]
     for numel in (40, 700, 2 * P.PART_ALIGN + 1, 3000):
         xs = _inputs(capacity, numel, dtype, numel)
         for red in (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MIN):
             mine = {r: xs[r].clone() for r in active}
             calls = {r: GraphCall("all_reduce", mine[r], mine[r], op=red) for r in active}
-            shape = P._shape(calls[active[0]], active, active[0])
+            shape = P._shape(calls[active[0]], active, active[0], direct=direct)
             in_parts = len(active) > 1 and numel * xs[0].element_size() >= 64
-            assert (shape.kind == P.KIND_ALL_REDUCE_PARTS) == in_parts
+            assert (shape.kind in (P.KIND_ALL_REDUCE_PARTS, P.KIND_ALL_REDUCE_DIRECT)) == (in_parts or direct)
             if in_parts:
                 assert shape.part % P.PART_ALIGN == 0 and shape.part * len(active) >= numel
                 assert shape.rd_off >= shape.in_bytes and shape.lane_bytes >= shape.rd_off + shape.in_bytes
-            _run_launches(calls, active)
+            _run_launches(calls, active, direct)
             want = M.all_reduce(xs, red, mask)
             assert all(torch.equal(mine[r].view(torch.uint8), want[r].view(torch.uint8)) for r in active), \
                 (numel, red)
@@ -202,7 +216,8 @@ def cuda_lib(tmp_path_factory):
 
 
 def test_every_launch_shape_passes_the_kernels_argument_check(cuda_lib, monkeypatch):
-    """Each rank's launch of every capturable call (roots and non-roots, an all_reduce in parts) is accepted by
+    """Each rank's launch of every capturable call (roots and non-roots, an all_reduce in parts, one on pool
+    tensors) is accepted by
     ``mc_pg_dev_launch``'s checks: it fails for want of a driver (cudaErrorInsufficientDriver / NoDevice),
     never with cudaErrorInvalidValue (a non-root's gather once was)."""
     import ctypes
@@ -224,8 +239,8 @@ def test_every_launch_shape_passes_the_kernels_argument_check(cuda_lib, monkeypa
                  GraphCall("broadcast", x, x, root=root),
                  GraphCall("all_to_all", torch.zeros(n * capacity), torch.zeros(n * capacity), capacity)]
         kinds = set()
-        for call in calls:
-            shape = P._shape(call, active, r)
+        for call, direct in [(c, False) for c in calls] + [(calls[0], True)]:
+            shape = P._shape(call, active, r, direct=direct)
             kinds.add(shape.kind)
             a = McPgDevArgs()
             a.n, a.me, a.kind, a.slots, a.root, a.part = len(active), active.index(r), shape.kind, shape.slots, \
@@ -234,7 +249,7 @@ def test_every_launch_shape_passes_the_kernels_argument_check(cuda_lib, monkeypa
                 shape.dtype
             rc = cuda_lib.mc_pg_dev_launch(ctypes.byref(a), 1, 0)
             assert rc != invalid_value, (r, call.kind, shape)
-        assert P.KIND_ALL_REDUCE_PARTS in kinds
+        assert {P.KIND_ALL_REDUCE_PARTS, P.KIND_ALL_REDUCE_DIRECT} <= kinds
 
 
 def test_all_to_all_fingerprint_words_carry_the_element_count():

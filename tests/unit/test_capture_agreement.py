@@ -75,3 +75,20 @@ def test_a_garbage_record_is_a_clear_error(bad):
     store.set("g/capture/3/0/1", bad)
     out = _capture_on_ranks(store, {0: _fp(16)}, active=[0, 1])
     assert "rank 1's captured call" in str(out[0]), out[0]
+
+
+def test_every_rank_gets_every_ranks_offer():
+    store = dist.HashStore()
+    out: dict[int, object] = {}
+
+    def one(rank):
+        out[rank] = agree_on_capture(store, "g", 3, 0, rank, [0, 1, 2], _fp(16), 5.0, "all_reduce",
+                                     offer=b"" if rank == 1 else bytes([rank]) * 40)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    want = {0: bytes(40), 1: b"", 2: b"\x02" * 40}
+    assert out == {0: want, 1: want, 2: want}

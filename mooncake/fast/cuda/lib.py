@@ -62,6 +62,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32),
         "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
         "mc_vmm_free": ([i64, i64], i32),
+        "mc_pool_find": ([i64, pi64, pi64, pi32, pi64], i32),
         "mc_store64": ([i32, i64, i64], i32), "mc_load64": ([i32, i64, pi64], i32),
         "mc_ep_dispatch": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),

@@ -151,7 +151,7 @@ from ...control.wire import OpCode
 from ...model.reduce import DTYPE_CODES, ReduceOp, fold
 from ..cpu import native
 from ..cpu.segment import Segment, SegmentError, host_identity
-from . import shared
+from . import pool, shared
 
 EMULATE_ENV = "MOONCAKE_FAST_CUDA_EMULATE"
 EXACT_HOST_ENV = "MOONCAKE_FAST_CUDA_EXACT_HOST"
@@ -196,11 +196,13 @@ GRAPH_BIT = 1 << (SEQ_BITS - 1)  # in the keys of captured ops
 # what one launch of the device path moves (McPgDevArgs.kind): fold kinds, then copy kinds
 KIND_ALL_REDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER, KIND_ALL_TO_ALL, KIND_BROADCAST = range(5)
 KIND_ALL_REDUCE_PARTS = 5  # a large all_reduce in two phases: every rank folds one part, then gathers the parts
+KIND_ALL_REDUCE_DIRECT = 6  # in parts on the ranks' own tensors (pool memory): fold one part into every tensor
 _KIND_NAMES = {KIND_ALL_REDUCE: "all_reduce", KIND_REDUCE_SCATTER: "reduce_scatter", KIND_ALL_GATHER: "all_gather",
-               KIND_ALL_TO_ALL: "all_to_all", KIND_BROADCAST: "broadcast", KIND_ALL_REDUCE_PARTS: "all_reduce in parts"}
+               KIND_ALL_TO_ALL: "all_to_all", KIND_BROADCAST: "broadcast", KIND_ALL_REDUCE_PARTS: "all_reduce in parts",
+               KIND_ALL_REDUCE_DIRECT: "all_reduce on pool tensors"}
 # a captured call's kind -> the launch that runs it: reduce is an all_reduce that only its root reads out, gather
 # an all_gather that only its root reads, scatter a broadcast of every slot from which each rank reads its own
-GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items() if k != KIND_ALL_REDUCE_PARTS},
+GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items() if k not in (KIND_ALL_REDUCE_PARTS, KIND_ALL_REDUCE_DIRECT)},
                "reduce": KIND_ALL_REDUCE, "gather": KIND_ALL_GATHER,
                "scatter": KIND_BROADCAST}
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
@@ -208,6 +210,7 @@ L_HANDLE = 11  # 8 words: the lane's share handle (shared.HANDLE, zero-padded to
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
 L_SLOTS = 21  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
 
+_OFFSET = struct.Struct("<q")  # a pool tensor's offset in its segment (capture_offer)
 _RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
 
 QUEUED, DEVICE, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(11)
@@ -607,6 +610,8 @@ class _DevicePath:
         self.handled = -1  # trouble of this view epoch and earlier was raised already
         self.outcomes = {"done": 0, "published": 0, "not posted": 0}  # how eager launches ended (tests, stats)
         self.args: dict[tuple, object] = {}  # kernel arguments by call shape (McPgDevArgs)
+        self.pool_maps: dict[bytes, shared.Mapping] = {}  # peers' pool segments captured ops read (by handle)
+        self.direct_captures = 0  # captured ops that run on the ranks' own tensors (tests, stats)
         self.trace: torch.Tensor | None = None  # TRACE_ENV: the kernels' step times (McPgDevArgs.trace)
         if os.environ.get(TRACE_ENV, "").strip() == "1" and not mem.emulated:
             shape = (ctypes.c_int32 * 3)()
@@ -653,10 +658,11 @@ class _DevicePath:
                 self.g.mem.unmap_host(mapped[0])
             p.close()
         self.retired_peers.clear()
-        for buf in list(self.graph_lanes.values()) + self.retired:
+        for buf in list(self.graph_lanes.values()) + self.retired + list(self.pool_maps.values()):
             buf.close()
         self.graph_lanes.clear()
         self.retired.clear()
+        self.pool_maps.clear()
 
     # ---- eager operations ----------------------------------------------------------------------------
     def eager_ok(self, op: "_AllReduce") -> bool:
@@ -697,23 +703,25 @@ class _DevicePath:
                 self._emulate(op, lanes, nb)
             else:
                 ctls = tuple(self.mapped[r][1] for r in op.active)
-                self._launch(op.active, op.me, ctls, ctls, (lanes, lanes), (base, base), op.tensor, op.op, op.key,
+                addrs = tuple(x.data_ptr() for x in lanes)
+                self._launch(op.active, op.me, ctls, ctls, (addrs, addrs), (base, base), op.tensor, op.op, op.key,
                              op.fp, DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
             op.ev = g.mem.record(op.stream)
 
     def _launch(self, active, me, ctls, notes, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
                 shape: "_Shape | None" = None) -> None:
         """Enqueue the kernel(s) on ``stream``: ``ctls`` the device addresses of the active ranks' words
-        (captured: their pads), ``notes`` of their host control words, ``lanes`` their lane buffers for lane
-        parity 0 and 1, ``bases`` the lane blocks' word indices; what is copied in and read: ``shape`` (None:
-        all_reduce of ``tensor`` in place)."""
+        (captured: their pads), ``notes`` of their host control words, ``lanes`` the addresses of their lane
+        buffers (or, for an all_reduce on pool tensors, of their tensors) for lane parity 0 and 1, ``bases``
+        the lane blocks' word indices; what is copied in and read: ``shape`` (None: all_reduce of ``tensor``
+        in place)."""
         from .lib import McPgDevArgs, check
         g, mem = self.g, self.g.mem
         if shape is None:
             nb, p = _nbytes(tensor), tensor.data_ptr()
             shape = _Shape(KIND_ALL_REDUCE, p, p, nb, 0, tensor.numel(), 1, -1, int(redop), DTYPE_CODES[tensor.dtype],
                            nb, nb)
-        ptrs = (tuple(x.data_ptr() for x in lanes[0]), tuple(x.data_ptr() for x in lanes[1]))
+        ptrs = (tuple(lanes[0]), tuple(lanes[1]))
         call = (active, ctls, notes, ptrs, bases, shape, fp, timeout_s, graph, flag)
         a = self.args.get(call)
         if a is None:  # arguments of a call seen before are reused with a new key (DDP's buckets, decode steps)
@@ -789,13 +797,49 @@ class _DevicePath:
             return f"captured collectives take groups of up to {self.max_ranks} active ranks"
         return None
 
-    def capture(self, view, call, fp: Fingerprint, timeout_s: float) -> None:
+    def capture_offer(self, view, call) -> bytes:
+        """For an all_reduce that runs in parts, in place on a tensor of a pool (``pool.mem_pool``): the
+        pool segment's handle and the tensor's offset in it (40 bytes); else nothing."""
+        x = call.input
+        if (call.kind != "all_reduce" or call.output.data_ptr() != x.data_ptr() or len(view.active) < 2
+                or _nbytes(x) < PARTS_MIN_BYTES):
+            return b""
+        found = pool.share(self.g.mem.lib, x.data_ptr())
+        return b"" if found is None else found[0] + _OFFSET.pack(found[1])
+
+    def _direct_addrs(self, active, call, offers: dict[int, bytes], timeout_s: float) -> tuple[int, ...] | None:
+        """Every active rank's tensor address here where every rank offered one (``capture_offer``), mapping
+        the peers' pool segments (kept until close: graphs hold the addresses); else None."""
+        if not all(len(offers.get(r, b"")) == shared.HANDLE.size + _OFFSET.size for r in active):
+            return None
+        addrs = []
+        for r in active:
+            if r == self.g.rank:
+                addrs.append(call.input.data_ptr())
+                continue
+            handle, offset = offers[r][:shared.HANDLE.size], _OFFSET.unpack_from(offers[r], shared.HANDLE.size)[0]
+            m = self.pool_maps.get(handle)
+            if m is None:
+                try:
+                    m = shared.attach(self.g.mem.lib, self.g.mem.index, handle, min(timeout_s, SHARE_FETCH_S))
+                except shared.FetchError as exc:
+                    raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r}'s tensor (pool memory) "
+                                        f"could not be mapped: {exc}") from None
+                self.pool_maps[handle] = m
+            addrs.append(m.addr + offset)
+        return tuple(addrs)
+
+    def capture(self, view, call, fp: Fingerprint, timeout_s: float, offers: dict[int, bytes]) -> None:
         """Enqueue ``call`` (a ``GraphCall``) of ``view`` on the capturing stream: keys from the count word
         at run time, the graph lanes (grown now, while capturing, if too small; the peers' as they grow
-        them in their own capture of the same call, waited for up to ``timeout_s``)."""
+        them in their own capture of the same call, waited for up to ``timeout_s``), or the ranks' own
+        tensors where every rank offered its tensor's pool segment (``offers``: ``capture_offer`` of each)."""
         g = self.g
         active = tuple(view.active)
-        shape = _shape(call, active, g.rank)
+        with g.mem.relaxed_capture():  # mapping peers' memory is not capturable
+            direct = self._direct_addrs(active, call, offers, timeout_s)
+        shape = _shape(call, active, g.rank, direct=direct is not None)
+        self.direct_captures += direct is not None
         nb = max(shape.lane_bytes, 1)
         bases = tuple(g.layout.lane[x] for x in GRAPH_LANES)
         pad_base, pad_bytes = g.layout.lane[PAD_LANE], g.layout.words * 8
@@ -825,7 +869,8 @@ class _DevicePath:
                                             "every rank of the group must capture the same calls in the same order")
                     time.sleep(0.001)
         with g.lock, g.mem.relaxed_capture():
-            lanes = [[mine[i] if r == g.rank else peers[r].lane_view(g.mem, lane, bases[i]) for r in active]
+            lanes = [direct or tuple((mine[i] if r == g.rank else peers[r].lane_view(g.mem, lane, bases[i])).data_ptr()
+                                     for r in active)
                      for i, lane in enumerate(GRAPH_LANES)]
             ctls = notes if pad is None else tuple(
                 (pad if r == g.rank else peers[r].lane_view(g.mem, PAD_LANE, pad_base)).data_ptr() for r in active)
@@ -963,9 +1008,10 @@ def _part_elems(numel: int, n: int) -> int:
     return -(-per // PART_ALIGN) * PART_ALIGN
 
 
-def _shape(call, active: Sequence[int], rank: int) -> _Shape:
+def _shape(call, active: Sequence[int], rank: int, direct: bool = False) -> _Shape:
     """The launch of ``call`` (a ``GraphCall``) on group rank ``rank`` of a view whose active ranks are
-    ``active`` (ascending)."""
+    ``active`` (ascending); ``direct``: an all_reduce in parts on the ranks' own tensors (every rank offered
+    its pool tensor)."""
     kind = GRAPH_KINDS[call.kind]
     x, y = call.input, call.output
     nin, nout = _nbytes(x), _nbytes(y)
@@ -981,6 +1027,9 @@ def _shape(call, active: Sequence[int], rank: int) -> _Shape:
         size = max(active) + 1
         return _Shape(kind, src, dst, size * nout if root_reads else 0, rank * nout, nout, 1, active.index(call.root),
                       0, dtype, size * nout, nout)
+    if direct:  # fold a part of every rank's tensor into every rank's tensor
+        return _Shape(KIND_ALL_REDUCE_DIRECT, src, dst, 0, 0, x.numel(), 1, -1, int(call.op), dtype, 0, nout,
+                      _part_elems(x.numel(), len(active)))
     if kind == KIND_ALL_REDUCE and len(active) > 1 and nin >= PARTS_MIN_BYTES:  # fold a part, gather the parts
         return _Shape(KIND_ALL_REDUCE_PARTS, src, dst, nin, _align(nin), x.numel(), 1, -1, int(call.op), dtype,
                       _align(nin) + nin, nout, _part_elems(x.numel(), len(active)))
@@ -2149,9 +2198,14 @@ class FastCudaGroup:
             return self.g.dev_reason or "the device path is off"
         return self.g.dev.capture_refusal(view, call)
 
-    def capture(self, view, call, fp: Fingerprint, timeout_s: float) -> None:
-        """Enqueue ``call`` into the graph being captured (``capture_refusal`` said None)."""
-        self.g.dev.capture(view, call, fp, timeout_s)
+    def capture_offer(self, view, call) -> bytes:
+        """What this rank offers its peers for ``call`` at capture (``_DevicePath.capture_offer``)."""
+        return self.g.dev.capture_offer(view, call)
+
+    def capture(self, view, call, fp: Fingerprint, timeout_s: float, offers: dict[int, bytes]) -> None:
+        """Enqueue ``call`` into the graph being captured (``capture_refusal`` said None); ``offers``: every
+        active rank's ``capture_offer``."""
+        self.g.dev.capture(view, call, fp, timeout_s, offers)
 
     def graph_trouble(self) -> tuple[int, bool, frozenset[int]] | None:
         """What replayed captured ops ran into since the last call (``_DevicePath.trouble``), or None."""

@@ -1,0 +1,79 @@
+"""Memory for tensors the CUDA PG plane reads and writes in place: a ``torch.cuda.MemPool`` whose segments
+are shareable allocations (``mc_pool_alloc`` / ``mc_pool_free`` in ``csrc/mooncake_ep_cuda.cu``, the memory of
+``shared.allocate``), so a peer process on the host maps them.
+
+    pool = mooncake.pg.mem_pool()
+    with torch.cuda.use_mem_pool(pool):
+        grads = torch.empty(n, device="cuda")
+
+An all_reduce of ``PARTS_MIN_BYTES`` or more captured in a CUDA graph, in place, on a tensor from such a pool
+on every rank runs on the ranks' tensors directly (``mooncake/fast/cuda/pg.py``, "CUDA graphs"): no copy
+into a lane, each rank reads the message once and writes it once.  Other tensors take the lanes.
+
+``share(lib, addr)`` exports the segment holding ``addr`` to the process's descriptor server once (peers map
+it with ``shared.attach``) and returns its handle and ``addr``'s offset in it.  A segment the pool freed stays
+served, and so alive, until the next ``share`` call notices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+
+from . import shared
+
+_lock = threading.Lock()
+_served: dict[int, tuple[int, bytes, int]] = {}  # segment base -> (segment id, handle, token)
+
+
+def mem_pool() -> "torch.cuda.MemPool":
+    """A new ``torch.cuda.MemPool`` over shareable memory (raises ``MooncakeError`` where the CUDA library
+    or shareable memory is unavailable)."""
+    from ...control.errors import MooncakeError
+    from .lib import load
+    lib, reason = load()
+    if lib is None:
+        raise MooncakeError(f"mem_pool: the CUDA library is unavailable: {reason}")
+    why = ctypes.c_int(0)
+    device = torch.cuda.current_device()
+    if not lib.mc_vmm_supported(device, ctypes.byref(why)):
+        raise MooncakeError(f"mem_pool: device {device} cannot share memory between processes "
+                            f"(mc_vmm_supported reason {why.value})")
+    allocator = torch.cuda.memory.CUDAPluggableAllocator(lib._name, "mc_pool_alloc", "mc_pool_free")
+    return torch.cuda.MemPool(allocator.allocator())
+
+
+def share(lib, addr: int) -> tuple[bytes, int] | None:
+    """``(handle, offset)`` of the pool segment holding device address ``addr``, exported once; None where
+    ``addr`` is not pool memory."""
+    base, size, fd, sid = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
+    if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
+        return None
+    if fd.value < 0:
+        raise OSError(f"duplicating the descriptor of the pool segment at {base.value:#x} failed")
+    with _lock:
+        _forget_freed(lib)
+        have = _served.get(base.value)
+        if have is not None and have[0] == sid.value:
+            os.close(fd.value)
+            return have[1], addr - base.value
+        if have is not None:
+            shared.withdraw(have[2])
+        handle, token = shared.export(fd.value, size.value)
+        _served[base.value] = (sid.value, handle, token)
+        return handle, addr - base.value
+
+
+def _forget_freed(lib) -> None:
+    """(Under ``_lock``) stop serving segments the pool freed (their base is gone, or holds a newer one)."""
+    for b, (sid, _, token) in list(_served.items()):
+        base, size, fd, now = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
+        found = lib.mc_pool_find(b, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(now))
+        if found and fd.value >= 0:
+            os.close(fd.value)
+        if not found or base.value != b or now.value != sid:
+            shared.withdraw(token)
+            del _served[b]
