@@ -113,9 +113,15 @@ next call raises (``check_graphs`` in the PG face): no re-post inside a graph, t
 valid.  Concurrent captured ops of one group (forked streams inside a
 graph) would share the lanes: a group's captured ops must be ordered on one stream.
 
-Not done: zero-copy from the caller's tensors, the device path for the other eager collectives and for large
-all_reduce (two-phase on the device), capture of uneven all_to_all splits, list forms of reduce_scatter and
-all_to_all, barrier and P2P.
+Tensors in place: a captured in-place all_reduce in parts whose tensor lies in pool memory (``pool.py``,
+``mooncake.pg.mem_pool``) on every rank runs on the ranks' tensors (``KIND_ALL_REDUCE_DIRECT``): at capture
+each rank offers its pool segment's handle and the tensor's offset (``capture_offer``, carried by the
+capture check's Store record), and where every active rank offered one, each maps its peers' segments and
+the kernel reads and writes the tensors themselves, no lane.
+
+Not done: zero-copy for eager operations (a re-post needs the input, so they keep their lane copy), the
+device path for the other eager collectives and for large eager all_reduce, capture of uneven all_to_all
+splits, list forms of reduce_scatter and all_to_all, barrier and P2P.
 
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
