@@ -810,7 +810,12 @@ class _DevicePath:
         if (call.kind != "all_reduce" or call.output.data_ptr() != x.data_ptr() or len(view.active) < 2
                 or _nbytes(x) < PARTS_MIN_BYTES):
             return b""
-        found = pool.share(self.g.mem.lib, x.data_ptr())
+        try:
+            found = pool.share(self.g.mem.lib, x.data_ptr())
+        except OSError as exc:  # offering nothing keeps every rank on the lanes
+            log.logger.warning("rank %d: fast CUDA plane: the pool tensor of a captured %s cannot be shared, it "
+                               "takes the lanes: %s", self.g.rank, call.kind, exc)
+            return b""
         return b"" if found is None else found[0] + _OFFSET.pack(found[1])
 
     def _direct_addrs(self, active, call, offers: dict[int, bytes], timeout_s: float) -> tuple[int, ...] | None:
