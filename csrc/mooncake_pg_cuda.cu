@@ -327,15 +327,18 @@ __device__ __forceinline__ int fold_range(T* const* in, int n, T* const* out, in
                                           int64_t nthreads) {
   using A = typename Acc<T>::type;
   int bad = 0;
+  constexpr int kBatch = 8;  // inputs whose elements are loaded at once (in flight together), then folded in order
   for (int64_t e = tid; e < numel; e += nthreads) {
-    T x[kDevMaxRanks];  // every input's element in flight at once, then the fold in order
+    A acc = A(0);
+    for (int first = 0; first < n; first += kBatch) {
+      T x[kBatch];
 #pragma unroll
-    for (int i = 0; i < kDevMaxRanks; ++i)
-      if (i < n) x[i] = __ldcg(in[i] + e);
-    A acc = widen(x[0]);
+      for (int j = 0; j < kBatch; ++j)
+        if (first + j < n) x[j] = __ldcg(in[first + j] + e);
 #pragma unroll
-    for (int i = 1; i < kDevMaxRanks; ++i)
-      if (i < n) acc = combine<OP>(acc, widen(x[i]));
+      for (int j = 0; j < kBatch; ++j)
+        if (first + j < n) acc = first + j == 0 ? widen(x[0]) : combine<OP>(acc, widen(x[j]));
+    }
     const T v = narrow<T>(finalize<OP>(acc, n, bad));
     for (int j = 0; j < nout; ++j) out[j][e] = v;
   }
@@ -394,7 +397,7 @@ __device__ __forceinline__ void finish_op(const McPgDevArgs& a, int64_t* mine, i
 }
 
 template <typename T, int OP>
-__global__ void __launch_bounds__(kDevThreads) dev_collective(McPgDevArgs a) {
+__global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
   __shared__ int s_go;
   mc_sync::wait_previous_grid();
@@ -558,7 +561,9 @@ cudaError_t dev_launch_one(const McPgDevArgs& a, int blocks, cudaStream_t stream
   cfg.blockDim = dim3(kDevThreads);
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = overlapping_launch() ? 1 : 0;
+  // single-block launches only: an overlapped launch holds its blocks on the SMs while it waits, and the blocks
+  // of every rank's multi-block launches must fit there together (they wait on one another)
+  cfg.numAttrs = blocks == 1 && overlapping_launch() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, dev_collective<T, OP>, a);
 }
 
