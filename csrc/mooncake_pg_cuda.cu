@@ -176,8 +176,10 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //   RED == k (every part is in, and nobody reads this rank's tensor any more), then FREE, DONE.  Per rank
 //   the message is read once and written once.
 //
-// Launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a kernel starts
-// by waiting for its predecessor's end, so only the launch latency is hidden.
+// Single-block launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a
+// kernel starts by waiting for its predecessor's end, so only the launch latency is hidden.  Multi-block
+// launches do not: the blocks of every rank's launch wait on one another, so they must all be resident at
+// once (at least two blocks per SM), and an overlapped launch would hold SMs while it waits.
 // Every wait of a launch ends by the launch's start + timeout_ns (GPU clock; the two launches of a
 // multi-block operation each have their own start); a wait that passes it gives up: the kernel exits without
 // writing the output (a block that gets past step 2's wait writes its part of it; the host protocol writes
