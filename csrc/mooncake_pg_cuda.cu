@@ -174,7 +174,10 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //   through with it); in step 2 active rank i folds part i of every tensor and writes the result into part i
 //   of every tensor (nobody else reads or writes part i), then RED = k; step 3 waits until every rank's
 //   RED == k (every part is in, and nobody reads this rank's tensor any more), then FREE, DONE.  Per rank
-//   the message is read once and written once.
+//   the message is read once and written once.  Before writing, every block of step 2 writes HOLD = k and,
+//   after a system fence, checks that every PUB is still k; its last block writes DRAIN = k (this rank's
+//   writes into the peers' tensors are over).  A rank that gives up withdraws its PUB and waits for the
+//   DRAIN of every peer whose HOLD = k (withdraw), so no peer writes into its tensor after its op ended.
 //
 // Single-block launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a
 // kernel starts by waiting for its predecessor's end, so only the launch latency is hidden.  Multi-block
@@ -197,7 +200,9 @@ constexpr int kDevMaxRanks = 16;
 constexpr int kDevThreads = 512;
 // word indices, as mooncake/fast/cuda/pg.py lays them out (checked there through mc_pg_dev_layout)
 constexpr int kWGraphEpoch = 10, kWGraphTrouble = 11, kWGraphCount = 12, kWGraphStale = 13;
-constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLRed = 9, kLMetaNumel = 19, kLMetaSlots = 20;
+constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLRed = 9, kLMetaNumel = 19, kLMetaSlots = 20,
+              kLDrain = 21;
+constexpr int64_t kWithdrawn = 1LL << 62;  // PUB = key | this: a direct op's rank gave up, nobody writes its tensor
 constexpr int kSeqBits = 40;
 constexpr int64_t kGraphBit = 1LL << (kSeqBits - 1);
 // what a launch moves (mooncake/fast/cuda/pg.py, KIND_*): fold kinds first
@@ -265,6 +270,25 @@ __device__ __forceinline__ void give_up(const McPgDevArgs& a, int64_t key) {
       const int64_t have = mc_sync::ld_acquire_sys(t);
       if (have == 0 || (have >> kSeqBits) < (key >> kSeqBits)) mc_sync::st_release_sys(t, key);
     }
+  }
+}
+
+// A direct op (kAllReduceDirect) this rank gave up, its last block of the step, thread 0: once its kernel ends,
+// no peer may write into its tensor.  PUB = key | kWithdrawn, then a system fence: a peer that re-checks PUB
+// after that (every block does, after its HOLD = key and a fence, before writing) writes nothing; a peer whose
+// HOLD = key may have passed its re-check, so wait until it reports DRAIN = key (its blocks are through
+// writing; every rank writes DRAIN before it waits here, so two ranks never wait on each other; bounded by a
+// fresh timeout).
+__device__ void withdraw(const McPgDevArgs& a, int64_t* mine, int64_t base, int64_t key) {
+  mc_sync::st_relaxed_sys(mine + base + kLPub, key | kWithdrawn);
+  __threadfence_system();
+  const uint64_t since = mc_sync::global_timer_ns();
+  for (int i = 0; i < a.n; ++i) {
+    const int64_t* w = words(a, i);
+    if (i == a.me || mc_sync::ld_relaxed_sys(w + base + kLHold) != key) continue;
+    while (mc_sync::ld_acquire_sys(w + base + kLDrain) != key &&
+           static_cast<int64_t>(mc_sync::global_timer_ns() - since) <= a.timeout_ns)
+      __nanosleep(256);
   }
 }
 
@@ -459,11 +483,11 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
     if (threadIdx.x == 0) {
       if (!released) give_up(a, key);
       if (last_block(a, 0, !released, &failed) && !failed) {  // every block copied its part: publish
-        __threadfence_system();
         mine[base + kLMeta] = a.fp[0];
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];
-        mc_sync::st_relaxed_sys(mine + base + kLPub, key);  // after the fence
+        __threadfence_system();  // releases the copy and the fingerprint words with PUB
+        mc_sync::st_relaxed_sys(mine + base + kLPub, key);
         trace(a, key, kPublished);
       }
     }
@@ -490,8 +514,21 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
                        : w[base + kLMeta] == a.fp[0] && w[base + kLMetaNumel] == a.fp[1] &&
                              w[base + kLMetaSlots] == a.fp[2];
     }
-    const bool ok = __syncthreads_and(published && same) != 0;
+    bool ok = __syncthreads_and(published && same) != 0;
     trace(a, key, kPeersPublished);
+    const bool direct = a.kind == kAllReduceDirect;
+    if (ok && direct) {  // this block writes into the peers' tensors only if none withdrew (see withdraw)
+      __shared__ int s_still;
+      if (threadIdx.x == 0) {
+        mc_sync::st_relaxed_sys(mine + base + kLHold, key);
+        __threadfence_system();
+        int still = 1;
+        for (int i = 0; i < a.n; ++i) still &= mc_sync::ld_relaxed_sys(words(a, i) + base + kLPub) == key;
+        s_still = still;
+      }
+      __syncthreads();
+      ok = s_still != 0;
+    }
     if (ok) {
       if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_relaxed_sys(mine + base + kLHold, key);  // orders nothing
       read_lanes<T, OP>(a, par, tid, nthreads);
@@ -500,7 +537,13 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
     if (threadIdx.x == 0) {
       if (!ok) give_up(a, key);
       trace(a, key, kRead);
-      if (last_block(a, 1, !ok, &failed) && !failed) {  // every block read (or folded) its part
+      const bool last = last_block(a, 1, !ok, &failed);
+      if (last && direct) {  // every block of this rank is through writing into the peers' tensors
+        __threadfence_system();
+        mc_sync::st_relaxed_sys(mine + base + kLDrain, key);  // before any wait for a peer's DRAIN
+        if (failed) withdraw(a, mine, base, key);
+      }
+      if (last && !failed) {  // every block read (or folded) its part
         if (parts) {
           __threadfence_system();
           mc_sync::st_release_sys(mine + base + kLRed, key);  // this rank's part is in its result region
@@ -532,7 +575,9 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
   __syncthreads();
   if (threadIdx.x == 0) {
     if (!reduced) give_up(a, key);
-    if (last_block(a, 2, !reduced, &failed) && !failed) {  // every block copied its share: done
+    const bool last = last_block(a, 2, !reduced, &failed);
+    if (last && failed && own && a.kind == kAllReduceDirect) withdraw(a, mine, base, key);  // (else step 2 did)
+    if (last && !failed) {  // every block copied its share: done
       finish_op(a, mine, base, key);
       trace(a, key, kFinished);
     }
@@ -540,15 +585,17 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
 }
 
 // Whether the current device schedules a kernel before the previous one of its stream ended (programmatic
-// dependent launch, sm_90+): the kernel's launch then overlaps its predecessor's last instructions.
+// dependent launch: sm_90+, and a driver of CUDA 12.3+, which also captures it in graphs): the kernel's launch
+// then overlaps its predecessor's last instructions.
 bool overlapping_launch() {
-  static int cached[64] = {};  // per device: 0 unknown, 1 no, 2 yes
+  static int cached[64] = {};  // per device: 0 unknown, 1 no, 2 yes (threads racing here store the same value)
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
   if (cached[dev] == 0) {
-    int major = 0;
+    int major = 0, driver = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cached[dev] = major >= 9 ? 2 : 1;
+    cudaDriverGetVersion(&driver);
+    cached[dev] = major >= 9 && driver >= 12030 ? 2 : 1;
   }
   return cached[dev] == 2;
 }
@@ -566,7 +613,9 @@ cudaError_t dev_launch_one(const McPgDevArgs& a, int blocks, cudaStream_t stream
   // single-block launches only: an overlapped launch holds its blocks on the SMs while it waits, and the blocks
   // of every rank's multi-block launches must fit there together (they wait on one another)
   cfg.numAttrs = blocks == 1 && overlapping_launch() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, dev_collective<T, OP>, a);
+  const cudaError_t rc = cudaLaunchKernelEx(&cfg, dev_collective<T, OP>, a);
+  if (rc != cudaSuccess) cudaGetLastError();  // returned here: not left for the caller's next launch check
+  return rc;
 }
 
 template <typename T>
@@ -629,11 +678,11 @@ MC_API void mc_pg_dev_trace_shape(int32_t* out) {
 }
 
 // The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS,
-// graph trouble, graph count, graph stale.
+// graph trouble, graph count, graph stale, DRAIN.
 MC_API void mc_pg_dev_layout(int64_t* out) {
-  const int64_t w[11] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots,
-                         kWGraphTrouble, kWGraphCount, kWGraphStale};
-  for (int i = 0; i < 11; ++i) out[i] = w[i];
+  const int64_t w[12] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots,
+                         kWGraphTrouble, kWGraphCount, kWGraphStale, kLDrain};
+  for (int i = 0; i < 12; ++i) out[i] = w[i];
 }
 
 // Enqueue one operation of the device protocol on `stream`: blocks == 1 runs every step in one kernel, more

@@ -214,7 +214,8 @@ GRAPH_KINDS = {**{v: k for k, v in _KIND_NAMES.items() if k not in (KIND_ALL_RED
 L_PUB, L_META, L_NSLOTS, L_NBYTES, L_GEN, L_SIZE, L_DONE, L_HOLD, L_FREE, L_RED, L_RESULT = range(11)
 L_HANDLE = 11  # 8 words: the lane's share handle (shared.HANDLE, zero-padded to 64 bytes)
 L_META_NUMEL, L_META_SLOTS = 19, 20  # with L_META and the vectors after the slots: the call's fingerprint
-L_SLOTS = 21  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
+L_DRAIN = 21  # an all_reduce on pool tensors: this rank's writes into its peers' tensors are over (the kernel's)
+L_SLOTS = 22  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
 
 _OFFSET = struct.Struct("<q")  # a pool tensor's offset in its segment (capture_offer)
 _RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
@@ -589,10 +590,10 @@ class _DevicePath:
         mem = g.mem
         if not mem.emulated:
             from .lib import DEV_MAX_RANKS
-            layout = (ctypes.c_int64 * 11)()
+            layout = (ctypes.c_int64 * 12)()
             mem.lib.mc_pg_dev_layout(layout)
             want = (W_GRAPH_EPOCH, L_PUB, L_META, L_DONE, L_HOLD, L_FREE, L_META_NUMEL, L_META_SLOTS,
-                    W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE)
+                    W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE, L_DRAIN)
             if tuple(layout) != want:
                 raise MooncakeError(f"the CUDA library's control-word layout {tuple(layout)} is not this "
                                     f"mooncake's {want}: rebuild it")

@@ -50,11 +50,11 @@ def share(lib, addr: int) -> tuple[bytes, int] | None:
     """``(handle, offset)`` of the pool segment holding device address ``addr``, exported once; None where
     ``addr`` is not pool memory."""
     base, size, fd, sid = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
-    if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
-        return None
-    if fd.value < 0:
-        raise OSError(f"duplicating the descriptor of the pool segment at {base.value:#x} failed")
-    with _lock:
+    with _lock:  # the lookup too: a stale one must not replace a newer export of the same address
+        if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
+            return None
+        if fd.value < 0:
+            raise OSError(f"duplicating the descriptor of the pool segment at {base.value:#x} failed")
         _forget_freed(lib)
         have = _served.get(base.value)
         if have is not None and have[0] == sid.value:
