@@ -177,7 +177,10 @@ cudaError_t launch_typed(int op, const FoldInputs& in, int n, void* out, int64_t
 //   the message is read once and written once.  Before writing, every block of step 2 writes HOLD = k and,
 //   after a system fence, checks that every PUB is still k; its last block writes DRAIN = k (this rank's
 //   writes into the peers' tensors are over).  A rank that gives up withdraws its PUB and waits for the
-//   DRAIN of every peer whose HOLD = k (withdraw), so no peer writes into its tensor after its op ended.
+//   DRAIN of every peer whose HOLD = k (withdraw), so no peer writes into its tensor after its op ended; a
+//   peer's withdrawn PUB ends the waits for it at once.  Run as one launch per step, the first launch notes
+//   whether it published (arrive word 2 * kSteps), and the later ones then run whatever the trouble and
+//   epoch words say (exiting at once would leave a published tensor open to its peers).
 //
 // Single-block launches on sm_90+ overlap the stream's previous kernel (programmatic dependent launch): a
 // kernel starts by waiting for its predecessor's end, so only the launch latency is hidden.  Multi-block
@@ -292,20 +295,24 @@ __device__ void withdraw(const McPgDevArgs& a, int64_t* mine, int64_t base, int6
   }
 }
 
-// Every thread of the block: thread i < n spins until cond(i) holds for active rank i (not this rank), or
-// the launch's deadline; true on every thread iff it held for every rank.
+// Every thread of the block: thread i < n spins while cond(i) is 0 for active rank i (not this rank): > 0 it
+// holds, < 0 it never will (a peer withdrew), or until the launch's deadline; true on every thread iff it held
+// for every rank.
 template <typename Cond>
 __device__ bool wait_all(const McPgDevArgs& a, uint64_t start, Cond cond) {
   bool ok = true;
   const int i = static_cast<int>(threadIdx.x);
   if (i < a.n && i != a.me) {
-    while (!cond(i)) {
+    int c = cond(i);
+    while (c == 0) {
       if (static_cast<int64_t>(mc_sync::global_timer_ns() - start) > a.timeout_ns) {
-        ok = cond(i);
+        c = cond(i);
         break;
       }
       __nanosleep(32);
+      c = cond(i);
     }
+    ok = c > 0;
   }
   return __syncthreads_and(ok) != 0;
 }
@@ -431,6 +438,10 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
   const uint64_t start = mc_sync::global_timer_ns();
   const long long start_clock = clock64();
   bool failed = false;
+  // a direct op run as one launch per step: whether its first launch published (then its later launches go
+  // on whatever the trouble and epoch words say: a peer may be writing into this rank's tensor, see withdraw)
+  const bool steps_apart = a.kind == kAllReduceDirect && gridDim.x > 1;
+  int* went = reinterpret_cast<int*>(a.arrive) + 2 * kSteps;
   if (threadIdx.x == 0) {
     int64_t key = a.key;
     int go = 1;
@@ -441,7 +452,9 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       const int64_t trouble = mc_sync::ld_relaxed_sys(own + kWGraphTrouble);
       const int64_t view = mc_sync::ld_relaxed_sys(own + kWGraphEpoch);
       key |= (ran >> kSeqBits) == epoch ? (ran & (kGraphBit - 1)) : 0;
-      if (view != epoch) {  // captured under an earlier view
+      if (steps_apart && !(a.phase & 1)) {  // written by the first launch (stream order)
+        go = *reinterpret_cast<volatile int*>(went);
+      } else if (view != epoch) {  // captured under an earlier view
         int64_t* stale = reinterpret_cast<int64_t*>(a.note[a.me]) + kWGraphStale;
         if (mc_sync::ld_acquire_sys(stale) == 0) mc_sync::st_release_sys(stale, key);
         go = 0;
@@ -450,7 +463,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       }
       if (!go) {  // the block counters stay right for the next launch
         for (int step = 0; step < kSteps; ++step)
-          if (a.phase & (1 << step)) last_block(a, step, true, &failed);
+          if (a.phase & (1 << step) && last_block(a, step, true, &failed) && step == 0 && steps_apart) *went = 0;
       }
     }
     s_key = key;
@@ -473,7 +486,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
     const bool released = known_free || wait_all(a, start, [&](int i) {
       const int64_t* w = words(a, i);
       const int64_t held = mc_sync::ld_acquire_sys(w + base + kLHold);
-      return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key;
+      return mc_sync::ld_acquire_sys(w + base + kLFree) >= held || held >= key ? 1 : 0;
     });
     trace(a, key, kReleased);
     if (released && a.in_bytes > 0)
@@ -482,7 +495,8 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
     __syncthreads();
     if (threadIdx.x == 0) {
       if (!released) give_up(a, key);
-      if (last_block(a, 0, !released, &failed) && !failed) {  // every block copied its part: publish
+      const bool last = last_block(a, 0, !released, &failed);
+      if (last && !failed) {  // every block copied its part: publish
         mine[base + kLMeta] = a.fp[0];
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];
@@ -490,6 +504,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
         mc_sync::st_relaxed_sys(mine + base + kLPub, key);
         trace(a, key, kPublished);
       }
+      if (last && steps_apart) *went = !failed;
     }
     if (!(a.phase & 2)) return;
     if (!released) {  // one launch of every step (a single block): the later steps are skipped too
@@ -504,7 +519,8 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
   const bool parts = a.kind == kAllReduceParts || a.kind == kAllReduceDirect;  // three steps
   if (a.phase & 2) {
     const bool published = wait_all(a, start, [&](int i) {
-      return mc_sync::ld_acquire_sys(words(a, i) + base + kLPub) == key;
+      const int64_t pub = mc_sync::ld_acquire_sys(words(a, i) + base + kLPub);
+      return pub == key ? 1 : pub == (key | kWithdrawn) ? -1 : 0;
     });
     bool same = true;  // the ranks agree on the call (else the host names the difference), and this rank published
     const int t = static_cast<int>(threadIdx.x);
@@ -530,7 +546,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       ok = s_still != 0;
     }
     if (ok) {
-      if (blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_relaxed_sys(mine + base + kLHold, key);  // orders nothing
+      if (!direct && blockIdx.x == 0 && threadIdx.x == 0) mc_sync::st_relaxed_sys(mine + base + kLHold, key);
       read_lanes<T, OP>(a, par, tid, nthreads);
     }
     __syncthreads();
@@ -561,7 +577,8 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
   // out now; direct: in this rank's tensor already), the op is done
   const bool own = __syncthreads_and(mc_sync::ld_acquire_sys(mine + base + kLRed) == key) != 0;
   const bool reduced = own && wait_all(a, start, [&](int i) {
-    return mc_sync::ld_acquire_sys(words(a, i) + base + kLRed) == key;
+    if (mc_sync::ld_acquire_sys(words(a, i) + base + kLRed) == key) return 1;
+    return mc_sync::ld_relaxed_sys(words(a, i) + base + kLPub) == (key | kWithdrawn) ? -1 : 0;
   });
   if (reduced && a.kind == kAllReduceParts) {
     for (int i = 0; i < a.n; ++i) {

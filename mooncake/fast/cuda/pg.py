@@ -177,7 +177,9 @@ DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
 DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
 DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes, 1 to 16 blocks
-ARRIVE_WORDS = 8  # int32 block counters of one launch (McPgDevArgs.arrive: a count and a flag per step, 3 steps)
+# int32 words of one launch (McPgDevArgs.arrive): a block count and a flag per step (3 steps), then whether the
+# first launch of an all_reduce on pool tensors run one launch per step published
+ARRIVE_WORDS = 8
 MIN_LANE_BYTES = 1 << 20
 SHARE_FETCH_S = 5.0  # a peer's server hands over a lane's descriptor within this
 #: all_reduce of at least this many bytes (and 2+ ranks) folds one part per rank, then gathers the parts
