@@ -231,7 +231,8 @@ struct McPgDevArgs {
   int64_t fp[3];                   // fingerprint words (meta, numel, slots) of this call
   int64_t timeout_ns;              // every wait of the launch ends by its start + this
   int64_t flag;                    // int32, 1 where the result needs the host fold (0: not wanted)
-  int64_t arrive;                  // device int32[2 * kSteps]: blocks through each step, whether one gave up
+  int64_t arrive;                  // device int32[2 * kSteps + 1]: blocks through each step, whether one gave up,
+                                   // whether a direct op's first launch published
   int64_t trace;                   // device int64[kTraceRecords * kTraceWords] (single-block launches), or 0
   int32_t n, me, op, dtype, phase, kind;
   int32_t graph;                   // 1: captured in a CUDA graph (count, trouble and stale words)
@@ -293,6 +294,15 @@ __device__ void withdraw(const McPgDevArgs& a, int64_t* mine, int64_t base, int6
            static_cast<int64_t>(mc_sync::global_timer_ns() - since) <= a.timeout_ns)
       __nanosleep(256);
   }
+}
+
+// A direct op's first step ended without publishing (thread 0 of its last block): later launches of the op
+// exit at once (went), and PUB = key | kWithdrawn ends the peers' waits for this rank at once (none of them saw
+// PUB == key, so none writes into this rank's tensor).  Other kinds: nothing.
+__device__ void not_published(const McPgDevArgs& a, int* went, int64_t key) {
+  if (a.kind != kAllReduceDirect) return;
+  *went = 0;
+  mc_sync::st_release_sys(words(a, a.me) + a.base[key & 1] + kLPub, key | kWithdrawn);
 }
 
 // Every thread of the block: thread i < n spins while cond(i) is 0 for active rank i (not this rank): > 0 it
@@ -463,7 +473,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       }
       if (!go) {  // the block counters stay right for the next launch
         for (int step = 0; step < kSteps; ++step)
-          if (a.phase & (1 << step) && last_block(a, step, true, &failed) && step == 0 && steps_apart) *went = 0;
+          if ((a.phase & (1 << step)) && last_block(a, step, true, &failed) && step == 0) not_published(a, went, key);
       }
     }
     s_key = key;
@@ -504,7 +514,8 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
         mc_sync::st_relaxed_sys(mine + base + kLPub, key);
         trace(a, key, kPublished);
       }
-      if (last && steps_apart) *went = !failed;
+      if (last && failed) not_published(a, went, key);
+      if (last && !failed && steps_apart) *went = 1;
     }
     if (!(a.phase & 2)) return;
     if (!released) {  // one launch of every step (a single block): the later steps are skipped too
