@@ -11,8 +11,9 @@ For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOO
   from fresh inputs before every replay), replayed ``REPLAYS`` times, every output bitwise equal to
   ``mooncake.model``'s fold of every rank's inputs; the time per captured op (``--graph-words``: with the
   words in the pads and / or in host memory);
-* large (not in the default steps): ``LARGE_OPS`` captured all_reduces of ``--large-sizes`` bytes (in parts),
-  exact on constant inputs, the time per op against the HBM floor (R x one rank's device copy);
+* large (not in the default steps): ``LARGE_OPS`` captured all_reduces of ``--large-sizes`` bytes, on ordinary
+  tensors (in parts, through the lanes) and on ``mooncake.pg.mem_pool()`` tensors (on the tensors themselves),
+  exact on integer-valued inputs, the time per op against the HBM floor (R x one rank's device copy);
 * collectives: one graph holding all_reduce (SUM, AVG), reduce_scatter_tensor (SUM, AVG),
   all_gather_into_tensor, all_gather into a list, broadcast, all_to_all_single, reduce, gather and
   scatter, replayed ``REPLAYS``
