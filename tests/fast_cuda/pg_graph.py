@@ -272,12 +272,19 @@ def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", nam
 def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "all_reduce"):
     """Capture, replay once cleanly, then replay again on the survivors while ``victim`` is killed (before its
     own replay publishes anything: a payload published by a process that then dies is freed with it, see
-    docs/semantics.md "CUDA graphs").  ``kind``: the graph holds all_reduces, or all_gather_into_tensors.
-    Returns what the survivor saw (the error of its next call, seconds until its replay ended, whether the
-    group then works in eager and in a new capture)."""
+    docs/semantics.md "CUDA graphs").  ``kind``: the graph holds all_reduces, all_reduces of a
+    ``mooncake.pg.mem_pool()`` tensor (``all_reduce_pool``: run on the ranks' tensors where the cluster lowers
+    ``MOONCAKE_FAST_CUDA_PARTS_MIN`` below the message), or all_gather_into_tensors.  Returns what the
+    survivor saw (the error of its next call, seconds until its replay ended, whether the group then works in
+    eager and in a new capture)."""
+    import contextlib
+
+    import mooncake.pg as mpg
     from mooncake.model.reduce import ReduceOp, fold
     rank = dist.get_rank()
-    x = torch.full((numel,), float(rank + 1), device="cuda")
+    pool = mpg.mem_pool() if kind == "all_reduce_pool" else None
+    with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
+        x = torch.full((numel,), float(rank + 1), device="cuda")
     static_in = x.clone()
     gathered = torch.zeros(numel * dist.get_world_size(), device="cuda")
     side = torch.cuda.Stream()
@@ -393,7 +400,8 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--steps", default="eager,graph,collectives,mismatch,fail")
     ap.add_argument("--large-sizes", default="67108864,268435456", help="bytes of the large step's all_reduces")
-    ap.add_argument("--fail-kinds", default="all_reduce,all_gather", help="what the graph of the kill case holds")
+    ap.add_argument("--fail-kinds", default="all_reduce,all_gather,all_reduce_pool",
+                    help="what the graph of the kill case holds")
     ap.add_argument("--graph-words", default="pad", help="where captured ops keep their words: pad and/or host "
                     "(MOONCAKE_FAST_CUDA_GRAPH_WORDS), each timed")
     args = ap.parse_args()
@@ -480,7 +488,10 @@ def main() -> int:
             import mooncake.testing.cluster as cluster
             cluster.FAILURE_GRACE_S = 90.0  # the survivors' replays end at the group's timeout, after the death
             timeout_s = 5.0  # the group's: a captured op waits this long for a peer
-            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env={"MOONCAKE_IMPL": "fast"})
+            env = {"MOONCAKE_IMPL": "fast"}
+            if kind == "all_reduce_pool":  # 1024 float32: in parts, so on the ranks' pool tensors
+                env["MOONCAKE_FAST_CUDA_PARTS_MIN"] = "4096"
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env=env)
             try:
                 victim = R - 1
                 survivors = list(range(R - 1))
