@@ -864,19 +864,27 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         if reason:
             raise ArgumentError(f"{name} cannot be captured in a CUDA graph here: {reason}; issue it outside "
                                 "the captured region")
+        timeout_s = self._timeout_of(opts)
         offer = getattr(self._plane, "capture_offer", None)
-        offers = self._agree_on_capture(name, view, fingerprint, self._timeout_of(opts),
-                                        offer(view, call) if offer is not None else b"")
-        self._plane.capture(view, call, fingerprint, self._timeout_of(opts), offers)
+        offers, index = self._agree_on_capture(name, view, fingerprint, timeout_s,
+                                               offer(view, call) if offer is not None else b"")
+        prepare = getattr(self._plane, "capture_prepare", None)
+        ready = prepare(view, call, offers, timeout_s) if prepare is not None else None
+        if ready is not None:  # every rank took up the offers, or none does (a second round: "mapped")
+            took = agree_on_capture(self._capture_store, f"{self._prefix}/mapped", view.epoch, index, self._rank,
+                                    view.active, fingerprint, timeout_s, name, ready)
+            if not all(v == b"\1" for v in took.values()):
+                offers = {}
+        self._plane.capture(view, call, fingerprint, timeout_s, offers)
         self._captured = True
         return CapturedWork(outputs if outputs is not None else [call.output])
 
     def _agree_on_capture(self, name: str, view: View, fingerprint: Fingerprint, timeout_s: float,
-                          offer: bytes) -> dict[int, bytes]:
+                          offer: bytes) -> tuple[dict[int, bytes], int]:
         """Every active rank's n-th captured call of this view is the same call, else every rank raises the
         same ``MismatchError`` now, at capture (control/capture.py); a rank that captures nothing within
         ``timeout_s``: ``OpTimeoutError``.  Returns every active rank's ``offer`` (the plane's, for this
-        call)."""
+        call) and n."""
         epoch, count = self._captures
         index = count if epoch == view.epoch else 0
         self._captures = (view.epoch, index + 1)
@@ -888,7 +896,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             self._capture_store = BoundedStore(conn, lambda: self._capture_deadline_s)
         self._capture_deadline_s = timeout_s + 5.0  # the Store's own wait ends first
         return agree_on_capture(self._capture_store, self._prefix, view.epoch, index, self._rank, view.active,
-                                fingerprint, timeout_s, name, offer)
+                                fingerprint, timeout_s, name, offer), index
 
     def check_graphs(self) -> None:
         """Raise what a CUDA-graph replay of this group's captured collectives ran into since the last

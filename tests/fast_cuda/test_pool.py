@@ -79,3 +79,54 @@ def test_a_freed_segment_stops_being_served_and_a_reused_address_is_exported_ane
     with pytest.raises(shared.FetchError):
         shared.fetch(new, 5.0)
     assert list(pool._served) == [1 << 22]
+
+
+class _Mem:
+    lib, index = None, 0
+
+    @staticmethod
+    def relaxed_capture():
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def _device_path(rank: int):
+    import types
+
+    from mooncake.fast.cuda import pg as P
+    dev = P._DevicePath.__new__(P._DevicePath)
+    dev.g = types.SimpleNamespace(mem=_Mem(), rank=rank)
+    dev.pool_maps = {}
+    return dev
+
+
+def _offer(pid: int, offset: int) -> bytes:
+    from mooncake.fast.cuda import pg as P
+    return shared.HANDLE.pack(pid, 1, pid, 1 << 20) + P._OFFSET.pack(offset)
+
+
+def test_every_rank_maps_its_peers_segments_or_says_it_could_not(monkeypatch):
+    """At capture, where every rank offered a pool tensor, a rank maps its peers' segments (once per segment)
+    and says whether all could be mapped (the PG face's second round); a partial offer asks for no round.
+    The tensors' addresses then follow from the mappings."""
+    import types
+    mapped = []
+
+    def attach(lib, device, handle, timeout_s):
+        pid = shared.HANDLE.unpack(handle)[0]
+        if pid == 13:
+            raise shared.FetchError("process 13 did not hand over shared device memory")
+        mapped.append(pid)
+        return types.SimpleNamespace(addr=pid << 32, close=lambda: None)
+
+    monkeypatch.setattr(shared, "attach", attach)
+    view = types.SimpleNamespace(active=(0, 1, 2))
+    call = types.SimpleNamespace(kind="all_reduce", input=types.SimpleNamespace(data_ptr=lambda: 0xABC))
+    dev = _device_path(rank=1)
+    offers = {0: _offer(10, 64), 1: _offer(11, 0), 2: _offer(12, 128)}
+    assert dev.capture_prepare(view, call, {0: offers[0], 1: offers[1], 2: b""}, 5.0) is None
+    assert dev.capture_prepare(view, call, offers, 5.0) == b"\1"
+    assert dev.capture_prepare(view, call, offers, 5.0) == b"\1" and sorted(mapped) == [10, 12]  # once each
+    assert dev._direct_addrs(view.active, call, offers) == ((10 << 32) + 64, 0xABC, (12 << 32) + 128)
+    assert dev._direct_addrs(view.active, call, {}) is None  # the ranks agreed not to take up the offers
+    assert _device_path(rank=0).capture_prepare(view, call, {**offers, 2: _offer(13, 0)}, 5.0) == b"\0"

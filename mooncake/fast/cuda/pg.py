@@ -116,8 +116,9 @@ graph) would share the lanes: a group's captured ops must be ordered on one stre
 Tensors in place: a captured in-place all_reduce in parts whose tensor lies in pool memory (``pool.py``,
 ``mooncake.pg.mem_pool``) on every rank runs on the ranks' tensors (``KIND_ALL_REDUCE_DIRECT``): at capture
 each rank offers its pool segment's handle and the tensor's offset (``capture_offer``, carried by the
-capture check's Store record), and where every active rank offered one, each maps its peers' segments and
-the kernel reads and writes the tensors themselves, no lane.
+capture check's Store record), and where every active rank offered one, each maps its peers' segments
+(``capture_prepare``) and the PG face runs a second round in which the ranks learn whether all could; only
+then does the kernel read and write the tensors themselves, no lane (else every rank takes the lanes).
 
 Not done: zero-copy for eager operations (a re-post needs the input, so they keep their lane copy), the
 device path for the other eager collectives and for large eager all_reduce, capture of uneven all_to_all
@@ -821,26 +822,39 @@ class _DevicePath:
             return b""
         return b"" if found is None else found[0] + _OFFSET.pack(found[1])
 
-    def _direct_addrs(self, active, call, offers: dict[int, bytes], timeout_s: float) -> tuple[int, ...] | None:
-        """Every active rank's tensor address here where every rank offered one (``capture_offer``), mapping
-        the peers' pool segments (kept until close: graphs hold the addresses); else None."""
-        if not all(len(offers.get(r, b"")) == shared.HANDLE.size + _OFFSET.size for r in active):
+    def capture_prepare(self, view, call, offers: dict[int, bytes], timeout_s: float) -> bytes | None:
+        """Where every active rank offered its pool tensor (``capture_offer``): map the peers' segments (kept
+        until close: graphs hold the addresses) and say whether all of them could be (b"\\1") or not (b"\\0"),
+        for the PG face's second round, after which every rank takes up the offers or none does; else None."""
+        if not self._all_offered(view.active, offers):
+            return None
+        with self.g.mem.relaxed_capture():  # mapping peers' memory is not capturable
+            for r in view.active:
+                handle = offers[r][:shared.HANDLE.size]
+                if r == self.g.rank or handle in self.pool_maps:
+                    continue
+                try:
+                    self.pool_maps[handle] = shared.attach(self.g.mem.lib, self.g.mem.index, handle,
+                                                           min(timeout_s, SHARE_FETCH_S))
+                except shared.FetchError as exc:
+                    log.logger.warning("rank %d: fast CUDA plane: rank %d's pool tensor of a captured %s could not be "
+                                       "mapped, every rank takes the lanes: %s", self.g.rank, r, call.kind, exc)
+                    return b"\0"
+        return b"\1"
+
+    @staticmethod
+    def _all_offered(active, offers: dict[int, bytes]) -> bool:
+        return all(len(offers.get(r, b"")) == shared.HANDLE.size + _OFFSET.size for r in active)
+
+    def _direct_addrs(self, active, call, offers: dict[int, bytes]) -> tuple[int, ...] | None:
+        """Every active rank's tensor address here where every rank offered one and every rank mapped its peers'
+        segments (``capture_prepare``; else ``offers`` is empty); else None."""
+        if not self._all_offered(active, offers):
             return None
         addrs = []
         for r in active:
-            if r == self.g.rank:
-                addrs.append(call.input.data_ptr())
-                continue
             handle, offset = offers[r][:shared.HANDLE.size], _OFFSET.unpack_from(offers[r], shared.HANDLE.size)[0]
-            m = self.pool_maps.get(handle)
-            if m is None:
-                try:
-                    m = shared.attach(self.g.mem.lib, self.g.mem.index, handle, min(timeout_s, SHARE_FETCH_S))
-                except shared.FetchError as exc:
-                    raise MooncakeError(f"{call.kind} captured in a CUDA graph: rank {r}'s tensor (pool memory) "
-                                        f"could not be mapped: {exc}") from None
-                self.pool_maps[handle] = m
-            addrs.append(m.addr + offset)
+            addrs.append(call.input.data_ptr() if r == self.g.rank else self.pool_maps[handle].addr + offset)
         return tuple(addrs)
 
     def capture(self, view, call, fp: Fingerprint, timeout_s: float, offers: dict[int, bytes]) -> None:
@@ -850,8 +864,7 @@ class _DevicePath:
         tensors where every rank offered its tensor's pool segment (``offers``: ``capture_offer`` of each)."""
         g = self.g
         active = tuple(view.active)
-        with g.mem.relaxed_capture():  # mapping peers' memory is not capturable
-            direct = self._direct_addrs(active, call, offers, timeout_s)
+        direct = self._direct_addrs(active, call, offers)
         shape = _shape(call, active, g.rank, direct=direct is not None)
         self.direct_captures += direct is not None
         nb = max(shape.lane_bytes, 1)
@@ -2215,6 +2228,10 @@ class FastCudaGroup:
     def capture_offer(self, view, call) -> bytes:
         """What this rank offers its peers for ``call`` at capture (``_DevicePath.capture_offer``)."""
         return self.g.dev.capture_offer(view, call)
+
+    def capture_prepare(self, view, call, offers: dict[int, bytes], timeout_s: float) -> bytes | None:
+        """Take up every rank's offer, or say why not (``_DevicePath.capture_prepare``)."""
+        return self.g.dev.capture_prepare(view, call, offers, timeout_s)
 
     def capture(self, view, call, fp: Fingerprint, timeout_s: float, offers: dict[int, bytes]) -> None:
         """Enqueue ``call`` into the graph being captured (``capture_refusal`` said None); ``offers``: every
