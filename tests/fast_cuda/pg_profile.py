@@ -64,6 +64,18 @@ def _host_table(pr: cProfile.Profile) -> str:
     return s.getvalue()
 
 
+def _small_graph():
+    """OPS all_reduces of 8 B captured in one CUDA graph (pg_graph's capture); the graph and its tensors."""
+    from pg_graph import _captured
+    bufs = [torch.ones(2, device="cuda") for _ in range(OPS)]
+
+    def body():
+        for b in bufs:
+            dist.all_reduce(b)
+
+    return _captured(body), bufs
+
+
 def profile_case(case: str, iters: int) -> dict:
     """Run ``case`` on this rank under the profilers; returns wall seconds per op, the device table and, on
     rank 0, the host profile."""
@@ -73,16 +85,7 @@ def profile_case(case: str, iters: int) -> dict:
         x = torch.ones((256 << 20) // 4, dtype=torch.float32, device="cuda")
     else:
         x = torch.ones(2, dtype=torch.float32, device="cuda")
-    graph = None
-    if case == "graph":
-        bufs = [torch.ones(2, device="cuda") for _ in range(OPS)]
-        side = torch.cuda.Stream()
-        graph = torch.cuda.CUDAGraph()
-        dist.barrier()
-        with torch.cuda.stream(side):
-            with torch.cuda.graph(graph, stream=side):
-                for b in bufs:
-                    dist.all_reduce(b)
+    graph, _bufs = _small_graph() if case == "graph" else (None, None)
 
     def one():
         if graph is not None:
@@ -115,14 +118,7 @@ def profile_case(case: str, iters: int) -> dict:
 def trace_case(iters: int) -> dict:
     """The graph case unprofiled, with the kernels' step times on (TRACE_ENV): wall seconds per op and this
     rank's trace records."""
-    bufs = [torch.ones(2, device="cuda") for _ in range(OPS)]
-    side = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    dist.barrier()
-    with torch.cuda.stream(side):
-        with torch.cuda.graph(graph, stream=side):
-            for b in bufs:
-                dist.all_reduce(b)
+    graph, _bufs = _small_graph()
     for _ in range(WARMUP):
         graph.replay()
     torch.cuda.synchronize()
