@@ -77,8 +77,8 @@ if [ -n "${PROFILE_CASES:-}" ]; then  # where the goal misses spend their time (
     > "$out/pg_profile.txt" 2>&1
   code=$?; [ $code -eq 0 ] || rc=1
   echo "=== pg_profile rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
-  grep -E "^(graph|eager|large|trace[0-9]+) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
-  cat "$out"/profile/trace*.txt 2>/dev/null >> "$out/summary.txt"
+  grep -E "^(graph|eager|large|e?trace[0-9]+) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
+  cat "$out"/profile/*trace*.txt 2>/dev/null >> "$out/summary.txt"
 fi
 
 if [ "${PG_CHECK:-1}" = 0 ]; then budget=0; fi  # PG_CHECK=0: only the steps above

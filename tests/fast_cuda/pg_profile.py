@@ -15,6 +15,9 @@ Cases: ``graph`` (R = 8: OPS all_reduces of 8 B captured in one CUDA graph, repl
 (``MOONCAKE_FAST_CUDA_TRACE=1``): every rank's GPU writes its global timer at each step of every op, one clock
 for all ranks of the GPU, so the table shows where an op's time goes across ranks: the gap between one
 captured kernel's end and the next one's start, each step's duration, and how far apart the ranks reach a step.
+``etrace2`` / ``etrace8``: the same for eager 8 B ``dist.all_reduce`` (a synchronisation after each call), plus
+every rank's host clock at each call's start, return and synchronisation: how long the host takes per call and
+how far apart the ranks start.
 """
 
 from __future__ import annotations
@@ -115,6 +118,55 @@ def profile_case(case: str, iters: int) -> dict:
             "host": _host_table(pr) if pr is not None else None}
 
 
+def eager_trace_case(iters: int) -> dict:
+    """Eager 8 B ``dist.all_reduce`` unprofiled, the kernels' step times on (TRACE_ENV), a device
+    synchronisation after each call as pg_graph's eager loop: wall seconds per op, this rank's trace records
+    and, per call, the host's monotonic clock (shared by the ranks of the host) at its start, at the return of
+    ``dist.all_reduce`` and after the synchronisation."""
+    x = torch.ones(2, dtype=torch.float32, device="cuda")
+    for _ in range(WARMUP):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    dist.barrier()
+    host = []
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a = time.monotonic_ns()
+        dist.all_reduce(x)
+        b = time.monotonic_ns()
+        torch.cuda.synchronize()
+        host.append((a, b, time.monotonic_ns()))
+    wall = time.perf_counter() - t0
+    records = dist.group.WORLD._plane.g.dev.trace_records()
+    dist.barrier()
+    return {"wall_us_per_op": wall / iters * 1e6, "records": records, "host": host}
+
+
+def analyse_host(per_rank: list[list[tuple[int, int, int]]]) -> tuple[dict, str]:
+    """Per-call host spans (µs, median and p90 over calls) from every rank's (start, returned, synced)
+    monotonic times, calls matched by position."""
+    spans: dict[str, list[float]] = {"call: start to return (slowest rank)": [],
+                                     "call: start to return (every rank)": [],
+                                     "ranks apart at the call's start": [],
+                                     "ranks apart at return": [],
+                                     "return to synchronised (every rank)": [],
+                                     "period: one call's start to the next (rank 0)": []}
+    for i, calls in enumerate(zip(*per_rank)):
+        starts = [c[0] for c in calls]
+        rets = [c[1] for c in calls]
+        spans["call: start to return (slowest rank)"].append(max(c[1] - c[0] for c in calls) / 1e3)
+        spans["call: start to return (every rank)"] += [(c[1] - c[0]) / 1e3 for c in calls]
+        spans["ranks apart at the call's start"].append((max(starts) - min(starts)) / 1e3)
+        spans["ranks apart at return"].append((max(rets) - min(rets)) / 1e3)
+        spans["return to synchronised (every rank)"] += [(c[2] - c[1]) / 1e3 for c in calls]
+        if i + 1 < len(per_rank[0]):
+            spans["period: one call's start to the next (rank 0)"].append((per_rank[0][i + 1][0] - calls[0][0]) / 1e3)
+    rows = {name: {"p50_us": round(_pct(v, 50), 3), "p90_us": round(_pct(v, 90), 3), "n": len(v)}
+            for name, v in spans.items()}
+    lines = [f"{name:50s} {r['p50_us']:8.2f} {r['p90_us']:8.2f} {r['n']:6d}" for name, r in rows.items()]
+    return rows, "\n".join(lines) + "\n"
+
+
 def trace_case(iters: int) -> dict:
     """The graph case unprofiled, with the kernels' step times on (TRACE_ENV): wall seconds per op and this
     rank's trace records."""
@@ -150,8 +202,10 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
 
 
-def analyse_trace(per_rank: list[list[dict]]) -> tuple[dict, str]:
-    """Per-op spans (µs, median and p90 over ranks and ops) from the ranks' trace records, matched by key."""
+def analyse_trace(per_rank: list[list[dict]], ops_per_replay: int = OPS) -> tuple[dict, str]:
+    """Per-op spans (µs, median and p90 over ranks and ops) from the ranks' trace records, matched by key;
+    ``ops_per_replay``: captured ops per graph (the gap to the next op is counted within one replay), 0 for
+    eager ops (every next key)."""
     m = {name: i for i, name in enumerate(MARKS)}
     by_key = [{r["key"]: r for r in recs} for recs in per_rank]
     common = sorted(set.intersection(*(set(k) for k in by_key)))
@@ -171,7 +225,7 @@ def analyse_trace(per_rank: list[list[dict]]) -> tuple[dict, str]:
             if ns[m["finished"]] > ns[m["start"]]:
                 ghz.append((clk[m["finished"]] - clk[m["start"]]) / (ns[m["finished"]] - ns[m["start"]]))
             nxt = bk.get(k + 1)
-            if nxt is not None and (k + 1) % OPS != 0:  # the next op of the same replay
+            if nxt is not None and (not ops_per_replay or (k + 1) % ops_per_replay != 0):  # same replay
                 spans["gap: previous kernel's end to this one's start"].append(
                     (nxt["ns"][m["start"]] - ns[m["finished"]]) / 1e3)
                 spans["period: start to the next op's start"].append((nxt["ns"][m["start"]] - ns[m["start"]]) / 1e3)
@@ -190,7 +244,8 @@ def analyse_trace(per_rank: list[list[dict]]) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
-CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8), "trace2": (2, 200), "trace8": (8, 200)}
+CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8), "trace2": (2, 200), "trace8": (8, 200),
+         "etrace2": (2, 300), "etrace8": (8, 300)}
 
 
 def main() -> int:
@@ -204,25 +259,30 @@ def main() -> int:
     for case in args.cases.split(","):
         ranks, iters = CASES[case]
         env = {"MOONCAKE_IMPL": "fast"}
-        if case.startswith("trace"):
+        traced = "trace" in case
+        if traced:
             env["MOONCAKE_FAST_CUDA_TRACE"] = "1"
         c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env=env)
         try:
-            if case.startswith("trace"):
-                res = c.run(P.trace_case, iters, timeout_s=300)
+            if traced:
+                res = c.run(P.eager_trace_case if case.startswith("e") else P.trace_case, iters, timeout_s=300)
             else:
                 res = c.run(P.profile_case, case, iters, timeout_s=300)
         finally:
             c.close()
-        if case.startswith("trace"):
-            summary, table = analyse_trace([r["records"] for r in res])
+        if traced:
+            eager = case.startswith("e")
+            summary, table = analyse_trace([r["records"] for r in res], 0 if eager else OPS)
             summary.update(ranks=ranks, wall_us_per_op=round(max(r["wall_us_per_op"] for r in res), 2))
+            if eager:
+                summary["host"], host_table = analyse_host([r["host"] for r in res])
+                table += "\nhost (monotonic clock, per call)\n" + host_table
             record["cases"][case] = summary
             print(case, json.dumps({k: v for k, v in summary.items() if k != "spans"}), flush=True)
             print(table, flush=True)
             with open(os.path.join(args.out, f"{case}.txt"), "w") as f:
-                f.write(f"{case}: R = {ranks}, {OPS} all_reduces of 8 B per graph, {iters} replays, "
-                        f"{summary['wall_us_per_op']} us per op (wall)\n\n{table}")
+                what = "eager all_reduces of 8 B" if eager else f"{OPS} all_reduces of 8 B per graph, {iters} replays"
+                f.write(f"{case}: R = {ranks}, {what}, {summary['wall_us_per_op']} us per op (wall)\n\n{table}")
             continue
         wall = max(r["wall_us_per_op"] for r in res)
         ops = res[0]["ops"]

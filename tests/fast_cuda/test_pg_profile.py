@@ -46,3 +46,20 @@ def test_ops_one_rank_did_not_finish_are_left_out():
     del ranks[0][0]  # not recorded on rank 0
     summary, _ = P.analyse_trace(ranks)
     assert summary["ops_matched"] == 1
+
+
+def test_eager_records_count_every_next_key_and_host_spans():
+    ranks = [[_record(7 + n, n * 5000 + r * 1000, [500] * 6) for n in range(3)] for r in range(2)]
+    summary, _ = P.analyse_trace(ranks, 0)
+    assert summary["spans"]["gap: previous kernel's end to this one's start"]["n"] == 2 * 2
+    assert summary["spans"]["gap: previous kernel's end to this one's start"]["p50_us"] == 2.0
+    # rank 1 starts each call 3 µs after rank 0 and takes 10 µs more to return
+    host = [[(n * 100_000 + r * 3000, n * 100_000 + r * 3000 + 20_000 + r * 10_000, n * 100_000 + 50_000)
+             for n in range(4)] for r in range(2)]
+    rows, table = P.analyse_host(host)
+    assert rows["call: start to return (slowest rank)"]["p50_us"] == 30.0
+    assert rows["ranks apart at the call's start"]["p50_us"] == 3.0
+    assert rows["ranks apart at return"]["p50_us"] == 13.0
+    assert rows["period: one call's start to the next (rank 0)"]["n"] == 3
+    assert rows["period: one call's start to the next (rank 0)"]["p50_us"] == 100.0
+    assert "ranks apart" in table
