@@ -123,7 +123,13 @@ def _one(tensors: Sequence[torch.Tensor], what: str = "tensors") -> torch.Tensor
 
 def _fp(op: OpCode, t: torch.Tensor, reduce_op: ReduceOp = ReduceOp.SUM, **fields) -> Fingerprint:
     """The fingerprint of a call on tensors of ``t``'s dtype (see control/fingerprint.py)."""
-    return Fingerprint(op, DTYPE_CODES[t.dtype], int(reduce_op) if op in _REDUCING else 0, **fields)
+    return _fingerprint(op, t.dtype, reduce_op, **fields)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(op: OpCode, dtype: torch.dtype, reduce_op: ReduceOp, **fields) -> Fingerprint:
+    """(Fingerprints are immutable: a loop's calls share one.)"""
+    return Fingerprint(op, DTYPE_CODES[dtype], int(reduce_op) if op in _REDUCING else 0, **fields)
 
 
 _REDUCING = (OpCode.ALL_REDUCE, OpCode.REDUCE, OpCode.REDUCE_SCATTER)

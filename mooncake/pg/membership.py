@@ -164,7 +164,8 @@ class Membership:
             seq = self.next_seq
             self.next_seq += 1
             self._pending.add(seq)
-            self._issued = {s: t for s, t in self._issued.items() if s in self._pending}
+            if len(self._issued) > 2 * len(self._pending) + 16:  # forget committed ops now and then
+                self._issued = {s: t for s, t in self._issued.items() if s in self._pending}
             self._issued[seq] = time.monotonic()  # for the log: how long detection took
             return seq
 
@@ -355,6 +356,8 @@ class Membership:
     def suspended_error(self, name: str, view: View) -> PeerFailureError | None:
         """Manual mode: an op of a view that still holds suspended (failed) ranks fails at once, the
         same way on every member, since every member adopted the same decision."""
+        if not self.suspended:
+            return None
         ranks = tuple(sorted(self.suspended & set(view.active)))
         if not ranks or view.epoch != self.view.epoch:
             return None

@@ -73,7 +73,10 @@ class MooncakeWork(dist.Work):
 
     Whichever thread sees the operation commit completes the Work and its future: a caller in
     ``wait()``, or the engine's background thread, which is woken at once for an ``urgent``
-    operation (``async_op=True``, DDP's buckets) or when someone asks for the future.
+    operation (``async_op=True``, DDP's buckets) or when someone asks for the future.  A blocking
+    call (``async_op=False``: torch waits at once) is handed to that thread only if it is still
+    pending when its ``wait()`` returns or raises, or when someone asks for its future or whether it
+    completed.
 
     ``failed_ranks`` lists the group ranks a failed operation lost, or that the survivors agreed had
     failed while it ran.
@@ -111,10 +114,13 @@ class MooncakeWork(dist.Work):
         self._future_settled = False
         self._source_rank_value = source_rank
         self._collective = collective
+        self._registered = False
         self._awaiting_decision = collective is not None and not collective.posted
-        cuda_out = next((t for t in outputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
-        self._stream = None if cuda_out is None else torch.cuda.current_stream(cuda_out.get_device())
-        self._written = None  # CUDA event: the outputs' last write on self._stream
+        self._stream = None
+        for t in outputs:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                self._stream = torch.cuda.current_stream(t.get_device())
+                break
         self.failed_ranks: tuple[int, ...] = ()
         self.failed_ranks_hint: frozenset[int] = frozenset()   # evidence: peers seen failing in this op
         if failed is not None:
@@ -124,17 +130,27 @@ class MooncakeWork(dist.Work):
         elif collective is not None and collective.decision is not None:
             with self._lock:
                 self._resolve(collective.decision)   # called late: the verdict is already known
-            if self._state == _PENDING:
+            if self._state == _PENDING and urgent:
                 self._register(urgent)
-        else:
+        elif urgent:
             self._register(urgent)
+        # else (the caller waits at once: torch's blocking calls) registered only if wait() leaves it pending
 
     def _register(self, urgent: bool) -> None:
         """Hand the operation to the engine's thread, which sleeps on this plane's doorbell
         (``engine_sleeps``) or UCX's events, or else in the plane's own wait."""
+        self._registered = True
         op = self._op
         blocker = None if getattr(op, "engine_sleeps", False) or not hasattr(op, "wait") else self._block
         self._engine.add_poller(self._advance, deadline=self._wake_at, urgent=urgent, blocker=blocker)
+
+    def _keep_driven(self) -> None:
+        """Register with the engine's thread now if the operation is pending and was not (a blocking call
+        whose caller stops waiting, or asks for the future)."""
+        if not self._registered and self._state == _PENDING:
+            self._register(False)
+            if self._state != _PENDING:  # it ended meanwhile
+                self._engine.remove_poller(self._advance)
 
     def _wake_at(self) -> float:
         """When the engine's thread must advance this operation even if no event comes: its
@@ -255,17 +271,15 @@ class MooncakeWork(dist.Work):
 
     def _complete(self) -> None:
         try:
-            with on_stream(self._stream):
-                if self._after is not None:
+            if self._after is not None:
+                with on_stream(self._stream):
                     self._after()
-                if self._stream is not None:
-                    self._written = torch.cuda.Event()
-                    self._written.record(self._stream)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
             return
         self._state = _DONE
-        self._engine.remove_poller(self._advance)
+        if self._registered:
+            self._engine.remove_poller(self._advance)
         self._settle_future()
 
     def _fail(self, exc: BaseException) -> None:
@@ -278,7 +292,8 @@ class MooncakeWork(dist.Work):
         elif isinstance(exc, OpTimeoutError):
             self.failed_ranks = exc.pending_ranks
         self._state = _FAILED
-        self._engine.remove_poller(self._advance)
+        if self._registered:
+            self._engine.remove_poller(self._advance)
         self._settle_future()
 
     def _settle_future(self) -> None:
@@ -300,6 +315,21 @@ class MooncakeWork(dist.Work):
         limit = None
         if timeout and timeout.total_seconds() > 0:
             limit = time.monotonic() + timeout.total_seconds()
+        try:
+            self._wait_until_done(limit, timeout)
+        finally:
+            self._keep_driven()
+        if self._state == _FAILED:
+            raise self._error
+        if self._stream is not None and not is_current(self._stream):
+            current = torch.cuda.current_stream(self._stream.device)
+            if current != self._stream:  # every write of the outputs is on self._stream by now
+                written = torch.cuda.Event()
+                written.record(self._stream)
+                current.wait_event(written)
+        return True
+
+    def _wait_until_done(self, limit: float | None, timeout: timedelta) -> None:
         while not self._advance():
             now = time.monotonic()
             if limit is not None and now >= limit:
@@ -321,16 +351,12 @@ class MooncakeWork(dist.Work):
                 # the engine's thread may stay parked while this caller waits: answer a peer's NACK
                 # from here, or this rank would count as silent in the peer's agreement
                 self._collective.membership.poll()
-        if self._state == _FAILED:
-            raise self._error
-        if self._written is not None and not is_current(self._stream):
-            current = torch.cuda.current_stream(self._stream.device)
-            if current != self._stream:
-                current.wait_event(self._written)
-        return True
 
     def is_completed(self) -> bool:
-        return self._advance()
+        if self._advance():
+            return True
+        self._keep_driven()
+        return False
 
     def is_success(self) -> bool:
         return self._state == _DONE
@@ -346,6 +372,7 @@ class MooncakeWork(dist.Work):
                 self._future = torch.futures.Future()
         self._settle_future()
         if self._state == _PENDING:
+            self._keep_driven()
             self._engine.kick()
         return self._future
 

@@ -64,7 +64,8 @@ costs a needless host fold), or none where the fold kernel checks its outputs as
 Waiting.  ``progress()`` never blocks.  ``op.wait(timeout_s)`` blocks until the operation is committed, a
 peer is newly found dead or the timeout passes: while this rank's own GPU work is pending it polls that
 CUDA event for up to ``SPIN_S`` (a small operation's work is done by then) and then sleeps on it
-(blocking-sync); else it spins ``SPIN_S`` and sleeps on a process-shared futex in the control segment that
+(blocking-sync; ``DEVICE_SPIN_S`` for a launch of the device path, which waits for the peers on the GPU);
+else it spins ``SPIN_S`` and sleeps on a process-shared futex in the control segment that
 peers bump when they change a word.  No GPU kernel ever waits for a peer (the GPU only gets work once
 its inputs are published), so a dead peer can never leave a stuck kernel.  Liveness: a pidfd per peer
 (``/proc/<pid>/stat`` where ``pidfd_open`` fails) and its CLOSED word.  An idle group runs nothing.
@@ -165,6 +166,8 @@ EXACT_HOST_ENV = "MOONCAKE_FAST_CUDA_EXACT_HOST"
 FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold; "torch": one torch op per input
 
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
+# a launch of the device path waits on the GPU for its peers: its host polls it this long before sleeping
+DEVICE_SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_SPIN_US", 1000)) * 1e-6
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
 DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
@@ -706,7 +709,7 @@ class _DevicePath:
         ctl[base + L_SLOTS], ctl[base + L_SLOTS + 1] = 0, nb
         g.fp_words.write(ctl, base, op.fp, 0)
         ctl[base + L_NSLOTS], ctl[base + L_NBYTES], ctl[base + L_RESULT] = 1, _align(nb), _align(nb)
-        g.flag[0] = 0
+        g.flag_word.value = 0
         lanes = [mine if r == op.me else g.peer(r).lane_view(g.mem, op.lane, base) for r in op.active]
         with g.mem.on(op.stream):
             if g.mem.emulated:
@@ -1109,6 +1112,7 @@ class CudaGroup:
         self.gen = 0
         self.streams: dict[int, object] = {}
         self.flag = self.mem.flag()
+        self.flag_word = ctypes.c_int32.from_address(self.flag.data_ptr())  # host view: no torch op per call
         self._dead: set[int] = set()
         self._live_checked = 0.0
         self.host = host_identity()
@@ -1245,7 +1249,7 @@ class CudaGroup:
         s = self.streams.get(seq)
         if s is None:
             s = self.streams[seq] = self.mem.caller_stream()
-            if len(self.streams) > _STREAMS_KEPT:
+            if len(self.streams) > 2 * _STREAMS_KEPT:  # keep the latest seqs (numbered in order, mostly)
                 for old in sorted(self.streams)[:len(self.streams) - _STREAMS_KEPT]:
                     del self.streams[old]
         return s
@@ -1308,12 +1312,12 @@ class CudaGroup:
                 if op.state == DATA and not op.try_commit():
                     return
 
-    def _own_event(self, until: "_Op"):
-        """The GPU event the first stuck operation up to ``until`` waits for (None: it waits for peers)."""
+    def _own_event(self, until: "_Op") -> "_Op | None":
+        """The first stuck operation up to ``until`` whose GPU event it waits for (None: it waits for peers)."""
         with self.lock:
             for op in self.queue:
                 if op.state in _GPU_BUSY:
-                    return op.ev
+                    return op
                 if op.state < COMMITTED or op is until:
                     return None
         return None
@@ -1334,13 +1338,18 @@ class CudaGroup:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            ev = self._own_event(op)
-            if ev is not None:  # this rank's own copies / fold: short for small operations, else bounded
-                spin_end = now + SPIN_S
-                while not self.mem.done(ev) and time.monotonic() < spin_end:
+            busy = self._own_event(op)
+            if busy is not None:  # this rank's own copies / fold: short for small operations, else bounded
+                ev = busy.ev
+                device = busy.state == DEVICE
+                spin = DEVICE_SPIN_S if device else SPIN_S  # device: peers' DONE come from GPUs
+                spin_end = now + spin
+                landed = busy.device_landed if device else (lambda: self.mem.done(ev))
+                while not landed() and time.monotonic() < spin_end:
                     pass
-                self.mem.sync(ev)
-                spin_end = time.monotonic() + SPIN_S
+                if not landed():
+                    self.mem.sync(ev)
+                spin_end = time.monotonic() + spin
                 continue
             if now < spin_end:
                 os.sched_yield()
@@ -1558,7 +1567,7 @@ class _Op:
         """The device path's launch completed: carry on from where its words say it got (committed here,
         published only, or nothing) with the host protocol."""
         g = self.g
-        if not g.mem.done(self.ev):
+        if not self.device_landed():
             return False
         self.ev = None
         ctl, base, key = g.ctl, self.base, self.key
@@ -1578,6 +1587,11 @@ class _Op:
         outcomes["not posted"] = outcomes.get("not posted", 0) + 1
         self.state = QUEUED
         return self.try_post()
+
+    def device_landed(self) -> bool:
+        """The device path's launch is over: its DONE (written after its last write of the result; one read
+        of host memory) or, where it gave up, its event."""
+        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(self.ev)
 
     def _adopt_device_words(self) -> None:
         """After the device path's launch: take over what its words say it did.  HOLD = key: this rank
@@ -1704,7 +1718,7 @@ class _Op:
 
     def _exact(self) -> None:
         """After the fold's event: take the host fold when it was flagged."""
-        if self.fold_op is not None and (self.exact_mode == "always" or int(self.g.flag[0])):
+        if self.fold_op is not None and (self.exact_mode == "always" or self.g.flag_word.value):
             try:
                 self._host_fold()
             except BaseException as exc:  # noqa: BLE001 - raised again by finish()
@@ -1874,7 +1888,7 @@ class _AllReduce(_Op):
         self.stash = [self.tensor]
         torch.autograd.graph.increment_version(self.tensor)
         mode = self.exact_mode
-        if mode == "always" or (mode == "auto" and int(self.g.flag[0])):  # flagged: the host fold from the lanes
+        if mode == "always" or (mode == "auto" and self.g.flag_word.value):  # flagged: the host fold from the lanes
             self.fold_op, self.fold_out = self.op, self.tensor
             self.fold_inputs = [self.src(r, 0, self.tensor) for r in self.active]
             self.fold_dst, self.fold_slice = self.tensor, None
