@@ -203,6 +203,7 @@ constexpr int kDevMaxRanks = 16;
 constexpr int kDevThreads = 512;
 // word indices, as mooncake/fast/cuda/pg.py lays them out (checked there through mc_pg_dev_layout)
 constexpr int kWGraphEpoch = 10, kWGraphTrouble = 11, kWGraphCount = 12, kWGraphStale = 13;
+constexpr int kWStall = 14;  // tests: nanoseconds a launch with McPgDevArgs.stall waits before it publishes
 constexpr int kLPub = 0, kLMeta = 1, kLDone = 6, kLHold = 7, kLFree = 8, kLRed = 9, kLMetaNumel = 19, kLMetaSlots = 20,
               kLDrain = 21;
 constexpr int64_t kWithdrawn = 1LL << 62;  // PUB = key | this: a direct op's rank gave up, nobody writes its tensor
@@ -238,7 +239,7 @@ struct McPgDevArgs {
   int32_t graph;                   // 1: captured in a CUDA graph (count, trouble and stale words)
   int32_t slots;                   // copy kinds: output slots of `count` bytes (0: this rank reads nothing)
   int32_t root;                    // broadcast: the root's active index
-  int32_t pad;
+  int32_t stall;                   // tests (1): before publishing, wait as long as this rank's host word kWStall says
   int32_t rank[kDevMaxRanks];      // group rank of each active rank (its output slot for copy kinds)
 };
 
@@ -439,6 +440,15 @@ __device__ __forceinline__ void finish_op(const McPgDevArgs& a, int64_t* mine, i
   if (a.graph) mc_sync::st_relaxed_sys(mine + kWGraphCount, (key & ~kGraphBit) + 1);
 }
 
+// Fault injection for tests (McPgDevArgs.stall): a late publisher.  Waits the nanoseconds in this rank's host
+// word kWStall, read at this point (0: none), at most a minute.
+__device__ __noinline__ void stall_before_publish(const McPgDevArgs& a) {
+  const int64_t ns = mc_sync::ld_relaxed_sys(reinterpret_cast<int64_t*>(a.note[a.me]) + kWStall);
+  if (ns <= 0) return;
+  const uint64_t until = mc_sync::global_timer_ns() + static_cast<uint64_t>(ns < 60000000000LL ? ns : 60000000000LL);
+  while (mc_sync::global_timer_ns() < until) __nanosleep(1000);
+}
+
 template <typename T, int OP>
 __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) {
   __shared__ int64_t s_key;
@@ -507,6 +517,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       if (!released) give_up(a, key);
       const bool last = last_block(a, 0, !released, &failed);
       if (last && !failed) {  // every block copied its part: publish
+        if (a.stall) stall_before_publish(a);
         mine[base + kLMeta] = a.fp[0];
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];
@@ -706,11 +717,11 @@ MC_API void mc_pg_dev_trace_shape(int32_t* out) {
 }
 
 // The word indices the kernels assume: graph epoch, PUB, META, DONE, HOLD, FREE, META_NUMEL, META_SLOTS,
-// graph trouble, graph count, graph stale, DRAIN.
+// graph trouble, graph count, graph stale, DRAIN, stall.
 MC_API void mc_pg_dev_layout(int64_t* out) {
-  const int64_t w[12] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots,
-                         kWGraphTrouble, kWGraphCount, kWGraphStale, kLDrain};
-  for (int i = 0; i < 12; ++i) out[i] = w[i];
+  const int64_t w[13] = {kWGraphEpoch, kLPub, kLMeta, kLDone, kLHold, kLFree, kLMetaNumel, kLMetaSlots,
+                         kWGraphTrouble, kWGraphCount, kWGraphStale, kLDrain, kWStall};
+  for (int i = 0; i < 13; ++i) out[i] = w[i];
 }
 
 // Enqueue one operation of the device protocol on `stream`: blocks == 1 runs every step in one kernel, more

@@ -21,6 +21,9 @@ For each R (ranks sharing the visible GPU under MPS, backend ``mooncake``, ``MOO
   an int64 group of the copy collectives);
 * mismatch: rank 0 captures another call than its peers: every capture raises the same ``MismatchError``
   naming both sides, and the group then runs an eager all_reduce and a fresh capture with the model's bits;
+* late (not in the default steps): the last rank's kernels publish late (0.5 s, the timeout, past it) while the
+  others replay all_reduces on pool tensors: a replay gets through with the model's bits, or every rank's next
+  call raises the same ``OpTimeoutError`` (nobody failed); the group then works in eager and in a new capture;
 * failure: the last rank is killed while the others replay (a graph of all_reduces, and one of
   all_gathers); every survivor's replay ends within the timeout, its next call raises the same
   ``PeerFailureError`` naming the dead rank, and afterwards an eager all_reduce and a fresh capture over
@@ -339,6 +342,80 @@ def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "al
     return {"error": error, "replay_s": round(replay_s, 3), "eager_ok": eager_ok, "graph_ok": graph_ok}
 
 
+def late_during_replay(numel: int, late: int, stalls_s: list[float], ops: int = 2):
+    """For each stall: capture ``ops`` all_reduces of a ``mooncake.pg.mem_pool()`` tensor (on the ranks' tensors
+    where the cluster lowers ``MOONCAKE_FAST_CUDA_PARTS_MIN``), replay once cleanly, then replay while rank
+    ``late``'s kernels wait that long before publishing (``MOONCAKE_FAST_CUDA_STALL_WORD``), while the others
+    wait for it, read or write each other's tensors and, past the group's timeout, give up.  Returns per stall
+    what this rank saw: the error of its next call (None: the replay got through), the replay's seconds, whether
+    a replay that got through gave the model's bits, and whether the group then works in eager."""
+    import mooncake.pg as mpg
+    from mooncake.model.reduce import ReduceOp, fold
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = dist.group.WORLD._plane.g.dev
+    pool = mpg.mem_pool()
+    with torch.cuda.use_mem_pool(pool):
+        x = torch.zeros(numel, device="cuda")
+    static_in = torch.arange(numel, dtype=torch.float32, device="cuda") % 64 + rank
+    want = fold(ReduceOp.SUM, [torch.arange(numel, dtype=torch.float32) % 64 + r for r in range(world)])
+    side = torch.cuda.Stream()
+    out = []
+    for stall_s in stalls_s:
+        graph = torch.cuda.CUDAGraph()
+        dist.barrier()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                for _ in range(ops):
+                    x.copy_(static_in)
+                    dist.all_reduce(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        clean = bool(torch.equal(x.cpu(), want))
+        dist.barrier()
+        if rank == late:
+            dev.set_stall(int(stall_s * 1e9))
+        x.zero_()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        replay_s = time.perf_counter() - t0
+        dev.set_stall(0)
+        result_ok = bool(torch.equal(x.cpu(), want))
+        error = None
+        y = torch.ones(4, device="cuda")
+        try:
+            dist.all_reduce(y)
+        except Exception as exc:  # noqa: BLE001 - the outcome is the result
+            error = f"{type(exc).__name__}: {exc}"
+        z = torch.full((4,), float(rank + 1), device="cuda")
+        dist.all_reduce(z)
+        eager_ok = bool(torch.equal(z.cpu(), fold(ReduceOp.SUM, [torch.full((4,), float(r + 1)) for r in range(world)])))
+        out.append({"stall_s": stall_s, "error": error, "replay_s": round(replay_s, 3), "clean_ok": clean,
+                    "result_ok": result_ok, "eager_ok": eager_ok, "direct": dev.direct_captures})
+    return out
+
+
+def late_eager(numel: int, late: int, stall_s: float):
+    """Eager all_reduces of ``numel`` float32 while rank ``late``'s kernel waits ``stall_s`` before publishing
+    (past the device path's own wait, within the group's timeout): every rank's result is the model's (the
+    host protocol takes over from where the kernels left their words).  Returns (bitwise, how this rank's
+    launches ended)."""
+    from mooncake.model.reduce import ReduceOp, fold
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = dist.group.WORLD._plane.g.dev
+    x = torch.full((numel,), float(rank + 1), device="cuda")
+    dist.barrier()
+    if rank == late:
+        dev.set_stall(int(stall_s * 1e9))
+    dist.all_reduce(x)
+    dev.set_stall(0)
+    ok = bool(torch.equal(x.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in range(world)])))
+    x.fill_(float(rank + 1))
+    dist.all_reduce(x)  # and the next one, on the device path again
+    ok = ok and bool(torch.equal(x.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in range(world)])))
+    return ok, dict(dev.outcomes)
+
+
 def capture_mismatch():
     """Rank 0 captures an all_reduce of 4 elements, the others of 8: every rank's capture raises the same
     ``MismatchError`` naming both sides, before anything is enqueued; afterwards an eager all_reduce and a
@@ -511,6 +588,34 @@ def main() -> int:
                      survivors=outs, errors=errors)
             finally:
                 c.close()
+        if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)
+            timeout_s = 3.0
+            env = {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_STALL_WORD": "1",
+                   "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"}
+            stalls = [0.5, timeout_s, timeout_s + 1.5]
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env=env)
+            try:  # 65536 float32: four blocks per launch, one launch per step
+                eager = c.run(P.late_eager, 1024, R - 1, 0.5, timeout_s=60)
+                res = c.run(P.late_during_replay, 65536, R - 1, stalls, timeout_s=180)
+            finally:
+                c.close()
+            ok = all(e[0] for e in eager) and any(e[1].get("published", 0) + e[1].get("not posted", 0) for e in eager)
+            failures += not ok
+            note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes an eager all_reduce 0.5 s late (past the "
+                 "device path's wait): the host protocol takes over, every result the model's", ranks=R,
+                 results=eager)
+            for i, stall_s in enumerate(stalls):
+                seen = [r[i] for r in res]
+                errors = {o["error"] for o in seen}
+                agree = len(errors) == 1
+                error = next(iter(errors))
+                through = error is None and all(o["result_ok"] for o in seen)
+                gave_up = error is not None and error.startswith("OpTimeoutError") and "nobody failed" in error
+                ok = (agree and (through or gave_up) and all(o["clean_ok"] and o["eager_ok"] and o["direct"] for o in seen)
+                      and (stall_s <= timeout_s or gave_up) and (stall_s > timeout_s / 2 or through))
+                failures += not ok
+                note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes {stall_s} s late in a replay of "
+                     f"all_reduces on pool tensors (timeout {timeout_s} s)", ranks=R, results=seen)
     with open(os.path.join(args.out, "pg_graph.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"pg_graph: {failures} failure(s)", flush=True)

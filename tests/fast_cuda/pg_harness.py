@@ -326,6 +326,11 @@ def device_outcomes(prefix: str):
     return dict(dev.outcomes) if dev is not None else {}
 
 
+def set_stall(prefix: str, ns: int) -> None:
+    """This worker's device-path launches wait ``ns`` before publishing (``MOONCAKE_FAST_CUDA_STALL_WORD``)."""
+    _state[prefix]["plane"].g.dev.set_stall(ns)
+
+
 def run_cases_late(prefix: str, cases: list[dict], delay_s: float):
     """``run_cases`` after sleeping ``delay_s`` before each case (a rank that is merely late)."""
     results = []

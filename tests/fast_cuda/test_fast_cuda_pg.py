@@ -128,6 +128,33 @@ def test_emulated_device_path_late_peer_falls_back(cluster_factory):
 
 
 @pytest.mark.timeout(300)
+def test_emulated_stalled_publisher_falls_back(cluster_factory):
+    """A peer whose launches publish late (the stall word, as the kernel reads it on a GPU): its own launches
+    get through, its peer's give up after publishing, and the host protocol finishes them with the model's
+    bits; cleared, both take the device path again."""
+    c = _emu(cluster_factory, 2, MOONCAKE_FAST_CUDA_DEVICE="on", MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS="20",
+             MOONCAKE_FAST_CUDA_STALL_WORD="1")
+    prefix = C.prefix("emudev-stall")
+    c.run(H.open_plane, prefix, 2, [0, 1])
+    try:
+        warm = [C.case("all_reduce", "float32", 3, red="SUM", salt=f"warm{i}") for i in range(2)]
+        c.run(H.run_cases, prefix, warm)  # both lanes allocated: the next ops are eligible
+        c.run(H.set_stall, prefix, 150_000_000, ranks=[1])
+        cases = [C.case("all_reduce", "float32", n, red="SUM", salt=f"stall{n}") for n in (5, 20)]
+        bad = C.mismatches(cases, c.run(H.run_cases, prefix, cases), [0, 1], 2)
+        assert not bad, bad[:5]
+        early, stalled = c.run(H.device_outcomes, prefix)
+        assert early["published"] == len(cases) and stalled["done"] == len(cases), (early, stalled)
+        c.run(H.set_stall, prefix, 0, ranks=[1])
+        again = [C.case("all_reduce", "float32", 7, red="SUM", salt=f"after{i}") for i in range(2)]
+        bad = C.mismatches(again, c.run(H.run_cases, prefix, again), [0, 1], 2)
+        assert not bad, bad[:5]
+        assert c.run(H.device_outcomes, prefix)[0]["done"] == len(again)
+    finally:
+        c.run(H.close_plane, prefix)
+
+
+@pytest.mark.timeout(300)
 def test_emulated_device_launch_that_gave_up_mid_fold_is_undone(cluster_factory):
     """A launch that published, held its peers' lanes and wrote part of the output before giving up (one
     block of several past its deadline), then the op abandoned: the caller's tensor is its input again and

@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 8
+ABI_VERSION = 9
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -43,7 +43,7 @@ class McPgDevArgs(ctypes.Structure):
                 ("flag", ctypes.c_int64), ("arrive", ctypes.c_int64), ("trace", ctypes.c_int64),
                 ("n", ctypes.c_int32), ("me", ctypes.c_int32), ("op", ctypes.c_int32), ("dtype", ctypes.c_int32),
                 ("phase", ctypes.c_int32), ("kind", ctypes.c_int32), ("graph", ctypes.c_int32),
-                ("slots", ctypes.c_int32), ("root", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("slots", ctypes.c_int32), ("root", ctypes.c_int32), ("stall", ctypes.c_int32),
                 ("rank", ctypes.c_int32 * DEV_MAX_RANKS)]
 
 

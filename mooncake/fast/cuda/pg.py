@@ -128,6 +128,10 @@ splits, list forms of reduce_scatter and all_to_all, barrier and P2P.
 Test mode: ``MOONCAKE_FAST_CUDA_EMULATE=cpu`` runs the same protocol on CPU tensors with lanes in shared
 memory and GPU events that complete after ``MOONCAKE_FAST_CUDA_EMULATE_LAG`` queries (tests/fast_cuda).
 
+Fault injection (tests): with ``MOONCAKE_FAST_CUDA_STALL_WORD=1`` every launch reads the rank's stall word
+(``W_STALL``, ``_DevicePath.set_stall``) right before it publishes and waits that many nanoseconds: a peer that
+is late past its peers' deadline while they wait, read or write (tests/fast_cuda/pg_graph.py, ``late``).
+
 Profiling: ``MOONCAKE_FAST_CUDA_TRACE=1`` makes every single-block launch write, per op, the GPU's global
 timer and its SM's clock at each step of the protocol (start, go, lane released, published, peers published,
 read, finished) into a device buffer that ``_DevicePath.trace_records`` reads (tests/fast_cuda/pg_profile.py).
@@ -176,6 +180,8 @@ DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on
 GRAPH_WORDS_ENV = "MOONCAKE_FAST_CUDA_GRAPH_WORDS"
 # "1": single-block launches of the device path record when each step ran (``_DevicePath.trace_records``)
 TRACE_ENV = "MOONCAKE_FAST_CUDA_TRACE"
+# tests, "1": launches of the device path read this rank's stall word (W_STALL, ns) before publishing: a late peer
+STALL_ENV = "MOONCAKE_FAST_CUDA_STALL_WORD"
 #: all_reduce of at most this many bytes may take the device path
 DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
@@ -201,6 +207,7 @@ W_SLEEPING = 9
 # captured ops: the current view epoch, the key of one that gave up, epoch << 40 | ops run in that epoch, the key
 # of one captured under an earlier view (module doc, "CUDA graphs")
 W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE = 10, 11, 12, 13
+W_STALL = 14  # tests (STALL_ENV): nanoseconds this rank's launches wait before publishing
 LANE0 = 16
 GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
 PAD_LANE = 4  # the block that publishes the rank's pad (module doc, "CUDA graphs") as if it were a lane
@@ -596,10 +603,10 @@ class _DevicePath:
         mem = g.mem
         if not mem.emulated:
             from .lib import DEV_MAX_RANKS
-            layout = (ctypes.c_int64 * 12)()
+            layout = (ctypes.c_int64 * 13)()
             mem.lib.mc_pg_dev_layout(layout)
             want = (W_GRAPH_EPOCH, L_PUB, L_META, L_DONE, L_HOLD, L_FREE, L_META_NUMEL, L_META_SLOTS,
-                    W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE, L_DRAIN)
+                    W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE, L_DRAIN, W_STALL)
             if tuple(layout) != want:
                 raise MooncakeError(f"the CUDA library's control-word layout {tuple(layout)} is not this "
                                     f"mooncake's {want}: rebuild it")
@@ -631,6 +638,14 @@ class _DevicePath:
             mem.lib.mc_pg_dev_trace_shape(shape)
             self.trace_shape = tuple(shape)
             self.trace = torch.zeros(shape[0] * shape[1], dtype=torch.int64, device=mem.device)
+        self.stall = int(os.environ.get(STALL_ENV, "").strip() == "1")  # McPgDevArgs.stall
+
+    def set_stall(self, ns: int) -> None:
+        """Tests (``STALL_ENV``): make this rank's launches from now on, captured ones included, wait ``ns``
+        before publishing (0: no more)."""
+        if not self.stall:
+            raise MooncakeError(f"set_stall needs {STALL_ENV}=1 when the group is created")
+        self.g.ctl[W_STALL] = int(ns)
 
     def trace_records(self) -> list[dict]:
         """The kernels' step times (``TRACE_ENV``; empty when off), once this device's work is done: per op
@@ -752,6 +767,7 @@ class _DevicePath:
             a.flag = g.flag.data_ptr() if flag else 0
             a.arrive = self.arrive.data_ptr() + (4 * ARRIVE_WORDS if graph else 0)
             a.trace = self.trace.data_ptr() if self.trace is not None else 0
+            a.stall = self.stall
             a.n, a.me, a.op, a.dtype = len(active), active.index(me), shape.op, shape.dtype
             if len(self.args) >= 64:
                 self.args.clear()
@@ -780,6 +796,8 @@ class _DevicePath:
         lanes[op.active.index(op.me)][:nb].copy_(op.tensor.reshape(-1).view(torch.uint8))
         if op.others:
             faults.hit("mid_transfer")
+        if self.stall and g.ctl[W_STALL] > 0:
+            time.sleep(min(g.ctl[W_STALL], 60_000_000_000) * 1e-9)
         head = g.fp_words.head(op.fp, 0)
         mine = ctls[op.me]
         mine[base + L_META], mine[base + L_META_NUMEL], mine[base + L_META_SLOTS] = head
