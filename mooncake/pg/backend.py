@@ -822,7 +822,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "tensor", capturing)
+        self._check_tensor(t, "tensor", capturable=True)
         op = _reduce_op(opts)
         self._check_reduce(op, t)
         factor = _premul_factor(opts, t.dtype)
@@ -950,7 +950,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.BroadcastOptions()
         t = _one(tensors)
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "tensor", capturing)
+        self._check_tensor(t, "tensor", capturable=True)
         root = opts.rootRank
         self._check_root(root, "broadcast src")
         if capturing:
@@ -966,7 +966,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.ReduceOptions()
         t = _one(tensors)
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "tensor", capturing)
+        self._check_tensor(t, "tensor", capturable=True)
         op = _reduce_op(opts)
         self._check_reduce(op, t)
         root = opts.rootRank
@@ -990,10 +990,10 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         t = _one(input_tensors, "input_tensors")
         outs = _one(output_tensors, "output_tensors")
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "input tensor", capturing)
+        self._check_tensor(t, "input tensor", capturable=True)
         self._check_slots(len(outs), "the all_gather output list")
         for i, o in enumerate(outs):
-            self._check_like(o, t, f"output_tensor_list[{i}]", capturing)
+            self._check_like(o, t, f"output_tensor_list[{i}]", capturable=True)
         fingerprint = _fp(OpCode.ALL_GATHER, t, numel=t.numel(), slots=len(outs))
         if capturing:  # into one buffer (the graph's memory), then copies into the list, in the graph
             flat = torch.empty((len(outs), t.numel()), dtype=t.dtype, device=t.device)
@@ -1021,8 +1021,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output, input, opts=None):
         opts = opts or c10d.AllgatherOptions()
         capturing = self._enter_capture(input)
-        self._check_tensor(input, "input_tensor", capturing)
-        self._check_tensor(output, "output_tensor", capturing)
+        self._check_tensor(input, "input_tensor", capturable=True)
+        self._check_tensor(output, "output_tensor", capturable=True)
         k = self._slots_of(output.numel(), input.numel(), "all_gather_into_tensor output")
         if output.dtype != input.dtype:
             raise ArgumentError(f"all_gather_into_tensor: output dtype {output.dtype} != input dtype {input.dtype}")
@@ -1054,14 +1054,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.GatherOptions()
         t = _one(input_tensors, "input_tensors")
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "input tensor", capturing)
+        self._check_tensor(t, "input tensor", capturable=True)
         root = opts.rootRank
         self._check_root(root, "gather dst")
         if self._rank == root:
             outs = _one(output_tensors, "output_tensors")
             self._check_slots(len(outs), "gather_list")
             for i, o in enumerate(outs):
-                self._check_like(o, t, f"gather_list[{i}]", capturing)
+                self._check_like(o, t, f"gather_list[{i}]", capturable=True)
         else:
             if output_tensors and any(len(o) for o in output_tensors):
                 raise ArgumentError(f"gather_list must be empty on non-destination rank {self._rank}")
@@ -1085,7 +1085,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         opts = opts or c10d.ScatterOptions()
         t = _one(output_tensors, "output_tensors")
         capturing = self._enter_capture(t)
-        self._check_tensor(t, "output tensor", capturing)
+        self._check_tensor(t, "output tensor", capturable=True)
         root = opts.rootRank
         self._check_root(root, "scatter src")
         ins = []
@@ -1093,7 +1093,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             ins = _one(input_tensors, "input_tensors")
             self._check_slots(len(ins), "scatter_list")
             for i, s in enumerate(ins):
-                self._check_like(s, t, f"scatter_list[{i}]", capturing)
+                self._check_like(s, t, f"scatter_list[{i}]", capturable=True)
         elif input_tensors and any(len(i) for i in input_tensors):
             raise ArgumentError(f"scatter_list must be empty on non-source rank {self._rank}")
         fingerprint = _fp(OpCode.SCATTER, t, root=root, numel=t.numel())
@@ -1132,8 +1132,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or c10d.ReduceScatterOptions()
         capturing = self._enter_capture(input)
-        self._check_tensor(input, "input_tensor", capturing)
-        self._check_tensor(output, "output_tensor", capturing)
+        self._check_tensor(input, "input_tensor", capturable=True)
+        self._check_tensor(output, "output_tensor", capturable=True)
         op = _reduce_op(opts)
         self._check_reduce(op, input)
         k = self._slots_of(input.numel(), output.numel(), "reduce_scatter_tensor input")
@@ -1195,8 +1195,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         opts = opts or c10d.AllToAllOptions()
         capturing = self._enter_capture(input)
-        self._check_tensor(input, "input", capturing)
-        self._check_tensor(output, "output", capturing)
+        self._check_tensor(input, "input", capturable=True)
+        self._check_tensor(output, "output", capturable=True)
         if output.dtype != input.dtype:
             raise ArgumentError(f"all_to_all_single: output dtype {output.dtype} != input dtype {input.dtype}")
         k = len(input_split_sizes) or len(output_split_sizes) or self.size()
