@@ -442,8 +442,8 @@ __device__ __forceinline__ void finish_op(const McPgDevArgs& a, int64_t* mine, i
 
 // Fault injection for tests (McPgDevArgs.stall): a late publisher.  Waits the nanoseconds in this rank's host
 // word kWStall, read at this point (0: none), at most a minute.
-__device__ __noinline__ void stall_before_publish(const McPgDevArgs& a) {
-  const int64_t ns = mc_sync::ld_relaxed_sys(reinterpret_cast<int64_t*>(a.note[a.me]) + kWStall);
+__device__ __noinline__ void stall_before_publish(const int64_t* host_words) {  // (by value: args stay in params)
+  const int64_t ns = mc_sync::ld_relaxed_sys(host_words + kWStall);
   if (ns <= 0) return;
   const uint64_t until = mc_sync::global_timer_ns() + static_cast<uint64_t>(ns < 60000000000LL ? ns : 60000000000LL);
   while (mc_sync::global_timer_ns() < until) __nanosleep(1000);
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(kDevThreads, 2) dev_collective(McPgDevArgs a) 
       if (!released) give_up(a, key);
       const bool last = last_block(a, 0, !released, &failed);
       if (last && !failed) {  // every block copied its part: publish
-        if (a.stall) stall_before_publish(a);
+        if (a.stall) stall_before_publish(reinterpret_cast<const int64_t*>(a.note[a.me]));
         mine[base + kLMeta] = a.fp[0];
         mine[base + kLMetaNumel] = a.fp[1];
         mine[base + kLMetaSlots] = a.fp[2];

@@ -152,8 +152,13 @@ def _collective(name: str, list_arg: int | None = None):
     def wrap(method):
         @functools.wraps(method)
         def call(self, *args, **kwargs):
-            if getattr(_calls, "issued", None) is not None:
-                return method(self, *args, **kwargs)
+            if getattr(_calls, "issued", None) is not None:  # part of a coalesced call: its Work waits on it
+                nested = getattr(_calls, "nested", False)
+                _calls.nested = True
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    _calls.nested = nested
             _calls.issued = 0
             try:
                 return method(self, *args, **kwargs)
@@ -772,10 +777,12 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             for user, stage in staged:
                 user.copy_(stage)
 
+        urgent = getattr(opts, "asyncOp", True)
         return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
                                         write_back if staged else None, name=name,
                                         collective=Collective(membership, seq, view.epoch, repost, posted, late),
-                                        issued_at=issued_at, urgent=getattr(opts, "asyncOp", True)))
+                                        issued_at=issued_at, urgent=urgent,
+                                        waited_at_once=not urgent and not getattr(_calls, "nested", False)))
 
     def _reject(self, name: str, exc: BaseException, count: int) -> None:
         """This rank rejected a call that takes ``count`` sequence numbers: take them and tell the

@@ -74,9 +74,9 @@ class MooncakeWork(dist.Work):
     Whichever thread sees the operation commit completes the Work and its future: a caller in
     ``wait()``, or the engine's background thread, which is woken at once for an ``urgent``
     operation (``async_op=True``, DDP's buckets) or when someone asks for the future.  A blocking
-    call (``async_op=False``: torch waits at once) is handed to that thread only if it is still
-    pending when its ``wait()`` returns or raises, or when someone asks for its future or whether it
-    completed.
+    collective (``waited_at_once``: ``async_op=False``, which torch waits on at once) is handed to that
+    thread only if it is still pending when its ``wait()`` returns or raises, or when someone asks
+    for its future or whether it completed.
 
     ``failed_ranks`` lists the group ranks a failed operation lost, or that the survivors agreed had
     failed while it ran.
@@ -94,7 +94,7 @@ class MooncakeWork(dist.Work):
                  after: Callable[[], None] | None = None,
                  source_rank: int | Callable[[], int] = -1, name: str = "operation",
                  collective: "Collective | None" = None, issued_at: float | None = None,
-                 failed: BaseException | None = None, urgent: bool = False):
+                 failed: BaseException | None = None, urgent: bool = False, waited_at_once: bool = False):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -130,11 +130,11 @@ class MooncakeWork(dist.Work):
         elif collective is not None and collective.decision is not None:
             with self._lock:
                 self._resolve(collective.decision)   # called late: the verdict is already known
-            if self._state == _PENDING and urgent:
+            if self._state == _PENDING and not waited_at_once:
                 self._register(urgent)
-        elif urgent:
+        elif not waited_at_once:
             self._register(urgent)
-        # else (the caller waits at once: torch's blocking calls) registered only if wait() leaves it pending
+        # else (torch's blocking call, which waits at once) registered only if wait() leaves it pending
 
     def _register(self, urgent: bool) -> None:
         """Hand the operation to the engine's thread, which sleeps on this plane's doorbell
@@ -151,6 +151,8 @@ class MooncakeWork(dist.Work):
             self._register(False)
             if self._state != _PENDING:  # it ended meanwhile
                 self._engine.remove_poller(self._advance)
+            else:  # the thread may sleep with no deadline (an op awaiting a decision): look at it now
+                self._engine.kick()
 
     def _wake_at(self) -> float:
         """When the engine's thread must advance this operation even if no event comes: its

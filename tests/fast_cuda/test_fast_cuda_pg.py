@@ -139,17 +139,23 @@ def test_emulated_stalled_publisher_falls_back(cluster_factory):
     try:
         warm = [C.case("all_reduce", "float32", 3, red="SUM", salt=f"warm{i}") for i in range(2)]
         c.run(H.run_cases, prefix, warm)  # both lanes allocated: the next ops are eligible
+
+        def since(before):
+            return [{k: now[k] - was.get(k, 0) for k in now} for now, was in zip(c.run(H.device_outcomes, prefix), before)]
+
+        before = c.run(H.device_outcomes, prefix)
         c.run(H.set_stall, prefix, 150_000_000, ranks=[1])
         cases = [C.case("all_reduce", "float32", n, red="SUM", salt=f"stall{n}") for n in (5, 20)]
         bad = C.mismatches(cases, c.run(H.run_cases, prefix, cases), [0, 1], 2)
         assert not bad, bad[:5]
-        early, stalled = c.run(H.device_outcomes, prefix)
+        early, stalled = since(before)
         assert early["published"] == len(cases) and stalled["done"] == len(cases), (early, stalled)
         c.run(H.set_stall, prefix, 0, ranks=[1])
+        before = c.run(H.device_outcomes, prefix)
         again = [C.case("all_reduce", "float32", 7, red="SUM", salt=f"after{i}") for i in range(2)]
         bad = C.mismatches(again, c.run(H.run_cases, prefix, again), [0, 1], 2)
         assert not bad, bad[:5]
-        assert c.run(H.device_outcomes, prefix)[0]["done"] == len(again)
+        assert [o["done"] for o in since(before)] == [len(again)] * 2
     finally:
         c.run(H.close_plane, prefix)
 

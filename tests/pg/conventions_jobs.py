@@ -139,3 +139,28 @@ def futures(count: int):
         futs.append(fut.then(lambda f: (threads.append(threading.current_thread().name), f.value()[0] * 2)[1]))
     values = [f.wait() for f in futs]
     return {"values": values, "threads": sorted(set(threads))}
+
+
+def left_blocking_call(late_s: float):
+    """A blocking all_reduce (``asyncOp=False``, as torch issues for ``async_op=False``) whose waiter gives up
+    early (``wait(timeout)`` raises) while rank 1 is ``late_s`` late: nobody waits on it again, yet it ends
+    (the engine's thread takes it over).  Rank 0 returns what it saw without advancing the Work itself
+    (``is_success`` / ``exception`` only read)."""
+    from torch._C import _distributed_c10d as c10d
+    t = torch.full((4,), float(dist.get_rank() + 1))
+    if dist.get_rank() == 1:
+        time.sleep(late_s)
+        dist.all_reduce(t)
+        return {"result": t}
+    opts = c10d.AllreduceOptions()
+    opts.asyncOp = False
+    work = dist.group.WORLD.allreduce([t], opts)
+    try:
+        work.wait(timedelta(seconds=0.05))
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        raised = type(exc).__name__
+    deadline = time.monotonic() + late_s + 10.0
+    while not work.is_success() and work.exception() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"raised": raised, "success": work.is_success(), "result": t}

@@ -45,6 +45,14 @@ def test_wait_timeout_raises_and_the_op_goes_on(cluster):
     assert bitwise_equal(first["result"], torch.full((4,), 3.0)) and bitwise_equal(second["result"], first["result"])
 
 
+def test_a_blocking_call_its_waiter_left_still_ends(cluster):
+    """Nothing waits forever, also when the waiter leaves: a blocking call whose wait(timeout) raised is driven
+    to its end by the engine's thread."""
+    first, second = cluster.run(jobs.left_blocking_call, 1.0)
+    assert first["raised"] == "OpTimeoutError" and first["success"], first
+    assert bitwise_equal(first["result"], torch.full((4,), 3.0)) and bitwise_equal(second["result"], first["result"])
+
+
 def test_get_backend(cluster):
     for res in cluster.run(jobs.get_backend):
         assert res == {"same": True, "name": "mooncake-cpu", "cuda": "ArgumentError"}

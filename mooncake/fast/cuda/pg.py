@@ -1330,12 +1330,13 @@ class CudaGroup:
                 if op.state == DATA and not op.try_commit():
                     return
 
-    def _own_event(self, until: "_Op") -> "_Op | None":
-        """The first stuck operation up to ``until`` whose GPU event it waits for (None: it waits for peers)."""
+    def _own_event(self, until: "_Op") -> "tuple[_Op, object] | None":
+        """The first stuck operation up to ``until`` that waits for its GPU event, and the event (None: it
+        waits for peers)."""
         with self.lock:
             for op in self.queue:
                 if op.state in _GPU_BUSY:
-                    return op
+                    return op, op.ev
                 if op.state < COMMITTED or op is until:
                     return None
         return None
@@ -1358,11 +1359,11 @@ class CudaGroup:
                 return False
             busy = self._own_event(op)
             if busy is not None:  # this rank's own copies / fold: short for small operations, else bounded
-                ev = busy.ev
-                device = busy.state == DEVICE
+                busy_op, ev = busy  # (another thread pumping may clear busy_op.ev meanwhile: ev stays valid)
+                device = busy_op.state == DEVICE
                 spin = DEVICE_SPIN_S if device else SPIN_S  # device: peers' DONE come from GPUs
                 spin_end = now + spin
-                landed = busy.device_landed if device else (lambda: self.mem.done(ev))
+                landed = (lambda: busy_op.device_landed(ev)) if device else (lambda: self.mem.done(ev))
                 while not landed() and time.monotonic() < spin_end:
                     pass
                 if not landed():
@@ -1606,10 +1607,10 @@ class _Op:
         self.state = QUEUED
         return self.try_post()
 
-    def device_landed(self) -> bool:
-        """The device path's launch is over: its DONE (written after its last write of the result; one read
-        of host memory) or, where it gave up, its event."""
-        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(self.ev)
+    def device_landed(self, ev=None) -> bool:
+        """The device path's launch (its event ``ev``, default this op's) is over: its DONE (written after its
+        last write of the result; one read of host memory) or, where it gave up, its event."""
+        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(ev if ev is not None else self.ev)
 
     def _adopt_device_words(self) -> None:
         """After the device path's launch: take over what its words say it did.  HOLD = key: this rank
