@@ -509,6 +509,35 @@ def main() -> int:
                          median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
             finally:
                 c.close()
+        if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)
+            timeout_s = 3.0
+            env = {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_STALL_WORD": "1",
+                   "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"}
+            stalls = [0.5, timeout_s, timeout_s + 1.5]
+            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env=env)
+            try:  # 65536 float32: four blocks per launch, one launch per step
+                eager = c.run(P.late_eager, 256, R - 1, 0.5, timeout_s=60)  # under PARTS_MIN: one phase
+                res = c.run(P.late_during_replay, 65536, R - 1, stalls, timeout_s=180)
+            finally:
+                c.close()
+            ok = (all(e[0] for e in eager) and eager[R - 1][1].get("done") == 1
+                  and all(e[1].get("published") == 1 for e in eager[:R - 1]))
+            failures += not ok
+            note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes an eager all_reduce 0.5 s late (past the "
+                 "device path's wait): the host protocol takes over, every result the model's", ranks=R,
+                 results=eager)
+            for i, stall_s in enumerate(stalls):
+                seen = [r[i] for r in res]
+                errors = {o["error"] for o in seen}
+                agree = len(errors) == 1
+                error = next(iter(errors))
+                through = error is None and all(o["result_ok"] for o in seen)
+                gave_up = error is not None and error.startswith("OpTimeoutError") and "nobody failed" in error
+                ok = (agree and (through or gave_up) and all(o["clean_ok"] and o["eager_ok"] and o["direct"] for o in seen)
+                      and (stall_s <= timeout_s or gave_up) and (stall_s > timeout_s / 2 or through))
+                failures += not ok
+                note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes {stall_s} s late in a replay of "
+                     f"all_reduces on pool tensors (timeout {timeout_s} s)", ranks=R, results=seen)
         for words in (args.graph_words.split(",") if "graph" in steps else ()):
             if words == "pad":
                 continue  # timed below, with the captured collectives
@@ -592,35 +621,6 @@ def main() -> int:
                      survivors=outs, errors=errors)
             finally:
                 c.close()
-        if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)
-            timeout_s = 3.0
-            env = {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_STALL_WORD": "1",
-                   "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"}
-            stalls = [0.5, timeout_s, timeout_s + 1.5]
-            c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env=env)
-            try:  # 65536 float32: four blocks per launch, one launch per step
-                eager = c.run(P.late_eager, 256, R - 1, 0.5, timeout_s=60)  # under PARTS_MIN: one phase
-                res = c.run(P.late_during_replay, 65536, R - 1, stalls, timeout_s=180)
-            finally:
-                c.close()
-            ok = (all(e[0] for e in eager) and eager[R - 1][1].get("done") == 1
-                  and all(e[1].get("published") == 1 for e in eager[:R - 1]))
-            failures += not ok
-            note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes an eager all_reduce 0.5 s late (past the "
-                 "device path's wait): the host protocol takes over, every result the model's", ranks=R,
-                 results=eager)
-            for i, stall_s in enumerate(stalls):
-                seen = [r[i] for r in res]
-                errors = {o["error"] for o in seen}
-                agree = len(errors) == 1
-                error = next(iter(errors))
-                through = error is None and all(o["result_ok"] for o in seen)
-                gave_up = error is not None and error.startswith("OpTimeoutError") and "nobody failed" in error
-                ok = (agree and (through or gave_up) and all(o["clean_ok"] and o["eager_ok"] and o["direct"] for o in seen)
-                      and (stall_s <= timeout_s or gave_up) and (stall_s > timeout_s / 2 or through))
-                failures += not ok
-                note("PASS" if ok else "FAIL", what=f"rank {R - 1} publishes {stall_s} s late in a replay of "
-                     f"all_reduces on pool tensors (timeout {timeout_s} s)", ranks=R, results=seen)
     with open(os.path.join(args.out, "pg_graph.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"pg_graph: {failures} failure(s)", flush=True)
