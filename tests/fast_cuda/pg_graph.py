@@ -64,6 +64,12 @@ def _expected(ranks, op: int, replay: int, numel: int, dtype: torch.dtype) -> to
     return fold(ReduceOp.SUM, [_inputs(r, op, replay, numel, dtype) for r in ranks])
 
 
+def _sum_of_ranks(numel: int, ranks) -> torch.Tensor:
+    """The model's SUM of every rank r's ``numel`` elements of r + 1 (the fail and late cases' inputs)."""
+    from mooncake.model.reduce import ReduceOp, fold
+    return fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in ranks])
+
+
 def _timed_replay(graph) -> float:
     """Replay ``graph`` once every rank is ready; seconds until this rank's GPU finished it."""
     torch.cuda.synchronize()
@@ -283,7 +289,6 @@ def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "al
     import contextlib
 
     import mooncake.pg as mpg
-    from mooncake.model.reduce import ReduceOp, fold
     rank = dist.get_rank()
     pool = mpg.mem_pool() if kind == "all_reduce_pool" else None
     with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
@@ -321,7 +326,7 @@ def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "al
     survivors = [r for r in range(dist.get_world_size()) if r != victim]
     z = torch.full((numel,), float(rank + 1), device="cuda")
     dist.all_reduce(z)
-    eager_ok = bool(torch.equal(z.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])))
+    eager_ok = bool(torch.equal(z.cpu(), _sum_of_ranks(numel, survivors)))
     g2 = torch.cuda.CUDAGraph()
     w = torch.zeros(numel * (dist.get_world_size() if kind == "all_gather" else 1), device="cuda")
     src = torch.full((numel,), float(rank + 1), device="cuda")
@@ -337,7 +342,7 @@ def die_during_replay(numel: int, victim: int, timeout_s: float, kind: str = "al
     if kind == "all_gather":
         want = torch.cat([torch.full((numel,), float(r + 1)) for r in range(dist.get_world_size())])
     else:
-        want = fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in survivors])
+        want = _sum_of_ranks(numel, survivors)
     graph_ok = bool(torch.equal(w.cpu(), want))
     return {"error": error, "replay_s": round(replay_s, 3), "eager_ok": eager_ok, "graph_ok": graph_ok}
 
@@ -389,7 +394,7 @@ def late_during_replay(numel: int, late: int, stalls_s: list[float], ops: int = 
             error = f"{type(exc).__name__}: {exc}"
         z = torch.full((4,), float(rank + 1), device="cuda")
         dist.all_reduce(z)
-        eager_ok = bool(torch.equal(z.cpu(), fold(ReduceOp.SUM, [torch.full((4,), float(r + 1)) for r in range(world)])))
+        eager_ok = bool(torch.equal(z.cpu(), _sum_of_ranks(4, range(world))))
         out.append({"stall_s": stall_s, "error": error, "replay_s": round(replay_s, 3), "clean_ok": clean,
                     "result_ok": result_ok, "eager_ok": eager_ok, "direct": dev.direct_captures})
     return out  # (each stall's first replay is a fresh capture after the previous stall)
@@ -400,7 +405,6 @@ def late_eager(numel: int, late: int, stall_s: float):
     (past the device path's own wait, within the group's timeout): every rank's result is the model's (the
     host protocol takes over from where the kernels left their words).  Returns (bitwise, how this rank's
     launches ended)."""
-    from mooncake.model.reduce import ReduceOp, fold
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = dist.group.WORLD._plane.g.dev
     x = torch.full((numel,), float(rank + 1), device="cuda")
@@ -413,10 +417,10 @@ def late_eager(numel: int, late: int, stall_s: float):
     dist.all_reduce(x)
     dev.set_stall(0)
     ended = {k: v - before.get(k, 0) for k, v in dev.outcomes.items()}
-    ok = bool(torch.equal(x.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in range(world)])))
+    ok = bool(torch.equal(x.cpu(), _sum_of_ranks(numel, range(world))))
     x.fill_(float(rank + 1))
     dist.all_reduce(x)  # and the next one, on the device path again
-    ok = ok and bool(torch.equal(x.cpu(), fold(ReduceOp.SUM, [torch.full((numel,), float(r + 1)) for r in range(world)])))
+    ok = ok and bool(torch.equal(x.cpu(), _sum_of_ranks(numel, range(world))))
     return ok, ended
 
 
@@ -424,7 +428,6 @@ def capture_mismatch():
     """Rank 0 captures an all_reduce of 4 elements, the others of 8: every rank's capture raises the same
     ``MismatchError`` naming both sides, before anything is enqueued; afterwards an eager all_reduce and a
     capture of the same call on every rank give the model's bits.  Returns (error text, eager ok, graph ok)."""
-    from mooncake.model.reduce import ReduceOp, fold
     rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.ones(4 if rank == 0 else 8, device="cuda")
     side = torch.cuda.Stream()
@@ -440,7 +443,7 @@ def capture_mismatch():
     torch.cuda.synchronize()
     y = torch.full((8,), float(rank + 1), device="cuda")
     dist.all_reduce(y)
-    want = fold(ReduceOp.SUM, [torch.full((8,), float(r + 1)) for r in range(world)])
+    want = _sum_of_ranks(8, range(world))
     eager_ok = bool(torch.equal(y.cpu(), want))
     z = torch.full((8,), float(rank + 1), device="cuda")
     g2 = torch.cuda.CUDAGraph()

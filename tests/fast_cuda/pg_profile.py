@@ -161,10 +161,7 @@ def analyse_host(per_rank: list[list[tuple[int, int, int]]]) -> tuple[dict, str]
         spans["return to synchronised (every rank)"] += [(c[2] - c[1]) / 1e3 for c in calls]
         if i + 1 < len(per_rank[0]):
             spans["period: one call's start to the next (rank 0)"].append((per_rank[0][i + 1][0] - calls[0][0]) / 1e3)
-    rows = {name: {"p50_us": round(_pct(v, 50), 3), "p90_us": round(_pct(v, 90), 3), "n": len(v)}
-            for name, v in spans.items()}
-    lines = [f"{name:50s} {r['p50_us']:8.2f} {r['p90_us']:8.2f} {r['n']:6d}" for name, r in rows.items()]
-    return rows, "\n".join(lines) + "\n"
+    return _spans_table(spans)
 
 
 def trace_case(iters: int) -> dict:
@@ -202,6 +199,14 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
 
 
+def _spans_table(spans: dict[str, list[float]]) -> tuple[dict, str]:
+    """Median, p90 and count of each span (µs), and the same as text lines."""
+    rows = {name: {"p50_us": round(_pct(v, 50), 3), "p90_us": round(_pct(v, 90), 3), "n": len(v)}
+            for name, v in spans.items()}
+    lines = [f"{name:50s} {r['p50_us']:8.2f} {r['p90_us']:8.2f} {r['n']:6d}" for name, r in rows.items()]
+    return rows, "\n".join(lines) + "\n"
+
+
 def analyse_trace(per_rank: list[list[dict]], ops_per_replay: int = OPS) -> tuple[dict, str]:
     """Per-op spans (µs, median and p90 over ranks and ops) from the ranks' trace records, matched by key;
     ``ops_per_replay``: captured ops per graph (the gap to the next op is counted within one replay), 0 for
@@ -236,12 +241,9 @@ def analyse_trace(per_rank: list[list[dict]], ops_per_replay: int = OPS) -> tupl
         last = max(range(len(by_key)), key=lambda i: pubs[i])
         lk = by_key[last][k]["ns"]
         spans["last publisher's wait for the others"].append((lk[m["peers_published"]] - lk[m["published"]]) / 1e3)
-    rows = {name: {"p50_us": round(_pct(v, 50), 3), "p90_us": round(_pct(v, 90), 3), "n": len(v)}
-            for name, v in spans.items()}
+    rows, text = _spans_table(spans)
     summary = {"ops_matched": len(done), "sm_clock_ghz_p50": round(_pct(ghz, 50), 3), "spans": rows}
-    lines = [f"{'span':50s} {'p50 us':>8s} {'p90 us':>8s} {'n':>6s}"]
-    lines += [f"{name:50s} {r['p50_us']:8.2f} {r['p90_us']:8.2f} {r['n']:6d}" for name, r in rows.items()]
-    return summary, "\n".join(lines) + "\n"
+    return summary, f"{'span':50s} {'p50 us':>8s} {'p90 us':>8s} {'n':>6s}\n" + text
 
 
 CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8), "trace2": (2, 200), "trace8": (8, 200),

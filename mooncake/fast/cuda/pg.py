@@ -208,6 +208,7 @@ W_SLEEPING = 9
 # of one captured under an earlier view (module doc, "CUDA graphs")
 W_GRAPH_EPOCH, W_GRAPH_TROUBLE, W_GRAPH_COUNT, W_GRAPH_STALE = 10, 11, 12, 13
 W_STALL = 14  # tests (STALL_ENV): nanoseconds this rank's launches wait before publishing
+STALL_MAX_NS = 60_000_000_000  # the kernel's bound on that wait, as the emulation's
 LANE0 = 16
 GRAPH_LANES = (2, 3)  # lanes of captured ops (eager ops use 0 and 1)
 PAD_LANE = 4  # the block that publishes the rank's pad (module doc, "CUDA graphs") as if it were a lane
@@ -797,7 +798,7 @@ class _DevicePath:
         if op.others:
             faults.hit("mid_transfer")
         if self.stall and g.ctl[W_STALL] > 0:
-            time.sleep(min(g.ctl[W_STALL], 60_000_000_000) * 1e-9)
+            time.sleep(min(g.ctl[W_STALL], STALL_MAX_NS) * 1e-9)
         head = g.fp_words.head(op.fp, 0)
         mine = ctls[op.me]
         mine[base + L_META], mine[base + L_META_NUMEL], mine[base + L_META_SLOTS] = head
@@ -1586,7 +1587,7 @@ class _Op:
         """The device path's launch completed: carry on from where its words say it got (committed here,
         published only, or nothing) with the host protocol."""
         g = self.g
-        if not self.device_landed():
+        if not self.device_landed(self.ev):
             return False
         self.ev = None
         ctl, base, key = g.ctl, self.base, self.key
@@ -1607,10 +1608,10 @@ class _Op:
         self.state = QUEUED
         return self.try_post()
 
-    def device_landed(self, ev=None) -> bool:
-        """The device path's launch (its event ``ev``, default this op's) is over: its DONE (written after its
-        last write of the result; one read of host memory) or, where it gave up, its event."""
-        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(ev if ev is not None else self.ev)
+    def device_landed(self, ev) -> bool:
+        """The device path's launch, recorded by ``ev``, is over: its DONE (written after its last write of the
+        result; one read of host memory) or, where it gave up, its event."""
+        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(ev)
 
     def _adopt_device_words(self) -> None:
         """After the device path's launch: take over what its words say it did.  HOLD = key: this rank
