@@ -14,7 +14,6 @@ add the CUDA calls (the launch, an event, stream queries) and, with several rank
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -43,38 +42,22 @@ LAYERS = [
 
 def measure(iters: int) -> dict:
     """On every rank: time ``iters`` 8 B all_reduces (after 200 untimed), each layer wrapped."""
-    import importlib
-
     import torch
     import torch.distributed as dist
-    spent: collections.Counter = collections.Counter()
-
-    def wrap(label, module, qualname):
-        cls_name, _, attr = qualname.rpartition(".")
-        cls = getattr(importlib.import_module(module), cls_name)
-        inner = getattr(cls, attr)
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter_ns()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[label] += time.perf_counter_ns() - t0
-        setattr(cls, attr, timed)
-
-    for layer in LAYERS:
-        wrap(*layer)
+    from mooncake.testing.layers import LayerTimer
+    timer = LayerTimer(LAYERS)
+    timer.install()
     x = torch.ones(2)
     dist.barrier()
     calls = []
     for i in range(iters + 200):
         if i == 200:
-            spent.clear()
+            timer.clear()
         t0 = time.perf_counter_ns()
         dist.all_reduce(x)
         calls.append(time.perf_counter_ns() - t0)
     calls = calls[200:]
-    return {"median_us": statistics.median(calls) / 1e3, "layers_us": {k: v / iters / 1e3 for k, v in spent.items()}}
+    return {"median_us": statistics.median(calls) / 1e3, "layers_us": timer.report(iters)["layers_us"]}
 
 
 def main() -> int:

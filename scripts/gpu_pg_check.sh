@@ -14,7 +14,8 @@
 # and of all_gathers for 3+ ranks) within GRAPH_S seconds; GRAPH_ARGS more arguments of it (default: 100
 # eager iterations per size).  LATENCY_RANKS (e.g. 2):
 # first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.  PROFILE_CASES (e.g.
-# graph,eager,large; trace2,trace8 the kernels' own step times): tests/fast_cuda/pg_profile.py into profile/ (within PROFILE_S); PG_CHECK=0 skips pg_check
+# graph,eager,large; trace2,trace8 the kernels' own step times; ehost2,ehost8 each host layer timed): tests/fast_cuda/pg_profile.py
+# into profile/ (within PROFILE_S; PROFILE_ARGS more arguments, e.g. --env NAME=VALUE); PG_CHECK=0 skips pg_check
 # and the pytest half.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
@@ -73,12 +74,12 @@ fi
 
 if [ -n "${PROFILE_CASES:-}" ]; then  # where the goal misses spend their time (tests/fast_cuda/pg_profile.py)
   echo "=== pg_profile ($PROFILE_CASES)" | tee -a "$out/summary.txt"
-  timeout "${PROFILE_S:-240}" python3 tests/fast_cuda/pg_profile.py --cases "$PROFILE_CASES" --out "$out/profile" \
+  timeout "${PROFILE_S:-240}" python3 tests/fast_cuda/pg_profile.py --cases "$PROFILE_CASES" --out "$out/profile" ${PROFILE_ARGS:-} \
     > "$out/pg_profile.txt" 2>&1
   code=$?; [ $code -eq 0 ] || rc=1
   echo "=== pg_profile rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
-  grep -E "^(graph|eager|large|e?trace[0-9]+) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
-  cat "$out"/profile/*trace*.txt 2>/dev/null >> "$out/summary.txt"
+  grep -E "^(graph|eager|large|e?trace[0-9]+|ehost[0-9]+) " "$out/pg_profile.txt" | tee -a "$out/summary.txt"
+  cat "$out"/profile/*trace*.txt "$out"/profile/ehost*.txt 2>/dev/null >> "$out/summary.txt"
 fi
 
 if [ "${PG_CHECK:-1}" = 0 ]; then budget=0; fi  # PG_CHECK=0: only the steps above

@@ -17,7 +17,9 @@ for all ranks of the GPU, so the table shows where an op's time goes across rank
 captured kernel's end and the next one's start, each step's duration, and how far apart the ranks reach a step.
 ``etrace2`` / ``etrace8``: the same for eager 8 B ``dist.all_reduce`` (a synchronisation after each call), plus
 every rank's host clock at each call's start, return and synchronisation: how long the host takes per call and
-how far apart the ranks start.
+how far apart the ranks start.  ``ehost2`` / ``ehost8``: eager 8 B ``dist.all_reduce`` with each layer of the
+host's path timed on every rank (``EAGER_LAYERS``) and each call's wall, CPU (this thread's, the other
+threads') and context switches.
 """
 
 from __future__ import annotations
@@ -142,6 +144,79 @@ def eager_trace_case(iters: int) -> dict:
     return {"wall_us_per_op": wall / iters * 1e6, "records": records, "host": host}
 
 
+# the layers of one eager all_reduce on the device path, outermost first (mooncake.testing.layers)
+EAGER_LAYERS = [
+    ("face: _issue", "mooncake.pg.backend", "MooncakeProcessGroup._issue"),
+    ("  checks: _check_tensor", "mooncake.pg.backend", "MooncakeProcessGroup._check_tensor"),
+    ("  membership.begin", "mooncake.pg.membership", "Membership.begin"),
+    ("  membership.poll", "mooncake.pg.membership", "Membership.poll"),
+    ("  _post", "mooncake.pg.backend", "MooncakeProcessGroup._post"),
+    ("    plane.all_reduce", "mooncake.fast.cuda.pg", "FastCudaGroup.all_reduce"),
+    ("      op object", "mooncake.fast.cuda.pg", "_AllReduce.__init__"),
+    ("        stream_for", "mooncake.fast.cuda.pg", "CudaGroup.stream_for"),
+    ("      enqueue", "mooncake.fast.cuda.pg", "CudaGroup.enqueue"),
+    ("        eager_ok", "mooncake.fast.cuda.pg", "_DevicePath.eager_ok"),
+    ("        device path post", "mooncake.fast.cuda.pg", "_DevicePath.post"),
+    ("          launch", "mooncake.fast.cuda.pg", "_DevicePath._launch"),
+    ("          event record", "mooncake.fast.cuda.pg", "_CudaMemory.record"),
+    ("  Work object", "mooncake.pg.work", "MooncakeWork.__init__"),
+    ("face: Work.wait", "mooncake.pg.work", "MooncakeWork.wait"),
+    ("  plane wait", "mooncake.fast.cuda.pg", "CudaGroup.wait"),
+    ("    pump", "mooncake.fast.cuda.pg", "CudaGroup.pump"),
+    ("      try_device_done", "mooncake.fast.cuda.pg", "_Op.try_device_done"),
+    ("    device_landed", "mooncake.fast.cuda.pg", "_Op.device_landed"),
+    ("    event sync (gave up spinning)", "mooncake.fast.cuda.pg", "_CudaMemory.sync"),
+    ("  commit (membership)", "mooncake.pg.membership", "Membership.try_commit"),
+    ("  finish", "mooncake.pg.work", "MooncakeWork._finish_op"),
+]
+
+
+def eager_host_case(iters: int) -> dict:
+    """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (EAGER_LAYERS) and each call's
+    costs (wall, this thread's CPU, the other threads' CPU, context switches), a device synchronisation after
+    each call as pg_graph's eager loop (timed apart)."""
+    from mooncake.testing.layers import LayerTimer
+    timer = LayerTimer(EAGER_LAYERS)
+    timer.install()
+    gpu = torch.cuda.is_available()  # else the plane's CPU emulation (tests)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    x = torch.ones(2, dtype=torch.float32, device="cuda" if gpu else "cpu")
+    for _ in range(WARMUP):
+        dist.all_reduce(x)
+    sync()
+    dist.barrier()
+    timer.clear()
+    syncs = []
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        with timer.call():
+            dist.all_reduce(x)
+        a = time.perf_counter_ns()
+        sync()
+        syncs.append((time.perf_counter_ns() - a) / 1e3)
+    wall = time.perf_counter() - t0
+    report = timer.report(iters)
+    report["calls"]["synchronize_us"] = {"median": sorted(syncs)[len(syncs) // 2], "mean": sum(syncs) / len(syncs)}
+    report["outcomes"] = dict(dist.group.WORLD._plane.g.dev.outcomes)
+    dist.barrier()
+    return {"wall_us_per_op": wall / iters * 1e6, **report}
+
+
+def analyse_layers(per_rank: list[dict]) -> tuple[dict, str]:
+    """Per layer and per call cost: rank 0, the median and the largest over ranks (µs per call)."""
+    rows, lines = {}, [f"{'layer (mean us per call)':44s} {'rank 0':>8s} {'median':>8s} {'max':>8s}"]
+    for label, _, _ in EAGER_LAYERS:
+        xs = [r["layers_us"][label] for r in per_rank]
+        rows[label] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
+        lines.append(f"{label:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")
+    lines.append(f"\n{'per call (median over calls)':44s} {'rank 0':>8s} {'median':>8s} {'max':>8s}")
+    for name in per_rank[0]["calls"]:
+        xs = [r["calls"][name]["median"] for r in per_rank]
+        rows[name] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
+        lines.append(f"{name:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")
+    return rows, "\n".join(lines)
+
+
 def analyse_host(per_rank: list[list[tuple[int, int, int]]]) -> tuple[dict, str]:
     """Per-call host spans (µs, median and p90 over calls) from every rank's (start, returned, synced)
     monotonic times, calls matched by position."""
@@ -247,21 +322,40 @@ def analyse_trace(per_rank: list[list[dict]], ops_per_replay: int = OPS) -> tupl
 
 
 CASES = {"graph": (8, 20), "eager": (8, 100), "large": (4, 8), "trace2": (2, 200), "trace8": (8, 200),
-         "etrace2": (2, 300), "etrace8": (8, 300)}
+         "etrace2": (2, 300), "etrace8": (8, 300), "ehost2": (2, 1000), "ehost8": (8, 1000)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="graph,eager,large")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in every rank's environment (repeatable), e.g. a knob to compare")
     args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.env)
     os.makedirs(args.out, exist_ok=True)
     import pg_profile as P  # the workers import the probes by module name
-    record = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    record = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "env": extra, "cases": {}}
     for case in args.cases.split(","):
         ranks, iters = CASES[case]
-        env = {"MOONCAKE_IMPL": "fast"}
+        env = {"MOONCAKE_IMPL": "fast", **extra}
         traced = "trace" in case
+        if case.startswith("ehost"):
+            c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env=env)
+            try:
+                res = c.run(P.eager_host_case, iters, timeout_s=300)
+            finally:
+                c.close()
+            rows, table = analyse_layers(res)
+            summary = {"ranks": ranks, "wall_us_per_op": round(max(r["wall_us_per_op"] for r in res), 2),
+                       "outcomes": [r["outcomes"] for r in res], "rows": rows}
+            record["cases"][case] = summary
+            print(case, json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
+            print(table, flush=True)
+            with open(os.path.join(args.out, f"{case}.txt"), "w") as f:
+                f.write(f"{case}: R = {ranks}, eager all_reduces of 8 B, every layer timed, "
+                        f"{summary['wall_us_per_op']} us per op (wall)\n\n{table}\n")
+            continue
         if traced:
             env["MOONCAKE_FAST_CUDA_TRACE"] = "1"
         c = Cluster(ranks, "mooncake", device="cuda", timeout_s=180, env=env)

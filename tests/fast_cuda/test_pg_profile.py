@@ -63,3 +63,67 @@ def test_eager_records_count_every_next_key_and_host_spans():
     assert rows["period: one call's start to the next (rank 0)"]["n"] == 3
     assert rows["period: one call's start to the next (rank 0)"]["p50_us"] == 100.0
     assert "ranks apart" in table
+
+
+EMU = {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_EMULATE": "cpu", "MOONCAKE_FAST_CUDA_EMULATE_LAG": "0",
+       "MOONCAKE_FAST_CUDA_DEVICE": "on"}
+
+
+def test_eager_host_case_times_every_layer_on_the_emulated_plane(cluster_factory):
+    """The ehost case on the plane's CPU emulation: every layer of the path is found and timed (those only a
+    GPU runs excepted), nested layers take no more than the layer that calls them, and the launches took the
+    device path."""
+    c = cluster_factory(2, "mooncake-cpu", env=EMU, timeout_s=60, options=("pg_integration.options", (), {}))
+    res = c.run(P.eager_host_case, 40, timeout_s=120)
+    gpu_only = {"          launch", "          event record", "    event sync (gave up spinning)"}
+    for r in res:
+        layers = r["layers_us"]
+        assert set(layers) == {label for label, _, _ in P.EAGER_LAYERS}
+        assert all(v > 0 for k, v in layers.items() if k not in gpu_only | {"    device_landed"}), layers
+        assert all(layers[k] == 0 for k in gpu_only), layers
+        assert layers["    plane.all_reduce"] <= layers["  _post"] <= layers["face: _issue"]
+        assert layers["        device path post"] <= layers["      enqueue"] <= layers["    plane.all_reduce"]
+        calls = r["calls"]
+        assert 0 < calls["wall_us"]["median"] < r["wall_us_per_op"] * 2
+        assert calls["thread_cpu_us"]["median"] > 0
+        assert r["outcomes"]["done"] >= 40
+    rows, table = P.analyse_layers(res)
+    assert rows["face: _issue"][0] == round(res[0]["layers_us"]["face: _issue"], 2)
+    assert rows["wall_us"][2] == round(max(r["calls"]["wall_us"]["median"] for r in res), 2)
+    assert "involuntary_switches" in table and "synchronize_us" in table
+
+
+def test_layer_timer_nests_and_counts_calls():
+    """LayerTimer on functions of a module: a wrapped function's time includes the wrapped one it calls;
+    clear() forgets; report() divides by the calls."""
+    import time
+    import types
+    from mooncake.testing.layers import LayerTimer
+    mod = types.ModuleType("layer_probe")
+
+    class K:
+        @staticmethod
+        def inner():
+            time.sleep(0.002)
+
+        def outer(self):
+            time.sleep(0.001)
+            K.inner()
+
+    mod.K = K
+    sys.modules["layer_probe"] = mod
+    try:
+        timer = LayerTimer([("outer", "layer_probe", "K.outer"), ("inner", "layer_probe", "K.inner")])
+        timer.install()
+        K().outer()
+        timer.clear()
+        for _ in range(3):
+            with timer.call():
+                K().outer()
+        rep = timer.report(3)
+    finally:
+        del sys.modules["layer_probe"]
+    assert rep["layers_us"]["inner"] >= 2000
+    assert rep["layers_us"]["outer"] >= rep["layers_us"]["inner"] + 1000
+    assert rep["calls"]["wall_us"]["median"] >= 3000
+    assert rep["calls"]["voluntary_switches"]["median"] >= 1  # the sleeps
