@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
+import math
 import os
 import threading
 import time
@@ -73,6 +74,7 @@ class SyncAfterFailureResponse:
     reject_reason: str = ""
     new_epoch: int = 0
 _MAX_FAILED_LOCAL = 256   # local verdicts kept for this epoch's report (a slow peer needs only recent ones)
+_POLL_PERIOD_S = 1e-3     # poll() acts at most this often (see there)
 
 
 def _add_to_runs(runs: list[list[int]], seq: int) -> None:
@@ -147,6 +149,8 @@ class Membership:
         self._suspects: set[int] = set()
         self._seen_dead: set[int] = set()          # members whose NACK channel broke
         self._nacks: dict[int, object] = {}       # peer -> posted NACK receive of this epoch
+        self._nacks_pending_at: int | None = None  # engine.progressed when every NACK receive was seen pending
+        self._polled_at = -math.inf                # poll()'s last look (monotonic)
         self._timed_out: set[int] = set()          # ops of this epoch whose deadline passed here
         self._slow: set[int] = set()               # peers those ops still waited on
         # ops that failed here for a reason every member must share: seq -> (kind, message, reported)
@@ -177,7 +181,13 @@ class Membership:
 
     def poll(self) -> None:
         """Act on control messages that have arrived (a peer's NACK) before posting: a rank that
-        comes late learns that its peers are in the agreement before it sends anything."""
+        comes late learns that its peers are in the agreement before it sends anything.  At most once
+        per ``_POLL_PERIOD_S``: a NACK also wakes the engine's thread, and one in flight can always
+        arrive just after a poll, so a back-to-back call gains nothing from polling again."""
+        now = time.monotonic()
+        if now - self._polled_at < _POLL_PERIOD_S:
+            return
+        self._polled_at = now
         self._engine.progress()
         self._check_nacks()
 
@@ -458,6 +468,7 @@ class Membership:
         epoch = self.view.epoch
         others = [r for r in self.view.active if r != self.rank]
         peers = self._peers(others)
+        self._nacks_pending_at = None
         self._nacks = {r: self._engine.recv(peers[r], self._nack_header(r, self.rank, epoch).tag(),
                                             np.empty(HEADER_BYTES, np.uint8)) for r in others}
         self._nack_epoch = epoch
@@ -468,6 +479,7 @@ class Membership:
         a job secret): drop it, log once, listen again.  It is no evidence that r failed."""
         auth.drop(f"a sender posing as rank {r} (group {self._group_key}, NACK, epoch {self._nack_epoch})", reason)
         header = self._nack_header(r, self.rank, self._nack_epoch)
+        self._nacks_pending_at = None
         self._nacks[r] = self._engine.recv(self._peers([r])[r], header.tag(), np.empty(HEADER_BYTES, np.uint8))
         self._engine.keep_alive([self._nacks[r]])
 
@@ -506,10 +518,17 @@ class Membership:
             self.trouble(epoch)
 
     def _nacked(self) -> bool:
-        """Whether a peer's NACK of this epoch arrived; records peers whose NACK channel broke."""
+        """Whether a peer's NACK of this epoch arrived; records peers whose NACK channel broke.  A
+        receive completes only in a progress of the engine: none since a look that found every NACK
+        receive pending means none arrived."""
+        progressed = getattr(self._engine, "progressed", None)
+        if progressed is not None and progressed == self._nacks_pending_at:
+            return False
         nacked = False
+        pending = True
         for r, req in list(self._nacks.items()):
             if req.completed:
+                pending = False
                 error = req.error()
                 if error is None:
                     if self._auth is None:
@@ -525,6 +544,7 @@ class Membership:
                 else:
                     self._seen_dead.add(r)
         self._suspects |= self._seen_dead
+        self._nacks_pending_at = progressed if pending else None
         return nacked
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..control.agreement import Verdict, VerdictKind
 from ..control.errors import ArgumentError, MismatchError, MooncakeError, OpTimeoutError, PeerFailureError
-from ..control.streams import is_current, on_stream
+from ..control.streams import current_stream, is_current, on_stream
 
 _PENDING, _DONE, _FAILED = range(3)
 _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
@@ -119,7 +119,7 @@ class MooncakeWork(dist.Work):
         self._stream = None
         for t in outputs:
             if isinstance(t, torch.Tensor) and t.is_cuda:
-                self._stream = torch.cuda.current_stream(t.get_device())
+                self._stream = current_stream(t.get_device())
                 break
         self.failed_ranks: tuple[int, ...] = ()
         self.failed_ranks_hint: frozenset[int] = frozenset()   # evidence: peers seen failing in this op

@@ -79,7 +79,9 @@ def test_eager_host_case_times_every_layer_on_the_emulated_plane(cluster_factory
     for r in res:
         layers = r["layers_us"]
         assert set(layers) == {label for label, _, _ in P.EAGER_LAYERS}
-        assert all(v > 0 for k, v in layers.items() if k not in gpu_only | {"    device_landed"}), layers
+        sometimes = {"  plane wait", "    device_landed"}  # not when the op is over before Work.wait looks
+        assert all(v > 0 for k, v in layers.items() if k not in gpu_only | sometimes), \
+            {k: v for k, v in layers.items() if v <= 0}
         assert all(layers[k] == 0 for k in gpu_only), layers
         assert layers["    plane.all_reduce"] <= layers["  _post"] <= layers["face: _issue"]
         assert layers["        device path post"] <= layers["      enqueue"] <= layers["    plane.all_reduce"]

@@ -155,7 +155,7 @@ import torch
 from ... import log
 from ...control import faults
 from ...control.auth import AuthError
-from ...control.streams import is_current
+from ...control.streams import current_stream, is_current
 from ...control.procs import exited, process_state
 from ...control.errors import MismatchError, MooncakeError, WireError
 from ...control.fingerprint import Fingerprint, LaneWords
@@ -172,6 +172,7 @@ FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 # a launch of the device path waits on the GPU for its peers: its host polls it this long before sleeping
 DEVICE_SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_SPIN_US", 1000)) * 1e-6
+_EVENT_EVERY = 64  # while the host polls a launch's DONE word: query its event once in so many polls
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
 DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
@@ -337,7 +338,7 @@ class _CudaMemory:
         return t.is_cuda
 
     def caller_stream(self):
-        return torch.cuda.current_stream(self.index)
+        return current_stream(self.index)
 
     def on(self, stream):
         if is_current(stream):  # the usual case: the caller's stream on this rank's device
@@ -775,8 +776,9 @@ class _DevicePath:
             self.args[call] = a
         a.key = key
         blocks = max(1, min(16, -(-max(shape.in_bytes, shape.out_bytes) // DEVICE_BLOCK_BYTES)))
-        check(mem.lib, mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream),
-              f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
+        rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
+        if rc:
+            check(mem.lib, rc, f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
 
     def _emulate(self, op: "_AllReduce", lanes: list[torch.Tensor], nb: int) -> None:
         """The kernel's steps on the host, on the same words in the same order (MOONCAKE_FAST_CUDA_EMULATE)."""
@@ -1364,10 +1366,18 @@ class CudaGroup:
                 device = busy_op.state == DEVICE
                 spin = DEVICE_SPIN_S if device else SPIN_S  # device: peers' DONE come from GPUs
                 spin_end = now + spin
-                landed = (lambda: busy_op.device_landed(ev)) if device else (lambda: self.mem.done(ev))
-                while not landed() and time.monotonic() < spin_end:
-                    pass
-                if not landed():
+                if device:  # its DONE word, one read of host memory; the event now and then (a launch that gave up)
+                    landed = busy_op.device_landed
+                    polls = 0
+                    while not busy_op.device_done_word() and time.monotonic() < spin_end:
+                        polls += 1
+                        if polls % _EVENT_EVERY == 0 and self.mem.done(ev):
+                            break
+                else:
+                    landed = self.mem.done
+                    while not landed(ev) and time.monotonic() < spin_end:
+                        pass
+                if not landed(ev):
                     self.mem.sync(ev)
                 spin_end = time.monotonic() + spin
                 continue
@@ -1608,9 +1618,13 @@ class _Op:
         self.state = QUEUED
         return self.try_post()
 
+    def device_done_word(self) -> bool:
+        """The device path's launch committed this op here: its DONE, written after its last write of the
+        result (one read of host memory)."""
+        return self.g.ctl[self.base + L_DONE] == self.key
+
     def device_landed(self, ev) -> bool:
-        """The device path's launch, recorded by ``ev``, is over: its DONE (written after its last write of the
-        result; one read of host memory) or, where it gave up, its event."""
+        """The device path's launch, recorded by ``ev``, is over: its DONE or, where it gave up, its event."""
         return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(ev)
 
     def _adopt_device_words(self) -> None:
