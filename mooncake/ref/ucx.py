@@ -242,6 +242,42 @@ def _ucx_config(net_devices: str | None) -> dict[str, str]:
     return config
 
 
+class _DeadlineTimer:
+    """A one-shot timer fd on time.monotonic's clock (Linux timerfd, CLOCK_MONOTONIC): the background
+    thread sleeps on it too, so an operation registered while it sleeps can move its wake-up earlier
+    without waking it now.  ``at`` is the armed time (inf: not armed); callers hold the engine's _wake."""
+
+    _CLOCK_MONOTONIC, _TFD_TIMER_ABSTIME = 1, 1
+
+    def __init__(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._settime = libc.timerfd_settime
+        self.fd = libc.timerfd_create(self._CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_create: {os.strerror(err)}")
+        self.at = math.inf
+
+    def arm(self, at: float) -> None:
+        """Fire at monotonic time ``at`` (at once if it passed)."""
+        at = max(at, 1e-9)  # 0 would disarm it
+        sec = int(at)
+        spec = (ctypes.c_long * 4)(0, 0, sec, int((at - sec) * 1e9))  # it_interval 0: one shot; it_value
+        if self._settime(self.fd, self._TFD_TIMER_ABSTIME, spec, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+        self.at = at
+
+    def take(self) -> None:
+        """After a sleep: consume a firing (else the fd stays readable) and forget a passed time."""
+        try:
+            os.read(self.fd, 8)
+            self.at = math.inf
+        except BlockingIOError:
+            if self.at <= time.monotonic():
+                self.at = math.inf
+
+
 class Engine:
     """The process-wide UCX context, worker, endpoint cache and progress machinery."""
 
@@ -251,6 +287,8 @@ class Engine:
                                           feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
         self.cuda = cuda_choice(self.context)
         self.device_messages = 0  # messages posted in device memory (benchmarks/ucx_cuda.py reports them)
+        # calls of the worker's progress so far: a receive posted earlier completes only in one of them
+        self.progressed = 0
         self._cuda_device: int | None = None  # the device of the first CUDA buffer posted
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
@@ -274,6 +312,7 @@ class Engine:
         self._abandoned: list[Request] = []
         self._wake = threading.Condition(threading.Lock())
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._timer = _DeadlineTimer()
         self._thread = threading.Thread(target=self._background, name="mooncake-ucx-progress",
                                         daemon=True)
         self._thread.start()
@@ -358,6 +397,7 @@ class Engine:
     def probe(self, tag: int) -> bool:
         with self.lock:
             self.worker.progress()
+            self.progressed += 1
             return self.worker.tag_probe(ucx_api.UCXXTag(tag)).matched
 
     def keep_alive(self, requests: list[Request]) -> None:
@@ -379,9 +419,10 @@ class Engine:
         bucket), it is not woken: this thread asks the doorbells to ring instead (``arm``), which costs
         no wake-up and no GIL hand-over; else it is kicked.  Without ``urgent`` the thread is not woken,
         because a caller usually waits at once, and a woken thread would only fight it for the GIL
-        (measured: 2x the latency of a small send/recv pair on 2 cores); it then picks the operation up
-        at its next wake-up, at the latest when that caller stops waiting or someone asks for the future
-        (``kick``)."""
+        (measured: 2x the latency of a small send/recv pair on 2 cores); it picks the operation up at its
+        next wake-up: when that caller stops waiting, someone asks for the future (``kick``), or at the
+        latest at the operation's deadline (a sleeping thread's timer is moved earlier for it), so an
+        operation nobody waits on still ends by its deadline."""
         ride = False
         with self._wake:
             self._pollers[poll] = _Poller(poll, deadline, blocker)
@@ -392,6 +433,12 @@ class Engine:
                         and self._sleep_fds == frozenset(self._sleepers) and deadline() >= self._sleep_until)
                 if not ride:
                     self._kick_locked()
+            elif self._parked and not self._waiters:  # parked with nothing to drive: it looks at none
+                self._kick_locked()
+            elif self._sleeping:  # its timeout was taken without this operation: wake it by the deadline
+                at = deadline()  # (_sleep_until is the select's own only once it is selecting)
+                if at < self._timer.at and not (self._selecting and self._sleep_until <= at):
+                    self._timer.arm(at)
         if ride and not all(s.arm() for s in list(self._sleepers.values())):
             self.kick()  # it moved while asking to be rung: the thread must look now
 
@@ -468,6 +515,7 @@ class Engine:
     def progress(self) -> None:
         with self.lock:
             self.worker.progress()
+            self.progressed += 1
 
     def wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Progress until ``done()`` or the monotonic ``deadline``; returns ``done()``."""
@@ -544,13 +592,14 @@ class Engine:
                     self._sleep_until = now + timeout
                     live = [s for s in sleepers if self._sleepers.get(s.fd) is s]  # not removed since
                     self._selecting = True
-                fds = [self.worker.epoll_file_descriptor, self._kick_fd] + [s.own_fd for s in live]
+                fds = [self.worker.epoll_file_descriptor, self._kick_fd, self._timer.fd] + [s.own_fd for s in live]
                 select.select(fds, [], [], None if timeout == math.inf else timeout)
         finally:
             with self._wake:
                 self._sleeping = False
                 self._sleep_armed = False
                 self._selecting = False
+                self._timer.take()
                 for fd in self._closing:
                     os.close(fd)
                 self._closing.clear()

@@ -164,3 +164,23 @@ def left_blocking_call(late_s: float):
     while not work.is_success() and work.exception() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"raised": raised, "success": work.is_success(), "result": t}
+
+
+def unwaited_p2p(timeout_s: float):
+    """P2P operations whose handles are kept but never waited on, whose peer never takes part: an irecv
+    from rank 1 on rank 0 and a 4 MiB isend to rank 0 on rank 1, in a group with a ``timeout_s`` timeout.
+    Each must fail at its deadline with nobody driving it (``exception`` only reads the Work)."""
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    dist.barrier(group=group)
+    if rank == 0:
+        work = dist.irecv(torch.empty(4), 1, group=group, tag=7)
+    else:
+        work = dist.isend(torch.ones(1 << 20), 0, group=group, tag=9)
+    t0 = time.monotonic()
+    while work.exception() is None and time.monotonic() - t0 < timeout_s + 10.0:
+        time.sleep(0.01)
+    exc = work.exception()
+    out = {"error": type(exc).__name__ if exc is not None else None, "after_s": time.monotonic() - t0}
+    dist.barrier(group=group)
+    return out

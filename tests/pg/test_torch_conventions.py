@@ -121,3 +121,10 @@ def test_futures_complete_without_wait(cluster):
         for i, value in enumerate(res["values"]):
             assert bitwise_equal(value, torch.full((1000,), float(2 * (1 + 2 * i))))
         assert res["threads"], "no callback ran"
+
+
+def test_p2p_nobody_waits_on_fails_at_its_deadline(cluster):
+    """Nothing waits forever: an irecv and an isend kept but never waited on, whose peer never takes part,
+    fail at the group's timeout, driven by the engine's thread alone."""
+    for res in cluster.run(jobs.unwaited_p2p, 1.0, timeout_s=60):
+        assert res["error"] == "OpTimeoutError" and 0.9 <= res["after_s"] < 4.0, res
