@@ -501,7 +501,9 @@ class Engine:
     def waiting(self):
         """A caller blocks on an operation itself (a plane's own wait): the background thread stays
         parked meanwhile, so the two never fight for the GIL; when the last caller stops waiting and
-        operations are still pending, the thread is woken to drive them."""
+        operations are still pending, the thread is woken to drive them, and a thread that parked is
+        sent back to its sleep on UCX's events (watches: a NACK may come).  A thread still asleep there
+        is left alone: waking it for nothing would fight the returning caller for the GIL."""
         with self._wake:
             self._waiters += 1
         try:
@@ -509,7 +511,7 @@ class Engine:
         finally:
             with self._wake:
                 self._waiters -= 1
-                if not self._waiters and (self._pollers or self._watches):  # watches: a NACK may come
+                if not self._waiters and (self._pollers or (self._watches and self._parked)):
                     self._kick_locked()
 
     def progress(self) -> None:
