@@ -8,6 +8,8 @@ call's own costs (wall, this thread's CPU time, the other threads' CPU time, thi
     with timer.call(): dist.all_reduce(x)
     timer.report(num_calls)  # {"layers_us": mean µs per call by label, "calls": per-call medians}
 
+``thread_cpu_ns`` / ``thread_cpu_since`` tell which of the process's threads (by name) took the CPU.
+
 Layers nest: a label's time includes the layers it calls (indent the labels to show it)."""
 
 from __future__ import annotations
@@ -15,9 +17,36 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import os
 import resource
 import statistics
+import threading
 import time
+
+
+def thread_cpu_ns() -> dict[str, int]:
+    """CPU time (ns) each thread of this process has run so far, summed by thread name (Linux schedstat): the
+    Python name of a Python thread, else the OS one (CUDA's and UCX's own threads)."""
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, int] = collections.Counter()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = python_names.get(int(tid))
+            if name is None:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = "os:" + f.read().strip()
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[name] += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+    return dict(out)
+
+
+def thread_cpu_since(before: dict[str, int], num_calls: int) -> dict[str, float]:
+    """Mean µs of CPU per call each thread name took since ``before`` (``thread_cpu_ns()``), busiest first."""
+    now = thread_cpu_ns()
+    per = {k: (v - before.get(k, 0)) / max(num_calls, 1) / 1e3 for k, v in now.items()}
+    return dict(sorted(((k, round(v, 2)) for k, v in per.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 class LayerTimer:

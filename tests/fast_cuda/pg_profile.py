@@ -175,7 +175,7 @@ def eager_host_case(iters: int) -> dict:
     """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (EAGER_LAYERS) and each call's
     costs (wall, this thread's CPU, the other threads' CPU, context switches), a device synchronisation after
     each call as pg_graph's eager loop (timed apart)."""
-    from mooncake.testing.layers import LayerTimer
+    from mooncake.testing.layers import LayerTimer, thread_cpu_ns, thread_cpu_since
     timer = LayerTimer(EAGER_LAYERS)
     timer.install()
     gpu = torch.cuda.is_available()  # else the plane's CPU emulation (tests)
@@ -187,6 +187,7 @@ def eager_host_case(iters: int) -> dict:
     dist.barrier()
     timer.clear()
     syncs = []
+    threads_before = thread_cpu_ns()
     t0 = time.perf_counter()
     for _ in range(iters):
         with timer.call():
@@ -196,6 +197,7 @@ def eager_host_case(iters: int) -> dict:
         syncs.append((time.perf_counter_ns() - a) / 1e3)
     wall = time.perf_counter() - t0
     report = timer.report(iters)
+    report["threads_cpu_us"] = thread_cpu_since(threads_before, iters)
     report["calls"]["synchronize_us"] = {"median": sorted(syncs)[len(syncs) // 2], "mean": sum(syncs) / len(syncs)}
     report["outcomes"] = dict(dist.group.WORLD._plane.g.dev.outcomes)
     dist.barrier()
@@ -214,6 +216,12 @@ def analyse_layers(per_rank: list[dict]) -> tuple[dict, str]:
         xs = [r["calls"][name]["median"] for r in per_rank]
         rows[name] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
         lines.append(f"{name:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")
+    lines.append(f"\n{'CPU per call by thread (us)':44s} {'rank 0':>8s} {'median':>8s} {'max':>8s}")
+    for name in sorted({n for r in per_rank for n in r["threads_cpu_us"]},
+                       key=lambda n: -per_rank[0]["threads_cpu_us"].get(n, 0.0)):
+        xs = [r["threads_cpu_us"].get(name, 0.0) for r in per_rank]
+        rows[f"thread {name}"] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
+        lines.append(f"{'thread ' + name:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")
     return rows, "\n".join(lines)
 
 

@@ -93,6 +93,9 @@ def test_eager_host_case_times_every_layer_on_the_emulated_plane(cluster_factory
     assert rows["face: _issue"][0] == round(res[0]["layers_us"]["face: _issue"], 2)
     assert rows["wall_us"][2] == round(max(r["calls"]["wall_us"]["median"] for r in res), 2)
     assert "involuntary_switches" in table and "synchronize_us" in table
+    assert all(r["threads_cpu_us"] for r in res) and "CPU per call by thread" in table
+    for r in res:  # the caller's thread does the calls: it is the busiest
+        assert max(r["threads_cpu_us"], key=r["threads_cpu_us"].get) == "MainThread", r["threads_cpu_us"]
 
 
 def test_layer_timer_nests_and_counts_calls():
