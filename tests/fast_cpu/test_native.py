@@ -213,3 +213,25 @@ def test_load_names_the_problem_and_falls_back(tmp_path):
     problem, reason, fix, origin = _load_in_child({"MOONCAKE_CACHE_DIR": str(tmp_path / "ok"),
                                                    "CC": "/nonexistent/cc"})
     assert problem == "no-compiler" and "install" in fix
+
+
+# ------------------------------------------------------------------------------------------ waits
+
+
+def test_spin_until_ge_sees_a_word_reach_its_target_and_gives_up_on_time():
+    """The spin the CUDA plane's host uses for a launch's DONE word: True at once when the word is there
+    already, True when another thread stores it meanwhile (the GIL is released while it spins), False
+    after its time when nobody does."""
+    import threading
+    import time
+    _lib()
+    word = ctypes.c_int64(5)
+    addr = ctypes.addressof(word)
+    assert native.spin_until_ge(addr, 5, 1.0) is True and native.spin_until_ge(addr, 4, 1.0) is True
+    t0 = time.monotonic()
+    assert native.spin_until_ge(addr, 6, 0.02) is False
+    assert 0.02 <= time.monotonic() - t0 < 1.0
+    threading.Timer(0.05, lambda: native.store_fence(addr, 9)).start()
+    t0 = time.monotonic()
+    assert native.spin_until_ge(addr, 9, 5.0) is True
+    assert time.monotonic() - t0 < 2.0 and word.value == 9

@@ -219,6 +219,14 @@ def sum_ptr(dtype: torch.dtype, out: int, inputs: list[int], numel: int, nt: boo
     return True
 
 
+def spin_until_ge(addr: int, target: int, spin_s: float) -> bool | None:
+    """Spin (with the CPU's pause hint, the GIL released) until the int64 at ``addr`` is at least ``target``
+    (True) or ``spin_s`` passed (False); None without the library (the caller polls in Python)."""
+    if lib is None:
+        return None
+    return bool(lib.mc_spin_until_ge(addr, target, int(spin_s * 1e9)))
+
+
 def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
     """Sleep while the int32 at ``addr`` equals ``expected`` (at most ``timeout_s``)."""
     if lib is not None:

@@ -172,7 +172,8 @@ FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 # a launch of the device path waits on the GPU for its peers: its host polls it this long before sleeping
 DEVICE_SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_SPIN_US", 1000)) * 1e-6
-_EVENT_EVERY = 64  # while the host polls a launch's DONE word: query its event once in so many polls
+# while the host polls a launch's DONE word (pausing, the GIL released): query its event this often
+_DEVICE_POLL_SLICE_S = 20e-6
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
 DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
@@ -1366,12 +1367,15 @@ class CudaGroup:
                 device = busy_op.state == DEVICE
                 spin = DEVICE_SPIN_S if device else SPIN_S  # device: peers' DONE come from GPUs
                 spin_end = now + spin
-                if device:  # its DONE word, one read of host memory; the event now and then (a launch that gave up)
+                if device:  # its DONE word (host memory), the event between slices (a launch that gave up)
                     landed = busy_op.device_landed
-                    polls = 0
-                    while not busy_op.device_done_word() and time.monotonic() < spin_end:
-                        polls += 1
-                        if polls % _EVENT_EVERY == 0 and self.mem.done(ev):
+                    done_addr = self.ctrl.addr + (busy_op.base + L_DONE) * 8
+                    while time.monotonic() < spin_end:
+                        # keys only grow: DONE >= key is this op's (landed() checks == key below)
+                        got = native.spin_until_ge(done_addr, busy_op.key, _DEVICE_POLL_SLICE_S)
+                        if got is None:  # no native library: one look per pass
+                            got = busy_op.device_done_word()
+                        if got or self.mem.done(ev):
                             break
                 else:
                     landed = self.mem.done
