@@ -35,7 +35,7 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export MOONCAKE_CUDA_CACHE=${MOONCAKE_CUDA_CACHE:-$PWD/build/cuda-cache}
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-  echo "cpus: $(nproc --all)"; nvcc --version | tail -2
+  echo "cpus: $(nproc --all), $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"; nvcc --version | tail -2
   timeout 120 python3 -m mooncake.fast.cuda.build
   python3 -c 'from mooncake.fast.cuda import pg_unavailable_reason as r; print("CUDA PG plane:", r() or "available")'
 } >> "$out/setup.txt" 2>&1
