@@ -10,7 +10,8 @@ Threads: callers post and progress under one lock; a single named background thr
 registered operations (pollers) while nobody else is waiting on one, and otherwise sleeps, with no
 timeout when idle, on one ``select`` over: the worker's event fd (``arm``), its own *kick* eventfd
 (``kick()``: an operation whose caller will not wait on it, a future somebody waits on, a decision),
-and, while operations are pending, the doorbells of the shared-memory planes (``add_sleeper``).  It
+a timer fd (the deadline of an operation registered while it slept), and, while operations are
+pending, the doorbells of the shared-memory planes (``add_sleeper``).  It
 wakes at the earliest deadline of a pending operation, never on a timer, so an idle rank uses no CPU
 and an operation nobody waits on completes (its Work, its future and the callbacks chained on it)
 as soon as the event that commits it arrives.
