@@ -184,3 +184,28 @@ def unwaited_p2p(timeout_s: float):
     out = {"error": type(exc).__name__ if exc is not None else None, "after_s": time.monotonic() - t0}
     dist.barrier(group=group)
     return out
+
+
+def engine_kicks(num_calls: int) -> int:
+    """How often ``num_calls`` blocking all_reduces kick the engine's background thread (``Engine._kick_locked``
+    counted): a caller that waits and returns should leave the thread asleep."""
+    from mooncake.ref import ucx
+    engine = ucx.engine()
+    kicks = [0]
+    kick = engine._kick_locked
+
+    def counted():
+        kicks[0] += 1
+        kick()
+    t = torch.ones(4)
+    for _ in range(20):
+        dist.all_reduce(t)
+    dist.barrier()
+    engine._kick_locked = counted
+    try:
+        for _ in range(num_calls):
+            dist.all_reduce(t)
+    finally:
+        engine._kick_locked = kick
+    dist.barrier()
+    return kicks[0]

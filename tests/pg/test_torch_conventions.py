@@ -128,3 +128,14 @@ def test_p2p_nobody_waits_on_fails_at_its_deadline(cluster):
     fail at the group's timeout, driven by the engine's thread alone."""
     for res in cluster.run(jobs.unwaited_p2p, 1.0, timeout_s=60):
         assert res["error"] == "OpTimeoutError" and 0.9 <= res["after_s"] < 4.0, res
+
+
+def test_blocking_calls_leave_the_engines_thread_asleep(cluster_factory):
+    """On the shared-memory plane a blocking collective is driven by its caller: waiting and returning does
+    not wake the engine's thread, which would fight the returning caller for the GIL on every call.  (On
+    the ref plane UCX's traffic wakes that thread during the wait; it then parks and is sent back to sleep.)"""
+    if _impl.fast_unavailable_reason("cpu"):
+        pytest.skip(f"fast CPU plane unavailable: {_impl.fast_unavailable_reason('cpu')}")
+    c = cluster_factory(2, "mooncake-cpu", timeout_s=TIMEOUT_S, env={"MOONCAKE_IMPL": "fast"})
+    for kicks in c.run(jobs.engine_kicks, 200):
+        assert kicks < 20, kicks
