@@ -523,6 +523,7 @@ class Membership:
         receive pending means none arrived."""
         progressed = getattr(self._engine, "progressed", None)
         if progressed is not None and progressed == self._nacks_pending_at:
+            self._suspects |= self._seen_dead  # (seen_dead() may have added peers meanwhile)
             return False
         nacked = False
         pending = True

@@ -289,6 +289,7 @@ class Engine:
         self.cuda = cuda_choice(self.context)
         self.device_messages = 0  # messages posted in device memory (benchmarks/ucx_cuda.py reports them)
         # calls of the worker's progress so far: a receive posted earlier completes only in one of them
+        # (progress() and probe() are the only callers that drive the worker)
         self.progressed = 0
         self._cuda_device: int | None = None  # the device of the first CUDA buffer posted
         self.worker = ucx_api.UCXWorker(self.context)
@@ -299,6 +300,7 @@ class Engine:
         self._close_listeners: list[Callable[[bytes], None]] = []
         self._in_flight = 0
         self._waiters = 0
+        self._waiting_from = 0  # self.progressed when the first of the current waiters came
         self._parked = False  # the background thread waits on ``_wake`` (nothing to do, or a caller waits)
         self._sleeping = False  # the background thread is in (or about to enter) its select
         self._kicked = False  # woken while running: look again before sleeping
@@ -397,8 +399,10 @@ class Engine:
 
     def probe(self, tag: int) -> bool:
         with self.lock:
-            self.worker.progress()
-            self.progressed += 1
+            try:
+                self.worker.progress()
+            finally:
+                self.progressed += 1
             return self.worker.tag_probe(ucx_api.UCXXTag(tag)).matched
 
     def keep_alive(self, requests: list[Request]) -> None:
@@ -503,22 +507,29 @@ class Engine:
         """A caller blocks on an operation itself (a plane's own wait): the background thread stays
         parked meanwhile, so the two never fight for the GIL; when the last caller stops waiting and
         operations are still pending, the thread is woken to drive them, and a thread that parked is
-        sent back to its sleep on UCX's events (watches: a NACK may come).  A thread still asleep there
-        is left alone: waking it for nothing would fight the returning caller for the GIL."""
+        sent back to its sleep on UCX's events (watches: a NACK may come), as is one that slept on while
+        the callers drove UCX themselves (their progress may have completed, or their ``arm`` consumed,
+        what its watches look at).  A thread still asleep with nothing new is left alone: waking it for
+        nothing would fight the returning caller for the GIL."""
         with self._wake:
+            if not self._waiters:
+                self._waiting_from = self.progressed  # a caller's progress may complete what a watch looks at
             self._waiters += 1
         try:
             yield
         finally:
             with self._wake:
                 self._waiters -= 1
-                if not self._waiters and (self._pollers or (self._watches and self._parked)):
+                if not self._waiters and (self._pollers or (self._watches and (
+                        self._parked or self.progressed != self._waiting_from))):
                     self._kick_locked()
 
     def progress(self) -> None:
         with self.lock:
-            self.worker.progress()
-            self.progressed += 1
+            try:
+                self.worker.progress()
+            finally:
+                self.progressed += 1
 
     def wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Progress until ``done()`` or the monotonic ``deadline``; returns ``done()``."""

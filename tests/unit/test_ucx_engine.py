@@ -105,3 +105,52 @@ def _wait_for(done, limit_s: float = 5.0) -> bool:
     while not done() and time.monotonic() < deadline:
         time.sleep(0.001)
     return bool(done())
+
+
+_LOST_WATCH = '''
+import threading, time
+import numpy as np
+from mooncake.ref import ucx
+
+a, b = ucx.Engine(None), ucx.Engine(None)
+pa, pb = b.peer(a.address), a.peer(b.address)
+req = a.recv(pb, 0x1234, np.empty(8, np.uint8))
+seen, checked, caller_done = threading.Event(), threading.Event(), threading.Event()
+hold = [False]
+
+def watch():  # a NACK watch: looks at a control receive after every wake-up of a's thread
+    if req.completed:
+        seen.set()
+    elif hold[0]:  # pre-empted right after this look: the GIL goes to a caller
+        hold[0] = False
+        checked.set()
+        caller_done.wait(5)
+
+a.add_watch(watch)
+for _ in range(20):  # the wire-up settles
+    a.progress(); b.progress(); time.sleep(0.01)
+time.sleep(0.3)
+hold[0] = True
+a.kick()
+assert checked.wait(5)
+b.send(pa, 0x1234, np.arange(8, dtype=np.uint8))
+with a.waiting():  # a caller's own wait that drives UCX itself and completes the receive
+    end = time.monotonic() + 5
+    while not req.completed and time.monotonic() < end:
+        a.progress(); b.progress()
+    for _ in range(100):
+        a.progress(); b.progress(); time.sleep(0.001)
+caller_done.set()
+print("completed by the caller:", req.completed, "watch saw it:", seen.wait(2), flush=True)
+'''
+
+
+def test_a_watch_sees_what_a_waiting_caller_completed():
+    """The engine's thread runs its watches (a peer's NACK) also after a caller that waited drove UCX itself
+    and completed the receive the watch looks at, while the thread was between its watches and its sleep:
+    the caller's leaving waiting() must wake it, or the NACK waits for the next message."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _LOST_WATCH], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert "completed by the caller: True watch saw it: True" in out.stdout, (out.stdout, out.stderr[-2000:])

@@ -1370,7 +1370,7 @@ class CudaGroup:
                 if device:  # its DONE word (host memory), the event between slices (a launch that gave up)
                     landed = busy_op.device_landed
                     done_addr = self.ctrl.addr + (busy_op.base + L_DONE) * 8
-                    while time.monotonic() < spin_end:
+                    while time.monotonic() < spin_end and not self.closed:  # (close() unmaps the word)
                         # keys only grow: DONE >= key is this op's (landed() checks == key below)
                         got = native.spin_until_ge(done_addr, busy_op.key, _DEVICE_POLL_SLICE_S)
                         if got is None:  # no native library: one look per pass
