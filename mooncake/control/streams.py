@@ -23,34 +23,19 @@ def is_current(stream) -> bool:
     return _current_device() == index and _current_stream(index)[0] == stream.stream_id
 
 
-class CurrentStream:
-    """``torch.cuda.current_stream(index)`` for one device, with the Stream object kept while the same stream
-    stays current (torch makes a new one on every call)."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self._last: tuple = ((), None)  # (torch's (stream id, device, type), the Stream); swapped whole
-
-    def __call__(self):
-        if _current_stream is None:
-            return torch.cuda.current_stream(self.index)
-        key = _current_stream(self.index)
-        last_key, stream = self._last
-        if key != last_key:
-            stream = torch.cuda.current_stream(self.index)
-            self._last = (key, stream)
-        return stream
-
-
-_by_device: dict[int, CurrentStream] = {}
+_current: dict[int, tuple] = {}  # device -> (torch's (stream id, device, type), that Stream); swapped whole
 
 
 def current_stream(index: int):
-    """``torch.cuda.current_stream(index)`` (device ``index``), the Stream object reused while it stays current."""
-    cs = _by_device.get(index)
-    if cs is None:
-        cs = _by_device.setdefault(index, CurrentStream(index))
-    return cs()
+    """``torch.cuda.current_stream(index)``, the Stream object reused while the same stream stays current
+    (torch makes a new one on every call)."""
+    if _current_stream is None:
+        return torch.cuda.current_stream(index)
+    key = _current_stream(index)
+    have = _current.get(index)
+    if have is None or have[0] != key:
+        have = _current[index] = (key, torch.cuda.current_stream(index))
+    return have[1]
 
 
 def on_stream(stream) -> contextlib.AbstractContextManager:

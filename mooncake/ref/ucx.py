@@ -271,6 +271,8 @@ class _DeadlineTimer:
 
     def take(self) -> None:
         """After a sleep: consume a firing (else the fd stays readable) and forget a passed time."""
+        if self.at == math.inf:  # not armed: nothing to read (no system call per wake-up)
+            return
         try:
             os.read(self.fd, 8)
             self.at = math.inf

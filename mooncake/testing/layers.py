@@ -10,7 +10,9 @@ call's own costs (wall, this thread's CPU time, the other threads' CPU time, thi
 
 ``thread_cpu_ns`` / ``thread_cpu_since`` tell which of the process's threads (by name) took the CPU.
 
-Layers nest: a label's time includes the layers it calls (indent the labels to show it)."""
+Layers nest: a label's time includes the layers it calls (indent the labels to show it).  ``EAGER_ALL_REDUCE``
+lists the layers of one eager all_reduce of the PG face over the fast CUDA plane (its device path, on a GPU
+or emulated)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,35 @@ import resource
 import statistics
 import threading
 import time
+
+
+# (label, module, qualified name): the layers of one eager all_reduce, outermost first; "launch" and "event ..."
+# run on a GPU only, "emulated kernel" only in the plane's CPU emulation
+EAGER_ALL_REDUCE = [
+    ("face: _issue", "mooncake.pg.backend", "MooncakeProcessGroup._issue"),
+    ("  checks: _check_tensor", "mooncake.pg.backend", "MooncakeProcessGroup._check_tensor"),
+    ("  membership.begin", "mooncake.pg.membership", "Membership.begin"),
+    ("  membership.poll", "mooncake.pg.membership", "Membership.poll"),
+    ("  _post", "mooncake.pg.backend", "MooncakeProcessGroup._post"),
+    ("    plane.all_reduce", "mooncake.fast.cuda.pg", "FastCudaGroup.all_reduce"),
+    ("      op object", "mooncake.fast.cuda.pg", "_AllReduce.__init__"),
+    ("        stream_for", "mooncake.fast.cuda.pg", "CudaGroup.stream_for"),
+    ("      enqueue", "mooncake.fast.cuda.pg", "CudaGroup.enqueue"),
+    ("        eager_ok", "mooncake.fast.cuda.pg", "_DevicePath.eager_ok"),
+    ("        device path post", "mooncake.fast.cuda.pg", "_DevicePath.post"),
+    ("          launch", "mooncake.fast.cuda.pg", "_DevicePath._launch"),
+    ("          event record", "mooncake.fast.cuda.pg", "_CudaMemory.record"),
+    ("          emulated kernel", "mooncake.fast.cuda.pg", "_DevicePath._emulate"),
+    ("  Work object", "mooncake.pg.work", "MooncakeWork.__init__"),
+    ("face: Work.wait", "mooncake.pg.work", "MooncakeWork.wait"),
+    ("  plane wait", "mooncake.fast.cuda.pg", "CudaGroup.wait"),
+    ("    pump", "mooncake.fast.cuda.pg", "CudaGroup.pump"),
+    ("      try_device_done", "mooncake.fast.cuda.pg", "_Op.try_device_done"),
+    ("    device_landed", "mooncake.fast.cuda.pg", "_Op.device_landed"),
+    ("    event sync (gave up spinning)", "mooncake.fast.cuda.pg", "_CudaMemory.sync"),
+    ("  commit (membership)", "mooncake.pg.membership", "Membership.try_commit"),
+    ("  finish", "mooncake.pg.work", "MooncakeWork._finish_op"),
+]
 
 
 def thread_cpu_ns() -> dict[str, int]:

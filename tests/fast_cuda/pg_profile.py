@@ -18,7 +18,7 @@ captured kernel's end and the next one's start, each step's duration, and how fa
 ``etrace2`` / ``etrace8``: the same for eager 8 B ``dist.all_reduce`` (a synchronisation after each call), plus
 every rank's host clock at each call's start, return and synchronisation: how long the host takes per call and
 how far apart the ranks start.  ``ehost2`` / ``ehost8``: eager 8 B ``dist.all_reduce`` with each layer of the
-host's path timed on every rank (``EAGER_LAYERS``) and each call's wall, CPU (this thread's, the other
+host's path timed on every rank (``EAGER_ALL_REDUCE``) and each call's wall, CPU (this thread's, the other
 threads') and context switches.
 """
 
@@ -39,6 +39,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mooncake.testing.cluster import Cluster  # noqa: E402
+from mooncake.testing.layers import EAGER_ALL_REDUCE  # noqa: E402
 
 OPS = 16
 WARMUP = 5
@@ -144,39 +145,12 @@ def eager_trace_case(iters: int) -> dict:
     return {"wall_us_per_op": wall / iters * 1e6, "records": records, "host": host}
 
 
-# the layers of one eager all_reduce on the device path, outermost first (mooncake.testing.layers)
-EAGER_LAYERS = [
-    ("face: _issue", "mooncake.pg.backend", "MooncakeProcessGroup._issue"),
-    ("  checks: _check_tensor", "mooncake.pg.backend", "MooncakeProcessGroup._check_tensor"),
-    ("  membership.begin", "mooncake.pg.membership", "Membership.begin"),
-    ("  membership.poll", "mooncake.pg.membership", "Membership.poll"),
-    ("  _post", "mooncake.pg.backend", "MooncakeProcessGroup._post"),
-    ("    plane.all_reduce", "mooncake.fast.cuda.pg", "FastCudaGroup.all_reduce"),
-    ("      op object", "mooncake.fast.cuda.pg", "_AllReduce.__init__"),
-    ("        stream_for", "mooncake.fast.cuda.pg", "CudaGroup.stream_for"),
-    ("      enqueue", "mooncake.fast.cuda.pg", "CudaGroup.enqueue"),
-    ("        eager_ok", "mooncake.fast.cuda.pg", "_DevicePath.eager_ok"),
-    ("        device path post", "mooncake.fast.cuda.pg", "_DevicePath.post"),
-    ("          launch", "mooncake.fast.cuda.pg", "_DevicePath._launch"),
-    ("          event record", "mooncake.fast.cuda.pg", "_CudaMemory.record"),
-    ("  Work object", "mooncake.pg.work", "MooncakeWork.__init__"),
-    ("face: Work.wait", "mooncake.pg.work", "MooncakeWork.wait"),
-    ("  plane wait", "mooncake.fast.cuda.pg", "CudaGroup.wait"),
-    ("    pump", "mooncake.fast.cuda.pg", "CudaGroup.pump"),
-    ("      try_device_done", "mooncake.fast.cuda.pg", "_Op.try_device_done"),
-    ("    device_landed", "mooncake.fast.cuda.pg", "_Op.device_landed"),
-    ("    event sync (gave up spinning)", "mooncake.fast.cuda.pg", "_CudaMemory.sync"),
-    ("  commit (membership)", "mooncake.pg.membership", "Membership.try_commit"),
-    ("  finish", "mooncake.pg.work", "MooncakeWork._finish_op"),
-]
-
-
 def eager_host_case(iters: int) -> dict:
-    """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (EAGER_LAYERS) and each call's
+    """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (EAGER_ALL_REDUCE) and each call's
     costs (wall, this thread's CPU, the other threads' CPU, context switches), a device synchronisation after
     each call as pg_graph's eager loop (timed apart)."""
     from mooncake.testing.layers import LayerTimer, thread_cpu_ns, thread_cpu_since
-    timer = LayerTimer(EAGER_LAYERS)
+    timer = LayerTimer(EAGER_ALL_REDUCE)
     timer.install()
     gpu = torch.cuda.is_available()  # else the plane's CPU emulation (tests)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -207,7 +181,7 @@ def eager_host_case(iters: int) -> dict:
 def analyse_layers(per_rank: list[dict]) -> tuple[dict, str]:
     """Per layer and per call cost: rank 0, the median and the largest over ranks (µs per call)."""
     rows, lines = {}, [f"{'layer (mean us per call)':44s} {'rank 0':>8s} {'median':>8s} {'max':>8s}"]
-    for label, _, _ in EAGER_LAYERS:
+    for label, _, _ in EAGER_ALL_REDUCE:
         xs = [r["layers_us"][label] for r in per_rank]
         rows[label] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
         lines.append(f"{label:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")

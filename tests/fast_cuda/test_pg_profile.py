@@ -6,6 +6,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pg_profile as P  # noqa: E402
+from mooncake.testing.layers import EAGER_ALL_REDUCE  # noqa: E402
 
 
 def _record(key: int, start_ns: int, steps_ns: list[int]) -> dict:
@@ -78,7 +79,7 @@ def test_eager_host_case_times_every_layer_on_the_emulated_plane(cluster_factory
     gpu_only = {"          launch", "          event record", "    event sync (gave up spinning)"}
     for r in res:
         layers = r["layers_us"]
-        assert set(layers) == {label for label, _, _ in P.EAGER_LAYERS}
+        assert set(layers) == {label for label, _, _ in EAGER_ALL_REDUCE}
         sometimes = {"  plane wait", "    device_landed"}  # not when the op is over before Work.wait looks
         assert all(v > 0 for k, v in layers.items() if k not in gpu_only | sometimes), \
             {k: v for k, v in layers.items() if v <= 0}

@@ -1629,7 +1629,7 @@ class _Op:
 
     def device_landed(self, ev) -> bool:
         """The device path's launch, recorded by ``ev``, is over: its DONE or, where it gave up, its event."""
-        return self.g.ctl[self.base + L_DONE] == self.key or self.g.mem.done(ev)
+        return self.device_done_word() or self.g.mem.done(ev)
 
     def _adopt_device_words(self) -> None:
         """After the device path's launch: take over what its words say it did.  HOLD = key: this rank
