@@ -37,7 +37,7 @@
 #include "mc_fp8.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 9
+#define MC_ABI_VERSION 10
 
 namespace {
 

@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "mc_device_sync.cuh"
 
@@ -755,6 +756,76 @@ MC_API int mc_pg_dev_launch(const McPgDevArgs* args, int blocks, int64_t stream)
     if (rc != cudaSuccess) return (int)rc;
   }
   return (int)cudaSuccess;
+}
+
+// ---- the quick lane: an eager all_reduce posted and waited for in one call each (mooncake/fast/cuda/pg.py,
+// "The quick lane")
+
+// A CUDA event that tells the host a launch is over (blocking-sync, no timing): *event receives it.
+MC_API int mc_event_create(int64_t* event) {
+  cudaEvent_t e = nullptr;
+  cudaError_t rc = cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync);
+  *event = reinterpret_cast<int64_t>(e);
+  return (int)rc;
+}
+
+MC_API int mc_event_destroy(int64_t event) { return (int)cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event)); }
+
+// 0: every work recorded by the event completed; 1: not yet; else a CUDA error.
+MC_API int mc_event_query(int64_t event) {
+  cudaError_t rc = cudaEventQuery(reinterpret_cast<cudaEvent_t>(event));
+  return rc == cudaSuccess ? 0 : rc == cudaErrorNotReady ? 1 : (int)rc;
+}
+
+MC_API int mc_event_sync(int64_t event) { return (int)cudaEventSynchronize(reinterpret_cast<cudaEvent_t>(event)); }
+
+// mc_pg_dev_launch with args->key = key, then `event` recorded on `stream` after it.
+MC_API int mc_pg_dev_post(McPgDevArgs* args, int64_t key, int blocks, int64_t stream, int64_t event) {
+  args->key = key;
+  int rc = mc_pg_dev_launch(args, blocks, stream);
+  if (rc != 0) return rc;
+  return (int)cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), reinterpret_cast<cudaStream_t>(stream));
+}
+
+static inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+static inline int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// Wait, spinning (no GIL: ctypes releases it), until every one of the `n` host words at `words` equals `key`
+// (1), or the launch recorded by `event` is over without that (0: the host protocol takes over), or
+// `budget_ns` passed (2: still running).  The event is queried every `slice_ns`.  Negative: -(CUDA error).
+MC_API int mc_pg_quick_wait(const int64_t* words, int n, int64_t key, int64_t event, int64_t budget_ns,
+                            int64_t slice_ns) {
+  const int64_t start = now_ns();
+  int64_t next_query = start + slice_ns;
+  for (;;) {
+    int i = 0;
+    while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
+    if (i == n) return 1;
+    for (int k = 0; k < 64; ++k) spin_pause();
+    const int64_t now = now_ns();
+    if (now >= next_query) {
+      const int q = mc_event_query(event);
+      if (q == 0) {  // the launch is over: its words are final, look once more
+        i = 0;
+        while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
+        return i == n ? 1 : 0;
+      }
+      if (q != 1) return -q;
+      next_query = now + slice_ns;
+    }
+    if (now - start >= budget_ns) return 2;
+  }
 }
 
 // Register host memory (a shared-memory segment of this or another process) for access from the

@@ -43,6 +43,7 @@ from . import options as _options
 from . import membership as _membership
 from ..control.agreement import ProposalKind
 from .membership import Membership
+from .quick import QuickLane
 from .work import CapturedWork, Collective, ComposedWork, MooncakeWork, NotPosted
 
 class _Settled(Exception):
@@ -230,6 +231,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             timeout_s=lambda: self._timeout_s,
             failure_mode=options.failure_mode if options is not None else "complete",
             on_view=self._on_view, keep_failed=self._manual, on_join=self._on_join)
+        self._quick = QuickLane(self) if hasattr(self._plane, "quick_entry") else None
         self._sync_mask_tensor()
 
     # -- identity ------------------------------------------------------------------------------
@@ -359,6 +361,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return list(ranks)
 
     def _quiet(self, what: str) -> None:
+        self._settle_quick()
         if self._membership.has_pending():
             raise ArgumentError(f"{what} must be called at an op boundary: wait for this group's "
                                 "collectives in flight first")
@@ -743,6 +746,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         already settled while this rank had not called it (it is late): such an op takes the
         agreement's verdict first (docs/semantics.md, "One verdict per operation")."""
         self._check_open()
+        self._settle_quick()
         if self._captured:
             self.check_graphs()
         issued_at = time.monotonic()
@@ -767,6 +771,17 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                 except BaseException as exc:
                     membership.reject(seq, f"rank {self._rank} could not post this call: {exc}")
                     raise
+        urgent = getattr(opts, "asyncOp", True)
+        return self._work(name, self._timeout_of(opts), op, build, outputs, staged, root, fingerprint, seq, view,
+                          posted, late, issued_at, urgent, not urgent and not getattr(_calls, "nested", False))
+
+    def _work(self, name: str, timeout_s: float, op, build, outputs: list[torch.Tensor],
+              staged: Sequence[tuple[torch.Tensor, torch.Tensor]], root: int | None, fingerprint: Fingerprint | None,
+              seq: int, view: View, posted: bool, late, issued_at: float, urgent: bool,
+              waited_at_once: bool) -> MooncakeWork:
+        """The tracked ``MooncakeWork`` of collective ``seq`` (``op``: what ``_post`` gave for it under
+        ``view``, or ``NotPosted``); see ``_issue``."""
+        membership = self._membership
 
         def repost():
             with membership.lock:
@@ -777,16 +792,25 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             for user, stage in staged:
                 user.copy_(stage)
 
-        urgent = getattr(opts, "asyncOp", True)
-        return self._track(MooncakeWork(self._engine, op, self._timeout_of(opts), outputs,
-                                        write_back if staged else None, name=name,
-                                        collective=Collective(membership, seq, view.epoch, repost, posted, late),
-                                        issued_at=issued_at, urgent=urgent,
-                                        waited_at_once=not urgent and not getattr(_calls, "nested", False)))
+        return self._track(MooncakeWork(self._engine, op, timeout_s, outputs, write_back if staged else None,
+                                        name=name, collective=Collective(membership, seq, view.epoch, repost, posted,
+                                                                         late),
+                                        issued_at=issued_at, urgent=urgent, waited_at_once=waited_at_once))
+
+    def _settle_quick(self) -> None:
+        """A quick-lane operation still pending becomes an ordinary one first (``QuickLane.settle``)."""
+        if self._quick is not None and self._quick.pending is not None:
+            self._quick.settle()
+
+    @staticmethod
+    def _nested() -> bool:
+        """This call is part of another call of this thread (a coalesced form)."""
+        return getattr(_calls, "issued", None) is not None
 
     def _reject(self, name: str, exc: BaseException, count: int) -> None:
         """This rank rejected a call that takes ``count`` sequence numbers: take them and tell the
         members (an op the members already settled while this rank was late needs no telling)."""
+        self._settle_quick()
         membership = self._membership
         with membership.lock:
             for _ in range(count):
@@ -824,8 +848,15 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return stage
 
     # -- collectives ---------------------------------------------------------------------------
-    @_collective("all_reduce")
     def allreduce(self, tensors, opts=None):
+        if self._quick is not None and opts is not None:  # a repeated blocking call on the device path
+            work = self._quick.all_reduce(tensors, opts)
+            if work is not None:
+                return work
+        return self._allreduce(tensors, opts)
+
+    @_collective("all_reduce")
+    def _allreduce(self, tensors, opts=None):
         opts = opts or c10d.AllreduceOptions()
         t = _one(tensors)
         capturing = self._enter_capture(t)
@@ -866,6 +897,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"{name} with PREMUL_SUM cannot be captured in a CUDA graph: scale the input "
                                 "inside the captured region and use SUM")
         self._check_open()
+        self._settle_quick()
         self.check_graphs()
         view = self._membership.view
         if not view.is_active(self._rank):
@@ -1364,6 +1396,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
 
         Unwaited sends are flushed so that a rank may exit right after ``destroy_process_group``.
         """
+        self._settle_quick()
         for work in list(self._in_flight):
             try:
                 work.wait()

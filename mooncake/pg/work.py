@@ -22,6 +22,16 @@ _WAIT_SLICE_S = 0.05  # wait() re-checks for agreement decisions this often
 _log = logging.getLogger("mooncake")
 
 
+def order_after(stream) -> None:
+    """Make the current CUDA stream wait for the work enqueued on ``stream`` so far (None: CPU, nothing to do)."""
+    if stream is not None and not is_current(stream):
+        current = torch.cuda.current_stream(stream.device)
+        if current != stream:
+            written = torch.cuda.Event()
+            written.record(stream)
+            current.wait_event(written)
+
+
 class Collective:
     """What a collective's Work needs from its group: its number, its epoch, how to (re-)post it,
     and, for an op that was not posted at issue, the decision it waits for (``epoch``'s) or
@@ -323,12 +333,7 @@ class MooncakeWork(dist.Work):
             self._keep_driven()
         if self._state == _FAILED:
             raise self._error
-        if self._stream is not None and not is_current(self._stream):
-            current = torch.cuda.current_stream(self._stream.device)
-            if current != self._stream:  # every write of the outputs is on self._stream by now
-                written = torch.cuda.Event()
-                written.record(self._stream)
-                current.wait_event(written)
+        order_after(self._stream)
         return True
 
     def _wait_until_done(self, limit: float | None, timeout: timedelta) -> None:

@@ -95,6 +95,12 @@ def eager_loop(numel: int, iters: int):
     return times
 
 
+def quick_posts() -> int:
+    """How many operations this rank's quick lane launched (0: the device path is off)."""
+    dev = dist.group.WORLD._plane.g.dev
+    return 0 if dev is None else dev.quick_posts
+
+
 def _captured(body) -> "torch.cuda.CUDAGraph":
     """A CUDA graph of ``body()``, captured on a side stream once every rank is ready."""
     side = torch.cuda.Stream()
@@ -501,15 +507,17 @@ def main() -> int:
         print(kind, json.dumps(fields), flush=True)
 
     for R in [int(r) for r in args.ranks.split(",") if r]:
-        for device_mode in (("on", "off") if "eager" in steps else ()):
+        # the device path with its quick lane (the default), without it, and off (the host protocol)
+        for device_mode, quick in ((("on", "on"), ("on", "off"), ("off", "off")) if "eager" in steps else ()):
             c = Cluster(R, "mooncake", device="cuda", timeout_s=120,
-                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_DEVICE": device_mode})
+                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_DEVICE": device_mode,
+                             "MOONCAKE_FAST_CUDA_QUICK": quick})
             try:
                 for size in sizes:
                     res = c.run(P.eager_loop, max(size // 4, 1), args.iters)
                     per = sorted(max(ts) for ts in zip(*res))
-                    note("BENCH", mode="eager", device_path=device_mode, ranks=R, bytes=size,
-                         median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
+                    note("BENCH", mode="eager", device_path=device_mode, quick_lane=quick, ranks=R, bytes=size,
+                         quick_posts=min(c.run(P.quick_posts)), median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
             finally:
                 c.close()
         if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)

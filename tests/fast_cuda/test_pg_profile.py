@@ -67,7 +67,7 @@ def test_eager_records_count_every_next_key_and_host_spans():
 
 
 EMU = {"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_EMULATE": "cpu", "MOONCAKE_FAST_CUDA_EMULATE_LAG": "0",
-       "MOONCAKE_FAST_CUDA_DEVICE": "on"}
+       "MOONCAKE_FAST_CUDA_DEVICE": "on", "MOONCAKE_FAST_CUDA_QUICK": "off"}  # the usual path's layers
 
 
 def test_eager_host_case_times_every_layer_on_the_emulated_plane(cluster_factory):

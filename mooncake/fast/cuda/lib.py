@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 9
+ABI_VERSION = 10
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -73,6 +73,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_pg_dev_args_size": ([], i32), "mc_pg_dev_max_ranks": ([], i32), "mc_pg_dev_layout": ([pi64], None),
         "mc_pg_dev_trace_shape": ([pi32], None),
         "mc_pg_dev_launch": ([ctypes.POINTER(McPgDevArgs), i32, i64], i32),
+        "mc_pg_dev_post": ([ctypes.POINTER(McPgDevArgs), i64, i32, i64, i64], i32),
+        "mc_pg_quick_wait": ([pi64, i32, i64, i64, i64, i64], i32),
+        "mc_event_create": ([pi64], i32), "mc_event_destroy": ([i64], i32),
+        "mc_event_query": ([i64], i32), "mc_event_sync": ([i64], i32),
         "mc_host_register": ([i64, i64, pi64], i32), "mc_host_unregister": ([i64], i32),
         "mc_capture_mode": ([i32, pi32], i32),
     }

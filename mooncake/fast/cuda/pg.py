@@ -94,6 +94,17 @@ re-posts.  The host only launches, then reads the words once the launch's event 
 flags (a NaN, a MIN/MAX zero) is folded again on the host as above.  ``MOONCAKE_FAST_CUDA_DEVICE=off`` turns
 it off (``on`` also in the CPU emulation, where the kernel's steps run on the host).
 
+The quick lane.  A blocking eager all_reduce that the device path already launched in the same shape (lane
+parity, data pointer, element count, dtype, reduce op, stream, view epoch) is posted by the PG face's quick lane
+(``mooncake.pg.quick``) without an op object: ``quick_entry`` checks that nothing the launch relies on changed
+(no earlier operation here, the same lane buffers: their generations), ``quick_post`` writes the lane's host
+words only if another operation wrote them since, and launches the kernel with the arguments kept from the
+last launch, recording a library event (``MOONCAKE_FAST_CUDA_QUICK=off`` turns the lane off).  ``quick_wait``
+spins in the library, without the GIL, until every active rank's DONE holds the key (committed: the face
+commits it in the membership) or the launch is over without that; then, or on anything unusual, the face
+hands the operation over (``quick_handover``): it becomes the ``_AllReduce`` that ``post`` would have left,
+with the launch's event, and the host protocol goes on from its words as for any launch of the device path.
+
 CUDA graphs.  all_reduce, reduce_scatter_tensor, all_gather_into_tensor (and all_gather into a list),
 all_to_all_single (equal splits), broadcast, reduce, gather and scatter issued while the caller's stream is
 captured (``torch.cuda.graph``) are enqueued as one launch of the device path's kernel (``_shape`` says what it copies
@@ -184,6 +195,8 @@ GRAPH_WORDS_ENV = "MOONCAKE_FAST_CUDA_GRAPH_WORDS"
 TRACE_ENV = "MOONCAKE_FAST_CUDA_TRACE"
 # tests, "1": launches of the device path read this rank's stall word (W_STALL, ns) before publishing: a late peer
 STALL_ENV = "MOONCAKE_FAST_CUDA_STALL_WORD"
+# "on" (default): a repeated eager all_reduce of the device path is posted and waited for by the quick lane; "off"
+QUICK_ENV = "MOONCAKE_FAST_CUDA_QUICK"
 #: all_reduce of at most this many bytes may take the device path
 DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
@@ -369,6 +382,19 @@ class _CudaMemory:
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32).pin_memory()
 
+    def quick_event(self) -> "_RawEvent":
+        return _RawEvent(self.lib)
+
+    def quick_post(self, entry: "_QuickEntry", key: int, ev: "_RawEvent") -> None:
+        rc = self.lib.mc_pg_dev_post(entry.args_ref, key, entry.blocks, entry.stream_ptr, ev.handle)
+        if rc:
+            self._check(self.lib, rc, f"device path (all_reduce, {entry.dtype}, {len(entry.active)} ranks)")
+
+    def quick_wait(self, entry: "_QuickEntry", key: int, ev: "_RawEvent", budget_s: float) -> bool:
+        rc = self.lib.mc_pg_quick_wait(entry.done_words, len(entry.active), key, ev.handle, int(budget_s * 1e9),
+                                       int(_DEVICE_POLL_SLICE_S * 1e9))
+        return rc == 1
+
     def can_fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
         """The one-pass fold kernel takes this reduction: floating dtypes, arithmetic and MIN / MAX ops,
         contiguous inputs of one dtype and size, and ``out`` (None: a fresh tensor) likewise, on this
@@ -475,6 +501,31 @@ class _FakeEvent:
         self.left = 0
 
 
+class _RawEvent:
+    """A CUDA event of the library (no torch object per launch): ``query`` / ``synchronize`` as torch's."""
+
+    def __init__(self, lib):
+        from .lib import check
+        self.lib, self._check = lib, check
+        handle = ctypes.c_int64()
+        check(lib, lib.mc_event_create(ctypes.byref(handle)), "cudaEventCreate")
+        self.handle = handle.value
+
+    def query(self) -> bool:
+        rc = self.lib.mc_event_query(self.handle)
+        if rc > 1:
+            self._check(self.lib, rc, "cudaEventQuery")
+        return rc == 0
+
+    def synchronize(self) -> None:
+        self._check(self.lib, self.lib.mc_event_sync(self.handle), "cudaEventSynchronize")
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.mc_event_destroy(self.handle)
+            self.handle = 0
+
+
 class _EmulatedMemory:
     """Test mode: CPU tensors, lanes in memfd segments, events that complete after a few queries."""
 
@@ -511,6 +562,24 @@ class _EmulatedMemory:
 
     def flag(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32)
+
+    def quick_event(self) -> "_FakeEvent":
+        return _FakeEvent(0)
+
+    @staticmethod
+    def quick_post(entry: "_QuickEntry", key: int, ev: "_FakeEvent") -> None:
+        pass  # the kernel's steps ran on the host (_DevicePath.quick_post)
+
+    @staticmethod
+    def quick_wait(entry: "_QuickEntry", key: int, ev: "_FakeEvent", budget_s: float) -> bool:
+        end = time.monotonic() + budget_s
+        words = entry.done_views
+        while True:
+            if all(ctl[i] == key for ctl, i in words):
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(20e-6)
 
     @staticmethod
     def can_fold(op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
@@ -596,6 +665,25 @@ class _Peer:
             self.pidfd = None
 
 
+class _QuickEntry:
+    """One call shape on one lane parity as the device path last launched it (``_DevicePath._remember``): its
+    kernel arguments, the generations of the lanes they point into, the DONE words to wait on."""
+
+    __slots__ = ("lane", "base", "epoch", "nb", "dtype", "op", "fp", "active", "me", "others", "stream", "stream_ptr",
+                 "buf", "peer_gens", "done_views", "done_words", "lanes", "args", "args_ref", "blocks")
+
+
+class _QuickOp:
+    """An all_reduce the quick lane launched: what its wait, its commit or its hand-over need."""
+
+    __slots__ = ("entry", "tensor", "seq", "key", "base", "active", "me", "others", "dtype", "op", "fp", "stream")
+
+    def __init__(self, e: _QuickEntry, tensor: torch.Tensor, seq: int, key: int):
+        self.entry, self.tensor, self.seq, self.key = e, tensor, seq, key
+        self.base, self.active, self.me, self.others = e.base, e.active, e.me, e.others
+        self.dtype, self.op, self.fp, self.stream = e.dtype, e.op, e.fp, e.stream
+
+
 class _DevicePath:
     """The device path of one group (module doc, "The device path"): every rank's control words mapped into
     this rank's device, the kernels' block counters, the lanes of captured operations, and the kernels'
@@ -642,6 +730,13 @@ class _DevicePath:
             self.trace_shape = tuple(shape)
             self.trace = torch.zeros(shape[0] * shape[1], dtype=torch.int64, device=mem.device)
         self.stall = int(os.environ.get(STALL_ENV, "").strip() == "1")  # McPgDevArgs.stall
+        # the quick lane (module doc): call shapes by (lane, data pointer, numel, dtype, op, stream), the op it
+        # posted and that has not ended yet, and the event its launches record
+        self.quick_on = os.environ.get(QUICK_ENV, "on").strip().lower() != "off"
+        self.quick: dict[tuple, _QuickEntry] = {}
+        self.quick_op: _QuickOp | None = None
+        self.quick_posts = 0  # operations the quick lane launched (tests, stats)
+        self.quick_ev = mem.quick_event() if self.quick_on else None
 
     def set_stall(self, ns: int) -> None:
         """Tests (``STALL_ENV``): make this rank's launches from now on, captured ones included, wait ``ns``
@@ -665,16 +760,19 @@ class _DevicePath:
 
     def map_peer(self, r: int, p: _Peer) -> None:
         self.unmap_peer(r)
+        self.quick.clear()
         self.mapped[r] = (p.ctrl.addr, self.g.mem.map_host(p.ctrl.addr, p.ctrl.size))
 
     def unmap_peer(self, r: int) -> None:
         have = self.mapped.pop(r, None)
+        self.quick.clear()
         if have is not None:
             self.g.mem.unmap_host(have[0])
 
     def retire_peer(self, r: int, p: _Peer) -> None:
         """Rank ``r`` was replaced: keep its old words mapped and its lanes open until close() (graphs
         captured earlier hold their addresses)."""
+        self.quick.clear()
         self.retired_peers.append((self.mapped.pop(r, None), p))
 
     def close(self) -> None:
@@ -694,6 +792,9 @@ class _DevicePath:
         self.graph_lanes.clear()
         self.retired.clear()
         self.pool_maps.clear()
+        self.quick.clear()
+        if isinstance(self.quick_ev, _RawEvent):
+            self.quick_ev.close()
 
     # ---- eager operations ----------------------------------------------------------------------------
     def eager_ok(self, op: "_AllReduce") -> bool:
@@ -723,21 +824,114 @@ class _DevicePath:
         g, base = self.g, op.base
         nb = _nbytes(op.tensor)
         mine = g.lane_view(op.lane, nb)
-        ctl = g.ctl
-        ctl[base + L_SLOTS], ctl[base + L_SLOTS + 1] = 0, nb
-        g.fp_words.write(ctl, base, op.fp, 0)
-        ctl[base + L_NSLOTS], ctl[base + L_NBYTES], ctl[base + L_RESULT] = 1, _align(nb), _align(nb)
+        self._write_lane_words(op.lane, base, nb, op.fp, None)
         g.flag_word.value = 0
         lanes = [mine if r == op.me else g.peer(r).lane_view(g.mem, op.lane, base) for r in op.active]
+        launched = None
         with g.mem.on(op.stream):
             if g.mem.emulated:
                 self._emulate(op, lanes, nb)
             else:
                 ctls = tuple(self.mapped[r][1] for r in op.active)
                 addrs = tuple(x.data_ptr() for x in lanes)
-                self._launch(op.active, op.me, ctls, ctls, (addrs, addrs), (base, base), op.tensor, op.op, op.key,
-                             op.fp, DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto", stream=op.stream)
+                launched = self._launch(op.active, op.me, ctls, ctls, (addrs, addrs), (base, base), op.tensor, op.op,
+                                        op.key, op.fp, DEVICE_WAIT_S, graph=False, flag=g.exact_host == "auto",
+                                        stream=op.stream)
             op.ev = g.mem.record(op.stream)
+        if self.quick_on:
+            self._remember(op, lanes, nb, launched)
+
+    def _write_lane_words(self, lane: int, base: int, nb: int, fp: Fingerprint, owner: "_QuickEntry | None") -> None:
+        """The words the host protocol reads should it take over a launch (one slot of ``nb`` bytes, the
+        fingerprint); ``owner``: the quick entry whose words these are (skipped when they are already)."""
+        g = self.g
+        ctl = g.ctl
+        ctl[base + L_SLOTS], ctl[base + L_SLOTS + 1] = 0, nb
+        g.fp_words.write(ctl, base, fp, 0)
+        ctl[base + L_NSLOTS], ctl[base + L_NBYTES], ctl[base + L_RESULT] = 1, _align(nb), _align(nb)
+        g.lane_owner[lane] = owner
+
+    # ---- the quick lane ----------------------------------------------------------------------------
+    def _remember(self, op: "_AllReduce", lanes: list[torch.Tensor], nb: int, launched) -> None:
+        """Keep what a later call of ``op``'s shape on this lane parity needs to be posted by the quick lane."""
+        g, base = self.g, op.base
+        stream_ptr = 0 if op.stream is None else op.stream.cuda_stream
+        key = (op.lane, op.tensor.data_ptr(), op.tensor.numel(), op.dtype, op.op, stream_ptr)
+        if len(self.quick) >= 64:
+            self.quick.clear()
+        e = _QuickEntry()
+        e.lane, e.base, e.epoch, e.nb, e.dtype, e.op, e.fp = op.lane, base, op.key >> SEQ_BITS, nb, op.dtype, op.op, op.fp
+        e.active, e.me, e.others = op.active, op.me, op.others
+        e.stream, e.stream_ptr = op.stream, stream_ptr
+        e.buf = g.lanes[op.lane]
+        e.peer_gens = tuple((g.peer(r).ctl, base + L_GEN, int(g.peer(r).ctl[base + L_GEN])) for r in op.others)
+        views = [(g.ctl if r == op.me else g.peer(r).ctl, base + L_DONE) for r in op.active]
+        addrs = [(g.ctrl if r == op.me else g.peer(r).ctrl).addr + (base + L_DONE) * 8 for r in op.active]
+        e.done_views, e.done_words = views, (ctypes.c_int64 * len(addrs))(*addrs)
+        e.lanes = lanes
+        if launched is not None:
+            args, e.blocks = launched
+            e.args_ref = ctypes.byref(args)
+            e.args = args
+        self.quick[key] = e
+
+    def quick_entry(self, t: torch.Tensor, op: ReduceOp, lane: int, epoch: int) -> "_QuickEntry | None":
+        """The entry to post ``t``'s all_reduce with as operation of ``lane`` under view ``epoch`` on the quick
+        lane, or None (not seen on the device path in this shape yet, or anything changed since:
+        ``eager_ok``'s conditions, the lanes' generations, an earlier operation still here)."""
+        g = self.g
+        if self.quick_op is not None or g.queue or g.closed or faults.armed():
+            return None
+        stream = g.mem.caller_stream()
+        e = self.quick.get((lane, t.data_ptr(), t.numel(), t.dtype, op, 0 if stream is None else stream.cuda_stream))
+        if e is None or e.epoch != epoch or g.lanes.get(lane) is not e.buf or not t.is_contiguous():
+            return None
+        for ctl, i, gen in e.peer_gens:
+            if ctl[i] != gen:
+                return None
+        return e
+
+    def quick_post(self, e: "_QuickEntry", t: torch.Tensor, seq: int, key: int) -> "_QuickOp":
+        """Launch operation ``seq`` (``key``) on ``e``'s shape: the words, the kernel, the event."""
+        g = self.g
+        if g.lane_owner.get(e.lane) is not e:
+            self._write_lane_words(e.lane, e.base, e.nb, e.fp, e)
+        g.flag_word.value = 0
+        q = self.quick_op = _QuickOp(e, t, seq, key)
+        self.quick_posts += 1
+        if g.mem.emulated:
+            self._emulate(q, e.lanes, e.nb)
+        else:
+            g.mem.quick_post(e, key, self.quick_ev)
+        return q
+
+    def quick_wait(self, q: "_QuickOp", budget_s: float) -> bool:
+        """Whether every active rank's DONE holds ``q``'s key within ``budget_s`` (False: the launch is over
+        without that, or still running)."""
+        return self.g.mem.quick_wait(q.entry, q.key, self.quick_ev, budget_s)
+
+    def quick_result_ok(self) -> bool:
+        """The result of a quick op that is done may stand as the kernel wrote it (no host fold wanted)."""
+        mode = self.g.exact_host
+        return mode == "never" or (mode == "auto" and not self.g.flag_word.value)
+
+    def quick_finish(self, q: "_QuickOp") -> None:
+        """``q`` committed: what ``try_device_done`` and ``device_result`` do for a launch that got through."""
+        self.quick_op = None
+        self.outcomes["done"] += 1
+        self.g.wake(q.others)
+        torch.autograd.graph.increment_version(q.tensor)
+
+    def quick_handover(self, q: "_QuickOp", ctx) -> "_AllReduce":
+        """Hand ``q`` to the host protocol as the device path's launch of operation ``ctx.seq``: the op as
+        ``post`` leaves it, queued and pumped."""
+        g = self.g
+        with g.lock:
+            self.quick_op = None
+            g.streams[q.seq] = q.stream
+            op = _AllReduce(g, ctx, q.tensor, q.op)
+            op.device_tried, op.state, op.ev = True, DEVICE, self.quick_ev
+            return g.enqueue(op)
 
     def _launch(self, active, me, ctls, notes, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
                 shape: "_Shape | None" = None) -> None:
@@ -780,6 +974,7 @@ class _DevicePath:
         rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
         if rc:
             check(mem.lib, rc, f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
+        return a, blocks
 
     def _emulate(self, op: "_AllReduce", lanes: list[torch.Tensor], nb: int) -> None:
         """The kernel's steps on the host, on the same words in the same order (MOONCAKE_FAST_CUDA_EMULATE)."""
@@ -1131,6 +1326,7 @@ class CudaGroup:
         self.futex = self.ctrl.words(W_FUTEX * 8, 1).cast("B").cast("i")
         self.sleeping_addr = self.ctrl.addr + W_SLEEPING * 8
         self.lanes: dict[int, _Buffer] = {}
+        self.lane_owner: dict[int, object] = {}  # lane -> the quick entry whose words its block holds (None: other)
         self.gen = 0
         self.streams: dict[int, object] = {}
         self.flag = self.mem.flag()
@@ -1587,6 +1783,7 @@ class _Op:
             ctl[base + L_SLOTS + 2 * slot] = off
             ctl[base + L_SLOTS + 2 * slot + 1] = nb
         g.fp_words.write(ctl, base, self.fp, int(self.two_phase))
+        g.lane_owner[self.lane] = None
         ctl[base + L_NSLOTS] = nslots
         ctl[base + L_NBYTES] = total
         ctl[base + L_RESULT] = result_off
@@ -2266,6 +2463,36 @@ class FastCudaGroup:
             from ...ref import collectives as ref
             return ref.barrier(ctx)
         return self._run(_Barrier(self.g, ctx))
+
+    # ---- the quick lane (the device path) -------------------------------------------------------------
+    def quick_entry(self, tensor: torch.Tensor, op: ReduceOp, seq: int, epoch: int):
+        """What posts all_reduce ``seq`` of ``tensor`` under view ``epoch`` on the quick lane, or None (the
+        call goes the usual way).  No side effect."""
+        dev = self.g.dev
+        if dev is None or not dev.quick_on or self.g.delegate:
+            return None
+        return dev.quick_entry(tensor, op, seq & 1, epoch)
+
+    def quick_post(self, entry, tensor: torch.Tensor, seq: int, epoch: int) -> _QuickOp:
+        """Launch all_reduce ``seq`` of ``tensor`` on ``entry`` (``quick_entry``'s answer for it)."""
+        return self.g.dev.quick_post(entry, tensor, seq, _key(epoch, seq))
+
+    def quick_wait(self, q: _QuickOp) -> bool:
+        """Whether ``q`` got through on every rank within ``DEVICE_SPIN_S`` and its result stands as written;
+        False: hand it over (``quick_handover``)."""
+        dev = self.g.dev
+        return dev is not None and dev.quick_wait(q, DEVICE_SPIN_S) and dev.quick_result_ok()
+
+    def quick_finish(self, q: _QuickOp) -> None:
+        """``q`` committed."""
+        self.g.dev.quick_finish(q)
+
+    def quick_handover(self, q: _QuickOp, ctx) -> _Op:
+        """``q`` as the ``PlaneOp`` of operation ``ctx.seq``, for the host protocol to carry on."""
+        dev = self.g.dev
+        if dev is None:
+            raise MooncakeError("the fast CUDA plane of this group is closed")
+        return dev.quick_handover(q, ctx)
 
     # ---- CUDA graphs (the device path) -----------------------------------------------------------------
     def capture_refusal(self, view, call) -> str | None:
