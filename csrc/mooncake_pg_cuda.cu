@@ -771,10 +771,15 @@ MC_API int mc_event_create(int64_t* event) {
 
 MC_API int mc_event_destroy(int64_t event) { return (int)cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event)); }
 
-// 0: every work recorded by the event completed; 1: not yet; else a CUDA error.
+// 0: every work recorded by the event completed; -1: not yet (the runtime's last error cleared of it, so that the
+// caller's next launch check does not see it); else a CUDA error.
 MC_API int mc_event_query(int64_t event) {
   cudaError_t rc = cudaEventQuery(reinterpret_cast<cudaEvent_t>(event));
-  return rc == cudaSuccess ? 0 : rc == cudaErrorNotReady ? 1 : (int)rc;
+  if (rc == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return (int)rc;
 }
 
 MC_API int mc_event_sync(int64_t event) { return (int)cudaEventSynchronize(reinterpret_cast<cudaEvent_t>(event)); }
@@ -821,7 +826,7 @@ MC_API int mc_pg_quick_wait(const int64_t* words, int n, int64_t key, int64_t ev
         while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
         return i == n ? 1 : 0;
       }
-      if (q != 1) return -q;
+      if (q != -1) return -q;
       next_query = now + slice_ns;
     }
     if (now - start >= budget_ns) return 2;

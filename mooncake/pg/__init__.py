@@ -18,6 +18,7 @@ from .backend import MooncakeProcessGroup, RootInactiveError, create_cpu, create
 from .options import MooncakeBackendOptions, get_device_filter, set_device_filter, set_host_ip, set_job_secret
 from .membership import (ProposalResponse, ProposalStatus, SyncAfterFailureResponse, SyncAfterFailureStatus,
                          ViewUpdateStatus)
+from .quick import QuickWork
 from .work import ComposedWork, MooncakeWork
 from . import elastic  # noqa: E402 - training through failures (mooncake-run, DDP hook, catch-up)
 from .elastic import ddp_comm_hook, is_replacement
@@ -136,7 +137,7 @@ def get_current_epoch(backend) -> int:
 
 
 def _work(work):
-    if not isinstance(work, (MooncakeWork, ComposedWork)):
+    if not isinstance(work, (MooncakeWork, ComposedWork, QuickWork)):
         raise ArgumentError(f"expected a Work returned by a mooncake operation, got {type(work).__name__}")
     return work
 

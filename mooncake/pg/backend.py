@@ -778,12 +778,14 @@ class MooncakeProcessGroup(dist.ProcessGroup):
     def _work(self, name: str, timeout_s: float, op, build, outputs: list[torch.Tensor],
               staged: Sequence[tuple[torch.Tensor, torch.Tensor]], root: int | None, fingerprint: Fingerprint | None,
               seq: int, view: View, posted: bool, late, issued_at: float, urgent: bool,
-              waited_at_once: bool) -> MooncakeWork:
+              waited_at_once: bool, stream=None) -> MooncakeWork:
         """The tracked ``MooncakeWork`` of collective ``seq`` (``op``: what ``_post`` gave for it under
-        ``view``, or ``NotPosted``); see ``_issue``."""
+        ``view``, or ``NotPosted``; ``stream``: where its outputs are written, default the current one);
+        see ``_issue``."""
         membership = self._membership
 
         def repost():
+            self._settle_quick()
             with membership.lock:
                 view = membership.view
                 return self._post(name, build, seq, view, root, fingerprint), view.epoch
@@ -795,7 +797,8 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         return self._track(MooncakeWork(self._engine, op, timeout_s, outputs, write_back if staged else None,
                                         name=name, collective=Collective(membership, seq, view.epoch, repost, posted,
                                                                          late),
-                                        issued_at=issued_at, urgent=urgent, waited_at_once=waited_at_once))
+                                        issued_at=issued_at, urgent=urgent, waited_at_once=waited_at_once,
+                                        stream=stream))
 
     def _settle_quick(self) -> None:
         """A quick-lane operation still pending becomes an ordinary one first (``QuickLane.settle``)."""

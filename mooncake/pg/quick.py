@@ -111,16 +111,16 @@ class QuickLane:
         pg, q = self.pg, work.q
         self.pending = None
         ctx = ref.OpContext(pg._engine, pg._peers, pg._group_key, pg._rank, work.view, q.seq, "all_reduce", q.fp)
-        try:
-            op = self.plane.quick_handover(q, ctx)
-        except MooncakeError as exc:  # the plane closed meanwhile
+        op = self.plane.quick_handover(q, ctx)
+        if op is None:  # the group was shut down meanwhile
             self.membership.settle(q.seq)
-            work.heavy = MooncakeWork(pg._engine, None, work.timeout_s, [q.tensor], name="all_reduce", failed=exc)
+            work.heavy = MooncakeWork(pg._engine, None, work.timeout_s, [q.tensor], name="all_reduce",
+                                      failed=MooncakeError("this mooncake process group was shut down"))
             return
         tensor, reduce_op = q.tensor, q.op
         work.heavy = pg._work("all_reduce", work.timeout_s, op, lambda c: pg._plane.all_reduce(c, tensor, reduce_op),
                               [tensor], (), None, q.fp, q.seq, work.view, True, None,
-                              work.deadline - work.timeout_s, urgent=False, waited_at_once=waited)
+                              work.deadline - work.timeout_s, urgent=False, waited_at_once=waited, stream=q.stream)
 
 
 class QuickWork(dist.Work):
@@ -171,6 +171,11 @@ class QuickWork(dist.Work):
 
     def synchronize(self) -> None:
         self.wait()
+
+    @property
+    def _collective(self):
+        """What ``mooncake.pg.get_failed_ranks_hint`` reads: the group's membership (``.membership``)."""
+        return self.lane if self.heavy is None else self.heavy._collective
 
     @property
     def failed_ranks(self) -> tuple[int, ...]:

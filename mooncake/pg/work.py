@@ -91,8 +91,8 @@ class MooncakeWork(dist.Work):
     ``failed_ranks`` lists the group ranks a failed operation lost, or that the survivors agreed had
     failed while it ran.
 
-    CUDA outputs are written on the stream that was current when the operation was issued; a
-    successful ``wait()`` also makes the stream current at the time of the call wait for those
+    CUDA outputs are written on the stream that was current when the operation was issued (or
+    ``stream``); a successful ``wait()`` also makes the stream current at the time of the call wait for those
     writes (as NCCL's ``Work.wait`` does), so the outputs may be used on any stream after it.
 
     A collective (``collective`` given) commits only through its group's membership: if it cannot
@@ -104,7 +104,8 @@ class MooncakeWork(dist.Work):
                  after: Callable[[], None] | None = None,
                  source_rank: int | Callable[[], int] = -1, name: str = "operation",
                  collective: "Collective | None" = None, issued_at: float | None = None,
-                 failed: BaseException | None = None, urgent: bool = False, waited_at_once: bool = False):
+                 failed: BaseException | None = None, urgent: bool = False, waited_at_once: bool = False,
+                 stream=None):
         super().__init__()
         self._engine = engine
         self._name = name
@@ -126,8 +127,8 @@ class MooncakeWork(dist.Work):
         self._collective = collective
         self._registered = False
         self._awaiting_decision = collective is not None and not collective.posted
-        self._stream = None
-        for t in outputs:
+        self._stream = stream  # where the outputs are written: given, or the current one of their device
+        for t in outputs if stream is None else ():
             if isinstance(t, torch.Tensor) and t.is_cuda:
                 self._stream = current_stream(t.get_device())
                 break

@@ -516,8 +516,12 @@ def main() -> int:
                 for size in sizes:
                     res = c.run(P.eager_loop, max(size // 4, 1), args.iters)
                     per = sorted(max(ts) for ts in zip(*res))
+                    posts = min(c.run(P.quick_posts))
+                    if quick == "on" and size <= 65536 and posts == 0:
+                        failures += 1
+                        note("FAIL", what="the eager loop never took the quick lane", ranks=R, bytes=size)
                     note("BENCH", mode="eager", device_path=device_mode, quick_lane=quick, ranks=R, bytes=size,
-                         quick_posts=min(c.run(P.quick_posts)), median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
+                         quick_posts=posts, median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
             finally:
                 c.close()
         if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)

@@ -35,7 +35,7 @@ def want(ranks, step: int, dtype: str, numel: int, op: str) -> torch.Tensor:
 
 def counters() -> dict:
     dev = _dev()
-    return {"quick": dev.quick_posts, **dev.outcomes}
+    return {"quick": dev.quick_posts, "handed": dev.quick_handovers, **dev.outcomes}
 
 
 def since(before: dict) -> dict:
@@ -94,7 +94,7 @@ def disagree(numels: dict):
     before = counters()
     mine = xs[numels[dist.get_rank()]]
     got = outcome(lambda: dist.all_reduce(mine))
-    quick = since(before)["quick"]
+    quick = tuple(since(before)[k] for k in ("quick", "handed"))
     y = torch.full((5,), float(dist.get_rank() + 1))
     after = outcome(lambda: (dist.all_reduce(y), y.tolist())[1])
     return got[:1] + got[2:], quick, after
@@ -111,7 +111,7 @@ def bad_argument(bad_rank: int, numel: int):
         got = outcome(lambda: dist.all_reduce(torch.ones(numel).to_sparse()))
     else:
         got = outcome(lambda: dist.all_reduce(x))
-    quick = since(before)["quick"]
+    quick = tuple(since(before)[k] for k in ("quick", "handed"))
     y = torch.full((5,), float(dist.get_rank() + 1))
     after = outcome(lambda: (dist.all_reduce(y), y.tolist())[1])
     return got[:1] + got[2:], quick, after
@@ -143,24 +143,57 @@ def mixed(numel: int, steps: int):
             dist.broadcast(z, src=1)
             if z.tolist() != [1.0] * 3:
                 bad.append(("broadcast", step))
+        if step % 4 == 3:  # a quick op still pending (its Work not waited yet) when the broadcast comes
+            x.copy_(input_of(dist.get_rank(), step + 200, "float32", numel))
+            w = dist.group.WORLD.allreduce([x], _blocking_opts())
+            z = torch.full((3,), float(dist.get_rank()))
+            dist.broadcast(z, src=0)
+            w.wait()
+            if z.tolist() != [0.0] * 3 or not bitwise_equal(x, want(ranks, step + 200, "float32", numel, "SUM")):
+                bad.append(("pending", step))
     return bad, since(before)
+
+
+def _blocking_opts():
+    from torch._C import _distributed_c10d as c10d
+    opts = c10d.AllreduceOptions()
+    opts.asyncOp = False
+    return opts
+
+
+_kept: dict = {}
+
+
+def persistent_loop(numel: int, steps: int, ranks=None):
+    """``steps`` calls on one tensor kept across jobs (its data pointer stays the quick lane's shape): the bad
+    steps and, per step, the counters."""
+    ranks = list(range(dist.get_world_size())) if ranks is None else ranks
+    x = _kept.setdefault(numel, torch.empty(numel))
+    bad, counts = [], []
+    for step in range(steps):
+        before = counters()
+        x.copy_(input_of(dist.get_rank(), step, "float32", numel))
+        dist.all_reduce(x)
+        if not bitwise_equal(x, want(ranks, step, "float32", numel, "SUM")):
+            bad.append(step)
+        counts.append(since(before))
+    return bad, counts
 
 
 def direct_work(numel: int):
     """``pg.allreduce`` with ``asyncOp=False`` called directly, its Work used as a user would (``is_completed``,
     ``get_future``, ``wait``): returns what they said and whether the result is the model's."""
-    from torch._C import _distributed_c10d as c10d
+    import mooncake.pg as mpg
     pg = dist.group.WORLD
     x = torch.empty(numel)
-    for step in range(3):
+    for step in range(4):
         x.copy_(input_of(dist.get_rank(), step, "float32", numel))
         dist.all_reduce(x)
-    x.copy_(input_of(dist.get_rank(), 3, "float32", numel))
-    opts = c10d.AllreduceOptions()
-    opts.asyncOp = False
-    w = pg.allreduce([x], opts)
+    x.copy_(input_of(dist.get_rank(), 4, "float32", numel))
+    w = pg.allreduce([x], _blocking_opts())
     kind = type(w).__name__
     fut = w.get_future()
     fut.wait()
-    ok = w.wait() and w.is_completed() and w.is_success()
-    return kind, ok, bitwise_equal(x, want(range(dist.get_world_size()), 3, "float32", numel, "SUM"))
+    ok = w.wait() and w.is_completed() and w.is_success() and mpg.get_local_success(w)
+    hint = mpg.get_failed_ranks_hint(w).tolist()
+    return kind, ok, hint, bitwise_equal(x, want(range(dist.get_world_size()), 4, "float32", numel, "SUM"))

@@ -393,6 +393,8 @@ class _CudaMemory:
     def quick_wait(self, entry: "_QuickEntry", key: int, ev: "_RawEvent", budget_s: float) -> bool:
         rc = self.lib.mc_pg_quick_wait(entry.done_words, len(entry.active), key, ev.handle, int(budget_s * 1e9),
                                        int(_DEVICE_POLL_SLICE_S * 1e9))
+        if rc < 0:  # a CUDA error: the op's hand-over meets it again at the event
+            log.logger.debug("quick lane: the wait failed with CUDA error %d", -rc)
         return rc == 1
 
     def can_fold(self, op: ReduceOp, inputs: list[torch.Tensor], out: torch.Tensor | None) -> bool:
@@ -513,7 +515,7 @@ class _RawEvent:
 
     def query(self) -> bool:
         rc = self.lib.mc_event_query(self.handle)
-        if rc > 1:
+        if rc > 0:
             self._check(self.lib, rc, "cudaEventQuery")
         return rc == 0
 
@@ -736,6 +738,7 @@ class _DevicePath:
         self.quick: dict[tuple, _QuickEntry] = {}
         self.quick_op: _QuickOp | None = None
         self.quick_posts = 0  # operations the quick lane launched (tests, stats)
+        self.quick_handovers = 0  # ...of which handed over to the host protocol
         self.quick_ev = mem.quick_event() if self.quick_on else None
 
     def set_stall(self, ns: int) -> None:
@@ -883,6 +886,8 @@ class _DevicePath:
         if self.quick_op is not None or g.queue or g.closed or faults.armed():
             return None
         stream = g.mem.caller_stream()
+        if stream is not None and not is_current(stream):  # another device is current: post() switches, this does not
+            return None
         e = self.quick.get((lane, t.data_ptr(), t.numel(), t.dtype, op, 0 if stream is None else stream.cuda_stream))
         if e is None or e.epoch != epoch or g.lanes.get(lane) is not e.buf or not t.is_contiguous():
             return None
@@ -897,12 +902,13 @@ class _DevicePath:
         if g.lane_owner.get(e.lane) is not e:
             self._write_lane_words(e.lane, e.base, e.nb, e.fp, e)
         g.flag_word.value = 0
-        q = self.quick_op = _QuickOp(e, t, seq, key)
-        self.quick_posts += 1
+        q = _QuickOp(e, t, seq, key)
         if g.mem.emulated:
             self._emulate(q, e.lanes, e.nb)
         else:
             g.mem.quick_post(e, key, self.quick_ev)
+        self.quick_op = q
+        self.quick_posts += 1
         return q
 
     def quick_wait(self, q: "_QuickOp", budget_s: float) -> bool:
@@ -928,10 +934,11 @@ class _DevicePath:
         g = self.g
         with g.lock:
             self.quick_op = None
+            self.quick_handovers += 1
             g.streams[q.seq] = q.stream
             op = _AllReduce(g, ctx, q.tensor, q.op)
             op.device_tried, op.state, op.ev = True, DEVICE, self.quick_ev
-            return g.enqueue(op)
+            return g.enqueue(op, pump=False)
 
     def _launch(self, active, me, ctls, notes, lanes, bases, tensor, redop, key, fp, timeout_s, graph, flag, stream,
                 shape: "_Shape | None" = None) -> None:
@@ -1496,7 +1503,7 @@ class CudaGroup:
         return frozenset(r for r in ranks if r in self._dead)
 
     # ---- driving --------------------------------------------------------------------------------
-    def enqueue(self, op: "_Op") -> "_Op":
+    def enqueue(self, op: "_Op", pump: bool = True) -> "_Op":
         with self.lock:
             if self.closed:
                 raise MooncakeError("the fast CUDA plane of this group is closed")
@@ -1504,7 +1511,8 @@ class CudaGroup:
             while i > 0 and self.queue[i - 1].seq > op.seq:
                 i -= 1
             self.queue.insert(i, op)
-            self.pump()
+            if pump:
+                self.pump()
         return op
 
     def pump(self) -> None:
@@ -2487,12 +2495,14 @@ class FastCudaGroup:
         """``q`` committed."""
         self.g.dev.quick_finish(q)
 
-    def quick_handover(self, q: _QuickOp, ctx) -> _Op:
-        """``q`` as the ``PlaneOp`` of operation ``ctx.seq``, for the host protocol to carry on."""
-        dev = self.g.dev
-        if dev is None:
-            raise MooncakeError("the fast CUDA plane of this group is closed")
-        return dev.quick_handover(q, ctx)
+    def quick_handover(self, q: _QuickOp, ctx) -> _Op | None:
+        """``q`` as the ``PlaneOp`` of operation ``ctx.seq``, queued for the host protocol to carry on (its
+        Work drives it); None: the plane was closed meanwhile."""
+        with self.g.lock:
+            dev = self.g.dev
+            if dev is None or self.g.closed:
+                return None
+            return dev.quick_handover(q, ctx)
 
     # ---- CUDA graphs (the device path) -----------------------------------------------------------------
     def capture_refusal(self, view, call) -> str | None:
