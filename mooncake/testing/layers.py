@@ -12,7 +12,7 @@ call's own costs (wall, this thread's CPU time, the other threads' CPU time, thi
 
 Layers nest: a label's time includes the layers it calls (indent the labels to show it).  ``EAGER_ALL_REDUCE``
 lists the layers of one eager all_reduce of the PG face over the fast CUDA plane (its device path, on a GPU
-or emulated)."""
+or emulated), ``QUICK_ALL_REDUCE`` those of one that takes the quick lane."""
 
 from __future__ import annotations
 
@@ -52,6 +52,26 @@ EAGER_ALL_REDUCE = [
     ("    event sync (gave up spinning)", "mooncake.fast.cuda.pg", "_CudaMemory.sync"),
     ("  commit (membership)", "mooncake.pg.membership", "Membership.try_commit"),
     ("  finish", "mooncake.pg.work", "MooncakeWork._finish_op"),
+]
+
+
+# the layers of one eager all_reduce that takes the quick lane (mooncake.pg.quick): "launch + event" and "spin on
+# DONE" on a GPU only, "emulated kernel" in the plane's CPU emulation only
+QUICK_ALL_REDUCE = [
+    ("face: allreduce", "mooncake.pg.backend", "MooncakeProcessGroup.allreduce"),
+    ("  quick: all_reduce", "mooncake.pg.quick", "QuickLane.all_reduce"),
+    ("    membership.poll", "mooncake.pg.membership", "Membership.poll"),
+    ("    quick_entry", "mooncake.fast.cuda.pg", "FastCudaGroup.quick_entry"),
+    ("    membership.begin", "mooncake.pg.membership", "Membership.begin"),
+    ("    quick_post", "mooncake.fast.cuda.pg", "_DevicePath.quick_post"),
+    ("      launch + event", "mooncake.fast.cuda.pg", "_CudaMemory.quick_post"),
+    ("      emulated kernel", "mooncake.fast.cuda.pg", "_DevicePath._emulate"),
+    ("    Work object", "mooncake.pg.quick", "QuickWork.__init__"),
+    ("face: Work.wait", "mooncake.pg.quick", "QuickWork.wait"),
+    ("  quick: finish", "mooncake.pg.quick", "QuickLane.finish"),
+    ("    spin on DONE", "mooncake.fast.cuda.pg", "_CudaMemory.quick_wait"),
+    ("    commit (membership)", "mooncake.pg.membership", "Membership.try_commit"),
+    ("    quick_finish", "mooncake.fast.cuda.pg", "_DevicePath.quick_finish"),
 ]
 
 

@@ -95,6 +95,21 @@ def eager_loop(numel: int, iters: int):
     return times
 
 
+def eager_steady(numel: int, iters: int) -> float:
+    """Seconds per eager all_reduce of ``iters`` issued back to back (no synchronisation between them, as a
+    training step's or a decode step's calls): the steady period."""
+    x = torch.ones(numel, dtype=torch.float32, device="cuda")
+    for _ in range(WARMUP):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
 def quick_posts() -> int:
     """How many operations this rank's quick lane launched (0: the device path is off)."""
     dev = dist.group.WORLD._plane.g.dev
@@ -522,6 +537,9 @@ def main() -> int:
                         note("FAIL", what="the eager loop never took the quick lane", ranks=R, bytes=size)
                     note("BENCH", mode="eager", device_path=device_mode, quick_lane=quick, ranks=R, bytes=size,
                          quick_posts=posts, median_us=round(statistics.median(per) * 1e6, 1), p90_us=round(per[len(per) * 9 // 10] * 1e6, 1))
+                    steady = max(c.run(P.eager_steady, max(size // 4, 1), args.iters))
+                    note("BENCH", mode="eager back to back", device_path=device_mode, quick_lane=quick, ranks=R,
+                         bytes=size, us_per_op=round(steady * 1e6, 1))
             finally:
                 c.close()
         if "late" in steps and R >= 2:  # a late publisher, also past the others' deadline (pool tensors)

@@ -18,7 +18,7 @@ captured kernel's end and the next one's start, each step's duration, and how fa
 ``etrace2`` / ``etrace8``: the same for eager 8 B ``dist.all_reduce`` (a synchronisation after each call), plus
 every rank's host clock at each call's start, return and synchronisation: how long the host takes per call and
 how far apart the ranks start.  ``ehost2`` / ``ehost8``: eager 8 B ``dist.all_reduce`` with each layer of the
-host's path timed on every rank (``EAGER_ALL_REDUCE``) and each call's wall, CPU (this thread's, the other
+host's path timed on every rank (``EAGER_ALL_REDUCE``, or ``QUICK_ALL_REDUCE`` while the quick lane is on) and each call's wall, CPU (this thread's, the other
 threads') and context switches.
 """
 
@@ -39,7 +39,8 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mooncake.testing.cluster import Cluster  # noqa: E402
-from mooncake.testing.layers import EAGER_ALL_REDUCE  # noqa: E402
+from mooncake.fast.cuda.pg import QUICK_ENV  # noqa: E402
+from mooncake.testing.layers import EAGER_ALL_REDUCE, QUICK_ALL_REDUCE  # noqa: E402
 
 OPS = 16
 WARMUP = 5
@@ -150,7 +151,7 @@ def eager_host_case(iters: int) -> dict:
     costs (wall, this thread's CPU, the other threads' CPU, context switches), a device synchronisation after
     each call as pg_graph's eager loop (timed apart)."""
     from mooncake.testing.layers import LayerTimer, thread_cpu_ns, thread_cpu_since
-    timer = LayerTimer(EAGER_ALL_REDUCE)
+    timer = LayerTimer(host_layers())
     timer.install()
     gpu = torch.cuda.is_available()  # else the plane's CPU emulation (tests)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -173,15 +174,21 @@ def eager_host_case(iters: int) -> dict:
     report = timer.report(iters)
     report["threads_cpu_us"] = thread_cpu_since(threads_before, iters)
     report["calls"]["synchronize_us"] = {"median": sorted(syncs)[len(syncs) // 2], "mean": sum(syncs) / len(syncs)}
-    report["outcomes"] = dict(dist.group.WORLD._plane.g.dev.outcomes)
+    dev = dist.group.WORLD._plane.g.dev
+    report["outcomes"] = {**dev.outcomes, "quick": dev.quick_posts, "handed over": dev.quick_handovers}
     dist.barrier()
     return {"wall_us_per_op": wall / iters * 1e6, **report}
+
+
+def host_layers() -> list:
+    """The layers an eager all_reduce goes through here: the quick lane's, unless it is turned off."""
+    return EAGER_ALL_REDUCE if os.environ.get(QUICK_ENV, "on").strip().lower() == "off" else QUICK_ALL_REDUCE
 
 
 def analyse_layers(per_rank: list[dict]) -> tuple[dict, str]:
     """Per layer and per call cost: rank 0, the median and the largest over ranks (µs per call)."""
     rows, lines = {}, [f"{'layer (mean us per call)':44s} {'rank 0':>8s} {'median':>8s} {'max':>8s}"]
-    for label, _, _ in EAGER_ALL_REDUCE:
+    for label in per_rank[0]["layers_us"]:
         xs = [r["layers_us"][label] for r in per_rank]
         rows[label] = [round(xs[0], 2), round(_pct(xs, 50), 2), round(max(xs), 2)]
         lines.append(f"{label:44s} {xs[0]:8.2f} {_pct(xs, 50):8.2f} {max(xs):8.2f}")

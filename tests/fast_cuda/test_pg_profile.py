@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pg_profile as P  # noqa: E402
-from mooncake.testing.layers import EAGER_ALL_REDUCE  # noqa: E402
+from mooncake.testing.layers import EAGER_ALL_REDUCE, QUICK_ALL_REDUCE  # noqa: E402
 
 
 def _record(key: int, start_ns: int, steps_ns: list[int]) -> dict:
@@ -133,3 +133,22 @@ def test_layer_timer_nests_and_counts_calls():
     assert rep["layers_us"]["outer"] >= rep["layers_us"]["inner"] + 1000
     assert rep["calls"]["wall_us"]["median"] >= 3000
     assert rep["calls"]["voluntary_switches"]["median"] >= 1  # the sleeps
+
+
+def test_eager_host_case_times_the_quick_lane(cluster_factory):
+    """With the quick lane on (the default), the ehost case times its layers: every one is found, nested
+    layers take no more than the layer that calls them, and the calls took the lane."""
+    env = {**EMU, "MOONCAKE_FAST_CUDA_QUICK": "on"}
+    c = cluster_factory(2, "mooncake-cpu", env=env, timeout_s=60, options=("pg_integration.options", (), {}))
+    res = c.run(P.eager_host_case, 40, timeout_s=120)
+    gpu_only = {"      launch + event", "    spin on DONE"}
+    for r in res:
+        layers = r["layers_us"]
+        assert set(layers) == {label for label, _, _ in QUICK_ALL_REDUCE}
+        assert all(v > 0 for k, v in layers.items() if k not in gpu_only), layers
+        assert all(layers[k] == 0 for k in gpu_only), layers
+        assert layers["    quick_post"] <= layers["  quick: all_reduce"] <= layers["face: allreduce"]
+        assert layers["    commit (membership)"] <= layers["  quick: finish"] <= layers["face: Work.wait"]
+        assert r["outcomes"]["done"] >= 40
+    rows, table = P.analyse_layers(res)
+    assert "  quick: all_reduce" in rows and "face: _issue" not in rows
