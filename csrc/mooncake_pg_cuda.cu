@@ -817,7 +817,7 @@ MC_API int mc_pg_quick_wait(const int64_t* words, int n, int64_t key, int64_t ev
     int i = 0;
     while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
     if (i == n) return 1;
-    for (int k = 0; k < 64; ++k) spin_pause();
+    for (int k = 0; k < 16; ++k) spin_pause();
     const int64_t now = now_ns();
     if (now >= next_query) {
       const int q = mc_event_query(event);

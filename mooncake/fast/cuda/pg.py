@@ -183,8 +183,8 @@ FOLD_ENV = "MOONCAKE_FAST_CUDA_FOLD"  # "kernel" (default): csrc's one-pass fold
 SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_SPIN_US", 50)) * 1e-6
 # a launch of the device path waits on the GPU for its peers: its host polls it this long before sleeping
 DEVICE_SPIN_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_SPIN_US", 1000)) * 1e-6
-# while the host polls a launch's DONE word (pausing, the GIL released): query its event this often
-_DEVICE_POLL_SLICE_S = 20e-6
+# while the host polls a launch's DONE word(s) (pausing, the GIL released): query its event this often
+_DEVICE_POLL_SLICE_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_POLL_US", 20)) * 1e-6
 SLEEP_SLICE_S = 0.002
 LIVENESS_PERIOD_S = 0.002
 DEVICE_ENV = "MOONCAKE_FAST_CUDA_DEVICE"  # "auto" (default): the device path on a GPU; "on" (also emulated); "off"
