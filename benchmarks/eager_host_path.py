@@ -26,13 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 HELPERS = os.path.join(REPO, "tests", "fast_cuda")  # pg_integration: the face with the emulated CUDA plane
 
-def measure(iters: int, quick: str) -> dict:
-    """On every rank: time ``iters`` 8 B all_reduces (after 200 untimed), each layer of the quick lane's path
-    (``quick`` "on") or of the usual one ("off") wrapped."""
+def measure(iters: int) -> dict:
+    """On every rank: time ``iters`` 8 B all_reduces (after 200 untimed), each layer of the path they take (the
+    quick lane's, or the usual one's where it is off) wrapped."""
     import torch
     import torch.distributed as dist
-    from mooncake.testing.layers import EAGER_ALL_REDUCE, QUICK_ALL_REDUCE, LayerTimer
-    timer = LayerTimer(QUICK_ALL_REDUCE if quick == "on" else EAGER_ALL_REDUCE)
+    from mooncake.testing.layers import LayerTimer, eager_layers
+    timer = LayerTimer(eager_layers(dist.group.WORLD))
     timer.install()
     x = torch.ones(2)
     dist.barrier()
@@ -65,7 +65,7 @@ def main() -> int:
                "MOONCAKE_FAST_CUDA_QUICK": quick}
         c = Cluster(args.ranks, "mooncake-cpu", env=env, timeout_s=300, options=("pg_integration.options", (), {}))
         try:
-            res = c.run(me.measure, args.iters, quick, timeout_s=600)[0]
+            res = c.run(me.measure, args.iters, timeout_s=600)[0]
         finally:
             c.close()
         layers = res["layers_us"]

@@ -811,21 +811,20 @@ static inline int64_t now_ns() {
 // `budget_ns` passed (2: still running).  The event is queried every `slice_ns`.  Negative: -(CUDA error).
 MC_API int mc_pg_quick_wait(const int64_t* words, int n, int64_t key, int64_t event, int64_t budget_ns,
                             int64_t slice_ns) {
+  auto all_hold = [&]() {
+    for (int i = 0; i < n; ++i)
+      if (__atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) != key) return false;
+    return true;
+  };
   const int64_t start = now_ns();
   int64_t next_query = start + slice_ns;
   for (;;) {
-    int i = 0;
-    while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
-    if (i == n) return 1;
+    if (all_hold()) return 1;
     for (int k = 0; k < 16; ++k) spin_pause();
     const int64_t now = now_ns();
     if (now >= next_query) {
       const int q = mc_event_query(event);
-      if (q == 0) {  // the launch is over: its words are final, look once more
-        i = 0;
-        while (i < n && __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key) ++i;
-        return i == n ? 1 : 0;
-      }
+      if (q == 0) return all_hold() ? 1 : 0;  // the launch is over: its words are final, look once more
       if (q != -1) return -q;
       next_query = now + slice_ns;
     }

@@ -754,7 +754,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         membership.poll()
         with membership.lock:
             seq = membership.begin()
-            if getattr(_calls, "issued", None) is not None:
+            if self._nested():
                 _calls.issued += 1
             view = membership.view
             late = membership.late_decision(seq)

@@ -177,7 +177,7 @@ class Membership:
         """The next collective may be numbered and posted without the checks a call in unusual times takes
         (under ``lock``): no agreement running or decided for this view, no late decision waiting, nothing
         suspended, this rank still a member."""
-        return not (self._frozen or self._late or self.suspended or self.evicted or self.view.epoch in self._decisions)
+        return not (self._late or self.suspended or self.evicted or self.under_agreement(self.view.epoch))
 
     def late_decision(self, seq: int) -> Decision | None:
         """The decision that already settled op ``seq`` while this rank had not called it (it was

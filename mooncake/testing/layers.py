@@ -75,6 +75,13 @@ QUICK_ALL_REDUCE = [
 ]
 
 
+def eager_layers(pg) -> list:
+    """The layers an eager all_reduce of group ``pg`` (the PG face over the fast CUDA plane) goes through: the
+    quick lane's while its plane has the lane on, else the usual path's."""
+    dev = pg._plane.g.dev
+    return QUICK_ALL_REDUCE if dev is not None and dev.quick_on else EAGER_ALL_REDUCE
+
+
 def thread_cpu_ns() -> dict[str, int]:
     """CPU time (ns) each thread of this process has run so far, summed by thread name (Linux schedstat): the
     Python name of a Python thread, else the OS one (CUDA's and UCX's own threads)."""

@@ -18,8 +18,8 @@ captured kernel's end and the next one's start, each step's duration, and how fa
 ``etrace2`` / ``etrace8``: the same for eager 8 B ``dist.all_reduce`` (a synchronisation after each call), plus
 every rank's host clock at each call's start, return and synchronisation: how long the host takes per call and
 how far apart the ranks start.  ``ehost2`` / ``ehost8``: eager 8 B ``dist.all_reduce`` with each layer of the
-host's path timed on every rank (``EAGER_ALL_REDUCE``, or ``QUICK_ALL_REDUCE`` while the quick lane is on) and each call's wall, CPU (this thread's, the other
-threads') and context switches.
+host's path timed on every rank (``EAGER_ALL_REDUCE``, or ``QUICK_ALL_REDUCE`` while the quick lane is on)
+and each call's wall, CPU (this thread's, the other threads') and context switches.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mooncake.testing.cluster import Cluster  # noqa: E402
-from mooncake.fast.cuda.pg import QUICK_ENV  # noqa: E402
-from mooncake.testing.layers import EAGER_ALL_REDUCE, QUICK_ALL_REDUCE  # noqa: E402
+from mooncake.testing.layers import eager_layers  # noqa: E402
 
 OPS = 16
 WARMUP = 5
@@ -147,11 +146,11 @@ def eager_trace_case(iters: int) -> dict:
 
 
 def eager_host_case(iters: int) -> dict:
-    """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (EAGER_ALL_REDUCE) and each call's
+    """Eager 8 B ``dist.all_reduce`` with every layer of the host's path timed (``eager_layers``) and each call's
     costs (wall, this thread's CPU, the other threads' CPU, context switches), a device synchronisation after
     each call as pg_graph's eager loop (timed apart)."""
     from mooncake.testing.layers import LayerTimer, thread_cpu_ns, thread_cpu_since
-    timer = LayerTimer(host_layers())
+    timer = LayerTimer(eager_layers(dist.group.WORLD))
     timer.install()
     gpu = torch.cuda.is_available()  # else the plane's CPU emulation (tests)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -178,11 +177,6 @@ def eager_host_case(iters: int) -> dict:
     report["outcomes"] = {**dev.outcomes, "quick": dev.quick_posts, "handed over": dev.quick_handovers}
     dist.barrier()
     return {"wall_us_per_op": wall / iters * 1e6, **report}
-
-
-def host_layers() -> list:
-    """The layers an eager all_reduce goes through here: the quick lane's, unless it is turned off."""
-    return EAGER_ALL_REDUCE if os.environ.get(QUICK_ENV, "on").strip().lower() == "off" else QUICK_ALL_REDUCE
 
 
 def analyse_layers(per_rank: list[dict]) -> tuple[dict, str]:
