@@ -107,7 +107,8 @@ def bad_argument(bad_rank: int, numel: int):
     for _ in range(4):  # a fresh group allocates both lanes, then the device path launches the shape on each
         dist.all_reduce(x)
     before = counters()
-    if dist.get_rank() == bad_rank:
+    if dist.get_rank() == bad_rank:  # after its peers' calls went out (else its report may freeze theirs first)
+        time.sleep(0.1)
         got = outcome(lambda: dist.all_reduce(torch.ones(numel).to_sparse()))
     else:
         got = outcome(lambda: dist.all_reduce(x))
