@@ -30,6 +30,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 
@@ -37,7 +38,7 @@
 #include "mc_fp8.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 10
+#define MC_ABI_VERSION 11
 
 namespace {
 
@@ -838,6 +839,57 @@ MC_API int mc_pool_find(int64_t addr, int64_t* base, int64_t* size, int* fd, int
   *fd = dup(it->second.fd);
   *id = it->second.id;
   return 1;
+}
+
+// ---- holds: how many CUDA graphs still use something (a peer's pool memory a captured op reads)
+//
+// A hold is a count the caller owns one reference of; mc_hold_graph adds one for the graph that `stream`
+// is capturing, through a CUDA user object the graph (and every executable made from it) keeps until it is
+// destroyed and its launches are over.  mc_hold_graphs says how many graphs hold it now; mc_hold_drop gives
+// the caller's reference back (the hold is freed with its last reference, also from CUDA's thread).
+
+namespace {
+struct Hold {
+  std::atomic<int64_t> refs{1};
+};
+
+void hold_release(void* p) {
+  Hold* h = static_cast<Hold*>(p);
+  if (h->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete h;
+}
+}  // namespace
+
+MC_API int64_t mc_hold_new(void) { return reinterpret_cast<int64_t>(new Hold()); }
+
+MC_API int64_t mc_hold_graphs(int64_t hold) {
+  return reinterpret_cast<Hold*>(hold)->refs.load(std::memory_order_acquire) - 1;
+}
+
+MC_API void mc_hold_drop(int64_t hold) { hold_release(reinterpret_cast<Hold*>(hold)); }
+
+MC_API int mc_hold_graph(int64_t hold, int64_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+#if CUDART_VERSION >= 13000
+  cudaError_t rc = cudaStreamGetCaptureInfo(reinterpret_cast<cudaStream_t>(stream), &status, nullptr, &graph,
+                                            nullptr, nullptr, nullptr);
+#else
+  cudaError_t rc = cudaStreamGetCaptureInfo_v2(reinterpret_cast<cudaStream_t>(stream), &status, nullptr, &graph,
+                                               nullptr, nullptr);
+#endif
+  if (rc != cudaSuccess) return (int)rc;
+  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return (int)cudaErrorStreamCaptureUnmatched;
+  Hold* h = reinterpret_cast<Hold*>(hold);
+  h->refs.fetch_add(1, std::memory_order_acq_rel);
+  cudaUserObject_t object;
+  rc = cudaUserObjectCreate(&object, h, hold_release, 1, cudaUserObjectNoDestructorSync);
+  if (rc != cudaSuccess) {
+    hold_release(h);
+    return (int)rc;
+  }
+  rc = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+  if (rc != cudaSuccess) cudaUserObjectRelease(object, 1);  // its destructor gives the reference back
+  return (int)rc;
 }
 
 // One int64 word of device memory of `device` to / from the host, from any thread, on a private stream

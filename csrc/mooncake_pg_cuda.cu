@@ -808,24 +808,35 @@ static inline int64_t now_ns() {
 
 // Wait, spinning (no GIL: ctypes releases it), until every one of the `n` host words at `words` equals `key`
 // (1), or the launch recorded by `event` is over without that (0: the host protocol takes over), or
-// `budget_ns` passed (2: still running).  The event is queried every `slice_ns`.  Negative: -(CUDA error).
-MC_API int mc_pg_quick_wait(const int64_t* words, int n, int64_t key, int64_t event, int64_t budget_ns,
+// `budget_ns` passed (2: still running).  The event is queried every `slice_ns`.  A launch that is over with
+// this rank's own word (`words[mine]`) holding `key` got through here: only peers' words are still on their
+// way, so the spin goes on for them, within the budget.  Negative: -(CUDA error).
+MC_API int mc_pg_quick_wait(const int64_t* words, int n, int mine, int64_t key, int64_t event, int64_t budget_ns,
                             int64_t slice_ns) {
+  auto holds = [&](int i) {
+    return __atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) == key;
+  };
   auto all_hold = [&]() {
     for (int i = 0; i < n; ++i)
-      if (__atomic_load_n(reinterpret_cast<const int64_t*>(words[i]), __ATOMIC_ACQUIRE) != key) return false;
+      if (!holds(i)) return false;
     return true;
   };
   const int64_t start = now_ns();
   int64_t next_query = start + slice_ns;
+  bool over = false;  // the launch is over and got through here
   for (;;) {
     if (all_hold()) return 1;
     for (int k = 0; k < 16; ++k) spin_pause();
     const int64_t now = now_ns();
-    if (now >= next_query) {
+    if (!over && now >= next_query) {
       const int q = mc_event_query(event);
-      if (q == 0) return all_hold() ? 1 : 0;  // the launch is over: its words are final, look once more
-      if (q != -1) return -q;
+      if (q == 0) {
+        if (all_hold()) return 1;
+        if (!holds(mine)) return 0;  // it gave up: its words are final
+        over = true;
+      } else if (q != -1) {
+        return -q;
+      }
       next_query = now + slice_ns;
     }
     if (now - start >= budget_ns) return 2;

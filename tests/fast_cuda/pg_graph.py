@@ -205,9 +205,59 @@ def graph_large(numel: int, replays: int, use_pool: bool = False):
         times.append(_timed_replay(graph))
         ok &= bool(torch.equal(x, want))
     dist.barrier()
-    del graph, x
+    graph = x = None  # (the device memory goes back before the next size)
     torch.cuda.empty_cache()
     return ok, times, in_place
+
+
+def pool_release(numel: int, rounds: int = 2):
+    """Per round: an all_reduce of a ``numel``-float32 ``mooncake.pg.mem_pool()`` tensor captured (so it runs
+    on the ranks' tensors) and replayed, then the graph, the tensor and the pool dropped on every rank.  For
+    each round: (device memory free before it, free after it (bytes, the whole device), the peers' segments
+    mapped here after the capture, still mapped after the drop, whether torch freed this rank's segment,
+    whether it ran in place, whether the replay was exact)."""
+    import gc
+
+    import mooncake.pg as mpg
+    from mooncake.fast.cuda import pool as P
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dev = dist.group.WORLD._plane.g.dev
+
+    def device_free() -> int:
+        torch.cuda.synchronize()
+        dist.barrier()
+        free = torch.cuda.mem_get_info()[0]
+        dist.barrier()
+        return free
+
+    out = []
+    for _ in range(rounds):  # the first round also makes the pads and words later captures reuse
+        free_before = device_free()
+        mem = mpg.mem_pool()
+        with torch.cuda.use_mem_pool(mem):
+            x = torch.empty(numel, dtype=torch.float32, device="cuda")
+        addr = x.data_ptr()
+        direct_before = dev.direct_captures
+        graph = _captured(lambda: dist.all_reduce(x))
+        in_place = dev.direct_captures - direct_before == 1
+        x.fill_(rank + 1)
+        graph.replay()
+        exact = bool(torch.all(x == world * (world + 1) / 2))
+        mapped = len(dev.pool_maps)
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph = x = mem = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        freed_here = P._find(dev.g.mem.lib, addr) is None
+        deadline = time.monotonic() + 10  # CUDA runs the graphs' destructors on a thread of its own
+        while any(m.graphs() for m in dev.pool_maps.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dist.barrier()  # the group's next call lets go of what no graph reads
+        left = len(dev.pool_maps)
+        out.append((free_before, device_free(), mapped, left, freed_here, in_place, exact))
+    return out
 
 
 COLLECTIVES = ("all_reduce:SUM", "all_reduce:AVG", "reduce_scatter_tensor:SUM", "reduce_scatter_tensor:AVG",
@@ -249,7 +299,7 @@ def graph_collectives(numel: int, replays: int, dtype_name: str = "float32", nam
     inputs before every replay), replay; returns (mismatches as (replay, name), seconds per replay)."""
     dtype = getattr(torch, dtype_name)
     rank, world = dist.get_rank(), dist.get_world_size()
-    ins, outs, calls = [], [], []
+    ins, outs = [], []
     for name in names:
         kind = name.partition(":")[0]
         n_in = numel * world if kind in ("reduce_scatter_tensor", "all_to_all_single", "scatter") else numel

@@ -73,6 +73,23 @@ def test_all_reduce_on_pool_tensors_captured_bitwise(cluster_factory, dtype):
 
 
 @pytest.mark.timeout(300)
+def test_pool_memory_goes_back_once_its_graphs_and_tensors_are_gone(cluster_factory):
+    """A pool tensor that captured ops read on every rank: once each rank drops the graph, the tensor and the
+    pool, the peers unmap it at the group's next call and the device gets the memory back (else every
+    rank's segment stayed mapped by its peers until the group was destroyed)."""
+    import pg_graph as G
+    numel = 32 << 20  # 128 MiB a rank
+    c = cluster_factory(3, "mooncake", device="cuda", timeout_s=120,
+                        env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"})
+    for rounds in c.run(G.pool_release, numel, 2, timeout_s=240):
+        for free_before, free_after, mapped, left, freed_here, in_place, exact in rounds:
+            assert in_place and exact
+            assert (mapped, left, freed_here) == (2, 0, True)
+        free_before, free_after = rounds[-1][:2]
+        assert free_after >= free_before - (32 << 20), (free_before - free_after) >> 20
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_collectives_captured_and_replayed_bitwise(cluster_factory, dtype):
     """all_reduce, reduce_scatter_tensor, all_gather(_into_tensor), broadcast and all_to_all_single captured

@@ -303,6 +303,7 @@ def _device_path(epoch: int = 0, dead=frozenset(), pad: bool = False):
     dev = object.__new__(P._DevicePath)
     dev.g, dev.reported, dev.handled, dev.pad_epoch, dev.pad_lock = g, 0, -1, -1, threading.Lock()
     dev.graph_lanes = {P.PAD_LANE: types.SimpleNamespace(addr=PAD_ADDR)} if pad else {}
+    dev.pool_maps, dev.pool_pending = {}, frozenset()
     dev.graph_view(epoch)
     return dev, g.ctl
 
@@ -401,3 +402,4 @@ def test_refusals_name_the_argument_and_take_no_sequence_number(cluster_factory,
             assert "the CUDA plane is emulated on the CPU" in msg["reduce"], msg
             assert "the output tensor must be contiguous" in msg["non-contiguous"], msg
             assert "captured all_reduce takes SUM / AVG" in msg["all_reduce BAND"], msg
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -65,6 +66,42 @@ def test_a_descriptor_travels_withdrawn_and_dead_owners_refuse():
         proc.join(10)
     with pytest.raises(shared.FetchError, match=f"process {proc.pid} did not hand over"):
         shared.fetch(handle, 10)
+
+
+@pytest.mark.timeout(60)
+def test_a_source_is_asked_at_each_request_and_nothing_is_held_in_between():
+    """Memory served through a source (a pool segment the allocator may free): each request gets a fresh
+    descriptor from it, the server closes its copy once sent, and a source that says the memory is gone
+    makes the request fail."""
+    payload = os.urandom(32)
+    fd = os.memfd_create("mooncake-test-source")
+    os.write(fd, payload)
+    asked, alive = [], [True]
+
+    def source():
+        asked.append(1)
+        return os.dup(fd) if alive[0] else None
+
+    handle, token = shared.export_source(source, len(payload))
+    try:
+        opened = len(os.listdir("/proc/self/fd"))
+        got, size = shared.fetch(handle, 10)
+        assert size == len(payload) and _read(got, size) == payload
+        deadline = time.monotonic() + 5
+        while len(os.listdir("/proc/self/fd")) != opened and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(os.listdir("/proc/self/fd")) == opened  # the server let go of its copy
+        assert len(asked) == 1
+        alive[0] = False
+        with pytest.raises(shared.FetchError, match="no longer shares"):
+            shared.fetch(handle, 10)
+        assert len(asked) == 2
+    finally:
+        shared.withdraw(token)
+        os.close(fd)
+    with pytest.raises(shared.FetchError, match="no longer shares"):
+        shared.fetch(handle, 10)
+    assert len(asked) == 2
 
 
 @pytest.mark.timeout(60)

@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 10
+ABI_VERSION = 11
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -63,6 +63,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
         "mc_vmm_free": ([i64, i64], i32),
         "mc_pool_find": ([i64, pi64, pi64, pi32, pi64], i32),
+        "mc_hold_new": ([], i64), "mc_hold_graphs": ([i64], i64), "mc_hold_drop": ([i64], None),
+        "mc_hold_graph": ([i64, i64], i32),
         "mc_store64": ([i32, i64, i64], i32), "mc_load64": ([i32, i64, pi64], i32),
         "mc_ep_dispatch": ([ctypes.POINTER(McEpArgs), i32], i32),
         "mc_ep_combine": ([ctypes.POINTER(McEpArgs), i32], i32),
@@ -74,7 +76,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_pg_dev_trace_shape": ([pi32], None),
         "mc_pg_dev_launch": ([ctypes.POINTER(McPgDevArgs), i32, i64], i32),
         "mc_pg_dev_post": ([ctypes.POINTER(McPgDevArgs), i64, i32, i64, i64], i32),
-        "mc_pg_quick_wait": ([pi64, i32, i64, i64, i64, i64], i32),
+        "mc_pg_quick_wait": ([pi64, i32, i32, i64, i64, i64, i64], i32),
         "mc_event_create": ([pi64], i32), "mc_event_destroy": ([i64], i32),
         "mc_event_query": ([i64], i32), "mc_event_sync": ([i64], i32),
         "mc_host_register": ([i64, i64, pi64], i32), "mc_host_unregister": ([i64], i32),

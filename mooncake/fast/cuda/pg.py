@@ -131,6 +131,9 @@ each rank offers its pool segment's handle and the tensor's offset (``capture_of
 capture check's Store record), and where every active rank offered one, each maps its peers' segments
 (``capture_prepare``) and the PG face runs a second round in which the ranks learn whether all could; only
 then does the kernel read and write the tensors themselves, no lane (else every rank takes the lanes).
+Each graph captured on a peer's segment holds it (a CUDA user object, ``_PoolMap``); the group's next call
+after the last such graph is destroyed unmaps it (``release_pool_maps``), so that freeing the pool on its
+owner gives the memory back to the device.
 
 Not done: zero-copy for eager operations (a re-post needs the input, so they keep their lane copy), the
 device path for the other eager collectives and for large eager all_reduce, capture of uneven all_to_all
@@ -391,8 +394,8 @@ class _CudaMemory:
             self._check(self.lib, rc, f"device path (all_reduce, {entry.dtype}, {len(entry.active)} ranks)")
 
     def quick_wait(self, entry: "_QuickEntry", key: int, ev: "_RawEvent", budget_s: float) -> bool:
-        rc = self.lib.mc_pg_quick_wait(entry.done_words, len(entry.active), key, ev.handle, int(budget_s * 1e9),
-                                       int(_DEVICE_POLL_SLICE_S * 1e9))
+        rc = self.lib.mc_pg_quick_wait(entry.done_words, len(entry.active), entry.mine, key, ev.handle,
+                                       int(budget_s * 1e9), int(_DEVICE_POLL_SLICE_S * 1e9))
         if rc < 0:  # a CUDA error: the op's hand-over meets it again at the event
             log.logger.debug("quick lane: the wait failed with CUDA error %d", -rc)
         return rc == 1
@@ -671,7 +674,7 @@ class _QuickEntry:
     """One call shape on one lane parity as the device path last launched it (``_DevicePath._remember``): its
     kernel arguments, the generations of the lanes they point into, the DONE words to wait on."""
 
-    __slots__ = ("lane", "base", "epoch", "nb", "dtype", "op", "fp", "active", "me", "others", "stream", "stream_ptr",
+    __slots__ = ("lane", "base", "epoch", "nb", "dtype", "op", "fp", "active", "me", "mine", "others", "stream", "stream_ptr",
                  "buf", "peer_gens", "done_views", "done_words", "lanes", "args", "args_ref", "blocks")
 
 
@@ -684,6 +687,34 @@ class _QuickOp:
         self.entry, self.tensor, self.seq, self.key = e, tensor, seq, key
         self.base, self.active, self.me, self.others = e.base, e.active, e.me, e.others
         self.dtype, self.op, self.fp, self.stream = e.dtype, e.op, e.fp, e.stream
+
+
+class _PoolMap:
+    """A peer's pool segment mapped here for captured ops that read it, with a count of the CUDA graphs that
+    still do (``mc_hold_*``: each graph keeps a reference until it is destroyed)."""
+
+    def __init__(self, lib, mapping: "shared.Mapping"):
+        self.lib, self.mapping, self.addr = lib, mapping, mapping.addr
+        self.held = lib.mc_hold_new()
+        self.pinned = False  # a graph reads it but could not take a hold: mapped until the group closes
+
+    def hold(self, stream, rank: int, kind: str) -> None:
+        """The graph ``stream`` is capturing reads this segment: it stays mapped while that graph lives."""
+        rc = self.lib.mc_hold_graph(self.held, stream.cuda_stream)
+        if rc != 0 and not self.pinned:
+            self.pinned = True
+            log.logger.warning("rank %d: fast CUDA plane: a captured %s could not tie a peer's pool memory to its "
+                               "graph (CUDA error %d); it stays mapped until the group is destroyed", rank, kind, rc)
+
+    def graphs(self) -> int:
+        """How many CUDA graphs read it (pinned: at least one, for good)."""
+        return max(self.lib.mc_hold_graphs(self.held), int(self.pinned))
+
+    def close(self) -> None:
+        held, self.held = self.held, 0
+        if held:
+            self.mapping.close()
+            self.lib.mc_hold_drop(held)
 
 
 class _DevicePath:
@@ -723,7 +754,8 @@ class _DevicePath:
         self.handled = -1  # trouble of this view epoch and earlier was raised already
         self.outcomes = {"done": 0, "published": 0, "not posted": 0}  # how eager launches ended (tests, stats)
         self.args: dict[tuple, object] = {}  # kernel arguments by call shape (McPgDevArgs)
-        self.pool_maps: dict[bytes, shared.Mapping] = {}  # peers' pool segments captured ops read (by handle)
+        self.pool_maps: dict[bytes, _PoolMap] = {}  # peers' pool segments captured ops read (by handle)
+        self.pool_pending: frozenset[bytes] = frozenset()  # mapped for the capture in progress, not held yet
         self.direct_captures = 0  # captured ops that run on the ranks' own tensors (tests, stats)
         self.trace: torch.Tensor | None = None  # TRACE_ENV: the kernels' step times (McPgDevArgs.trace)
         if os.environ.get(TRACE_ENV, "").strip() == "1" and not mem.emulated:
@@ -870,6 +902,7 @@ class _DevicePath:
         e = _QuickEntry()
         e.lane, e.base, e.epoch, e.nb, e.dtype, e.op, e.fp = op.lane, base, op.key >> SEQ_BITS, nb, op.dtype, op.op, op.fp
         e.active, e.me, e.others = op.active, op.me, op.others
+        e.mine = op.active.index(op.me)
         e.stream, e.stream_ptr = op.stream, stream_ptr
         e.buf = g.lanes[op.lane]
         e.peer_gens = tuple((g.peer(r).ctl, base + L_GEN, int(g.peer(r).ctl[base + L_GEN])) for r in op.others)
@@ -1055,18 +1088,22 @@ class _DevicePath:
 
     def capture_prepare(self, view, call, offers: dict[int, bytes], timeout_s: float) -> bytes | None:
         """Where every active rank offered its pool tensor (``capture_offer``): map the peers' segments (kept
-        until close: graphs hold the addresses) and say whether all of them could be (b"\\1") or not (b"\\0"),
+        while a graph captured on them lives: ``release_pool_maps``) and say whether all of them could be (b"\\1") or not (b"\\0"),
         for the PG face's second round, after which every rank takes up the offers or none does; else None."""
         if not self._all_offered(view.active, offers):
             return None
+        with self.g.lock:
+            self.pool_pending = frozenset(offers[r][:shared.HANDLE.size] for r in view.active if r != self.g.rank)
+        self.release_pool_maps()
         with self.g.mem.relaxed_capture():  # mapping peers' memory is not capturable
             for r in view.active:
                 handle = offers[r][:shared.HANDLE.size]
                 if r == self.g.rank or handle in self.pool_maps:
                     continue
                 try:
-                    self.pool_maps[handle] = shared.attach(self.g.mem.lib, self.g.mem.index, handle,
-                                                           min(timeout_s, SHARE_FETCH_S))
+                    mapping = shared.attach(self.g.mem.lib, self.g.mem.index, handle, min(timeout_s, SHARE_FETCH_S))
+                    with self.g.lock:
+                        self.pool_maps[handle] = _PoolMap(self.g.mem.lib, mapping)
                 except shared.FetchError as exc:
                     log.logger.warning("rank %d: fast CUDA plane: rank %d's pool tensor of a captured %s could not be "
                                        "mapped, every rank takes the lanes: %s", self.g.rank, r, call.kind, exc)
@@ -1136,6 +1173,19 @@ class _DevicePath:
             key = view.epoch << SEQ_BITS | GRAPH_BIT
             self._launch(active, g.rank, ctls, notes, lanes, bases, call.output, call.op, key, fp, timeout_s,
                          graph=True, flag=False, stream=stream, shape=shape)
+            if direct is not None:
+                for r in peers:
+                    self.pool_maps[offers[r][:shared.HANDLE.size]].hold(stream, g.rank, call.kind)
+            self.pool_pending = frozenset()
+
+    def release_pool_maps(self) -> None:
+        """Unmap the peers' pool segments that no CUDA graph reads any more (every graph captured on them was
+        destroyed and its replays are over), so that their memory goes back to the device once the owner
+        frees it too."""
+        with self.g.lock:
+            gone = [h for h, m in self.pool_maps.items() if h not in self.pool_pending and not m.graphs()]
+            for handle in gone:
+                self.pool_maps.pop(handle).close()
 
     def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
         have = self.graph_lanes.get(lane)
@@ -1150,6 +1200,8 @@ class _DevicePath:
         peers found dead), or (the view epoch one was captured under, True, ()) for a graph replayed after
         the view changed; else None."""
         g = self.g
+        if self.pool_maps:
+            self.release_pool_maps()
         value, stale = int(g.ctl[W_GRAPH_TROUBLE]), int(g.ctl[W_GRAPH_STALE])
         if value and value >> SEQ_BITS > self.handled and value != self.reported:
             self.reported = value

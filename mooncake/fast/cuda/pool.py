@@ -10,9 +10,11 @@ An all_reduce of ``PARTS_MIN_BYTES`` or more captured in a CUDA graph, in place,
 on every rank runs on the ranks' tensors directly (``mooncake/fast/cuda/pg.py``, "CUDA graphs"): no copy
 into a lane, each rank reads the message once and writes it once.  Other tensors take the lanes.
 
-``share(lib, addr)`` exports the segment holding ``addr`` to the process's descriptor server once (peers map
-it with ``shared.attach``) and returns its handle and ``addr``'s offset in it.  A segment the pool freed stays
-served, and so alive, until the next ``share`` call notices.
+``share(lib, addr)`` serves the segment holding ``addr`` to the process's peers (``shared.export_source``:
+peers map it with ``shared.attach``) and returns its handle and ``addr``'s offset in it.  Serving holds no
+reference: a request gets a descriptor only while the segment is in the pool, so a segment torch frees goes
+back to the device as soon as no peer maps it (peers unmap it when the last graph captured on it is
+destroyed: ``mooncake/fast/cuda/pg.py``, "CUDA graphs").
 """
 
 from __future__ import annotations
@@ -47,33 +49,51 @@ def mem_pool() -> "torch.cuda.MemPool":
 
 
 def share(lib, addr: int) -> tuple[bytes, int] | None:
-    """``(handle, offset)`` of the pool segment holding device address ``addr``, exported once; None where
-    ``addr`` is not pool memory."""
-    base, size, fd, sid = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
-    with _lock:  # the lookup too: a stale one must not replace a newer export of the same address
-        if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
-            return None
-        if fd.value < 0:
-            raise OSError(f"duplicating the descriptor of the pool segment at {base.value:#x} failed")
+    """``(handle, offset)`` of the pool segment holding device address ``addr``, served from now on; None
+    where ``addr`` is not pool memory."""
+    found = _find(lib, addr)
+    if found is None:
+        return None
+    base, size, sid = found
+    with _lock:  # a stale lookup must not replace a newer export of the same address
         _forget_freed(lib)
-        have = _served.get(base.value)
-        if have is not None and have[0] == sid.value:
-            os.close(fd.value)
-            return have[1], addr - base.value
+        have = _served.get(base)
+        if have is not None and have[0] == sid:
+            return have[1], addr - base
         if have is not None:
             shared.withdraw(have[2])
-        handle, token = shared.export(fd.value, size.value)
-        _served[base.value] = (sid.value, handle, token)
-        return handle, addr - base.value
+        handle, token = shared.export_source(lambda: _descriptor(lib, base, sid), size)
+        _served[base] = (sid, handle, token)
+        return handle, addr - base
+
+
+def _find(lib, addr: int) -> tuple[int, int, int] | None:
+    """The pool segment holding ``addr``: (base, size, id), or None."""
+    base, size, fd, sid = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
+    if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
+        return None
+    if fd.value >= 0:
+        os.close(fd.value)
+    return base.value, size.value, sid.value
+
+
+def _descriptor(lib, base: int, sid: int) -> int | None:
+    """A new descriptor of segment ``sid`` at ``base`` while the pool still has it, else None."""
+    at, size, fd, now = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
+    found = lib.mc_pool_find(base, ctypes.byref(at), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(now))
+    if not found or fd.value < 0:
+        return None
+    if at.value != base or now.value != sid:
+        os.close(fd.value)
+        return None
+    os.set_inheritable(fd.value, False)
+    return fd.value
 
 
 def _forget_freed(lib) -> None:
     """(Under ``_lock``) stop serving segments the pool freed (their base is gone, or holds a newer one)."""
     for b, (sid, _, token) in list(_served.items()):
-        base, size, fd, now = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
-        found = lib.mc_pool_find(b, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(now))
-        if found and fd.value >= 0:
-            os.close(fd.value)
-        if not found or base.value != b or now.value != sid:
+        found = _find(lib, b)
+        if found is None or found[0] != b or found[2] != sid:
             shared.withdraw(token)
             del _served[b]

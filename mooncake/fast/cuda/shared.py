@@ -9,6 +9,8 @@ Its exported handle is a POSIX file descriptor, which only travels between proce
   abstract Unix socket that answers only processes of this user) and returns the 32-byte handle peers use:
   ``(pid, server nonce, token, size)``; ``withdraw(token)`` closes it (the memory lives on while mapped);
   a forked child closes its copies of the descriptors and starts its own server when it exports;
+  ``export_source(source)`` serves memory that someone else owns and may free: the server asks ``source()``
+  for a descriptor at each request and holds none in between;
 * ``fetch(handle, timeout_s)`` asks the owner's server for the descriptor: a duplicate in this process.
 
 ``allocate(lib, device, nbytes, what)`` and ``attach(lib, device, handle, timeout_s)`` put the two together
@@ -25,6 +27,7 @@ import secrets
 import socket
 import struct
 import threading
+from typing import Callable
 
 HANDLE = struct.Struct("<qqqq")  # owner pid, its server's nonce, token, allocation size in bytes
 _TOKEN = struct.Struct("<q")
@@ -44,7 +47,7 @@ class _Server:
     def __init__(self):
         self.pid = os.getpid()
         self.nonce = secrets.randbits(62)
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, int | Callable[[], int | None]] = {}  # token -> descriptor, or its source
         self.lock = threading.Lock()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.bind(_address(self.pid, self.nonce))
@@ -74,10 +77,15 @@ class _Server:
                         continue
                     with self.lock:  # a withdraw closes the descriptor only after it went out
                         fd = self.fds.get(_TOKEN.unpack(raw)[0])
-                        if fd is None:
-                            conn.sendall(b"\0")
-                        else:
-                            socket.send_fds(conn, [b"\1"], [fd])
+                        source, fd = (fd, fd()) if callable(fd) else (None, fd)
+                        try:
+                            if fd is None:
+                                conn.sendall(b"\0")
+                            else:
+                                socket.send_fds(conn, [b"\1"], [fd])
+                        finally:
+                            if source is not None and fd is not None:
+                                os.close(fd)
                 except OSError:
                     continue  # the asker went away or stalled: it gets a FetchError
 
@@ -85,7 +93,8 @@ class _Server:
         """In a forked child: the descriptors are the parent's to serve (each keeps its memory alive)."""
         for fd in self.fds.values():
             try:
-                os.close(fd)
+                if not callable(fd):
+                    os.close(fd)
             except OSError:
                 pass
         self.fds.clear()
@@ -126,13 +135,23 @@ def export(fd: int, size: int) -> tuple[bytes, int]:
     return HANDLE.pack(s.pid, s.nonce, token, size), token
 
 
+def export_source(source: Callable[[], int | None], size: int) -> tuple[bytes, int]:
+    """Serve the memory ``source()`` gives a descriptor of (a new one per request, which the server closes
+    once sent; None: it is gone) to this user's processes; the handle and its token."""
+    s = _this_server()
+    with s.lock:
+        token = secrets.randbits(62)
+        s.fds[token] = source
+    return HANDLE.pack(s.pid, s.nonce, token, size), token
+
+
 def withdraw(token: int) -> None:
     s = _server
     if s is None:
         return
     with s.lock:
         fd = s.fds.pop(token, None)
-    if fd is not None:
+    if fd is not None and not callable(fd):
         os.close(fd)
 
 
