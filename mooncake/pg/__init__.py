@@ -63,7 +63,9 @@ def mem_pool() -> "torch.cuda.MemPool":
     (``MOONCAKE_IMPL=fast``) runs on the ranks' tensors directly when every rank's tensor was allocated
     from such a pool (``with torch.cuda.use_mem_pool(pool): grads = torch.empty(...)``): each rank reads
     the message once and writes it once, with no copy through a staging buffer.  Other tensors work as
-    before.  Raises ``MooncakeError`` where the CUDA library or shareable memory is unavailable.
+    before.  A segment the ranks' graphs read goes back to the device once every rank destroyed those graphs
+    and dropped the pool, at the group's next collective.  Raises ``MooncakeError`` where the CUDA library or
+    shareable memory is unavailable.
     """
     from ..fast.cuda.pool import mem_pool as make
     return make()

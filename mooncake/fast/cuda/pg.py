@@ -131,7 +131,7 @@ each rank offers its pool segment's handle and the tensor's offset (``capture_of
 capture check's Store record), and where every active rank offered one, each maps its peers' segments
 (``capture_prepare``) and the PG face runs a second round in which the ranks learn whether all could; only
 then does the kernel read and write the tensors themselves, no lane (else every rank takes the lanes).
-Each graph captured on a peer's segment holds it (a CUDA user object, ``_PoolMap``); the group's next call
+Each graph captured on a peer's segment holds it (a CUDA user object, ``_PoolMap``); the group's next collective
 after the last such graph is destroyed unmaps it (``release_pool_maps``), so that freeing the pool on its
 owner gives the memory back to the device.
 
