@@ -877,18 +877,25 @@ MC_API int mc_hold_graph(int64_t hold, int64_t stream) {
   cudaError_t rc = cudaStreamGetCaptureInfo_v2(reinterpret_cast<cudaStream_t>(stream), &status, nullptr, &graph,
                                                nullptr, nullptr);
 #endif
-  if (rc != cudaSuccess) return (int)rc;
+  if (rc != cudaSuccess) {
+    cudaGetLastError();  // a failure here must not surface at the caller's next launch check
+    return (int)rc;
+  }
   if (status != cudaStreamCaptureStatusActive || graph == nullptr) return (int)cudaErrorStreamCaptureUnmatched;
   Hold* h = reinterpret_cast<Hold*>(hold);
   h->refs.fetch_add(1, std::memory_order_acq_rel);
   cudaUserObject_t object;
   rc = cudaUserObjectCreate(&object, h, hold_release, 1, cudaUserObjectNoDestructorSync);
   if (rc != cudaSuccess) {
+    cudaGetLastError();
     hold_release(h);
     return (int)rc;
   }
   rc = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
-  if (rc != cudaSuccess) cudaUserObjectRelease(object, 1);  // its destructor gives the reference back
+  if (rc != cudaSuccess) {
+    cudaGetLastError();
+    cudaUserObjectRelease(object, 1);  // its destructor gives the reference back
+  }
   return (int)rc;
 }
 

@@ -917,13 +917,18 @@ class MooncakeProcessGroup(dist.ProcessGroup):
         offers, index = self._agree_on_capture(name, view, fingerprint, timeout_s,
                                                offer(view, call) if offer is not None else b"")
         prepare = getattr(self._plane, "capture_prepare", None)
-        ready = prepare(view, call, offers, timeout_s) if prepare is not None else None
-        if ready is not None:  # every rank took up the offers, or none does (a second round: "mapped")
-            took = agree_on_capture(self._capture_store, f"{self._prefix}/mapped", view.epoch, index, self._rank,
-                                    view.active, fingerprint, timeout_s, name, ready)
-            if not all(v == b"\1" for v in took.values()):
-                offers = {}
-        self._plane.capture(view, call, fingerprint, timeout_s, offers)
+        try:
+            ready = prepare(view, call, offers, timeout_s) if prepare is not None else None
+            if ready is not None:  # every rank took up the offers, or none does (a second round: "mapped")
+                took = agree_on_capture(self._capture_store, f"{self._prefix}/mapped", view.epoch, index, self._rank,
+                                        view.active, fingerprint, timeout_s, name, ready)
+                if not all(v == b"\1" for v in took.values()):
+                    offers = {}
+            self._plane.capture(view, call, fingerprint, timeout_s, offers)
+        finally:
+            ended = getattr(self._plane, "capture_ended", None)
+            if ended is not None:
+                ended()
         self._captured = True
         return CapturedWork(outputs if outputs is not None else [call.output])
 

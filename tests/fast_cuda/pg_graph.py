@@ -116,11 +116,13 @@ def quick_posts() -> int:
     return 0 if dev is None else dev.quick_posts
 
 
-def _captured(body) -> "torch.cuda.CUDAGraph":
-    """A CUDA graph of ``body()``, captured on a side stream once every rank is ready."""
+def _captured(body, barrier: bool = True) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``body()``, captured on a side stream once every rank is ready (``barrier``; else at
+    once: the capture's own check meets the peers)."""
     side = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
-    dist.barrier()
+    if barrier:
+        dist.barrier()
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph, stream=side):
             body()
@@ -211,17 +213,20 @@ def graph_large(numel: int, replays: int, use_pool: bool = False):
 
 
 def pool_release(numel: int, rounds: int = 2):
-    """Per round: an all_reduce of a ``numel``-float32 ``mooncake.pg.mem_pool()`` tensor captured (so it runs
-    on the ranks' tensors) and replayed, then the graph, the tensor and the pool dropped on every rank.  For
-    each round: (device memory free before it, free after it (bytes, the whole device), the peers' segments
-    mapped here after the capture, still mapped after the drop, whether torch freed this rank's segment,
-    whether it ran in place, whether the replay was exact)."""
+    """Per round, on a ``numel``-float32 ``mooncake.pg.mem_pool()`` tensor of every rank: an all_reduce captured
+    (so it runs on the ranks' tensors) and replayed; the graph, the tensor and the pool dropped; at once (no
+    collective between: the capture lets go of the old segments itself) the same on a new pool; that dropped
+    too, and a barrier.  For each round: (device memory free before it, free after it (bytes, the whole
+    device), the peers' segments mapped here after the first capture, after the second, after the barrier,
+    whether torch freed this rank's segments, whether every capture ran in place, whether every replay was
+    exact)."""
     import gc
 
     import mooncake.pg as mpg
     from mooncake.fast.cuda import pool as P
     world, rank = dist.get_world_size(), dist.get_rank()
     dev = dist.group.WORLD._plane.g.dev
+    want = world * (world + 1) / 2
 
     def device_free() -> int:
         torch.cuda.synchronize()
@@ -230,33 +235,38 @@ def pool_release(numel: int, rounds: int = 2):
         dist.barrier()
         return free
 
-    out = []
-    for _ in range(rounds):  # the first round also makes the pads and words later captures reuse
-        free_before = device_free()
+    def capture_and_drop(barrier: bool):
+        """(whether it ran in place, exact, segments mapped after the capture, torch freed this rank's)."""
         mem = mpg.mem_pool()
         with torch.cuda.use_mem_pool(mem):
             x = torch.empty(numel, dtype=torch.float32, device="cuda")
         addr = x.data_ptr()
         direct_before = dev.direct_captures
-        graph = _captured(lambda: dist.all_reduce(x))
+        graph = _captured(lambda: dist.all_reduce(x), barrier)
         in_place = dev.direct_captures - direct_before == 1
+        mapped = len(dev.pool_maps)
         x.fill_(rank + 1)
         graph.replay()
-        exact = bool(torch.all(x == world * (world + 1) / 2))
-        mapped = len(dev.pool_maps)
+        exact = bool(torch.all(x == want))
         torch.cuda.synchronize()
-        dist.barrier()
         graph = x = mem = None
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
-        freed_here = P._find(dev.g.mem.lib, addr) is None
         deadline = time.monotonic() + 10  # CUDA runs the graphs' destructors on a thread of its own
         while any(m.graphs() for m in dev.pool_maps.values()) and time.monotonic() < deadline:
             time.sleep(0.01)
-        dist.barrier()  # the group's next call lets go of what no graph reads
+        return in_place, exact, mapped, P._find(dev.g.mem.lib, addr) is None
+
+    out = []
+    for _ in range(rounds):  # the first round also makes the pads and words later captures reuse
+        free_before = device_free()
+        first = capture_and_drop(barrier=True)
+        second = capture_and_drop(barrier=False)
+        dist.barrier()  # the group's next collective lets go of what no graph reads
         left = len(dev.pool_maps)
-        out.append((free_before, device_free(), mapped, left, freed_here, in_place, exact))
+        out.append((free_before, device_free(), first[2], second[2], left, first[3] and second[3],
+                    first[0] and second[0], first[1] and second[1]))
     return out
 
 

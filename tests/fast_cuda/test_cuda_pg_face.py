@@ -74,17 +74,18 @@ def test_all_reduce_on_pool_tensors_captured_bitwise(cluster_factory, dtype):
 
 @pytest.mark.timeout(300)
 def test_pool_memory_goes_back_once_its_graphs_and_tensors_are_gone(cluster_factory):
-    """A pool tensor that captured ops read on every rank: once each rank drops the graph, the tensor and the
-    pool, the peers unmap it at the group's next call and the device gets the memory back (else every
-    rank's segment stayed mapped by its peers until the group was destroyed)."""
+    """Pool tensors that captured ops read on every rank: once each rank drops the graph, the tensor and the
+    pool, the peers unmap the segments at the group's next collective or capture (one made at once, with no
+    collective between, also lets go of them) and the device gets the memory back (else every rank's segments
+    stayed mapped by its peers until the group was destroyed)."""
     import pg_graph as G
     numel = 32 << 20  # 128 MiB a rank
     c = cluster_factory(3, "mooncake", device="cuda", timeout_s=120,
                         env={"MOONCAKE_IMPL": "fast", "MOONCAKE_FAST_CUDA_PARTS_MIN": "4096"})
     for rounds in c.run(G.pool_release, numel, 2, timeout_s=240):
-        for free_before, free_after, mapped, left, freed_here, in_place, exact in rounds:
+        for free_before, free_after, mapped, remapped, left, freed_here, in_place, exact in rounds:
             assert in_place and exact
-            assert (mapped, left, freed_here) == (2, 0, True)
+            assert (mapped, remapped, left, freed_here) == (2, 2, 0, True)
         free_before, free_after = rounds[-1][:2]
         assert free_after >= free_before - (32 << 20), (free_before - free_after) >> 20
 

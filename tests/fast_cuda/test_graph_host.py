@@ -402,4 +402,3 @@ def test_refusals_name_the_argument_and_take_no_sequence_number(cluster_factory,
             assert "the CUDA plane is emulated on the CPU" in msg["reduce"], msg
             assert "the output tensor must be contiguous" in msg["non-contiguous"], msg
             assert "captured all_reduce takes SUM / AVG" in msg["all_reduce BAND"], msg
-

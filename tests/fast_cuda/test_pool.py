@@ -192,13 +192,21 @@ def test_a_peers_segment_is_unmapped_once_no_graph_reads_it():
     dev.pool_pending = frozenset()
     dev.release_pool_maps()
     assert set(dev.pool_maps) == {b"a", b"b"} and not a_closed + b_closed
-    lib.graph_done(a.held)
-    lib.graph_done(b.held)
+    a_hold, b_hold = a.held, b.held
+    lib.graph_done(a_hold)
+    lib.graph_done(b_hold)
     dev.release_pool_maps()
-    assert set(dev.pool_maps) == {b"a"} and b_closed == [b"b"] and lib.refs[2] == 0
-    lib.graph_done(1)
+    assert set(dev.pool_maps) == {b"a"} and b_closed == [b"b"] and lib.refs[b_hold] == 0
+    lib.graph_done(a_hold)
     dev.release_pool_maps()
-    assert dev.pool_maps == {} and a_closed == [b"a"] and lib.refs[1] == 0
+    assert dev.pool_maps == {} and a_closed == [b"a"] and lib.refs[a_hold] == 0
+    d, d_closed = _pool_map(dev, b"d")  # mapped for a capture that then fails
+    dev.pool_pending = frozenset({b"d"})
+    dev.release_pool_maps()
+    assert b"d" in dev.pool_maps
+    dev.capture_ended()
+    dev.release_pool_maps()
+    assert b"d" not in dev.pool_maps and d_closed == [b"d"]
     lib.refuse = True
     c, c_closed = _pool_map(dev, b"c")
     c.hold(stream, 0, "all_reduce")

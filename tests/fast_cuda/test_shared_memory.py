@@ -96,12 +96,25 @@ def test_a_source_is_asked_at_each_request_and_nothing_is_held_in_between():
         with pytest.raises(shared.FetchError, match="no longer shares"):
             shared.fetch(handle, 10)
         assert len(asked) == 2
+
+        def broken():
+            raise RuntimeError("the allocator's table is gone")
+
+        broken_handle, broken_token = shared.export_source(broken, 1)
+        try:
+            with pytest.raises(shared.FetchError, match="no longer shares"):
+                shared.fetch(broken_handle, 10)
+        finally:
+            shared.withdraw(broken_token)
+        alive[0] = True  # the server lives on
+        got, _ = shared.fetch(handle, 10)
+        assert _read(got, len(payload)) == payload
     finally:
         shared.withdraw(token)
         os.close(fd)
     with pytest.raises(shared.FetchError, match="no longer shares"):
         shared.fetch(handle, 10)
-    assert len(asked) == 2
+    assert len(asked) == 3  # withdrawn: not asked again
 
 
 @pytest.mark.timeout(60)

@@ -674,8 +674,8 @@ class _QuickEntry:
     """One call shape on one lane parity as the device path last launched it (``_DevicePath._remember``): its
     kernel arguments, the generations of the lanes they point into, the DONE words to wait on."""
 
-    __slots__ = ("lane", "base", "epoch", "nb", "dtype", "op", "fp", "active", "me", "mine", "others", "stream", "stream_ptr",
-                 "buf", "peer_gens", "done_views", "done_words", "lanes", "args", "args_ref", "blocks")
+    __slots__ = ("lane", "base", "epoch", "nb", "dtype", "op", "fp", "active", "me", "mine", "others", "stream",
+                 "stream_ptr", "buf", "peer_gens", "done_views", "done_words", "lanes", "args", "args_ref", "blocks")
 
 
 class _QuickOp:
@@ -700,7 +700,7 @@ class _PoolMap:
 
     def hold(self, stream, rank: int, kind: str) -> None:
         """The graph ``stream`` is capturing reads this segment: it stays mapped while that graph lives."""
-        rc = self.lib.mc_hold_graph(self.held, stream.cuda_stream)
+        rc = self.lib.mc_hold_graph(self.held, stream.cuda_stream) if self.held else -1
         if rc != 0 and not self.pinned:
             self.pinned = True
             log.logger.warning("rank %d: fast CUDA plane: a captured %s could not tie a peer's pool memory to its "
@@ -708,7 +708,7 @@ class _PoolMap:
 
     def graphs(self) -> int:
         """How many CUDA graphs read it (pinned: at least one, for good)."""
-        return max(self.lib.mc_hold_graphs(self.held), int(self.pinned))
+        return max(self.lib.mc_hold_graphs(self.held) if self.held else 0, int(self.pinned))
 
     def close(self) -> None:
         held, self.held = self.held, 0
@@ -1088,8 +1088,9 @@ class _DevicePath:
 
     def capture_prepare(self, view, call, offers: dict[int, bytes], timeout_s: float) -> bytes | None:
         """Where every active rank offered its pool tensor (``capture_offer``): map the peers' segments (kept
-        while a graph captured on them lives: ``release_pool_maps``) and say whether all of them could be (b"\\1") or not (b"\\0"),
-        for the PG face's second round, after which every rank takes up the offers or none does; else None."""
+        while a graph captured on them lives: ``release_pool_maps``) and say whether all of them could be
+        (b"\\1") or not (b"\\0"), for the PG face's second round, after which every rank takes up the offers
+        or none does; else None."""
         if not self._all_offered(view.active, offers):
             return None
         with self.g.lock:
@@ -1176,16 +1177,24 @@ class _DevicePath:
             if direct is not None:
                 for r in peers:
                     self.pool_maps[offers[r][:shared.HANDLE.size]].hold(stream, g.rank, call.kind)
+
+    def capture_ended(self) -> None:
+        """The call that ``capture_prepare`` mapped peers' segments for was captured, or failed: the segments
+        no longer wait for its holds (``release_pool_maps`` lets go of those no graph holds)."""
+        with self.g.lock:
             self.pool_pending = frozenset()
 
     def release_pool_maps(self) -> None:
         """Unmap the peers' pool segments that no CUDA graph reads any more (every graph captured on them was
         destroyed and its replays are over), so that their memory goes back to the device once the owner
-        frees it too."""
+        frees it too.  Also while this thread captures a graph (relaxed capture mode, as for mapping)."""
         with self.g.lock:
             gone = [h for h, m in self.pool_maps.items() if h not in self.pool_pending and not m.graphs()]
-            for handle in gone:
-                self.pool_maps.pop(handle).close()
+            if not gone:
+                return
+            with self.g.mem.relaxed_capture():
+                for handle in gone:
+                    self.pool_maps.pop(handle).close()
 
     def _graph_lane(self, lane: int, nbytes: int) -> torch.Tensor:
         have = self.graph_lanes.get(lane)
@@ -2582,6 +2591,12 @@ class FastCudaGroup:
         """Enqueue ``call`` into the graph being captured (``capture_refusal`` said None); ``offers``: every
         active rank's ``capture_offer``."""
         self.g.dev.capture(view, call, fp, timeout_s, offers)
+
+    def capture_ended(self) -> None:
+        """The call being captured was enqueued, or failed (``_DevicePath.capture_ended``)."""
+        dev = self.g.dev
+        if dev is not None:
+            dev.capture_ended()
 
     def graph_trouble(self) -> tuple[int, bool, frozenset[int]] | None:
         """What replayed captured ops ran into since the last call (``_DevicePath.trouble``), or None."""

@@ -51,11 +51,11 @@ def mem_pool() -> "torch.cuda.MemPool":
 def share(lib, addr: int) -> tuple[bytes, int] | None:
     """``(handle, offset)`` of the pool segment holding device address ``addr``, served from now on; None
     where ``addr`` is not pool memory."""
-    found = _find(lib, addr)
-    if found is None:
-        return None
-    base, size, sid = found
-    with _lock:  # a stale lookup must not replace a newer export of the same address
+    with _lock:  # the lookup too: a stale one must not replace a newer export of the same address
+        found = _find(lib, addr)
+        if found is None:
+            return None
+        base, size, sid = found
         _forget_freed(lib)
         have = _served.get(base)
         if have is not None and have[0] == sid:
@@ -83,10 +83,14 @@ def _descriptor(lib, base: int, sid: int) -> int | None:
     found = lib.mc_pool_find(base, ctypes.byref(at), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(now))
     if not found or fd.value < 0:
         return None
-    if at.value != base or now.value != sid:
+    try:
+        if at.value != base or now.value != sid:
+            os.close(fd.value)
+            return None
+        os.set_inheritable(fd.value, False)
+    except OSError:
         os.close(fd.value)
-        return None
-    os.set_inheritable(fd.value, False)
+        raise
     return fd.value
 
 

@@ -9,7 +9,7 @@ Its exported handle is a POSIX file descriptor, which only travels between proce
   abstract Unix socket that answers only processes of this user) and returns the 32-byte handle peers use:
   ``(pid, server nonce, token, size)``; ``withdraw(token)`` closes it (the memory lives on while mapped);
   a forked child closes its copies of the descriptors and starts its own server when it exports;
-  ``export_source(source)`` serves memory that someone else owns and may free: the server asks ``source()``
+  ``export_source(source, size)`` serves memory that someone else owns and may free: the server asks ``source()``
   for a descriptor at each request and holds none in between;
 * ``fetch(handle, timeout_s)`` asks the owner's server for the descriptor: a duplicate in this process.
 
@@ -77,7 +77,12 @@ class _Server:
                         continue
                     with self.lock:  # a withdraw closes the descriptor only after it went out
                         fd = self.fds.get(_TOKEN.unpack(raw)[0])
-                        source, fd = (fd, fd()) if callable(fd) else (None, fd)
+                        source = fd if callable(fd) else None
+                        if source is not None:
+                            try:
+                                fd = source()
+                            except Exception:  # noqa: BLE001 - the asker gets a refusal, the server lives on
+                                fd = None
                         try:
                             if fd is None:
                                 conn.sendall(b"\0")
@@ -226,4 +231,12 @@ def attach(lib, device: int, handle: bytes, timeout_s: float) -> Mapping:
         raise FetchError(f"mapping shared device memory of process {HANDLE.unpack_from(handle)[0]} failed: "
                          f"{_driver_error(lib, rc)}")
     addr = ptr.value
-    return Mapping(addr, size, handle, lambda: lib.mc_vmm_free(addr, size))
+
+    def release():
+        rc = lib.mc_vmm_free(addr, size)
+        if rc != 0:
+            from ... import log
+            log.logger.warning("unmapping %d bytes of process %d's shared device memory failed: %s", size,
+                               HANDLE.unpack_from(handle)[0], _driver_error(lib, rc))
+
+    return Mapping(addr, size, handle, release)
