@@ -67,31 +67,41 @@ def share(lib, addr: int) -> tuple[bytes, int] | None:
         return handle, addr - base
 
 
-def _find(lib, addr: int) -> tuple[int, int, int] | None:
-    """The pool segment holding ``addr``: (base, size, id), or None."""
+def _lookup(lib, addr: int) -> tuple[int, int, int, int] | None:
+    """The pool segment holding ``addr``: (base, size, a new descriptor of it (-1: none could be made), id),
+    or None."""
     base, size, fd, sid = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
     if not lib.mc_pool_find(addr, ctypes.byref(base), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(sid)):
         return None
-    if fd.value >= 0:
-        os.close(fd.value)
-    return base.value, size.value, sid.value
+    return base.value, size.value, fd.value, sid.value
+
+
+def _find(lib, addr: int) -> tuple[int, int, int] | None:
+    """The pool segment holding ``addr``: (base, size, id), or None."""
+    found = _lookup(lib, addr)
+    if found is None:
+        return None
+    base, size, fd, sid = found
+    if fd >= 0:
+        os.close(fd)
+    return base, size, sid
 
 
 def _descriptor(lib, base: int, sid: int) -> int | None:
     """A new descriptor of segment ``sid`` at ``base`` while the pool still has it, else None."""
-    at, size, fd, now = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(-1), ctypes.c_int64(0)
-    found = lib.mc_pool_find(base, ctypes.byref(at), ctypes.byref(size), ctypes.byref(fd), ctypes.byref(now))
-    if not found or fd.value < 0:
+    found = _lookup(lib, base)
+    if found is None or found[2] < 0:
         return None
+    at, _, fd, now = found
     try:
-        if at.value != base or now.value != sid:
-            os.close(fd.value)
+        if at != base or now != sid:
+            os.close(fd)
             return None
-        os.set_inheritable(fd.value, False)
+        os.set_inheritable(fd, False)
     except OSError:
-        os.close(fd.value)
+        os.close(fd)
         raise
-    return fd.value
+    return fd
 
 
 def _forget_freed(lib) -> None:
