@@ -7,7 +7,8 @@ Subcommands::
     faults   --device cuda|cpu --backend mooncake|mooncake-cpu|gloo --ranks N --out DIR
     ep-bench --ranks R --out DIR [--iters --warmup --timeout]
     ep-compare DIR                  (epbench JSONs of DIR next to DeepEP's and NCCL EP's published EP8 figures)
-    pg-compare JSON... [--md FILE]  (pgbench JSONs: mooncake against nccl, size by size)
+    pg-compare JSON... [--md FILE]  (pgbench JSONs: mooncake against nccl, size by size; LABEL=JSON
+                                     names that file's columns, e.g. "R=8 graph=g8.json")
     machine  --out DIR              (GPUs, peer access and peer-to-peer copy bandwidth, NCCL version)
 
 ``faults`` drives one ``mooncake.testing.cluster.Cluster`` (the Store lives in this process, so any rank,
@@ -717,21 +718,23 @@ def ep_compare(args) -> int:
 
 def pg_compare(args) -> int:
     records, metas = [], []
-    for path in args.json:
+    for spec in args.json:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         if not os.path.exists(path):
             continue
         with open(path) as f:
             data = json.load(f)
-        records += data["results"]
+        records += [{**r, "backend": label} if label else r for r in data["results"]]
         metas.append(data["meta"])
     if not records:
         print("pg-compare: no pgbench results")
         return 1
+    worlds = "/".join(str(w) for w in dict.fromkeys(m["world_size"] for m in metas))
     world = metas[0]["world_size"]
     backends = list(dict.fromkeys(r["backend"] for r in records))
     base = next((b for b in backends if b == "nccl"), None)
     ours = [b for b in backends if b != base]
-    lines = [f"# pgbench side by side, {world} ranks ({', '.join(backends)}); in-place, float sum; "
+    lines = [f"# pgbench side by side, {worlds} ranks ({', '.join(backends)}); in-place, float sum; "
              f"x = time / {base or 'n/a'}'s (> 1: slower)", ""]
     for coll in dict.fromkeys(r["collective"] for r in records):
         lines += [f"## {coll}", "",

@@ -25,6 +25,12 @@ Additions:
   against size, one line per backend, ``--no-progress`` hides the tqdm bar.
 * With one backend the table is exactly upstream's; with several, every row ends with the backend
   and a side-by-side summary follows each collective.
+* ``-G/--cudagraph N`` (as nccl-tests' ``-G``): each case's ``-n`` x ``-m`` calls are captured in one CUDA
+  graph, which is launched N times per timed round; ``#wrong`` then checks a graph of one call.  Backends
+  ``mooncake`` and ``nccl`` only; a case the backend refuses to capture is reported ``N/A`` with its error
+  in the JSON (``capture_error``).  ``--mem-pool`` allocates a ``mooncake`` group's buffers from
+  ``mooncake.pg.mem_pool()`` (memory the other ranks of the host map: a captured in-place all_reduce of
+  1 MiB or more then runs on the ranks' tensors directly).
 
 Measurement (per collective, dtype, size): every backend's out-of-place and in-place case is warmed
 up (``-w`` iterations), then ``-R`` rounds time each case once in turn (a barrier on the tested
@@ -39,6 +45,7 @@ over all ranks after the timing, on values chosen so every backend must be exact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -122,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stat", choices=["median", "min"], default="median", help="how repeats are combined")
     p.add_argument("--min-time", type=float, default=0.0,
                    help="raise -n per case so one timed loop lasts at least this many seconds (all ranks agree)")
+    p.add_argument("-G", "--cudagraph", type=int, default=0,
+                   help="capture -n x -m calls per case in a CUDA graph and launch it this many times per round")
+    p.add_argument("--mem-pool", action="store_true",
+                   help="allocate the mooncake backends' buffers from mooncake.pg.mem_pool() (CUDA)")
     p.add_argument("--plot", default=None, help="write busbw / latency plots (PNG) to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
@@ -157,6 +168,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backends = specs
     if args.nthreads != 1:
         p.error("-t/--nthreads must be 1")
+    if args.cudagraph < 0:
+        p.error(f"-G/--cudagraph must be >= 0 graph launches (got {args.cudagraph})")
+    if args.cudagraph and args.device != "cuda":
+        p.error("-G/--cudagraph needs --device cuda")
+    if args.cudagraph and any(s.partition(":")[0] not in ("mooncake", "nccl") for s in specs):
+        p.error(f"-G/--cudagraph needs backends that capture in CUDA graphs: mooncake or nccl (got {','.join(specs)})")
+    if args.mem_pool and args.device != "cuda":
+        p.error("--mem-pool needs --device cuda")
     if args.stepfactor <= 1 and args.stepbytes <= 0:
         p.error("--stepbytes must be > 0 when --stepfactor <= 1")
     if args.datatype != "all" and _dtype(args.datatype) is None:
@@ -369,12 +388,22 @@ class Case:
     def checkable(self) -> bool:
         return not (self.in_place and self.c in ("alltoall", "sendrecv"))
 
-    def wrong(self) -> int:
-        """Run once on fresh values and count wrong output elements on this rank."""
+    def capture(self, calls: int) -> "torch.cuda.CUDAGraph":
+        """A CUDA graph of ``calls`` calls of this case (every rank captures the same ones)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                self.run()
+        return graph
+
+    def wrong(self, run=None) -> int:
+        """Run once (``run``: default one eager call; graph mode: a graph of one call) on fresh values and
+        count wrong output elements on this rank."""
         self.fill()
         if self.c == "broadcast" and not self.in_place:
             self.recv.fill_(7 if self.rank == self.root else 0)
-        self.run()
+        (run or self.run)()
+        _sync(self.device)
         c, r, n = self.c, self.rank, self.n
         out = self.recv
         if c == "all_reduce" or (c == "reduce" and r == self.root) or c == "reduce_scatter":
@@ -410,6 +439,11 @@ class Case:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _allocating(pool):
+    """Where a case's buffers come from: ``pool`` (a ``torch.cuda.MemPool``), or torch's default."""
+    return torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext()
 
 
 def _make_group(spec: str):
@@ -463,42 +497,67 @@ def _iterations(case: Case, args, device) -> int:
     return int(want.item())
 
 
-def _timed(case: Case, iters: int, args, device) -> float:
-    """One timed loop: seconds per call."""
+def _timed(case: Case, iters: int, args, device, graph=None) -> float:
+    """One timed loop (eager calls, or ``-G`` launches of ``graph``, which holds ``iters`` x ``-m`` calls):
+    seconds per call."""
+    calls = iters * args.agg_iters
     dist.barrier(group=case.g)
     if not args.report_cputime:
         _sync(device)
     t0 = time.perf_counter()
-    for _ in range(iters * args.agg_iters):
-        case.run()
+    if graph is None:
+        for _ in range(calls):
+            case.run()
+    else:
+        for _ in range(args.cudagraph):
+            graph.replay()
+        calls *= args.cudagraph
     if not args.report_cputime:
         _sync(device)
-    return (time.perf_counter() - t0) / max(1, iters * args.agg_iters)
+    return (time.perf_counter() - t0) / max(1, calls)
+
+
+def _captured(cases: dict, iters: dict, args, device) -> tuple[dict, dict]:
+    """Graph mode: per case, (a graph of its timed calls, a graph of one call for ``#wrong``), or the
+    capture's error (a collective the backend does not capture; every rank of a group gets the same)."""
+    graphs, errors = {}, {}
+    for key, case in cases.items():
+        try:
+            graphs[key] = (case.capture(iters[key] * args.agg_iters), case.capture(1))
+        except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, the run goes on
+            errors[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            _sync(device)
+    return graphs, errors
 
 
 def measure_all(cases: dict, args, device) -> dict:
-    """Time every (backend, mode) case of one size: warm-up each, then ``-R`` rounds, each round
-    timing every case once in turn (so noise spreads over the backends alike); then ``#wrong``."""
+    """Time every (backend, mode) case of one size: warm-up each (eager calls), then, in graph mode,
+    capture each; then ``-R`` rounds, each round timing every case once in turn (so noise spreads over the
+    backends alike); then ``#wrong``."""
     iters = {}
     for key, case in cases.items():
         for _ in range(args.warmup_iters * args.agg_iters):
             case.run()
         iters[key] = _iterations(case, args, device)
-    samples = {key: [] for key in cases}
+    graphs, errors = _captured(cases, iters, args, device) if args.cudagraph else ({}, {})
+    timed = [key for key in cases if key not in errors]
+    samples = {key: [] for key in timed}
     for _ in range(max(1, args.repeats)):
-        for key, case in cases.items():
-            samples[key].append(_timed(case, iters[key], args, device))
-    out = {}
-    for key, case in cases.items():
-        got = samples[key]
+        for key in timed:
+            samples[key].append(_timed(cases[key], iters[key], args, device, graphs.get(key, (None,))[0]))
+    out = {key: {"capture_error": error} for key, error in errors.items()}
+    for key in timed:
+        case, got = cases[key], samples[key]
         local = min(got) if args.stat == "min" else statistics.median(got)
         wrong = -1
         if args.check > 0 and case.checkable():
-            wrong = sum(case.wrong() for _ in range(args.check))
+            run = graphs[key][1].replay if key in graphs else None
+            wrong = sum(case.wrong(run) for _ in range(args.check))
             t = torch.tensor([wrong], dtype=torch.int64)
             dist.all_reduce(t)
             wrong = int(t.item())
         out[key] = {"time_s": local, "samples_s": got, "wrong": wrong, "iters": iters[key]}
+    graphs.clear()
     return out
 
 
@@ -538,6 +597,10 @@ def worker(local_rank: int, args) -> None:
     impls = {}
     for spec in args.backends:
         groups[spec], impls[spec] = _make_group(spec)
+    pools = {}
+    if args.mem_pool:
+        import mooncake.pg
+        pools = {spec: mooncake.pg.mem_pool() for spec in args.backends if spec.startswith("mooncake")}
     if args.datatype == "all":
         dtypes = [d for d in DTYPE_ORDER if _dtype(d) is not None]
     else:
@@ -549,7 +612,9 @@ def worker(local_rank: int, args) -> None:
     bar = None
     if rank == 0:
         print(f"# pgbench: {world} ranks, device {args.device}, backends: "
-              + ", ".join(f"{s} ({impls[s]})" for s in args.backends), flush=True)
+              + ", ".join(f"{s} ({impls[s]})" for s in args.backends)
+              + (f"; CUDA graphs: {args.cudagraph} launches of -n x -m calls" if args.cudagraph else "")
+              + ("; mooncake buffers from mooncake.pg.mem_pool()" if pools else ""), flush=True)
         if not args.no_progress:
             try:
                 from tqdm import tqdm
@@ -581,12 +646,16 @@ def worker(local_rank: int, args) -> None:
                                   "out_of_place": None, "in_place": None}
                     if name.startswith("mooncake") and dname not in MOONCAKE_DTYPES:
                         continue
-                    for mode in ("out_of_place", "in_place"):
-                        cases[(spec, mode)] = Case(collective, groups[spec], world, rank, dtype, sendcount,
-                                                   recvcount, mode == "in_place", args, device)
+                    with _allocating(pools.get(spec)):
+                        for mode in ("out_of_place", "in_place"):
+                            cases[(spec, mode)] = Case(collective, groups[spec], world, rank, dtype, sendcount,
+                                                       recvcount, mode == "in_place", args, device)
                 measured = measure_all(cases, args, device)
                 del cases
                 for (spec, mode), m in measured.items():
+                    if "capture_error" in m:
+                        recs[spec].setdefault("capture_error", {})[mode] = m["capture_error"]
+                        continue
                     t = _aggregate(args, m["time_s"])
                     algbw = size_bytes / 1e9 / t if t > 0 else 0.0
                     recs[spec][mode] = {"time_us": t * 1e6, "algbw": algbw,
@@ -609,6 +678,7 @@ def worker(local_rank: int, args) -> None:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "iters": args.iters, "warmup_iters": args.warmup_iters, "agg_iters": args.agg_iters,
                 "repeats": args.repeats, "stat": args.stat, "average": args.average, "threads": args.threads,
+                "cudagraph": args.cudagraph, "mem_pool": args.mem_pool,
                 "load_average_start": load_at_start, "load_average_end": os.getloadavg()}
         if args.output_file:
             with open(args.output_file, "w") as f:
@@ -617,6 +687,7 @@ def worker(local_rank: int, args) -> None:
         if args.plot:
             plot(records, meta, args.plot)
             print(f"# wrote {args.plot}", flush=True)
+    pools.clear()
     for g in groups.values():
         dist.destroy_process_group(g)
     dist.destroy_process_group()

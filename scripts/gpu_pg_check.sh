@@ -16,7 +16,9 @@
 # eager iterations per size).  LATENCY_RANKS (e.g. 2):
 # first tests/fast_cuda/pg_latency.py with rank 0's profile, into latency.txt.  PROFILE_CASES (e.g.
 # graph,eager,large; trace2,trace8 the kernels' own step times; ehost2,ehost8 each host layer timed): tests/fast_cuda/pg_profile.py
-# into profile/ (within PROFILE_S; PROFILE_ARGS more arguments, e.g. --env NAME=VALUE); PG_CHECK=0 skips pg_check
+# into profile/ (within PROFILE_S; PROFILE_ARGS more arguments, e.g. --env NAME=VALUE).  SWEEP_RANKS (e.g.
+# 2,4,8): benchmarks/pgbench.py all_reduce 16 B - SWEEP_MAX (256M), x4 steps, eager and graph mode (-G 5, on
+# mooncake.pg.mem_pool() tensors) per R, into sweep/ and the table sweep.md.  PG_CHECK=0 skips pg_check
 # and the pytest half.
 # Logs go to $OUT (or ./gpu-out): summary.txt, pg_check.txt, pg_check.json, setup.txt, pytest.txt.
 # Budget: BUDGET_S (default 330) seconds for the whole script; pg_check skips steps that would start too late.
@@ -77,6 +79,23 @@ if [ -n "${GRAPH_RANKS:-}" ]; then  # the device path: eager latency on/off, gra
   code=$?; [ $code -eq 0 ] || rc=1
   echo "=== pg_graph rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
   grep -E "^(PASS|FAIL|BENCH|pg_graph)" "$out/pg_graph.txt" | tee -a "$out/summary.txt"
+fi
+
+if [ -n "${SWEEP_RANKS:-}" ]; then  # pgbench all_reduce 16 B - SWEEP_MAX, eager and graph mode (-G, pool tensors), per R
+  mkdir -p "$out/sweep"; labels=()
+  for R in ${SWEEP_RANKS//,/ }; do
+    for mode in eager graph; do
+      extra=(); [ "$mode" = graph ] && extra=(-G 5 --mem-pool)
+      timeout "${SWEEP_S:-150}" python3 benchmarks/pgbench.py --collective "${SWEEP_COLLECTIVES:-all_reduce}" \
+        --backend mooncake:fast --device cuda -g "$R" -b 16 -e "${SWEEP_MAX:-256M}" -f 4 -n "${SWEEP_ITERS:-20}" \
+        -w 3 --no-progress "${extra[@]}" -J "$out/sweep/$mode-$R.json" > "$out/sweep/$mode-$R.txt" 2>&1
+      code=$?; [ $code -eq 0 ] || rc=1
+      echo "=== pgbench $mode R=$R rc=$code at ${SECONDS}s" | tee -a "$out/summary.txt"
+      labels+=("R=$R $mode=$out/sweep/$mode-$R.json")
+    done
+  done
+  python3 benchmarks/multigpu_faults.py pg-compare "${labels[@]}" --md "$out/sweep.md" > /dev/null 2>&1
+  cat "$out/sweep.md" >> "$out/summary.txt"
 fi
 
 if [ -n "${PROFILE_CASES:-}" ]; then  # where the goal misses spend their time (tests/fast_cuda/pg_profile.py)

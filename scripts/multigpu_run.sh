@@ -7,7 +7,10 @@
 #   build    csrc/ for the CUDA fast path (python -m mooncake.fast.cuda.build) and a load check
 #   pgbench  benchmarks/pgbench.py, mooncake (fast) against nccl side by side, all_reduce / all_gather /
 #            reduce_scatter / all_to_all, 8 B - 1 GiB (-f 2), float sum, in-place and out-of-place, #wrong
-#            checked; JSON, plots and a mooncake-vs-nccl table (multigpu_faults.py pg-compare).
+#            checked; JSON, plots and a mooncake-vs-nccl table (multigpu_faults.py pg-compare); then
+#            (PG_GRAPH=1, the default) the same side by side in graph mode (pgbench -G 5, mooncake's
+#            buffers from mooncake.pg.mem_pool()), all_reduce / all_gather_base / reduce_scatter /
+#            all_to_all, 8 B - PG_GRAPH_MAXBYTES (256M), into pgbench-graph/ and pgbench.md.
 #            Where pgbench has no `--device cuda` the step records "skipped: pgbench has no --device cuda
 #            yet"; where MOONCAKE_IMPL=fast cannot serve CUDA tensors it records the reason, runs nccl
 #            alone over the full range and mooncake:ref next to nccl up to PG_REF_MAXBYTES (default 1M).
@@ -178,6 +181,13 @@ if has pgbench; then
       if [ "$mooncake" = "mooncake:fast" ]; then
         run_step pgbench 360 "$PY" $pgb --collective "$colls" --backend mooncake:fast,nccl --device cuda -g "$ranks" \
           -b 8 -e "$pg_max" -f 2 "${iters[@]}" -J "$out/pgbench/pg-fast-nccl.json" --plot "$out/pgbench/pg-fast-nccl.png"
+        if [ "${PG_GRAPH:-1}" = 1 ]; then  # graph mode, the mode of the several-GPU goals; mooncake on its pool
+          mkdir -p "$out/pgbench-graph"
+          run_step pgbench-graph 240 "$PY" $pgb --collective all_reduce,all_gather_base,reduce_scatter,alltoall \
+            --backend mooncake:fast,nccl --device cuda -g "$ranks" -b 8 -e "${PG_GRAPH_MAXBYTES:-256M}" -f 4 \
+            "${iters[@]}" -G 5 --mem-pool -J "$out/pgbench-graph/pg-graph-fast-nccl.json" \
+            --plot "$out/pgbench-graph/pg-graph-fast-nccl.png"
+        fi
       else
         run_step pgbench-nccl 300 "$PY" $pgb --collective "$colls" --backend nccl --device cuda -g "$ranks" \
           -b 8 -e "$pg_max" -f 2 "${iters[@]}" -J "$out/pgbench/pg-nccl.json" --plot "$out/pgbench/pg-nccl.png"
@@ -207,7 +217,13 @@ if has pgbench; then
     main_png=$(ls "$out"/pgbench/pg-fast-nccl.png "$out"/pgbench/pg-nccl.png "$out"/pgbench/*.png 2>/dev/null | head -n 1)
     [ -n "$main_png" ] && cp "$main_png" "$out/pgbench.png"
   fi
-  { grep -h "^pgbench" "$summary"; echo; cat "$out/pgbench.md" 2>/dev/null; } > "$out/pgbench.md.tmp"
+  if [ -s "$out/pgbench-graph/pg-graph-fast-nccl.json" ]; then
+    "$PY" benchmarks/multigpu_faults.py pg-compare "$out/pgbench-graph/pg-graph-fast-nccl.json" \
+      --md "$out/pgbench-graph.md" > /dev/null 2>&1 || note "pgbench: pg-compare (graph mode) failed"
+  fi
+  { grep -h "^pgbench" "$summary"; echo; cat "$out/pgbench.md" 2>/dev/null
+    [ -s "$out/pgbench-graph.md" ] && { echo; echo "# CUDA graphs (pgbench -G 5; mooncake on mooncake.pg.mem_pool())"
+      cat "$out/pgbench-graph.md"; }; } > "$out/pgbench.md.tmp"
   mv "$out/pgbench.md.tmp" "$out/pgbench.md"
 fi
 
@@ -256,8 +272,8 @@ if [ "$mode" = dryrun ] && [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
 fi
 note "# multigpu_run rc=$rc in $((SECONDS - t_start)) s (mode=$mode)"
 find "$out" -name 'store*' -delete 2>/dev/null
-( cd "$out" && tar czf details.tgz --exclude=details.tgz $(ls -d logs machine pgbench epbench faults* 2>/dev/null | grep -v '^faults.txt$') \
-    2>/dev/null && rm -rf logs machine pgbench epbench faults faults-mooncake-cpu faults-gloo )
+( cd "$out" && tar czf details.tgz --exclude=details.tgz $(ls -d logs machine pgbench pgbench-graph epbench faults* 2>/dev/null | grep -v '^faults.txt$') \
+    2>/dev/null && rm -rf logs machine pgbench pgbench-graph pgbench-graph.md epbench faults faults-mooncake-cpu faults-gloo )
 # what the command's output tail should show even if no file comes back
 echo; cat "$out/epbench.md" 2>/dev/null
 echo; grep -h '^\[\(PASS\|FAIL\|SKIP\)\]\|^# faults:' "$out/faults.txt" 2>/dev/null

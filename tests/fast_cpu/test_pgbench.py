@@ -71,3 +71,22 @@ def test_counts_and_busbw_factors():
     assert pgbench.busbw_factor("all_gather", 2) == 0.5
     assert pgbench.busbw_factor("broadcast", 8) == 1.0
     assert pgbench.parse_size("32M") == 32 << 20 and pgbench.parse_size("8") == 8
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-G", "2", "--device", "cpu"], "-G/--cudagraph needs --device cuda"),
+    (["-G", "2", "--backend", "mooncake,gloo", "--device", "cuda"], "capture in CUDA graphs: mooncake or nccl"),
+    (["-G", "-1", "--device", "cuda"], "-G/--cudagraph must be >= 0"),
+    (["--mem-pool", "--device", "cpu"], "--mem-pool needs --device cuda"),
+])
+def test_graph_mode_arguments_are_checked(argv, expected, capsys):
+    """Graph mode asks for what it needs before any rank starts: CUDA and backends that capture."""
+    sys.path.insert(0, os.path.dirname(PGBENCH))
+    try:
+        import pgbench
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as exc:
+        pgbench.parse_args(["--collective", "all_reduce", *argv])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err

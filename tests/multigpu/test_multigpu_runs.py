@@ -111,6 +111,43 @@ def test_pgbench_nccl_side_by_side(tmp_path):
 
 
 @multi_gpu
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pgbench_nccl_side_by_side_in_graph_mode(tmp_path):
+    """pgbench -G over 2 GPUs: each backend's calls captured in CUDA graphs and launched; nothing wrong."""
+    backends = "nccl" + (",mooncake:fast" if _has("ucxx") else "")
+    out = tmp_path / "graphs.json"
+    proc = _run([sys.executable, PGBENCH, "--collective", "all_reduce,all_gather_base,reduce_scatter",
+                 "--backend", backends, "--device", "cuda", "-g", "2", "-b", "8", "-e", "4M", "-f", "64",
+                 "-n", "2", "-w", "1", "-G", "2", "--mem-pool", "--no-progress", "-J", str(out)], 360)
+    assert proc.returncode == 0
+    with open(out) as f:
+        records = json.load(f)["results"]
+    for r in records:
+        for mode in ("in_place", "out_of_place"):
+            assert r[mode] is not None and r[mode]["wrong"] == 0, r
+
+
+def test_pg_compare_labels_each_file(tmp_path):
+    """``LABEL=JSON`` names a file's columns, so runs of one backend (eager / graph, R = 2 / 8) sit side by side."""
+    def result(us):
+        return {"time_us": us, "busbw": 1.0, "algbw": 1.0, "wrong": 0}
+    for name, world, us in (("e2", 2, 90.0), ("g8", 8, 14.0)):
+        data = {"meta": {"world_size": world}, "results": [
+            {"collective": "all_reduce", "backend": "mooncake:fast", "size_bytes": 16, "in_place": result(us),
+             "out_of_place": result(us)}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    md = tmp_path / "t.md"
+    proc = _run([sys.executable, DRIVER, "pg-compare", f"R=2 eager={tmp_path / 'e2.json'}",
+                 f"R=8 graph={tmp_path / 'g8.json'}", "--md", str(md)], 60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = md.read_text()
+    assert "2/8 ranks" in text and "R=2 eager us" in text and "R=8 graph us" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 16 |"))
+    assert "90" in row and "14" in row, row
+
+
+@multi_gpu
 def test_peer_access_and_nvls_off(tmp_path):
     proc = _run([sys.executable, DRIVER, "machine", "--out", str(tmp_path), "--mib", "64"], 120)
     assert proc.returncode == 0
