@@ -12,13 +12,19 @@ each mode in turn:
 * ``fsdp2``       ``torch.distributed.fsdp.fully_shard`` on every Linear and on the root.
 
 Reported per (mode, backend, ranks): median step time (rank 0, one optimizer step, after
-``--warmup`` steps; with ``--rounds N`` the backends run N times in turn and the fastest median counts), samples/s (global batch / median step), its ratio to gloo, and whether the final
-parameters equal gloo's: bitwise (``equal``), or the largest absolute difference otherwise.  With
+``--warmup`` steps; with ``--rounds N`` the backends run N times in turn and the fastest median counts), samples/s (global batch / median step), its ratio to the baseline (the first backend:
+gloo by default), and whether the final parameters equal the baseline's: bitwise (``equal``), or the
+largest absolute difference otherwise.  With
 two ranks every reduction here is exact whatever its order (a + b), so anything but bitwise equality
 is a bug; with more ranks the float sums may round differently (the fold order differs).
 
     python benchmarks/trainbench.py                       # 2 and 4 ranks, every mode and backend
     python benchmarks/trainbench.py --ranks 2 --steps 3 --width 64 --check   # CI size: exit 1 unless bitwise
+
+``--device cuda`` trains on CUDA tensors (rank r on GPU ``r % device_count``; ranks may share a GPU under
+CUDA MPS) with the backends ``mooncake:ref,mooncake:fast`` by default (``nccl`` where each rank has a GPU
+of its own). The first backend is the baseline; two mooncake planes run the same fold order, so fast
+must equal ref bitwise at any rank count, and ``--check`` demands it.
 
 ``--out DIR`` writes ``trainbench.txt`` (the table), ``trainbench.json`` and ``trainbench.png``.
 """
@@ -43,14 +49,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join([_REPO] + [p for p in os.environ.get(
 
 MODES = ("ddp", "ddp_nosync", "ddp_bf16", "fsdp2")
 BACKENDS = ("gloo", "mooncake-cpu:fast", "mooncake-cpu:ref")
+CUDA_BACKENDS = ("mooncake:ref", "mooncake:fast")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,4", help="comma-separated world sizes (default 2,4)")
-    p.add_argument("--backends", default=",".join(BACKENDS),
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model and the batches live (cuda: rank r on GPU r %% device_count)")
+    p.add_argument("--backends", default=None,
                    help="comma-separated; mooncake-cpu:fast / :ref pin MOONCAKE_IMPL, mooncake-cpu:fast-hosts2 runs "
-                        "fast with the ranks on two emulated hosts (first = baseline: gloo)")
+                        "fast with the ranks on two emulated hosts (first = baseline; default: "
+                        f"{','.join(BACKENDS)} on cpu, {','.join(CUDA_BACKENDS)} on cuda)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--width", type=int, default=1024, help="Linear width (default 1024: 4 MiB of weights each)")
     p.add_argument("--layers", type=int, default=4, help="Linear(width, width) + ReLU blocks")
@@ -64,14 +74,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for one (backend, ranks) run")
     p.add_argument("--out", default=None, help="directory for trainbench.txt / .json / .png")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 unless every 2-rank result equals gloo's bitwise (CI)")
+                   help="exit 1 unless every 2-rank result (every result of two mooncake planes) equals the "
+                        "baseline's bitwise (CI)")
     args = p.parse_args(argv)
     args.ranks = [int(r) for r in args.ranks.split(",") if r]
-    args.backends = [b for b in args.backends.split(",") if b]
+    args.backends = [b for b in (args.backends or ",".join(CUDA_BACKENDS if args.device == "cuda" else BACKENDS))
+                     .split(",") if b]
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
         if m not in MODES:
             p.error(f"unknown mode {m!r} (choose from {', '.join(MODES)})")
+    cpu_only = [b for b in args.backends if b.startswith("mooncake-cpu")]
+    cuda_only = [b for b in args.backends if b.split(":")[0] in ("mooncake", "nccl")]
+    if args.device == "cuda" and cpu_only:
+        p.error(f"--backends {','.join(cpu_only)} cannot carry CUDA tensors: use mooncake, nccl or gloo with "
+                "--device cuda")
+    if args.device == "cpu" and cuda_only:
+        p.error(f"--backends {','.join(cuda_only)} need --device cuda")
     return args
 
 
@@ -86,12 +105,22 @@ def _model(args):
     return torch.nn.Sequential(*layers)
 
 
-def _batch(args, rank: int, step: int, micro: int = 0):
+def _batch(args, rank: int, step: int, micro: int = 0, device="cpu"):
     import torch
     g = torch.Generator().manual_seed(1_000_003 * step + 101 * rank + 7 * micro + 1)
     x = torch.randn(args.batch, args.width, generator=g)
     y = torch.randn(args.batch, args.width, generator=g)
-    return x, y
+    return x.to(device), y.to(device)
+
+
+def _device(args, rank: int):
+    """This rank's device: the CPU, or GPU ``rank % device_count`` (made current)."""
+    import torch
+    if args.device == "cpu":
+        return torch.device("cpu")
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def _train(mode: str, args, rank: int, world: int) -> tuple[list[float], dict]:
@@ -99,10 +128,11 @@ def _train(mode: str, args, rank: int, world: int) -> tuple[list[float], dict]:
     import torch
     import torch.distributed as dist
 
-    model = _model(args)
+    device = _device(args, rank)
+    model = _model(args).to(device)
     if mode.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if mode == "ddp_bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             def bf16_hook(state, bucket):  # the stock hook; DDP refuses it by name without NCCL
@@ -111,7 +141,7 @@ def _train(mode: str, args, rank: int, world: int) -> tuple[list[float], dict]:
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -125,18 +155,20 @@ def _train(mode: str, args, rank: int, world: int) -> tuple[list[float], dict]:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for m in range(micro):
-            x, y = _batch(args, rank, step, m)
+            x, y = _batch(args, rank, step, m, device)
             if m < micro - 1:
                 with model.no_sync():
                     loss_fn(model(x), y).backward()
             else:
                 loss_fn(model(x), y).backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     params = {}
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        params[name.replace("module.", "")] = full.detach().clone().numpy()  # numpy: pickled by value
+        params[name.replace("module.", "")] = full.detach().cpu().clone().numpy()  # numpy: pickled by value
     dist.barrier()
     return times[args.warmup:], params if rank == 0 else {}
 
@@ -245,14 +277,16 @@ def machine() -> dict:
     except OSError:
         pass
     import torch
-    return {"host": socket.gethostname(), "cpu": model, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {"host": socket.gethostname(), "cpu": model, "cpus": os.cpu_count(), "gpus": gpus,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], base: str) -> str:
     head = (f"{'mode':<11} {'ranks':>5} {'backend':<18} {'impl':<5} {'step ms':>9} {'samples/s':>10} "
-            f"{'x gloo':>7}  params vs gloo")
+            f"{'x base':>7}  params vs {base}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("error"):
@@ -289,13 +323,18 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         ax.set_title(f"{world} ranks")
         ax.legend(fontsize=8)
     fig.suptitle(f"trainbench: {meta['layers']}x Linear({meta['width']}) MLP, batch {meta['batch']}/rank, "
-                 f"{meta['machine']['cpus']} CPUs", fontsize=10)
+                 f"{meta['machine']['cpus']} CPUs, device {meta['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print("trainbench: --device cuda but CUDA is not available here; use --device cpu", file=sys.stderr)
+            return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load_start = os.getloadavg()
     rows: list[dict] = []
@@ -336,13 +375,15 @@ def main(argv=None) -> int:
                     row["max_abs_diff"] = max(d for _, d in equal)
                 rows.append(row)
     rows.sort(key=lambda r: (r["ranks"], args.modes.index(r["mode"]), args.backends.index(r["backend"])))
-    meta = {"argv": sys.argv, "rounds": args.rounds, "width": args.width, "layers": args.layers, "batch": args.batch,
-            "accum": args.accum, "steps": args.steps, "warmup": args.warmup, "machine": machine(),
+    meta = {"argv": sys.argv, "device": args.device, "rounds": args.rounds, "width": args.width,
+            "layers": args.layers, "batch": args.batch, "accum": args.accum, "steps": args.steps, "warmup": args.warmup, "machine": machine(),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    text = table(rows)
+    text = table(rows, args.backends[0])
     header = (f"# trainbench {meta['machine']['date']} on {meta['machine']['host']}: {meta['machine']['cpu']} "
-              f"({meta['machine']['cpus']} CPUs), torch {meta['machine']['torch']}; load average "
+              f"({meta['machine']['cpus']} CPUs), device {args.device}"
+              f"{' (' + ', '.join(meta['machine']['gpus']) + ')' if args.device == 'cuda' else ''}, "
+              f"torch {meta['machine']['torch']}; load average "
               f"{load_start[0]:.2f} -> {meta['load_average_end'][0]:.2f}\n"
               f"# model {args.layers}x Linear({args.width},{args.width})+ReLU, batch {args.batch}/rank, "
               f"{args.steps} timed steps after {args.warmup}, accum {args.accum} (ddp_nosync)")
@@ -359,15 +400,22 @@ def main(argv=None) -> int:
         except ImportError as exc:
             print(f"# no plot: {exc}", file=sys.stderr)
     if args.check:
-        bad = [r for r in rows if r["backend"] != args.backends[0]
-               and (r.get("error") or (r["ranks"] == 2 and not r["equal"]))]
+        base = args.backends[0]
+        bad = [r for r in rows if r["backend"] != base
+               and (r.get("error") or (_must_equal(r["backend"], base, r["ranks"]) and not r["equal"]))]
         errors = [r for r in rows if r.get("error")]
         for r in bad + [r for r in errors if r not in bad]:
             print(f"CHECK FAILED: {r['mode']} {r['backend']} x{r['ranks']}: "
-                  f"{r.get('error') or 'parameters differ from gloo, max |diff| %g' % r['max_abs_diff']}",
+                  f"{r.get('error') or 'parameters differ from %s, max |diff| %g' % (base, r['max_abs_diff'])}",
                   file=sys.stderr)
         return 1 if bad or errors else 0
     return 0
+
+
+def _must_equal(spec: str, base: str, world: int) -> bool:
+    """Whether ``spec``'s final parameters must equal the baseline's bit for bit: with two ranks always (a + b
+    is exact in any order); with more when both are mooncake planes (they fold in the same order)."""
+    return world == 2 or (spec.startswith("mooncake") and base.startswith("mooncake"))
 
 
 if __name__ == "__main__":

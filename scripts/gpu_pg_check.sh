@@ -9,7 +9,7 @@
 #      (survivors agree, bitwise), all_reduce bandwidth at 64-256 MiB vs the device-copy HBM floor
 #   4. if time is left: the CUDA half of tests/fast_cuda/test_fast_cuda_pg.py under pytest
 #   5. stop MPS
-# EARLY_TESTS: pytest node ids run first (under MPS).  FLOOR_RANKS (e.g. 1,2,8): benchmarks/host_floor.py (what
+# EARLY_TESTS: pytest node ids run first (under MPS), within EARLY_S (240) seconds.  FLOOR_RANKS (e.g. 1,2,8): benchmarks/host_floor.py (what
 # an eager call of a Python torch backend costs this machine's host at least) into floor.txt / floor.json.  GRAPH_RANKS (e.g. 2,8): first tests/fast_cuda/pg_graph.py (the device path: eager latency, CUDA graphs of
 # all_reduce, every captured collective bitwise against the model, a rank killed during a replay of all_reduces
 # and of all_gathers for 3+ ranks) within GRAPH_S seconds; GRAPH_ARGS more arguments of it (default: 100
@@ -54,7 +54,7 @@ else
 fi
 
 if [ -n "${EARLY_TESTS:-}" ]; then  # pytest node ids to run first, under MPS (e.g. a check that decides the rest)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider $EARLY_TESTS -rfEs > "$out/early.txt" 2>&1
+  timeout "${EARLY_S:-240}" python3 -m pytest -q -p no:cacheprovider $EARLY_TESTS -rfEs > "$out/early.txt" 2>&1
   code=$?; [ $code -eq 0 ] || rc=1
   echo "=== early tests rc=$code at ${SECONDS}s: $(tail -n 1 "$out/early.txt")" | tee -a "$out/summary.txt"
 fi

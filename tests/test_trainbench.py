@@ -52,3 +52,19 @@ def test_training_across_two_hosts_matches_ref(tmp_path):
         assert row["impl"] == ("ref" if row["backend"].endswith(":ref") else "fast"), row
         if not row["backend"].endswith(":ref"):
             assert row["equal"], row
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "cuda", "--backends", "mooncake-cpu:fast"], "cannot carry CUDA tensors"),
+    (["--device", "cpu", "--backends", "gloo,mooncake:fast"], "need --device cuda"),
+])
+def test_device_and_backends_must_fit(argv, expected, capsys):
+    sys.path.insert(0, os.path.dirname(TRAINBENCH))
+    try:
+        import trainbench
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit):
+        trainbench.parse_args(argv)
+    assert expected in capsys.readouterr().err
+    assert trainbench.parse_args(["--device", "cuda"]).backends == ["mooncake:ref", "mooncake:fast"]
