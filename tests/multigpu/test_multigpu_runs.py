@@ -89,6 +89,16 @@ def test_epbench_one_rank_per_gpu(tmp_path):
     assert _run([sys.executable, DRIVER, "ep-compare", str(tmp_path)], 60).returncode == 0
 
 
+def _pgbench_over_two_gpus(out, backends: str, collectives: str, *more: str) -> list[dict]:
+    """pgbench with one rank on each of 2 GPUs, 8 B - 4 MiB; its result records."""
+    proc = _run([sys.executable, PGBENCH, "--collective", collectives, "--backend", backends, "--device", "cuda",
+                 "-g", "2", "-b", "8", "-e", "4M", "-f", "64", "-n", "2", "-w", "1", "--no-progress", "-J",
+                 str(out), *more], 360)
+    assert proc.returncode == 0
+    with open(out) as f:
+        return json.load(f)["results"]
+
+
 @multi_gpu
 @pytest.mark.slow
 @pytest.mark.timeout(400)
@@ -96,12 +106,7 @@ def test_pgbench_nccl_side_by_side(tmp_path):
     """pgbench over 2 GPUs: nccl and (if ucxx is here) mooncake next to it; no wrong element anywhere."""
     backends = "nccl" + (",mooncake" if _has("ucxx") else "")
     out = tmp_path / "pg.json"
-    proc = _run([sys.executable, PGBENCH, "--collective", "all_reduce,all_gather,reduce_scatter,alltoall",
-                 "--backend", backends, "--device", "cuda", "-g", "2", "-b", "8", "-e", "64K", "-f", "8",
-                 "-n", "2", "-w", "1", "--no-progress", "-J", str(out)], 360)
-    assert proc.returncode == 0
-    with open(out) as f:
-        records = json.load(f)["results"]
+    records = _pgbench_over_two_gpus(out, backends, "all_reduce,all_gather,reduce_scatter,alltoall")
     assert {r["backend"] for r in records} == set(backends.split(","))
     for r in records:
         for mode in ("in_place", "out_of_place"):
@@ -116,13 +121,9 @@ def test_pgbench_nccl_side_by_side(tmp_path):
 def test_pgbench_nccl_side_by_side_in_graph_mode(tmp_path):
     """pgbench -G over 2 GPUs: each backend's calls captured in CUDA graphs and launched; nothing wrong."""
     backends = "nccl" + (",mooncake:fast" if _has("ucxx") else "")
-    out = tmp_path / "graphs.json"
-    proc = _run([sys.executable, PGBENCH, "--collective", "all_reduce,all_gather_base,reduce_scatter",
-                 "--backend", backends, "--device", "cuda", "-g", "2", "-b", "8", "-e", "4M", "-f", "64",
-                 "-n", "2", "-w", "1", "-G", "2", "--mem-pool", "--no-progress", "-J", str(out)], 360)
-    assert proc.returncode == 0
-    with open(out) as f:
-        records = json.load(f)["results"]
+    records = _pgbench_over_two_gpus(tmp_path / "graphs.json", backends, "all_reduce,all_gather_base,reduce_scatter",
+                                     "-G", "2", "--mem-pool")
+    assert {r["backend"] for r in records} == set(backends.split(","))
     for r in records:
         for mode in ("in_place", "out_of_place"):
             assert r[mode] is not None and r[mode]["wrong"] == 0, r
