@@ -38,7 +38,11 @@ def test_repeated_calls_take_the_quick_lane_with_the_models_bits(cluster_factory
         # (a group's first calls on a parity also allocate the lane, on the host protocol)
         assert counts[0]["quick"] >= steps - 4 and counts[0]["quick"] + 2 == counts[0]["done"], counts
         for c in counts[1:]:
-            assert c == {"quick": steps - 2, "handed": 0, "done": steps, "published": 0, "not posted": 0}, counts
+            # a peer that a loaded machine keeps from publishing within the quick wait's budget hands the op over
+            # (its bits are checked above): most, not all, of the quick posts commit on the quick lane
+            handed = c.pop("handed")
+            assert c == {"quick": steps - 2, "done": steps, "published": 0, "not posted": 0}, counts
+            assert handed <= (steps - 2) // 2, counts
 
 
 @pytest.mark.timeout(300)
