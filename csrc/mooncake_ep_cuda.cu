@@ -35,10 +35,11 @@
 #include <mutex>
 
 #include "mc_device_sync.cuh"
+#include "mc_host_device.cuh"
 #include "mc_fp8.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
-#define MC_ABI_VERSION 11
+#define MC_ABI_VERSION 12
 
 namespace {
 
@@ -582,12 +583,11 @@ MC_API int mc_sm_count(int device, int* count) {
 
 // Run op(stream) on a private non-blocking stream of `device` and wait for it: no device-wide synchronisation,
 // allowed while this or another thread captures a graph (relaxed capture mode for the call); the thread's
-// current device is kept.
+// current device is kept (DeviceScope).
 template <typename Op>
 static cudaError_t on_private_stream(int device, Op op) {
-  int was = -1;
-  cudaError_t err = cudaGetDevice(&was);
-  if (err == cudaSuccess && was != device) err = cudaSetDevice(device);
+  DeviceScope scope(device);
+  cudaError_t err = scope.err;
   if (err != cudaSuccess) return err;
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   cudaThreadExchangeStreamCaptureMode(&mode);
@@ -600,7 +600,6 @@ static cudaError_t on_private_stream(int device, Op op) {
     cudaStreamDestroy(s);
   }
   cudaThreadExchangeStreamCaptureMode(&mode);
-  if (was != device) cudaSetDevice(was);
   return err;
 }
 
@@ -633,22 +632,10 @@ struct Vmm {
   CUresult (*error_string)(CUresult, const char**);
   CUresult (*device_get)(CUdevice*, int);
   CUresult (*attribute)(int*, CUdevice_attribute, CUdevice);
+  CUresult (*can_access_peer)(int*, CUdevice, CUdevice);
+  CUresult (*properties)(CUmemAllocationProp*, CUmemGenericAllocationHandle);
   bool ok;
 };
-
-template <typename F>
-bool entry(const char* name, F* fn) {
-  cudaDriverEntryPointQueryResult found;
-  void* p = nullptr;
-#if CUDART_VERSION >= 12050
-  const cudaError_t rc = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
-#else
-  const cudaError_t rc = cudaGetDriverEntryPoint(name, &p, cudaEnableDefault, &found);
-#endif
-  if (rc != cudaSuccess || found != cudaDriverEntryPointSuccess) return false;
-  *fn = reinterpret_cast<F>(p);
-  return true;
-}
 
 const Vmm& vmm() {
   static const Vmm v = [] {
@@ -658,7 +645,9 @@ const Vmm& vmm() {
            entry("cuMemImportFromShareableHandle", &d.import_handle) && entry("cuMemRelease", &d.release) &&
            entry("cuMemUnmap", &d.unmap) && entry("cuMemAddressFree", &d.address_free) &&
            entry("cuMemGetAllocationGranularity", &d.granularity) && entry("cuGetErrorString", &d.error_string) &&
-           entry("cuDeviceGet", &d.device_get) && entry("cuDeviceGetAttribute", &d.attribute);
+           entry("cuDeviceGet", &d.device_get) && entry("cuDeviceGetAttribute", &d.attribute) &&
+           entry("cuDeviceCanAccessPeer", &d.can_access_peer) &&
+           entry("cuMemGetAllocationPropertiesFromHandle", &d.properties);
     return d;
   }();
   return v;
@@ -724,6 +713,19 @@ MC_API int mc_vmm_supported(int device, int* why) {
   return *why == 0;
 }
 
+// Whether a process on `device` can map memory that lives on `peer` (peer-to-peer access over NVLink or
+// PCIe): 1 yes, 0 no, negative: the driver could not say.  A device reaches its own memory.
+MC_API int mc_vmm_peer_access(int device, int peer) {
+  if (device == peer) return 1;
+  const Vmm& v = vmm();
+  CUdevice a = 0, b = 0;
+  int ok = 0;
+  if (!v.ok || v.device_get(&a, device) != CUDA_SUCCESS || v.device_get(&b, peer) != CUDA_SUCCESS ||
+      v.can_access_peer(&ok, a, b) != CUDA_SUCCESS)
+    return -1;
+  return ok ? 1 : 0;
+}
+
 // At least `bytes` of zeroed memory on `device`, mapped here at *ptr (*size bytes: rounded up to the
 // allocation granularity) and exported as the file descriptor *fd (the caller closes it).
 MC_API int mc_vmm_alloc(int device, int64_t bytes, int64_t* ptr, int64_t* size, int* fd) {
@@ -770,9 +772,10 @@ MC_API int mc_vmm_import(int device, int fd, int64_t size, int64_t* ptr) {
   CUresult rc = v.import_handle(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
                                 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
   if (rc != CUDA_SUCCESS) return rc;
-  const CUmemAllocationProp prop = vmm_prop(device);
+  CUmemAllocationProp prop{};  // the allocation's own (its owner's device): the alignment it was made with
   size_t gran = 0;
-  rc = v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  rc = v.properties(&prop, h);
+  if (rc == CUDA_SUCCESS) rc = v.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
   if (rc == CUDA_SUCCESS) rc = vmm_map(v, h, static_cast<size_t>(size), gran, device, ptr);
   v.release(h);
   return rc;

@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "mc_device_sync.cuh"
+#include "mc_host_device.cuh"
 
 #define MC_API extern "C" __attribute__((visibility("default")))
 
@@ -843,9 +844,11 @@ MC_API int mc_pg_quick_wait(const int64_t* words, int n, int mine, int64_t key, 
   }
 }
 
-// Register host memory (a shared-memory segment of this or another process) for access from the
-// device; *device_ptr is its address there.
-MC_API int mc_host_register(int64_t ptr, int64_t bytes, int64_t* device_ptr) {
+// Register host memory (a shared-memory segment of this or another process) for access from `device`
+// (current for the call, so that any thread may register); *device_ptr is its address there.
+MC_API int mc_host_register(int64_t ptr, int64_t bytes, int device, int64_t* device_ptr) {
+  DeviceScope scope(device);
+  if (scope.err != cudaSuccess) return (int)scope.err;
   void* p = reinterpret_cast<void*>(ptr);
   cudaError_t rc = cudaHostRegister(p, static_cast<size_t>(bytes), cudaHostRegisterMapped | cudaHostRegisterPortable);
   if (rc != cudaSuccess) return (int)rc;
@@ -859,7 +862,11 @@ MC_API int mc_host_register(int64_t ptr, int64_t bytes, int64_t* device_ptr) {
   return (int)cudaSuccess;
 }
 
-MC_API int mc_host_unregister(int64_t ptr) { return (int)cudaHostUnregister(reinterpret_cast<void*>(ptr)); }
+MC_API int mc_host_unregister(int64_t ptr, int device) {
+  DeviceScope scope(device);
+  if (scope.err != cudaSuccess) return (int)scope.err;
+  return (int)cudaHostUnregister(reinterpret_cast<void*>(ptr));
+}
 
 // Let this thread make calls that a CUDA graph capture in global mode forbids (allocating and opening
 // lanes while the caller captures): relaxed = 1 switches to relaxed mode and saves the mode in *saved,

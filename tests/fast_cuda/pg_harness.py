@@ -51,6 +51,26 @@ def open_plane(prefix: str, capacity: int, ranks: list[int], timeout_s: float = 
     return os.getpid(), plane.delegate
 
 
+def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, peer_access: bool):
+    """``open_plane`` with this worker's emulated lanes on GPU ``rank % gpus`` of a host whose GPUs can
+    (``peer_access``) or cannot map each other's memory; returns (pid, delegate reason)."""
+    from mooncake.fast.cuda import pg
+    from mooncake.testing.cluster import worker_context
+    rank = worker_context().rank
+    init = pg._EmulatedMemory.__init__
+
+    def on_gpu(mem):
+        init(mem)
+        mem.index = rank % gpus
+    pg._EmulatedMemory.__init__ = on_gpu
+    pg._EmulatedMemory.peer_access = staticmethod(lambda device, peer: peer_access)
+    try:
+        return open_plane(prefix, capacity, ranks)
+    finally:
+        pg._EmulatedMemory.__init__ = init
+        del pg._EmulatedMemory.peer_access  # the class's own again
+
+
 def close_plane(prefix: str):
     st = _state.pop(prefix, None)
     if st is not None:

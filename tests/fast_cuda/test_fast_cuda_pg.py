@@ -379,6 +379,30 @@ def test_emulated_other_host_delegates_to_ref(cluster_factory):
         assert reason and "another host" in reason, out
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("peer_access", [True, False])
+def test_emulated_gpus_without_peer_access_delegate_to_ref(cluster_factory, peer_access):
+    """Ranks on two GPUs of one host stay on the plane where the GPUs map each other's memory; where they
+    cannot, every rank sends the group's collectives to the ref plane alike, naming the two GPUs."""
+    c = _emu(cluster_factory, 3)
+    prefix = C.prefix(f"emu-p2p-{peer_access}")
+    out = c.run(H.open_plane_on_gpus, prefix, 3, [0, 1, 2], 2, peer_access)
+    c.run(H.close_plane, prefix)
+    for _, reason in out:
+        if peer_access:
+            assert reason is None, out
+        else:
+            assert reason and "GPUs 0 and 1 of this host cannot map each other's memory" in reason, out
+
+
+def test_unreachable_pair_is_the_lowest_pair_without_access():
+    from mooncake.fast.cuda.pg import unreachable_pair
+    assert unreachable_pair({3}, lambda a, b: False) is None  # one GPU reaches its own memory
+    assert unreachable_pair({0, 1, 2}, lambda a, b: True) is None
+    assert unreachable_pair({2, 0, 1}, lambda a, b: {a, b} != {1, 2}) == (1, 2)
+    assert unreachable_pair({0, 1}, lambda a, b: None) == (0, 1)  # the driver could not say: not assumed
+
+
 def test_reason_without_cuda():
     import torch
     if torch.version.cuda is not None and torch.cuda.is_available():

@@ -22,7 +22,7 @@ EP_ARG_FIELDS = (
     "recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
     "grid_hint", "src_k", "stage_cap", "dead",
 )
-ABI_VERSION = 11
+ABI_VERSION = 12
 #: McPgDevArgs in csrc/mooncake_pg_cuda.cu: the device protocol's ranks per group at most
 DEV_MAX_RANKS = 16
 
@@ -59,7 +59,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_error_string": ([i32], ctypes.c_char_p), "mc_driver_version": ([pi32], i32),
         "mc_device_count": ([pi32], i32), "mc_set_device": ([i32], i32), "mc_get_device": ([pi32], i32),
         "mc_sm_count": ([i32, pi32], i32),
-        "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32),
+        "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32), "mc_vmm_peer_access": ([i32, i32], i32),
         "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
         "mc_vmm_free": ([i64, i64], i32),
         "mc_pool_find": ([i64, pi64, pi64, pi32, pi64], i32),
@@ -79,7 +79,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_pg_quick_wait": ([pi64, i32, i32, i64, i64, i64, i64], i32),
         "mc_event_create": ([pi64], i32), "mc_event_destroy": ([i64], i32),
         "mc_event_query": ([i64], i32), "mc_event_sync": ([i64], i32),
-        "mc_host_register": ([i64, i64, pi64], i32), "mc_host_unregister": ([i64], i32),
+        "mc_host_register": ([i64, i64, i32, pi64], i32), "mc_host_unregister": ([i64, i32], i32),
         "mc_capture_mode": ([i32, pi32], i32),
     }
     for name, (args, res) in sig.items():

@@ -285,6 +285,18 @@ def _record_key(prefix: str, rank: int) -> str:
     return f"{prefix}/fast-cuda/{rank}"
 
 
+def unreachable_pair(devices, peer_access) -> tuple[int, int] | None:
+    """Two of ``devices`` (GPU ordinals of one host's ranks) of which the first cannot map the second's memory
+    (``peer_access(a, b)`` not True), lowest first; None when every rank can read every other's lanes.  Every
+    rank asks about the same devices, so all decide alike."""
+    ordered = sorted(devices)
+    for a in ordered:
+        for b in ordered:
+            if a != b and peer_access(a, b) is not True:
+                return a, b
+    return None
+
+
 def emulated() -> bool:
     return os.environ.get(EMULATE_ENV, "").strip().lower() == "cpu"
 
@@ -350,9 +362,21 @@ class _CudaMemory:
         self.fold_kernel = os.environ.get(FOLD_ENV, "kernel").strip().lower() != "torch"
         self.fold_max_inputs = lib.mc_pg_fold_max_inputs()
         self.device_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._warned_device = False
 
     def accepts(self, t: torch.Tensor) -> bool:
+        if t.is_cuda and t.get_device() != self.index and not self._warned_device:
+            self._warned_device = True
+            log.logger.warning("the mooncake group's CUDA plane lives on cuda:%d (the current device when the group was "
+                        "created) but is given a tensor on %s: every operation copies across GPUs and none is "
+                        "captured in a CUDA graph; call torch.cuda.set_device(local_rank) before "
+                        "init_process_group / new_group", self.index, t.device)
         return t.is_cuda
+
+    def peer_access(self, device: int, peer: int) -> bool | None:
+        """Whether a process on GPU ``device`` can map memory on GPU ``peer`` (None: the driver cannot say)."""
+        got = self.lib.mc_vmm_peer_access(device, peer)
+        return None if got < 0 else bool(got)
 
     def caller_stream(self):
         return current_stream(self.index)
@@ -423,12 +447,12 @@ class _CudaMemory:
     def map_host(self, addr: int, size: int) -> int:
         """Register host memory (control words of this or a peer process) for the device; its device address."""
         dev = ctypes.c_int64(0)
-        self._check(self.lib, self.lib.mc_host_register(addr, size, ctypes.byref(dev)),
+        self._check(self.lib, self.lib.mc_host_register(addr, size, self.index, ctypes.byref(dev)),
                     f"cudaHostRegister of {size} bytes of control words")
         return dev.value
 
     def unmap_host(self, addr: int) -> None:
-        self.lib.mc_host_unregister(addr)
+        self.lib.mc_host_unregister(addr, self.index)
 
     def store_word(self, addr: int, value: int) -> None:
         """The int64 at device address ``addr`` = ``value``, from any thread, also while another captures
@@ -543,6 +567,10 @@ class _EmulatedMemory:
 
     def accepts(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu"
+
+    @staticmethod
+    def peer_access(device: int, peer: int) -> bool:
+        return True
 
     def caller_stream(self):
         return None
@@ -1382,7 +1410,8 @@ class CudaGroup:
         self.lock = threading.RLock()
         self.queue: list[_Op] = []
         self.peers: dict[int, _Peer] = {}
-        self.delegate: str | None = None  # why ops go to the ref plane (a remote rank), else None
+        self.delegate: str | None = None  # why ops go to the ref plane (a remote rank, GPUs without P2P), else None
+        self.devices: dict[int, int] = {self.rank: self.mem.index}  # this host's ranks -> their GPUs
         self.closed = False
         self.exact_host = os.environ.get(EXACT_HOST_ENV, "auto").strip().lower()
         native.load()
@@ -1436,6 +1465,12 @@ class CudaGroup:
             if remote and self.delegate is None:
                 self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use the "
                                  "ref plane (UCX) over host copies")
+            self.devices.update({r: rec[7] for r, rec in records.items() if rec[6] == self.host})
+            unreachable = None if self.delegate else unreachable_pair(set(self.devices.values()), self.mem.peer_access)
+            if unreachable is not None:
+                self.delegate = (f"GPUs {unreachable[0]} and {unreachable[1]} of this host cannot map each "
+                                 "other's memory (no peer-to-peer access between them); this group's collectives "
+                                 "use the ref plane (UCX) over host copies")
             if self.delegate is not None:
                 return
             for r, rec in records.items():
