@@ -726,6 +726,23 @@ MC_API int mc_vmm_peer_access(int device, int peer) {
   return ok ? 1 : 0;
 }
 
+// The 16 bytes of `device`'s UUID into out: the same in every process that sees the GPU, whatever its
+// ordinal there (CUDA_VISIBLE_DEVICES).
+MC_API int mc_device_uuid(int device, unsigned char* out) {
+  static CUresult (*get_uuid)(CUuuid*, CUdevice) = [] {
+    CUresult (*f)(CUuuid*, CUdevice) = nullptr;
+    return entry("cuDeviceGetUuid", &f) ? f : nullptr;
+  }();
+  const Vmm& v = vmm();
+  if (get_uuid == nullptr || !v.ok) return CUDA_ERROR_NOT_SUPPORTED;
+  CUdevice dev = 0;
+  CUuuid id;
+  CUresult rc = v.device_get(&dev, device);
+  if (rc == CUDA_SUCCESS) rc = get_uuid(&id, dev);
+  if (rc == CUDA_SUCCESS) memcpy(out, id.bytes, sizeof(id.bytes));
+  return rc;
+}
+
 // At least `bytes` of zeroed memory on `device`, mapped here at *ptr (*size bytes: rounded up to the
 // allocation granularity) and exported as the file descriptor *fd (the caller closes it).
 MC_API int mc_vmm_alloc(int device, int64_t bytes, int64_t* ptr, int64_t* size, int* fd) {

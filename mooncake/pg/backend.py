@@ -194,7 +194,7 @@ class MooncakeProcessGroup(dist.ProcessGroup):
                                 "rank: a founding rank must mark itself active (or pass "
                                 "is_extension=True to join later)")
         super().__init__(rank, view.visible_size if not is_extension else world_size)
-        self.implementation, self.implementation_reason = implementation
+        self.implementation, self._implementation_reason = implementation
         self._backend_name = backend_name
         self._device_type = device_type
         self._store = auth.wrap_store(store)  # with a job secret: records sealed, read verified
@@ -327,6 +327,13 @@ class MooncakeProcessGroup(dist.ProcessGroup):
             raise ArgumentError(f"active_ranks differs across ranks: rank {rank} starts with active "
                                 f"mask {mask}, this rank {self._initial_view.mask()}")
         return bytes(record[_HELLO.size + capacity:])
+
+    @property
+    def implementation_reason(self) -> str:
+        """Why ``implementation`` serves this group, and where its plane hands the collectives to the ref
+        plane (ranks on another host, GPUs that cannot map each other's memory), why."""
+        delegate = getattr(getattr(self, "_plane", None), "delegate", None)
+        return self._implementation_reason if not delegate else f"{self._implementation_reason}; but {delegate}"
 
     def _open_plane(self):
         """The data plane serving this group's collectives, and its P2P where it offers it (the fast CPU

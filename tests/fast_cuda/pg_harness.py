@@ -51,9 +51,11 @@ def open_plane(prefix: str, capacity: int, ranks: list[int], timeout_s: float = 
     return os.getpid(), plane.delegate
 
 
-def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, peer_access: bool):
+def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, peer_access: bool,
+                       own_numbering: bool = False):
     """``open_plane`` with this worker's emulated lanes on GPU ``rank % gpus`` of a host whose GPUs can
-    (``peer_access``) or cannot map each other's memory; returns (pid, delegate reason)."""
+    (``peer_access``) or cannot map each other's memory; ``own_numbering``: each rank sees only its own GPU,
+    as its ordinal 0 (a CUDA_VISIBLE_DEVICES of its own).  Returns (pid, delegate reason)."""
     from mooncake.fast.cuda import pg
     from mooncake.testing.cluster import worker_context
     rank = worker_context().rank
@@ -61,7 +63,8 @@ def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, 
 
     def on_gpu(mem):
         init(mem)
-        mem.index = rank % gpus
+        mem.index = 0 if own_numbering else rank % gpus
+        mem.uuid = f"emulated-gpu-{rank % gpus}".encode().ljust(16, b"\0")
     pg._EmulatedMemory.__init__ = on_gpu
     pg._EmulatedMemory.peer_access = staticmethod(lambda device, peer: peer_access)
     try:

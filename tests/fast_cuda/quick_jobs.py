@@ -198,3 +198,12 @@ def direct_work(numel: int):
     ok = w.wait() and w.is_completed() and w.is_success() and mpg.get_local_success(w)
     hint = mpg.get_failed_ranks_hint(w).tolist()
     return kind, ok, hint, bitwise_equal(x, want(range(dist.get_world_size()), 4, "float32", numel, "SUM"))
+
+
+def delegated(numel: int, steps: int):
+    """Blocking all_reduces on a group whose plane hands its collectives to the ref plane.  Returns (the
+    group's implementation and reason, bad steps, quick posts)."""
+    import mooncake.pg as mpg
+    bad, _ = loops([("float32", numel, "SUM")], steps)
+    dev = _dev()
+    return mpg.get_implementation(dist.group.WORLD), bad, 0 if dev is None else dev.quick_posts

@@ -395,6 +395,28 @@ def test_emulated_gpus_without_peer_access_delegate_to_ref(cluster_factory, peer
             assert reason and "GPUs 0 and 1 of this host cannot map each other's memory" in reason, out
 
 
+@pytest.mark.timeout(300)
+def test_emulated_ranks_numbering_gpus_apart_delegate_to_ref(cluster_factory):
+    """Ranks of one host that each see only their own GPU (as ordinal 0) cannot tell each other's lanes by
+    ordinal: every rank sends the group to the ref plane alike, naming the cause and the fix."""
+    c = _emu(cluster_factory, 3)
+    prefix = C.prefix("emu-numbering")
+    out = c.run(H.open_plane_on_gpus, prefix, 3, [0, 1, 2], 2, True, True)
+    c.run(H.close_plane, prefix)
+    for _, reason in out:
+        assert reason and "number their GPUs differently" in reason and "CUDA_VISIBLE_DEVICES" in reason, out
+    assert len({reason for _, reason in out}) == 1, out
+
+
+def test_numbering_clash_names_two_ranks():
+    from mooncake.fast.cuda.pg import numbering_clash
+    x, y = b"x" * 16, b"y" * 16
+    assert numbering_clash({0: (0, x), 1: (1, y), 2: (0, x)}) is None  # two ranks on one GPU, one numbering
+    assert "ranks 0 and 1" in numbering_clash({0: (0, x), 1: (0, y)})  # one ordinal, two GPUs
+    assert "ranks 0 and 2" in numbering_clash({0: (0, x), 1: (1, y), 2: (2, x)})  # one GPU, two ordinals
+    assert "ranks 1 and 2" in numbering_clash({0: (0, x), 1: (1, y), 2: (1, x)})  # both: the ordinal named first
+
+
 def test_unreachable_pair_is_the_lowest_pair_without_access():
     from mooncake.fast.cuda.pg import unreachable_pair
     assert unreachable_pair({3}, lambda a, b: False) is None  # one GPU reaches its own memory

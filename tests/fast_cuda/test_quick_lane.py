@@ -118,3 +118,13 @@ def test_a_quick_work_used_directly(cluster_factory):
     """``pg.allreduce`` with asyncOp=False called directly: its Work answers future, wait, is_completed."""
     for kind, ok, hint, right in _cluster(cluster_factory, 2).run(Q.direct_work, 20, timeout_s=RUN_S):
         assert kind == "QuickWork" and ok and right and hint == [0, 0], (kind, ok, hint, right)
+
+
+@pytest.mark.timeout(300)
+def test_a_group_on_two_hosts_says_why_its_collectives_take_the_ref_plane(cluster_factory):
+    """Ranks on two (emulated) hosts: the plane hands every collective to the ref plane, which gives the
+    model's bits; no call takes the quick lane, and ``get_implementation`` names the reason."""
+    c = _cluster(cluster_factory, 2, MOONCAKE_FAST_CPU_HOST_ID="per-process")
+    for (impl, reason), bad, quick in c.run(Q.delegated, 100, 4, timeout_s=RUN_S):
+        assert impl == "fast" and "run on another host" in reason and "ref plane" in reason, reason
+        assert not bad and quick == 0, (bad, quick)

@@ -60,6 +60,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mc_device_count": ([pi32], i32), "mc_set_device": ([i32], i32), "mc_get_device": ([pi32], i32),
         "mc_sm_count": ([i32, pi32], i32),
         "mc_driver_error_string": ([i32], ctypes.c_char_p), "mc_vmm_supported": ([i32, pi32], i32), "mc_vmm_peer_access": ([i32, i32], i32),
+        "mc_device_uuid": ([i32, ctypes.c_char_p], i32),
         "mc_vmm_alloc": ([i32, i64, pi64, pi64, pi32], i32), "mc_vmm_import": ([i32, i32, i64, pi64], i32),
         "mc_vmm_free": ([i64, i64], i32),
         "mc_pool_find": ([i64, pi64, pi64, pi32, pi64], i32),

@@ -250,7 +250,7 @@ L_DRAIN = 21  # an all_reduce on pool tensors: this rank's writes into its peers
 L_SLOTS = 22  # (offset, nbytes) per slot, then the fingerprint's sends[capacity] and recvs[capacity]
 
 _OFFSET = struct.Struct("<q")  # a pool tensor's offset in its segment (capture_offer)
-_RECORD = struct.Struct("<QHHiiQ16si")  # magic, version, capacity, pid, ctrl fd, ctrl size, host, device
+_RECORD = struct.Struct("<QHHiiQ16si16s")  # magic, version, capacity, pid, ctrl fd + size, host, GPU, GPU UUID
 
 QUEUED, DEVICE, PUBLISHING, POSTED, FOLDING, REDUCED, READING, DATA, COMMITTED, FINISHED, ABANDONED = range(11)
 _GPU_BUSY = (DEVICE, PUBLISHING, FOLDING, READING)  # states that wait for this rank's own GPU work
@@ -294,6 +294,25 @@ def unreachable_pair(devices, peer_access) -> tuple[int, int] | None:
         for b in ordered:
             if a != b and peer_access(a, b) is not True:
                 return a, b
+    return None
+
+
+def numbering_clash(gpus: dict[int, tuple[int, bytes]]) -> str | None:
+    """Why one host's ranks cannot share lanes by GPU ordinal (``gpus``: rank -> (ordinal, UUID)): two ranks
+    that number the same GPU differently or give one ordinal to two GPUs (their CUDA_VISIBLE_DEVICES differ),
+    as a delegate reason; None when the numbering is one.  Every rank reads the same records, so all decide
+    alike."""
+    by_ordinal: dict[int, tuple[int, bytes]] = {}
+    by_uuid: dict[bytes, tuple[int, int]] = {}
+    for rank, (ordinal, uuid) in sorted(gpus.items()):
+        seen = by_ordinal.setdefault(ordinal, (rank, uuid))
+        other = by_uuid.setdefault(uuid, (rank, ordinal))
+        if seen[1] != uuid or other[1] != ordinal:
+            first = seen[0] if seen[1] != uuid else other[0]
+            return (f"ranks {first} and {rank} of this host number their GPUs differently (rank {rank} is on its "
+                    f"GPU {ordinal}; their CUDA_VISIBLE_DEVICES differ), so this group's collectives use the ref "
+                    "plane (UCX) over host copies; give every rank of a host the same CUDA_VISIBLE_DEVICES and "
+                    "choose its GPU with torch.cuda.set_device(local_rank)")
     return None
 
 
@@ -363,6 +382,9 @@ class _CudaMemory:
         self.fold_max_inputs = lib.mc_pg_fold_max_inputs()
         self.device_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._warned_device = False
+        uuid = ctypes.create_string_buffer(16)
+        check(lib, lib.mc_device_uuid(self.index, uuid), "cuDeviceGetUuid")
+        self.uuid = uuid.raw  # the GPU, whatever its ordinal in another process
 
     def accepts(self, t: torch.Tensor) -> bool:
         if t.is_cuda and t.get_device() != self.index and not self._warned_device:
@@ -562,6 +584,7 @@ class _EmulatedMemory:
 
     def __init__(self):
         self.index = -1
+        self.uuid = bytes(16)
         self.device = torch.device("cpu")
         self.lag = int(os.environ.get("MOONCAKE_FAST_CUDA_EMULATE_LAG", "1"))
 
@@ -1411,7 +1434,8 @@ class CudaGroup:
         self.queue: list[_Op] = []
         self.peers: dict[int, _Peer] = {}
         self.delegate: str | None = None  # why ops go to the ref plane (a remote rank, GPUs without P2P), else None
-        self.devices: dict[int, int] = {self.rank: self.mem.index}  # this host's ranks -> their GPUs
+        self.gpus: dict[int, tuple[int, bytes]] = {self.rank: (self.mem.index, self.mem.uuid)}  # this host's
+        # ranks -> (GPU ordinal, UUID)
         self.closed = False
         self.exact_host = os.environ.get(EXACT_HOST_ENV, "auto").strip().lower()
         native.load()
@@ -1437,7 +1461,7 @@ class CudaGroup:
         self.host = host_identity()
         self.address = info.addresses.get(self.rank, b"")
         record = _RECORD.pack(_MAGIC, 1, self.capacity, os.getpid(), self.ctrl.fd, self.ctrl.size, self.host,
-                              self.mem.index)
+                              self.mem.index, self.mem.uuid)
         self.dev: _DevicePath | None = None
         self.dev_reason: str | None = None  # why the device path is off
         mode = os.environ.get(DEVICE_ENV, "auto").strip().lower()
@@ -1462,19 +1486,11 @@ class CudaGroup:
         records = self._records(todo)
         remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
         with self.lock:
-            if remote and self.delegate is None:
-                self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use the "
-                                 "ref plane (UCX) over host copies")
-            self.devices.update({r: rec[7] for r, rec in records.items() if rec[6] == self.host})
-            unreachable = None if self.delegate else unreachable_pair(set(self.devices.values()), self.mem.peer_access)
-            if unreachable is not None:
-                self.delegate = (f"GPUs {unreachable[0]} and {unreachable[1]} of this host cannot map each "
-                                 "other's memory (no peer-to-peer access between them); this group's collectives "
-                                 "use the ref plane (UCX) over host copies")
+            self._place(records, remote)
             if self.delegate is not None:
                 return
             for r, rec in records.items():
-                _, _, capacity, pid, fd, size, _, _ = rec
+                _, _, capacity, pid, fd, size, _, _, _ = rec
                 if capacity != self.capacity:
                     raise MooncakeError(f"rank {r} opened the group with capacity {capacity}, this rank "
                                         f"{self.capacity}")
@@ -1494,6 +1510,27 @@ class CudaGroup:
                 self._dead.discard(r)
                 if self.dev is not None:
                     self._device_path(lambda: self.dev.map_peer(r, peer) or self.dev)
+
+    def _place(self, records: dict[int, tuple], remote: list[int]) -> None:
+        """Whether the group's collectives stay on this plane, from where its ranks are (their records): a rank
+        on another host, two ranks numbering their GPUs differently, or two GPUs that cannot map each other's
+        memory send them to the ref plane (``delegate``: why), on every rank alike."""
+        self.gpus.update({r: (rec[7], rec[8]) for r, rec in records.items() if rec[6] == self.host})
+        if self.delegate is not None:
+            return
+        if remote:
+            self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use the "
+                             "ref plane (UCX) over host copies")
+        else:
+            self.delegate = numbering_clash(self.gpus)
+        unreachable = None if self.delegate else unreachable_pair({g for g, _ in self.gpus.values()},
+                                                                    self.mem.peer_access)
+        if unreachable is not None:
+            self.delegate = (f"GPUs {unreachable[0]} and {unreachable[1]} of this host cannot map each other's "
+                             "memory (no peer-to-peer access between them); this group's collectives use the ref "
+                             "plane (UCX) over host copies")
+        if self.delegate is not None:  # ranks on several hosts: expected; the others: a GPU set-up to fix
+            (log.logger.info if remote else log.logger.warning)("rank %d: %s", self.rank, self.delegate)
 
     def _device_path(self, make) -> None:
         """Set up (a part of) the device path; where that fails the group keeps to the host protocol."""
