@@ -64,8 +64,9 @@ def mem_pool() -> "torch.cuda.MemPool":
     from such a pool (``with torch.cuda.use_mem_pool(pool): grads = torch.empty(...)``): each rank reads
     the message once and writes it once, with no copy through a staging buffer.  Other tensors work as
     before.  A segment the ranks' graphs read goes back to the device once every rank destroyed those graphs
-    and dropped the pool, at the group's next collective.  Raises ``MooncakeError`` where the CUDA library or
-    shareable memory is unavailable.
+    and dropped the pool, at the group's next collective.  The pool's memory is mapped for the current
+    device only: use its tensors on that GPU (another GPU of this process cannot read them).  Raises
+    ``MooncakeError`` where the CUDA library or shareable memory is unavailable.
     """
     from ..fast.cuda.pool import mem_pool as make
     return make()
