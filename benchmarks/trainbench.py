@@ -12,9 +12,10 @@ each mode in turn:
 * ``fsdp2``       ``torch.distributed.fsdp.fully_shard`` on every Linear and on the root.
 
 Reported per (mode, backend, ranks): median step time (rank 0, one optimizer step, after
-``--warmup`` steps; with ``--rounds N`` the backends run N times in turn and the fastest median counts), samples/s (global batch / median step), its ratio to the baseline (the first backend:
-gloo by default), and whether the final parameters equal the baseline's: bitwise (``equal``), or the
-largest absolute difference otherwise.  With
+``--warmup`` steps; with ``--rounds N`` the backends run N times in turn and the fastest median counts),
+samples/s (global batch / median step), its ratio to the baseline (the first backend: gloo by default), and
+whether the final parameters equal the baseline's: bitwise (``equal``), or the largest absolute difference
+otherwise.  With
 two ranks every reduction here is exact whatever its order (a + b), so anything but bitwise equality
 is a bug; with more ranks the float sums may round differently (the fold order differs).
 
@@ -376,7 +377,8 @@ def main(argv=None) -> int:
                 rows.append(row)
     rows.sort(key=lambda r: (r["ranks"], args.modes.index(r["mode"]), args.backends.index(r["backend"])))
     meta = {"argv": sys.argv, "device": args.device, "rounds": args.rounds, "width": args.width,
-            "layers": args.layers, "batch": args.batch, "accum": args.accum, "steps": args.steps, "warmup": args.warmup, "machine": machine(),
+            "layers": args.layers, "batch": args.batch, "accum": args.accum, "steps": args.steps,
+            "warmup": args.warmup, "machine": machine(),
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     text = table(rows, args.backends[0])

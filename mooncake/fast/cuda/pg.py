@@ -300,7 +300,7 @@ def unreachable_pair(devices, peer_access) -> tuple[int, int] | None:
 def numbering_clash(gpus: dict[int, tuple[int, bytes]]) -> str | None:
     """Why one host's ranks cannot share lanes by GPU ordinal (``gpus``: rank -> (ordinal, UUID)): two ranks
     that number the same GPU differently or give one ordinal to two GPUs (their CUDA_VISIBLE_DEVICES differ),
-    as a delegate reason; None when the numbering is one.  Every rank reads the same records, so all decide
+    with the fix; None when the numbering is one.  Every rank reads the same records, so all decide
     alike."""
     by_ordinal: dict[int, tuple[int, bytes]] = {}
     by_uuid: dict[bytes, tuple[int, int]] = {}
@@ -310,9 +310,8 @@ def numbering_clash(gpus: dict[int, tuple[int, bytes]]) -> str | None:
         if seen[1] != uuid or other[1] != ordinal:
             first = seen[0] if seen[1] != uuid else other[0]
             return (f"ranks {first} and {rank} of this host number their GPUs differently (rank {rank} is on its "
-                    f"GPU {ordinal}; their CUDA_VISIBLE_DEVICES differ), so this group's collectives use the ref "
-                    "plane (UCX) over host copies; give every rank of a host the same CUDA_VISIBLE_DEVICES and "
-                    "choose its GPU with torch.cuda.set_device(local_rank)")
+                    f"GPU {ordinal}; their CUDA_VISIBLE_DEVICES differ: give every rank of a host the same one and "
+                    "choose its GPU with torch.cuda.set_device(local_rank))")
     return None
 
 
@@ -389,10 +388,10 @@ class _CudaMemory:
     def accepts(self, t: torch.Tensor) -> bool:
         if t.is_cuda and t.get_device() != self.index and not self._warned_device:
             self._warned_device = True
-            log.logger.warning("the mooncake group's CUDA plane lives on cuda:%d (the current device when the group was "
-                        "created) but is given a tensor on %s: every operation copies across GPUs and none is "
-                        "captured in a CUDA graph; call torch.cuda.set_device(local_rank) before "
-                        "init_process_group / new_group", self.index, t.device)
+            log.logger.warning("the mooncake group's CUDA plane lives on cuda:%d (the current device when the "
+                               "group was created) but is given a tensor on %s: every operation copies across "
+                               "GPUs and none is captured in a CUDA graph; call torch.cuda.set_device(local_rank) "
+                               "before init_process_group / new_group", self.index, t.device)
         return t.is_cuda
 
     def peer_access(self, device: int, peer: int) -> bool | None:
@@ -1434,8 +1433,8 @@ class CudaGroup:
         self.queue: list[_Op] = []
         self.peers: dict[int, _Peer] = {}
         self.delegate: str | None = None  # why ops go to the ref plane (a remote rank, GPUs without P2P), else None
-        self.gpus: dict[int, tuple[int, bytes]] = {self.rank: (self.mem.index, self.mem.uuid)}  # this host's
-        # ranks -> (GPU ordinal, UUID)
+        # this host's ranks -> (GPU ordinal, UUID)
+        self.gpus: dict[int, tuple[int, bytes]] = {self.rank: (self.mem.index, self.mem.uuid)}
         self.closed = False
         self.exact_host = os.environ.get(EXACT_HOST_ENV, "auto").strip().lower()
         native.load()
@@ -1484,9 +1483,8 @@ class CudaGroup:
         if not todo:
             return
         records = self._records(todo)
-        remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
         with self.lock:
-            self._place(records, remote)
+            self._place(records)
             if self.delegate is not None:
                 return
             for r, rec in records.items():
@@ -1511,25 +1509,22 @@ class CudaGroup:
                 if self.dev is not None:
                     self._device_path(lambda: self.dev.map_peer(r, peer) or self.dev)
 
-    def _place(self, records: dict[int, tuple], remote: list[int]) -> None:
+    def _place(self, records: dict[int, tuple]) -> None:
         """Whether the group's collectives stay on this plane, from where its ranks are (their records): a rank
         on another host, two ranks numbering their GPUs differently, or two GPUs that cannot map each other's
         memory send them to the ref plane (``delegate``: why), on every rank alike."""
+        remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
         self.gpus.update({r: (rec[7], rec[8]) for r, rec in records.items() if rec[6] == self.host})
         if self.delegate is not None:
             return
-        if remote:
-            self.delegate = (f"rank(s) {remote} run on another host; this group's collectives use the "
-                             "ref plane (UCX) over host copies")
-        else:
-            self.delegate = numbering_clash(self.gpus)
-        unreachable = None if self.delegate else unreachable_pair({g for g, _ in self.gpus.values()},
-                                                                    self.mem.peer_access)
+        why = f"rank(s) {remote} run on another host" if remote else numbering_clash(self.gpus)
+        unreachable = None if why else unreachable_pair({g for g, _ in self.gpus.values()}, self.mem.peer_access)
         if unreachable is not None:
-            self.delegate = (f"GPUs {unreachable[0]} and {unreachable[1]} of this host cannot map each other's "
-                             "memory (no peer-to-peer access between them); this group's collectives use the ref "
-                             "plane (UCX) over host copies")
-        if self.delegate is not None:  # ranks on several hosts: expected; the others: a GPU set-up to fix
+            why = (f"GPUs {unreachable[0]} and {unreachable[1]} of this host cannot map each other's memory (no "
+                   "peer-to-peer access between them)")
+        if why:
+            self.delegate = f"{why}; this group's collectives use the ref plane (UCX) over host copies"
+            # ranks on several hosts: expected; the others: a GPU set-up to fix
             (log.logger.info if remote else log.logger.warning)("rank %d: %s", self.rank, self.delegate)
 
     def _device_path(self, make) -> None:
