@@ -567,6 +567,8 @@ def main() -> int:
     ap.add_argument("--large-sizes", default="67108864,268435456", help="bytes of the large step's all_reduces")
     ap.add_argument("--fail-kinds", default="all_reduce,all_gather,all_reduce_pool",
                     help="what the graph of the kill case holds")
+    ap.add_argument("--fail-numel", type=int, default=1024, help="float32 elements of the kill case's operations")
+    ap.add_argument("--collective-sizes", default="3,1000,16384", help="elements of the captured collectives")
     ap.add_argument("--graph-words", default="pad", help="where captured ops keep their words: pad and/or host "
                     "(MOONCAKE_FAST_CUDA_GRAPH_WORDS), each timed")
     args = ap.parse_args()
@@ -646,7 +648,7 @@ def main() -> int:
                 if "graph" in steps and "pad" in args.graph_words.split(","):
                     failures += graph_times(c, R, sizes, "pad", note)
                 if "collectives" in steps:
-                    cases = [(n, d) for n in (3, 1000, 16384) for d in ("float32", "bfloat16")]
+                    cases = [(int(n), d) for n in args.collective_sizes.split(",") if n for d in ("float32", "bfloat16")]
                     for numel, dtype in cases + [(1000, "int64")]:
                         names = COLLECTIVES if dtype != "int64" else tuple(
                             n for n in COLLECTIVES if not n.startswith(("all_reduce", "reduce")))
@@ -692,7 +694,7 @@ def main() -> int:
             cluster.FAILURE_GRACE_S = 90.0  # the survivors' replays end at the group's timeout, after the death
             timeout_s = 5.0  # the group's: a captured op waits this long for a peer
             env = {"MOONCAKE_IMPL": "fast"}
-            if kind == "all_reduce_pool":  # 1024 float32: in parts, so on the ranks' pool tensors
+            if kind == "all_reduce_pool":  # in parts (also 1024 float32), so on the ranks' pool tensors
                 env["MOONCAKE_FAST_CUDA_PARTS_MIN"] = "4096"
             c = Cluster(R, "mooncake", device="cuda", timeout_s=timeout_s, env=env)
             try:
@@ -700,7 +702,7 @@ def main() -> int:
                 survivors = list(range(R - 1))
                 errors = {}
                 try:
-                    results = c.run(P.die_during_replay, 1024, victim, timeout_s, kind, timeout_s=120)
+                    results = c.run(P.die_during_replay, args.fail_numel, victim, timeout_s, kind, timeout_s=120)
                 except Exception as exc:  # the victim dies: collect the survivors' answers separately
                     results = getattr(exc, "results", None) or []
                     errors = {r: str(e)[-1500:] for r, e in getattr(exc, "errors", {}).items() if r != victim}
@@ -711,7 +713,7 @@ def main() -> int:
                       and all(o["eager_ok"] and o["graph_ok"] for o in outs))
                 failures += not ok
                 note("PASS" if ok else "FAIL", what=f"rank killed during a replay of {kind}", ranks=R,
-                     survivors=outs, errors=errors)
+                     numel=args.fail_numel, survivors=outs, errors=errors)
             finally:
                 c.close()
     with open(os.path.join(args.out, "pg_graph.json"), "w") as f:

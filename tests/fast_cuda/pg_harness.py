@@ -74,6 +74,13 @@ def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, 
         del pg._EmulatedMemory.peer_access  # the class's own again
 
 
+def device_blocks(prefix: str, nbytes: int) -> int:
+    """Blocks this worker's plane gives one device-path launch that moves ``nbytes``."""
+    from mooncake.fast.cuda import pg
+    mem = _state[prefix]["plane"].g.mem
+    return pg.device_blocks(nbytes, mem.sms, pg._RANKS_ON_GPU.get(mem.uuid, 1))
+
+
 def close_plane(prefix: str):
     st = _state.pop(prefix, None)
     if st is not None:

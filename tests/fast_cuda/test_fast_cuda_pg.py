@@ -387,7 +387,9 @@ def test_emulated_gpus_without_peer_access_delegate_to_ref(cluster_factory, peer
     c = _emu(cluster_factory, 3)
     prefix = C.prefix(f"emu-p2p-{peer_access}")
     out = c.run(H.open_plane_on_gpus, prefix, 3, [0, 1, 2], 2, peer_access)
+    blocks = c.run(H.device_blocks, prefix, 256 << 20)
     c.run(H.close_plane, prefix)
+    assert blocks == [66, 132, 66], blocks  # ranks 0 and 2 share GPU 0 (132 SMs emulated), rank 1 has GPU 1
     for _, reason in out:
         if peer_access:
             assert reason is None, out
@@ -415,6 +417,19 @@ def test_numbering_clash_names_two_ranks():
     assert "ranks 0 and 1" in numbering_clash({0: (0, x), 1: (0, y)})  # one ordinal, two GPUs
     assert "ranks 0 and 2" in numbering_clash({0: (0, x), 1: (1, y), 2: (2, x)})  # one GPU, two ordinals
     assert "ranks 1 and 2" in numbering_clash({0: (0, x), 1: (1, y), 2: (1, x)})  # both: the ordinal named first
+
+
+def test_device_blocks_share_the_sms_among_the_gpus_ranks():
+    from mooncake.fast.cuda.pg import DEVICE_BLOCK_BYTES, device_blocks
+    assert device_blocks(0, 132, 8) == 1
+    assert device_blocks(8, 132, 8) == 1
+    assert device_blocks(DEVICE_BLOCK_BYTES + 1, 132, 8) == 2
+    assert device_blocks(256 << 20, 132, 8) == 16  # 8 ranks' 128 blocks resident together
+    assert device_blocks(256 << 20, 132, 4) == 33
+    assert device_blocks(256 << 20, 132, 2) == 66
+    assert device_blocks(256 << 20, 132, 1) == 132
+    assert device_blocks(1 << 20, 132, 2) == 16  # one block per 64 KiB below the cap
+    assert device_blocks(256 << 20, 132, 200) == 1  # more ranks than SMs: one block each
 
 
 def test_unreachable_pair_is_the_lowest_pair_without_access():

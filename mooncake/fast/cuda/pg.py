@@ -204,7 +204,7 @@ QUICK_ENV = "MOONCAKE_FAST_CUDA_QUICK"
 DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10))
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
 DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
-DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes, 1 to 16 blocks
+DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes (device_blocks)
 # int32 words of one launch (McPgDevArgs.arrive): a block count and a flag per step (3 steps), then whether the
 # first launch of an all_reduce on pool tensors run one launch per step published
 ARRIVE_WORDS = 8
@@ -297,6 +297,19 @@ def unreachable_pair(devices, peer_access) -> tuple[int, int] | None:
     return None
 
 
+# GPU UUID -> the most ranks of one group this process has seen on that GPU (device_blocks)
+_RANKS_ON_GPU: dict[bytes, int] = {}
+
+
+def device_blocks(nbytes: int, sms: int, ranks_on_gpu: int) -> int:
+    """Blocks of one launch of the device path that moves ``nbytes``: one per ``DEVICE_BLOCK_BYTES``, at most
+    the GPU's ``sms`` shared out among the ``ranks_on_gpu`` ranks that run kernels on it.  Every rank's blocks of
+    an operation wait for the others', so all must be resident together: one block per SM over all ranks is
+    half of what the kernel's launch bounds guarantee, which leaves room for another group's operation."""
+    cap = max(1, sms // max(1, ranks_on_gpu))
+    return max(1, min(cap, -(-nbytes // DEVICE_BLOCK_BYTES)))
+
+
 def numbering_clash(gpus: dict[int, tuple[int, bytes]]) -> str | None:
     """Why one host's ranks cannot share lanes by GPU ordinal (``gpus``: rank -> (ordinal, UUID)): two ranks
     that number the same GPU differently or give one ordinal to two GPUs (their CUDA_VISIBLE_DEVICES differ),
@@ -384,6 +397,9 @@ class _CudaMemory:
         uuid = ctypes.create_string_buffer(16)
         check(lib, lib.mc_device_uuid(self.index, uuid), "cuDeviceGetUuid")
         self.uuid = uuid.raw  # the GPU, whatever its ordinal in another process
+        sms = ctypes.c_int(0)
+        check(lib, lib.mc_sm_count(self.index, ctypes.byref(sms)), "SM count")
+        self.sms = sms.value
 
     def accepts(self, t: torch.Tensor) -> bool:
         if t.is_cuda and t.get_device() != self.index and not self._warned_device:
@@ -584,6 +600,7 @@ class _EmulatedMemory:
     def __init__(self):
         self.index = -1
         self.uuid = bytes(16)
+        self.sms = 132  # an H100's, so that block counts come out as on one
         self.device = torch.device("cpu")
         self.lag = int(os.environ.get("MOONCAKE_FAST_CUDA_EMULATE_LAG", "1"))
 
@@ -1064,7 +1081,7 @@ class _DevicePath:
                 self.args.clear()
             self.args[call] = a
         a.key = key
-        blocks = max(1, min(16, -(-max(shape.in_bytes, shape.out_bytes) // DEVICE_BLOCK_BYTES)))
+        blocks = device_blocks(max(shape.in_bytes, shape.out_bytes), mem.sms, _RANKS_ON_GPU.get(mem.uuid, 1))
         rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
         if rc:
             check(mem.lib, rc, f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
@@ -1515,6 +1532,8 @@ class CudaGroup:
         memory send them to the ref plane (``delegate``: why), on every rank alike."""
         remote = sorted(r for r, rec in records.items() if rec[6] != self.host)
         self.gpus.update({r: (rec[7], rec[8]) for r, rec in records.items() if rec[6] == self.host})
+        sharing = sum(1 for _, u in self.gpus.values() if u == self.mem.uuid)
+        _RANKS_ON_GPU[self.mem.uuid] = max(_RANKS_ON_GPU.get(self.mem.uuid, 1), sharing)
         if self.delegate is not None:
             return
         why = f"rank(s) {remote} run on another host" if remote else numbering_clash(self.gpus)
