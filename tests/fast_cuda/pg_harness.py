@@ -74,11 +74,13 @@ def open_plane_on_gpus(prefix: str, capacity: int, ranks: list[int], gpus: int, 
         del pg._EmulatedMemory.peer_access  # the class's own again
 
 
-def device_blocks(prefix: str, nbytes: int) -> int:
-    """Blocks this worker's plane gives one device-path launch that moves ``nbytes``."""
+def device_blocks(prefix: str, nbytes: int) -> tuple[int, int]:
+    """The ranks this worker's plane counts on its GPU, and the blocks it gives one device-path launch that
+    moves ``nbytes``."""
     from mooncake.fast.cuda import pg
-    mem = _state[prefix]["plane"].g.mem
-    return pg.device_blocks(nbytes, mem.sms, pg._RANKS_ON_GPU.get(mem.uuid, 1))
+    g = _state[prefix]["plane"].g
+    sharing = pg._RANKS_ON_GPU.get(g.mem.uuid, 1)
+    return sharing, pg.device_blocks(nbytes, g.mem.sms, sharing, g.max_blocks)
 
 
 def close_plane(prefix: str):

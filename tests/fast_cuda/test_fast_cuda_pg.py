@@ -389,7 +389,7 @@ def test_emulated_gpus_without_peer_access_delegate_to_ref(cluster_factory, peer
     out = c.run(H.open_plane_on_gpus, prefix, 3, [0, 1, 2], 2, peer_access)
     blocks = c.run(H.device_blocks, prefix, 256 << 20)
     c.run(H.close_plane, prefix)
-    assert blocks == [66, 132, 66], blocks  # ranks 0 and 2 share GPU 0 (132 SMs emulated), rank 1 has GPU 1
+    assert blocks == [(2, 64), (1, 64), (2, 64)], blocks  # ranks 0 and 2 share GPU 0, rank 1 has GPU 1
     for _, reason in out:
         if peer_access:
             assert reason is None, out
@@ -410,6 +410,14 @@ def test_emulated_ranks_numbering_gpus_apart_delegate_to_ref(cluster_factory):
     assert len({reason for _, reason in out}) == 1, out
 
 
+@pytest.mark.timeout(300)
+def test_emulated_bad_max_blocks_fails_the_groups_creation(cluster_factory):
+    c = _emu(cluster_factory, 2, MOONCAKE_FAST_CUDA_MAX_BLOCKS="0")
+    with pytest.raises(Exception) as got:
+        c.run(H.open_plane, C.prefix("emu-max-blocks"), 2, [0, 1])
+    assert "MOONCAKE_FAST_CUDA_MAX_BLOCKS='0': expected a whole number of blocks from 1 to 1024" in str(got.value)
+
+
 def test_numbering_clash_names_two_ranks():
     from mooncake.fast.cuda.pg import numbering_clash
     x, y = b"x" * 16, b"y" * 16
@@ -426,10 +434,25 @@ def test_device_blocks_share_the_sms_among_the_gpus_ranks():
     assert device_blocks(DEVICE_BLOCK_BYTES + 1, 132, 8) == 2
     assert device_blocks(256 << 20, 132, 8) == 16  # 8 ranks' 128 blocks resident together
     assert device_blocks(256 << 20, 132, 4) == 33
-    assert device_blocks(256 << 20, 132, 2) == 66
-    assert device_blocks(256 << 20, 132, 1) == 132
+    assert device_blocks(256 << 20, 132, 2) == 64  # the default most per launch
+    assert device_blocks(256 << 20, 132, 2, most=1024) == 66
+    assert device_blocks(256 << 20, 132, 1, most=1024) == 132
+    assert device_blocks(256 << 20, 132, 1, most=8) == 8
     assert device_blocks(1 << 20, 132, 2) == 16  # one block per 64 KiB below the cap
     assert device_blocks(256 << 20, 132, 200) == 1  # more ranks than SMs: one block each
+
+
+@pytest.mark.parametrize("raw", ["0", "1025", "many", "-3"])
+def test_max_blocks_names_a_bad_value(monkeypatch, raw):
+    from mooncake.control.errors import MooncakeError
+    from mooncake.fast.cuda.pg import MAX_BLOCKS_ENV, max_blocks
+    monkeypatch.setenv(MAX_BLOCKS_ENV, raw)
+    with pytest.raises(MooncakeError, match=f"MOONCAKE_FAST_CUDA_MAX_BLOCKS={raw!r}: expected a whole number"):
+        max_blocks()
+    monkeypatch.setenv(MAX_BLOCKS_ENV, "128")
+    assert max_blocks() == 128
+    monkeypatch.delenv(MAX_BLOCKS_ENV)
+    assert max_blocks() == 64
 
 
 def test_unreachable_pair_is_the_lowest_pair_without_access():

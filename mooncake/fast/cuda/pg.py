@@ -205,6 +205,7 @@ DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
 DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
 DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes (device_blocks)
+MAX_BLOCKS_ENV = "MOONCAKE_FAST_CUDA_MAX_BLOCKS"  # at most this many blocks per launch (default 64, 1 to 1024)
 # int32 words of one launch (McPgDevArgs.arrive): a block count and a flag per step (3 steps), then whether the
 # first launch of an all_reduce on pool tensors run one launch per step published
 ARRIVE_WORDS = 8
@@ -301,12 +302,21 @@ def unreachable_pair(devices, peer_access) -> tuple[int, int] | None:
 _RANKS_ON_GPU: dict[bytes, int] = {}
 
 
-def device_blocks(nbytes: int, sms: int, ranks_on_gpu: int) -> int:
+def max_blocks() -> int:
+    """``MAX_BLOCKS_ENV``: the most blocks one launch of the device path may run."""
+    raw = os.environ.get(MAX_BLOCKS_ENV, "").strip() or "64"
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise MooncakeError(f"{MAX_BLOCKS_ENV}={raw!r}: expected a whole number of blocks from 1 to 1024")
+    return int(raw)
+
+
+def device_blocks(nbytes: int, sms: int, ranks_on_gpu: int, most: int = 64) -> int:
     """Blocks of one launch of the device path that moves ``nbytes``: one per ``DEVICE_BLOCK_BYTES``, at most
-    the GPU's ``sms`` shared out among the ``ranks_on_gpu`` ranks that run kernels on it.  Every rank's blocks of
-    an operation wait for the others', so all must be resident together: one block per SM over all ranks is
-    half of what the kernel's launch bounds guarantee, which leaves room for another group's operation."""
-    cap = max(1, sms // max(1, ranks_on_gpu))
+    ``most`` and at most the GPU's ``sms`` shared out among the ``ranks_on_gpu`` ranks that run kernels on it.
+    Every rank's blocks of an operation wait for the others', so all must be resident together: one block per
+    SM over all ranks is half of what the kernel's launch bounds guarantee, which leaves room for another
+    group's operation; ``most`` leaves SMs to the compute that runs beside the collective."""
+    cap = max(1, min(most, sms // max(1, ranks_on_gpu)))
     return max(1, min(cap, -(-nbytes // DEVICE_BLOCK_BYTES)))
 
 
@@ -1081,7 +1091,8 @@ class _DevicePath:
                 self.args.clear()
             self.args[call] = a
         a.key = key
-        blocks = device_blocks(max(shape.in_bytes, shape.out_bytes), mem.sms, _RANKS_ON_GPU.get(mem.uuid, 1))
+        blocks = device_blocks(max(shape.in_bytes, shape.out_bytes), mem.sms, _RANKS_ON_GPU.get(mem.uuid, 1),
+                               g.max_blocks)
         rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
         if rc:
             check(mem.lib, rc, f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
@@ -1443,6 +1454,7 @@ class CudaGroup:
         self.capacity = info.capacity
         self.prefix = info.key_prefix
         self.timeout_s = info.timeout_s
+        self.max_blocks = max_blocks()  # before anything is opened: a bad value fails the group's creation
         self.mem = _EmulatedMemory() if emulated() else _CudaMemory()
         self.layout = Layout(info.capacity)
         self.fp_words = LaneWords(L_META, L_META_NUMEL, L_META_SLOTS, L_SLOTS + 2 * info.capacity, info.capacity)
