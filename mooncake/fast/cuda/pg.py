@@ -205,7 +205,8 @@ DEVICE_MAX_BYTES = int(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_MAX", 256 << 10
 #: how long a kernel of the device path waits for a peer before the host protocol takes over (eager)
 DEVICE_WAIT_S = float(os.environ.get("MOONCAKE_FAST_CUDA_DEVICE_WAIT_MS", 100)) * 1e-3
 DEVICE_BLOCK_BYTES = 64 << 10  # the device kernel runs one block per this many bytes (device_blocks)
-MAX_BLOCKS_ENV = "MOONCAKE_FAST_CUDA_MAX_BLOCKS"  # at most this many blocks per launch (default 64, 1 to 1024)
+MAX_BLOCKS_ENV = "MOONCAKE_FAST_CUDA_MAX_BLOCKS"  # at most this many blocks per launch (1 to 1024)
+MAX_BLOCKS_DEFAULT = 64
 # int32 words of one launch (McPgDevArgs.arrive): a block count and a flag per step (3 steps), then whether the
 # first launch of an all_reduce on pool tensors run one launch per step published
 ARRIVE_WORDS = 8
@@ -304,13 +305,15 @@ _RANKS_ON_GPU: dict[bytes, int] = {}
 
 def max_blocks() -> int:
     """``MAX_BLOCKS_ENV``: the most blocks one launch of the device path may run."""
-    raw = os.environ.get(MAX_BLOCKS_ENV, "").strip() or "64"
+    raw = os.environ.get(MAX_BLOCKS_ENV, "").strip()
+    if not raw:
+        return MAX_BLOCKS_DEFAULT
     if not raw.isdigit() or not 1 <= int(raw) <= 1024:
         raise MooncakeError(f"{MAX_BLOCKS_ENV}={raw!r}: expected a whole number of blocks from 1 to 1024")
     return int(raw)
 
 
-def device_blocks(nbytes: int, sms: int, ranks_on_gpu: int, most: int = 64) -> int:
+def device_blocks(nbytes: int, sms: int, ranks_on_gpu: int, most: int = MAX_BLOCKS_DEFAULT) -> int:
     """Blocks of one launch of the device path that moves ``nbytes``: one per ``DEVICE_BLOCK_BYTES``, at most
     ``most`` and at most the GPU's ``sms`` shared out among the ``ranks_on_gpu`` ranks that run kernels on it.
     Every rank's blocks of an operation wait for the others', so all must be resident together: one block per
