@@ -181,8 +181,8 @@ def graph_large(numel: int, replays: int, use_pool: bool = False):
     """LARGE_OPS all_reduces of ``numel`` float32 captured on one tensor (``use_pool``: allocated from
     ``mooncake.pg.mem_pool()``, so they run on the ranks' tensors), replayed ``replays`` times (refilled
     between replays, untimed): (whether every replay was exact, seconds per replay, whether the ranks'
-    tensors were read in place).  Rank r's element e is e % 7 + r: small integers, so every sum is exact and
-    a part written to the wrong place shows (the bitwise grid is ``graph_run``)."""
+    tensors were read in place, blocks per launch).  Rank r's element e is e % 7 + r: small integers, so every
+    sum is exact and a part written to the wrong place shows (the bitwise grid is ``graph_run``)."""
     import contextlib
 
     import mooncake.pg as mpg
@@ -201,6 +201,7 @@ def graph_large(numel: int, replays: int, use_pool: bool = False):
     direct_before = dev.direct_captures
     graph = _captured(body)
     in_place = dev.direct_captures - direct_before == LARGE_OPS
+    blocks = dev.last_blocks
     ok, times = True, []
     for _ in range(replays):
         x.copy_(pattern + rank)
@@ -209,7 +210,7 @@ def graph_large(numel: int, replays: int, use_pool: bool = False):
     dist.barrier()
     graph = x = None  # (the device memory goes back before the next size)
     torch.cuda.empty_cache()
-    return ok, times, in_place
+    return ok, times, in_place, blocks
 
 
 def pool_release(numel: int, rounds: int = 2):
@@ -673,7 +674,8 @@ def main() -> int:
                     note("PASS" if ok else "FAIL", what="large graph all_reduce exact", memory=memory, ranks=R,
                          bytes=size, in_place=[r[2] for r in res])
                     note("BENCH", mode="graph", what="large", memory=memory, ranks=R, bytes=size,
-                         per_op_ms=round(per_op * 1e3, 3), copy_ms=round(copy_s * 1e3, 3),
+                         blocks=[r[3] for r in res], per_op_ms=round(per_op * 1e3, 3),
+                         copy_ms=round(copy_s * 1e3, 3),
                          x_floor=round(per_op / (R * copy_s), 2))
             finally:
                 c.close()

@@ -837,6 +837,7 @@ class _DevicePath:
         self.pool_maps: dict[bytes, _PoolMap] = {}  # peers' pool segments captured ops read (by handle)
         self.pool_pending: frozenset[bytes] = frozenset()  # mapped for the capture in progress, not held yet
         self.direct_captures = 0  # captured ops that run on the ranks' own tensors (tests, stats)
+        self.last_blocks = 0  # blocks of the latest launch (tests, stats)
         self.trace: torch.Tensor | None = None  # TRACE_ENV: the kernels' step times (McPgDevArgs.trace)
         if os.environ.get(TRACE_ENV, "").strip() == "1" and not mem.emulated:
             shape = (ctypes.c_int32 * 3)()
@@ -1096,6 +1097,7 @@ class _DevicePath:
         a.key = key
         blocks = device_blocks(max(shape.in_bytes, shape.out_bytes), mem.sms, _RANKS_ON_GPU.get(mem.uuid, 1),
                                g.max_blocks)
+        self.last_blocks = blocks
         rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
         if rc:
             check(mem.lib, rc, f"device path ({_KIND_NAMES[shape.kind]}, {tensor.dtype}, {len(active)} ranks)")
