@@ -79,8 +79,7 @@ def device_blocks(prefix: str, nbytes: int) -> tuple[int, int]:
     moves ``nbytes``."""
     from mooncake.fast.cuda import pg
     g = _state[prefix]["plane"].g
-    sharing = pg._RANKS_ON_GPU.get(g.mem.uuid, 1)
-    return sharing, pg.device_blocks(nbytes, g.mem.sms, sharing, g.max_blocks)
+    return pg._RANKS_ON_GPU.get(g.mem.uuid, 1), g.launch_blocks(nbytes)
 
 
 def close_plane(prefix: str):

@@ -1095,8 +1095,7 @@ class _DevicePath:
                 self.args.clear()
             self.args[call] = a
         a.key = key
-        blocks = device_blocks(max(shape.in_bytes, shape.out_bytes), mem.sms, _RANKS_ON_GPU.get(mem.uuid, 1),
-                               g.max_blocks)
+        blocks = g.launch_blocks(max(shape.in_bytes, shape.out_bytes))
         self.last_blocks = blocks
         rc = mem.lib.mc_pg_dev_launch(ctypes.byref(a), blocks, stream.cuda_stream)
         if rc:
@@ -1542,6 +1541,10 @@ class CudaGroup:
                 self._dead.discard(r)
                 if self.dev is not None:
                     self._device_path(lambda: self.dev.map_peer(r, peer) or self.dev)
+
+    def launch_blocks(self, nbytes: int) -> int:
+        """Blocks of one device-path launch of this group that moves ``nbytes`` (``device_blocks``)."""
+        return device_blocks(nbytes, self.mem.sms, _RANKS_ON_GPU.get(self.mem.uuid, 1), self.max_blocks)
 
     def _place(self, records: dict[int, tuple]) -> None:
         """Whether the group's collectives stay on this plane, from where its ranks are (their records): a rank
